@@ -1,0 +1,273 @@
+"""Typed, validated run configuration.
+
+One dataclass per concern (data, model, optimization, tricks, run). Every field name is unique across
+sections, so the command line (`--lr 0.01`), YAML files (flat, or grouped under the section names),
+`key=value` overrides from sweeps and the MLflow params all use the same flat names.
+
+This module imports nothing heavy: bad input must fail in well under a second, before torch loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TRICK_NAMES = ("rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label", "cyclic_lr",
+               "l2", "l2sp", "delta")
+
+
+class ConfigError(ValueError):
+    """A bad option value: `option` names the flag, the message says what is allowed."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"--{option}: {message}")
+        self.option = option
+
+
+def opt(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None,
+        exclusive_minimum: bool = False) -> Any:
+    meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum": exclusive_minimum}
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = opt("digits", "target dataset: 'digits' (built-in, offline), 'imagefolder:<root>' "
+                       "(root/train/<class>/*, root/test/<class>/*), 'disk:<path>' (datasets.save_to_disk), "
+                       "or a Hugging Face Hub id / local Hub-style folder ('hub:<id or path>')")
+    dataset_revision: str | None = opt(None, "Hub revision (commit or tag) to pin for a Hub dataset")
+    image_column: str = opt("image", "name of the image column in the source dataset")
+    label_column: str = opt("label", "name of the label column in the source dataset")
+    image_size: int = opt(64, "square input size in pixels (the paper uses 224)", minimum=8)
+    hflip: bool | None = opt(None, "random horizontal flip in training (default: on, off for digits)")
+    val_fraction: float = opt(0.2, "fraction of train carved out (stratified) as validation when the "
+                              "source has no validation split", minimum=0.0, exclusive_minimum=True)
+    train_per_class: int = opt(20, "k training images per class (k-shot subset of train after the "
+                               "validation split is carved out); 0 keeps all", minimum=0)
+    split_seed: int = opt(0, "seed of the validation carve-out and the k-shot subset (fixed across "
+                          "training seeds so seeds are paired on the same data)", minimum=0)
+    num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt("efficientnet_lite0", "backbone: 'efficientnet_lite0' (bundled ImageNet weights, "
+                     "offline), 'torchvision:<name>' (e.g. torchvision:resnet50) or 'timm:<name>'")
+    pretrained: bool = opt(True, "load ImageNet weights (torchvision/timm download them once)")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = opt(20, "training epochs (RIFLE truncates to a multiple of reinit_times+1, as the "
+                      "official code does)", minimum=1)
+    batch_size: int = opt(32, "batch size per process", minimum=1)
+    lr: float = opt(0.01, "base learning rate of the backbone (SGD, cosine over epochs)", minimum=0.0,
+                    exclusive_minimum=True)
+    head_lr: float | None = opt(None, "base learning rate of the new classifier head (default: lr)",
+                                minimum=0.0, exclusive_minimum=True)
+    momentum: float = opt(0.9, "SGD momentum", minimum=0.0)
+    weight_decay: float = opt(1e-4, "SGD weight decay on all parameters (the official L2 setting)",
+                              minimum=0.0)
+    grad_accum_steps: int = opt(1, "gradient accumulation steps", minimum=1)
+    mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
+
+
+@dataclass
+class TricksConfig:
+    tricks: str = opt("rifle", "comma-separated methods, empty or 'none' for plain fine-tuning: "
+                      + ", ".join(TRICK_NAMES))
+    reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods", minimum=1)
+    head_lr_policy: str = opt("follow", "RIFLE: head learning rate follows the backbone's cosine, or "
+                              "restarts a cosine every period ('cyclic')", choices=("follow", "cyclic"))
+    reinit_guard_epochs: int = opt(0, "RIFLE: never re-initialize within the last N epochs", minimum=0)
+    reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
+                                    "re-initialization (the official code keeps them)")
+
+
+@dataclass
+class RunConfig:
+    seed: int = opt(0, "training seed (init of the head, data order, augmentation)", minimum=0)
+    output_dir: str = opt("outputs/run", "checkpoints and best weights; the same dir resumes the run")
+    keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk", minimum=1)
+    tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+                                   "sqlite:///mlflow.db)")
+    experiment: str = opt("rifle", "MLflow experiment name (ignored under `mlflow run`)")
+    run_name: str | None = opt(None, "MLflow run name")
+    log_weights: bool = opt(True, "log the best-val weights as a safetensors artifact")
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tricks": TricksConfig,
+            "run": RunConfig}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tricks: TricksConfig = field(default_factory=TricksConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def trick_list(self) -> list[str]:
+        return parse_tricks(self.tricks.tricks)
+
+    def flat(self) -> dict[str, Any]:
+        """All options as one flat dict (the MLflow params, the checkpoint's record)."""
+        return {f.name: getattr(getattr(self, s), f.name)
+                for s in SECTIONS for f in dataclasses.fields(getattr(self, s))}
+
+
+def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Flat option name -> (section, field)."""
+    return {f.name: (s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+
+
+def parse_tricks(text: str) -> list[str]:
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
+def _base_type(f: dataclasses.Field) -> type:
+    hint = typing.get_type_hints(SECTIONS[_section_of(f)])[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _section_of(f: dataclasses.Field) -> str:
+    return all_fields()[f.name][0]
+
+
+def _optional(f: dataclasses.Field) -> bool:
+    hint = typing.get_type_hints(SECTIONS[_section_of(f)])[f.name]
+    return type(None) in typing.get_args(hint)
+
+
+def convert(name: str, value: Any) -> Any:
+    """Convert a raw value (string from the CLI/YAML/MLflow) to the option's type, or raise ConfigError."""
+    fields = all_fields()
+    if name not in fields:
+        close = [n for n in fields if n.startswith(name[:3])]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(name, f"unknown option{hint}")
+    f = fields[name][1]
+    typ = _base_type(f)
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if _optional(f):
+            return None
+        if typ is str:
+            return ""
+        raise ConfigError(name, f"a value is required ({typ.__name__})")
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"expected true or false, got {value!r}")
+    if typ in (int, float):
+        try:
+            number = typ(value) if typ is float or isinstance(value, int) else int(str(value), 10)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"expected a{'n integer' if typ is int else ' number'}, got {value!r}") from None
+        if typ is float and not math.isfinite(number):
+            raise ConfigError(name, f"expected a finite number, got {value!r}")
+        return number
+    return str(value)
+
+
+def _check(name: str, f: dataclasses.Field, value: Any) -> None:
+    if value is None:
+        return
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(name, f"got {value!r}, allowed: {', '.join(meta['choices'])}")
+    low = meta.get("minimum")
+    if low is not None:
+        if meta.get("exclusive_minimum") and not value > low:
+            raise ConfigError(name, f"must be > {low}, got {value!r}")
+        if value < low:
+            raise ConfigError(name, f"must be >= {low}, got {value!r}")
+
+
+def flatten_yaml(data: Any, source: str) -> dict[str, Any]:
+    """Accept flat keys or keys grouped under the section names."""
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{source}: expected a mapping of option: value")
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("config", f"file not found: {path}")
+    try:
+        return flatten_yaml(yaml.safe_load(p.read_text()), path)
+    except yaml.YAMLError as e:
+        raise ConfigError("config", f"{path}: not valid YAML ({e})") from None
+
+
+def build(values: dict[str, Any] | None = None, config_file: str | None = None) -> Config:
+    """Defaults <- YAML file <- explicit values; converted, validated and resolved."""
+    merged = dict(load_yaml(config_file)) if config_file else {}
+    merged.update(values or {})
+    cfg = Config()
+    fields = all_fields()
+    for name, raw in merged.items():
+        value = convert(name, raw)
+        section, f = fields[name]
+        _check(name, f, value)
+        setattr(getattr(cfg, section), name, value)
+    return resolve(cfg)
+
+
+def resolve(cfg: Config) -> Config:
+    """Cross-option checks and derived values (cheap, no imports of torch)."""
+    unknown = [t for t in cfg.trick_list if t not in TRICK_NAMES]
+    if unknown:
+        raise ConfigError("tricks", f"unknown method {unknown[0]!r}, allowed: {', '.join(TRICK_NAMES)}")
+    if len(set(cfg.trick_list)) != len(cfg.trick_list):
+        raise ConfigError("tricks", f"a method is listed twice in {cfg.tricks.tricks!r}")
+    from .tricks import check_combination  # light module: names and rules only
+    check_combination(cfg)
+    if "rifle" in cfg.trick_list:
+        periods = cfg.tricks.reinit_times + 1
+        if cfg.optim.epochs // periods < 1:
+            raise ConfigError("reinit_times", f"{cfg.tricks.reinit_times} re-initializations need at least "
+                              f"{periods} epochs (one per period), got epochs={cfg.optim.epochs}")
+        # The official code truncates the run to a whole number of periods.
+        cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
+    ds = cfg.data.dataset
+    for prefix in ("imagefolder:", "disk:"):
+        if ds.startswith(prefix) and not os.path.isdir(ds[len(prefix):]):
+            raise ConfigError("dataset", f"directory not found: {ds[len(prefix):]!r}")
+    if ds.startswith("hub:") and len(ds) == 4:
+        raise ConfigError("dataset", "'hub:' needs a dataset id or folder, e.g. hub:tanganke/dtd")
+    if ds != "digits" and ":" not in ds and "/" not in ds:
+        raise ConfigError("dataset", f"unknown dataset {ds!r}: use digits, imagefolder:<root>, "
+                          "disk:<path> or a Hub id (owner/name or hub:<id or folder>)")
+    if cfg.data.hflip is None:
+        cfg.data.hflip = ds != "digits"  # a mirrored digit is another symbol
+    if cfg.optim.head_lr is None:
+        cfg.optim.head_lr = cfg.optim.lr
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump({s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}, sort_keys=False)

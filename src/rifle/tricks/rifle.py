@@ -1,0 +1,94 @@
+"""RIFLE: periodic re-initialization of the fully-connected head.
+
+Li, Xiong, An, Xu, Dou. "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
+Re-Initializing the Fully-connected LayEr." ICML 2020.
+
+Faithful to the official code (lixingjian/RIFLE, train.py):
+- K = `reinit_times` re-initializations split the run into K+1 equal periods; the run is truncated to a
+  multiple of K+1 epochs (done in `config.resolve`);
+- after the validation pass of epoch e with (e+1) % period == 0, the head is reset in place with
+  PyTorch's default `nn.Linear` initialization (weight and bias); backbone and BN statistics untouched;
+- SGD momentum buffers are kept (official), or zeroed with `reset_head_momentum`;
+- head learning rate `follow` (the backbone's cosine) or `cyclic` (a cosine restarted every period).
+Deviations, each stated: no reset after the final epoch (it cannot affect the result); an optional guard
+against re-initializing in the last N epochs (the Paddle port's rule); the new weights are drawn from a
+generator seeded by (seed, re-init index) so that every process draws identical weights (the official
+code is single-GPU; under DDP a per-process draw would silently diverge, as DDP never re-broadcasts).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..schedules import rifle_cyclic_head_lr, rifle_reinit_epochs
+from .base import FitContext, Trick
+
+
+def reinit_linear_(head: nn.Linear, seed: int) -> None:
+    """Reset `head` in place to a fresh default nn.Linear init drawn from `seed` (same on every process)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    with torch.no_grad():
+        head.weight.copy_(fresh.weight)
+        if head.bias is not None:
+            head.bias.copy_(fresh.bias)
+
+
+def params_checksum(module: nn.Module) -> torch.Tensor:
+    """Two float64 numbers that differ if any parameter differs (sum and weighted sum)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, p in enumerate(module.parameters()):
+        flat = p.detach().double().flatten().cpu()
+        total += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+                                           ).sum() * (i + 1) * 1e-6])
+    return total
+
+
+class Rifle(Trick):
+    name = "rifle"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        t = cfg.tricks
+        self.epochs = cfg.optim.epochs
+        self.reinit_times = t.reinit_times
+        self.schedule = set(rifle_reinit_epochs(self.epochs, t.reinit_times, t.reinit_guard_epochs))
+        self.done = 0  # re-inits so far (part of the resumable state)
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        self.ctx = ctx
+
+    def lr(self, lrs, progress):
+        if self.cfg.tricks.head_lr_policy == "cyclic":
+            lrs = dict(lrs, head=rifle_cyclic_head_lr(math.floor(progress), self.epochs, self.reinit_times,
+                                                      self.cfg.optim.head_lr))
+        return lrs
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch not in self.schedule:
+            return
+        head = self.ctx.model.head
+        reinit_linear_(head, seed=self.cfg.run.seed * 100_003 + 7919 * (self.done + 1))
+        if self.cfg.tricks.reset_head_momentum:
+            for p in head.parameters():
+                buf = self.ctx.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    buf.zero_()
+        self.done += 1
+        metrics["head_reinit"] = 1.0
+        # Prove the invariant every process relies on: identical weights after the reset.
+        acc = self.ctx.accelerator
+        sums = acc.gather(params_checksum(self.ctx.model).to(acc.device).unsqueeze(0)).cpu()
+        spread = float((sums - sums[0]).abs().max())
+        if spread > 1e-6 * float(sums[0].abs().max().clamp(min=1.0)):
+            raise RuntimeError(f"processes hold different weights after re-init {self.done} (epoch {epoch})")
+        metrics["reinit_weight_spread"] = spread
+
+    def state_dict(self):
+        return {"done": self.done}
+
+    def load_state_dict(self, state):
+        self.done = int(state.get("done", 0))
