@@ -93,7 +93,8 @@ class TricksConfig:
 @dataclass
 class RunConfig:
     seed: int = opt(0, "training seed (init of the head, data order, augmentation)", minimum=0)
-    output_dir: str = opt("outputs/run", "checkpoints and best weights; the same dir resumes the run")
+    output_dir: str = opt("", "checkpoints and best weights; the same dir resumes the run (default: "
+                          "outputs/<hash of the options>, so the same command resumes)")
     keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk", minimum=1)
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                    "sqlite:///mlflow.db)")
@@ -175,13 +176,23 @@ def convert(name: str, value: Any) -> Any:
         raise ConfigError(name, f"expected true or false, got {value!r}")
     if typ in (int, float):
         try:
-            number = typ(value) if typ is float or isinstance(value, int) else int(str(value), 10)
+            number = float(value) if typ is float else _integer(value)
         except (TypeError, ValueError):
             raise ConfigError(name, f"expected a{'n integer' if typ is int else ' number'}, got {value!r}") from None
         if typ is float and not math.isfinite(number):
             raise ConfigError(name, f"expected a finite number, got {value!r}")
         return number
     return str(value)
+
+
+def _integer(value: Any) -> int:
+    """int from 6, '6' or '6.0' (MLflow passes numeric params as floats); refuses 6.5 and True."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
 
 
 def _check(name: str, f: dataclasses.Field, value: Any) -> None:
@@ -266,7 +277,20 @@ def resolve(cfg: Config) -> Config:
         cfg.data.hflip = ds != "digits"  # a mirrored digit is another symbol
     if cfg.optim.head_lr is None:
         cfg.optim.head_lr = cfg.optim.lr
+    if not cfg.run.output_dir:
+        cfg.run.output_dir = os.path.join("outputs", config_digest(cfg))
     return cfg
+
+
+RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "keep_checkpoints")
+
+
+def config_digest(cfg: Config) -> str:
+    """12 hex digits identifying what is trained (not where it is stored or tracked)."""
+    import hashlib
+    import json
+    core = {k: v for k, v in cfg.flat().items() if k not in RUN_ONLY}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def to_yaml(cfg: Config) -> str:

