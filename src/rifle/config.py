@@ -88,6 +88,37 @@ class TricksConfig:
     reinit_guard_epochs: int = opt(0, "RIFLE: never re-initialize within the last N epochs", minimum=0)
     reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
                                     "re-initialization (the official code keeps them)")
+    dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
+                           "(Srivastava et al. 2014), in [0, 1)", minimum=0.0)
+    dropconnect_p: float = opt(0.5, "dropconnect: probability of zeroing each weight and bias of the head, "
+                               "a new mask per example (Wan et al. 2013), in [0, 1)", minimum=0.0)
+    sd_survival_last: float = opt(0.5, "stochastic_depth: survival probability p_L of the deepest residual "
+                                  "block; block l of L survives with 1 - l/L (1 - p_L) (Huang et al. 2016)",
+                                  minimum=0.0, exclusive_minimum=True)
+    sd_mode: str = opt("batch", "stochastic_depth: drop a residual branch for the whole mini-batch (the "
+                       "paper) or independently per sample", choices=("batch", "sample"))
+    disturb_alpha: float = opt(0.1, "disturb_label: probability that a training label is replaced by a "
+                               "uniform draw over all classes (Xie et al. 2016), in [0, 1]", minimum=0.0)
+    clr_base_lr: float | None = opt(None, "cyclic_lr: lower learning rate of the triangular policy "
+                                    "(default: clr_max_lr / 4, Smith 2017)", minimum=0.0, exclusive_minimum=True)
+    clr_max_lr: float | None = opt(None, "cyclic_lr: upper learning rate (default: lr); the head keeps its "
+                                   "head_lr/lr ratio", minimum=0.0, exclusive_minimum=True)
+    clr_step_epochs: float = opt(2.0, "cyclic_lr: half-cycle length in epochs (Smith 2017: 2-10 epochs' "
+                                 "iterations)", minimum=0.0, exclusive_minimum=True)
+    l2_alpha: float = opt(1e-4, "l2: alpha/2 ||w||^2 on all parameters, replacing weight_decay (set to 0); "
+                          "the default equals the official weight decay", minimum=0.0)
+    l2sp_alpha: float = opt(0.01, "l2sp: alpha/2 ||w - w0||^2 on the backbone towards the pretrained "
+                            "weights (Li et al. 2018; official RIFLE code: 0.01)", minimum=0.0)
+    l2sp_beta: float = opt(1e-4, "l2sp: beta/2 ||w||^2 on the head (official RIFLE code: 1e-4)", minimum=0.0)
+    delta_alpha: float = opt(0.01, "delta: weight of the attention-weighted feature-map distance to the "
+                             "pretrained network (Li et al. 2019)", minimum=0.0)
+    delta_beta: float = opt(0.01, "delta: beta/2 ||w||^2 on the head", minimum=0.0)
+    delta_layers: str = opt("auto", "delta: comma-separated backbone modules whose output feature maps are "
+                            "compared ('auto': the last four stages, e.g. layer1-4 of a ResNet)")
+    delta_attention_epochs: int = opt(10, "delta: epochs of training the linear classifier on frozen "
+                                      "pretrained features before the channel attention is measured", minimum=1)
+    delta_attention_batches: int = opt(10, "delta: training batches (per process) used to measure each "
+                                       "channel's loss increase when removed", minimum=1)
 
 
 @dataclass

@@ -1,0 +1,55 @@
+"""Cyclical learning rate, triangular policy, for the whole network.
+
+Smith. "Cyclical Learning Rates for Training Neural Networks." WACV 2017.
+
+As in the paper (Section 3.1): the learning rate rises linearly from `clr_base_lr` to `clr_max_lr` over
+`stepsize` iterations and falls back over the next `stepsize`, cycle after cycle:
+    cycle = floor(1 + it / (2 stepsize)),  x = |it / stepsize - 2 cycle + 1|,
+    lr = base_lr + (max_lr - base_lr) max(0, 1 - x).
+The stepsize is given in epochs (`clr_step_epochs`, default 2; the paper advises 2-10 epochs'
+iterations) and evaluated at every optimizer step (the trainer passes the fractional epoch). It replaces
+the trainer's cosine for backbone and head alike. Defaults, stated: max_lr = `lr` (the fine-tuning
+learning rate of the official recipe) and base_lr = max_lr / 4 (the paper's suggestion of 1/3-1/4 of
+max_lr); the paper's LR range test is not run. When `head_lr` differs from `lr`, the head's policy
+is scaled by head_lr/lr so that their ratio is kept. Cannot be combined with RIFLE's
+`head_lr_policy=cyclic` (two learning-rate policies for the head; rejected in `check_combination`).
+"""
+from __future__ import annotations
+
+import math
+
+from .base import Trick
+
+
+def triangular_lr(iteration: float, base_lr: float, max_lr: float, step_size: float) -> float:
+    """Smith's triangular policy at `iteration` (any unit, the same as `step_size`; fractions allowed)."""
+    if step_size <= 0:
+        raise ValueError(f"step_size must be > 0, got {step_size}")
+    cycle = math.floor(1 + iteration / (2 * step_size))
+    x = abs(iteration / step_size - 2 * cycle + 1)
+    return base_lr + (max_lr - base_lr) * max(0.0, 1.0 - x)
+
+
+def clr_bounds(cfg) -> tuple[float, float]:
+    """(base_lr, max_lr) with the defaults resolved."""
+    t = cfg.tricks
+    max_lr = t.clr_max_lr if t.clr_max_lr is not None else cfg.optim.lr
+    base_lr = t.clr_base_lr if t.clr_base_lr is not None else max_lr / 4
+    return base_lr, max_lr
+
+
+class CyclicLR(Trick):
+    name = "cyclic_lr"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.base_lr, self.max_lr = clr_bounds(cfg)
+        if not self.base_lr < self.max_lr:
+            raise ValueError(f"cyclic_lr: clr_base_lr ({self.base_lr}) must be below clr_max_lr ({self.max_lr})")
+        self.step_epochs = cfg.tricks.clr_step_epochs
+        head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
+        self.head_ratio = head_lr / cfg.optim.lr
+
+    def lr(self, lrs, progress):
+        value = triangular_lr(progress, self.base_lr, self.max_lr, self.step_epochs)
+        return dict(lrs, backbone=value, head=value * self.head_ratio)

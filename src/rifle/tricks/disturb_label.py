@@ -1,0 +1,54 @@
+"""DisturbLabel: label noise as a regularizer in the loss layer.
+
+Xie, Wang, Wang, Tian. "DisturbLabel: Regularizing CNN on the Loss Layer." CVPR 2016.
+
+As in the paper: at every iteration each training label is, with probability alpha = `disturb_alpha`
+(the paper's 10% is the default), replaced by a label drawn uniformly from all C classes, the true one
+included; equivalently the label is drawn from the Multinoulli with 1 - (C-1)/C alpha on the true class
+and alpha/C on each other. So the fraction of labels that actually change is alpha (C-1)/C, logged as
+`disturb_label/flip_rate`. Only the loss sees the disturbed labels: training accuracy is measured
+against the true labels, and validation and test labels are never touched (the hook acts only while
+the model is in training mode). The noise comes from each process's seeded global generator.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._common import EpochMeter
+from .base import FitContext, Trick
+
+
+def disturb_labels(labels: torch.Tensor, num_classes: int, alpha: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each label replaced with probability alpha by a uniform draw over all `num_classes` classes."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    device = generator.device if generator is not None else labels.device
+    replace = torch.rand(labels.shape, generator=generator, device=device) < alpha
+    drawn = torch.randint(num_classes, labels.shape, generator=generator, device=device)
+    return torch.where(replace, drawn, labels.to(device)).to(labels.device)
+
+
+class DisturbLabel(Trick):
+    name = "disturb_label"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.alpha = cfg.tricks.disturb_alpha
+        self.meter = EpochMeter(["disturb_label/flip_rate"])
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        self.ctx = ctx
+
+    def on_epoch_start(self, epoch):
+        self.meter.reset()
+
+    def before_loss(self, logits, labels):
+        if not self.ctx.model.training:
+            return labels
+        disturbed = disturb_labels(labels, self.ctx.num_classes, self.alpha)
+        self.meter.add("disturb_label/flip_rate", (disturbed != labels).sum(), labels.numel())
+        return disturbed
+
+    def on_epoch_end(self, epoch, metrics):
+        metrics.update(self.meter.pop(self.ctx.accelerator))

@@ -1,0 +1,54 @@
+"""L2 regularization (weight decay) as an explicit, logged penalty.
+
+The "L2" baseline of the RIFLE, L2-SP and DELTA papers: alpha/2 ||w||^2 on every trained parameter,
+pulling the weights towards zero (see Li, Grandvalet, Davoine, ICML 2018, for its role in fine-tuning).
+
+Choice, stated: the trainer already applies SGD `weight_decay` (default 1e-4, the official RIFLE
+setting) to all parameters, which *is* this L2 penalty: SGD adds weight_decay * w to the gradient
+before momentum, the gradient of weight_decay/2 ||w||^2. So `tricks=l2` does not stack a second
+decay on top. It sets `weight_decay` to 0 in every optimizer group and adds alpha/2 ||w||^2 over
+exactly the parameters the optimizer trains (backbone and head, BatchNorm and biases included, as
+weight decay would), with alpha = `l2_alpha` (default 1e-4 = the official weight decay). With the
+defaults the optimization is the official L2 baseline; what `l2` adds is an explicit coefficient
+that the sweeps can tune apart from `weight_decay`, the penalty's value per epoch (`penalty/l2`), and
+mutual exclusion with the other explicit regularizers (`l2sp`, `delta`).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from ._common import EpochMeter, disable_weight_decay, squared_norm
+from .base import FitContext, Trick
+
+
+def l2_penalty(params: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
+    """alpha/2 * sum ||w||^2."""
+    return 0.5 * alpha * squared_norm(params)
+
+
+class L2(Trick):
+    name = "l2"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.alpha = cfg.tricks.l2_alpha
+        self.meter = EpochMeter(["penalty/l2"])
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        self.ctx = ctx
+        # The very set weight decay would act on.
+        self.params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
+        disable_weight_decay(ctx.optimizer)
+
+    def on_epoch_start(self, epoch):
+        self.meter.reset()
+
+    def penalty(self, model, images):
+        value = l2_penalty(self.params, self.alpha)
+        self.meter.add("penalty/l2", value)
+        return value
+
+    def on_epoch_end(self, epoch, metrics):
+        metrics.update(self.meter.pop(self.ctx.accelerator))

@@ -1,0 +1,159 @@
+"""Stochastic Depth: residual branches dropped at random during training.
+
+Huang, Sun, Liu, Sedra, Weinberger. "Deep Networks with Stochastic Depth." ECCV 2016.
+
+As in the paper: the residual blocks l = 1..L (input side first) get survival probabilities decaying
+linearly with depth, p_l = 1 - (l / L)(1 - p_L) (Eq. 4; p_L = `sd_survival_last`, the paper's 0.5), and
+in training each block's residual branch f_l is kept or removed by a Bernoulli(p_l) draw, leaving the
+block's shortcut (identity or projection) alone. `sd_mode=batch` (default) draws once per block and
+mini-batch, as the paper does; `sd_mode=sample` draws per example (what timm and torchvision call
+drop path / StochasticDepth "row"), a variant offered for comparison.
+Deviations, stated:
+- Scaling: a kept branch is multiplied by 1/p_l in training and the block is left unchanged at
+  evaluation, instead of the paper's unscaled training and p_l f_l at test time. Both give the same
+  expected branch; ours keeps the evaluated network the plain pretrained architecture (the saved weights
+  load without this trick) and makes evaluation the identity of the unmodified blocks.
+- A dropped branch is still computed and multiplied by 0, so its parameters get zero gradients (as in
+  the paper's Torch code, where SGD's momentum and weight decay still act on them) and every parameter
+  takes part in every step, which distributed data parallel requires. The paper's training speed-up
+  is therefore not reproduced.
+- A block counts as residual when it has a shortcut that bypasses the gated branch: torchvision
+  BasicBlock/Bottleneck (gated after their last BatchNorm, before the addition), torchvision
+  MBConv/ConvNeXt blocks and timm blocks through their own drop-path slot (`drop_path`, `drop_path1/2`,
+  `stochastic_depth`), skipping blocks without a skip connection (timm's `has_skip`, torchvision's
+  `use_res_connect`), e.g. the 9 of 16 blocks of EfficientNet-Lite0 that have one. A drop-path rate the
+  model was built with is replaced. Blocks with two branches (transformers) gate each with p_l.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..config import ConfigError
+from ._common import EpochMeter
+from .base import FitContext, Trick
+
+SLOTS = ("drop_path", "drop_path1", "drop_path2", "stochastic_depth")
+
+
+def survival_probs(num_blocks: int, p_last: float) -> list[float]:
+    """p_l = 1 - (l / L)(1 - p_L) for l = 1..L (Huang et al. 2016, Eq. 4)."""
+    if num_blocks < 1:
+        raise ValueError("stochastic depth needs at least one residual block")
+    if not 0.0 < p_last <= 1.0:
+        raise ValueError(f"p_L must be in (0, 1], got {p_last}")
+    return [1.0 - (l / num_blocks) * (1.0 - p_last) for l in range(1, num_blocks + 1)]
+
+
+def branch_gate(branch: torch.Tensor, survival: float, per_sample: bool,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | int, int]:
+    """(branch * b / p, number dropped, number drawn) with b ~ Bernoulli(p) per batch or per sample."""
+    if per_sample:
+        shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+        keep = (torch.rand(shape, generator=generator, device=branch.device) < survival).to(branch.dtype)
+        return branch * (keep / survival), (keep == 0).sum(), shape[0]
+    # One draw from the CPU generator: no device round trip to decide.
+    keep = bool(torch.rand((), generator=generator) < survival)
+    return branch * (1.0 / survival if keep else 0.0), int(not keep), 1
+
+
+class BranchGate(nn.Module):
+    """Gates one residual branch; no parameters or buffers, so state-dict keys are unchanged."""
+
+    def __init__(self, survival: float, per_sample: bool):
+        super().__init__()
+        self.survival, self.per_sample = survival, per_sample
+        self.dropped: torch.Tensor | int = 0
+        self.drawn = 0
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.survival >= 1.0:
+            return branch
+        out, dropped, drawn = branch_gate(branch, self.survival, self.per_sample)
+        self.dropped = self.dropped + dropped
+        self.drawn += drawn
+        return out
+
+    def extra_repr(self) -> str:
+        return f"survival={self.survival:.4f}, per_sample={self.per_sample}"
+
+
+def _gate_output(gate: BranchGate, module, args, output):
+    return gate(output)
+
+
+def residual_blocks(backbone: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(name, block, where to gate) for every residual block, input side first.
+
+    Where to gate: a timm/torchvision drop-path slot attribute, or "bn2"/"bn3" for torchvision ResNet
+    blocks (their branch ends in that BatchNorm, before the addition).
+    """
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    found = []
+    for name, module in backbone.named_modules():
+        if isinstance(module, BasicBlock):
+            found.append((name, module, ["bn2"]))
+        elif isinstance(module, Bottleneck):
+            found.append((name, module, ["bn3"]))
+        else:
+            slots = [s for s in SLOTS if hasattr(module, s) and _is_slot(getattr(module, s))]
+            has_skip = getattr(module, "has_skip", getattr(module, "use_res_connect", True))
+            if slots and has_skip:
+                found.append((name, module, slots))
+    return found
+
+
+def _is_slot(value) -> bool:
+    """A drop-path slot: empty, identity, or an existing drop path (timm DropPath, torchvision StochasticDepth)."""
+    return value is None or isinstance(value, (nn.Identity, BranchGate)) or type(value).__name__ in (
+        "DropPath", "StochasticDepth")
+
+
+def install_gates(backbone: nn.Module, p_last: float, per_sample: bool) -> list[BranchGate]:
+    blocks = residual_blocks(backbone)
+    if not blocks:
+        raise ConfigError("model", f"stochastic_depth needs residual blocks, and {type(backbone).__name__} "
+                          "has none it can gate (supported: torchvision ResNet BasicBlock/Bottleneck, "
+                          "torchvision MBConv/ConvNeXt blocks, timm blocks with a skip connection and a "
+                          "drop-path slot)")
+    gates = []
+    for (name, block, where), p in zip(blocks, survival_probs(len(blocks), p_last)):
+        for k, slot in enumerate(where):
+            gate = BranchGate(p, per_sample)
+            if slot in ("bn2", "bn3"):
+                block.add_module(f"sd_gate{k}", gate)
+                # functools.partial keeps the hook tied to the copied gate under copy.deepcopy.
+                getattr(block, slot).register_forward_hook(partial(_gate_output, gate))
+            else:
+                setattr(block, slot, gate)
+            gates.append(gate)
+    return gates
+
+
+class StochasticDepth(Trick):
+    name = "stochastic_depth"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.p_last = cfg.tricks.sd_survival_last
+        self.per_sample = cfg.tricks.sd_mode == "sample"
+        self.meter = EpochMeter(["stochastic_depth/skip_rate"])
+
+    def prepare_model(self, model: nn.Module) -> None:
+        self.gates = install_gates(model.backbone, self.p_last, self.per_sample)
+
+    def on_fit_start(self, ctx: FitContext) -> None:
+        self.ctx = ctx
+
+    def on_epoch_start(self, epoch):
+        self.meter.reset()
+        for g in self.gates:
+            g.dropped, g.drawn = 0, 0
+
+    def on_epoch_end(self, epoch, metrics):
+        for g in self.gates:
+            self.meter.add("stochastic_depth/skip_rate", g.dropped, g.drawn)
+        metrics.update(self.meter.pop(self.ctx.accelerator))

@@ -1,0 +1,505 @@
+"""The baselines and regularizers: each pure function against a reference computed here, the hooks on
+tiny models (32x32 inputs, batch 4, no downloads), deterministic evaluation, and the combination rules."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rifle import config as C
+from rifle import probes
+from rifle.models import Classifier
+from rifle.tricks import CANONICAL, EVIDENCE, REGISTRY, build_tricks
+from rifle.tricks.base import FitContext
+from rifle.tricks.cyclic_lr import triangular_lr
+from rifle.tricks.delta import (channel_attention, channel_loss_increase, default_layers,
+                                delta_feature_penalty)
+from rifle.tricks.disturb_label import disturb_labels
+from rifle.tricks.dropconnect import DropConnectLinear, dropconnect_linear, dropconnect_mask
+from rifle.tricks.dropout import dropout_mask
+from rifle.tricks.l2 import l2_penalty
+from rifle.tricks.l2sp import l2sp_penalty
+from rifle.tricks.rifle import reinit_linear_
+from rifle.tricks.stochastic_depth import BranchGate, branch_gate, install_gates, survival_probs
+
+NUM_CLASSES = 5
+
+
+def binomial_ok(hits: int, n: int, p: float, sigmas: float = 5.0) -> bool:
+    return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
+
+
+def resnet10t() -> nn.Module:
+    import timm
+    return timm.create_model("resnet10t", pretrained=False, num_classes=0)
+
+
+def tiny_classifier(backbone_fn=resnet10t, seed=0) -> Classifier:
+    torch.manual_seed(seed)
+    backbone = backbone_fn()
+    with torch.no_grad():
+        width = backbone.eval()(torch.zeros(1, 3, 32, 32)).shape[1]
+    return Classifier(backbone, width, NUM_CLASSES)
+
+
+def images(n=4, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+class ConvNet(nn.Module):
+    """No BatchNorm, no skip connection: train and eval compute the same function."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.stage = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.pool(self.stage(self.stem(x)))
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+    return Accelerator(cpu=True)
+
+
+def fit_context(model, cfg, accelerator, source_fn, n_batches=2, batch=4):
+    """What the trainer hands the tricks: optimizer with named groups, snapshot, a tiny loader."""
+    from rifle.models import param_groups
+    opt = torch.optim.SGD(param_groups(model), lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(NUM_CLASSES, (batch,), generator=g))
+            for _ in range(n_batches)]
+    return FitContext(model, opt, accelerator, cfg, NUM_CLASSES, n_batches, probes.snapshot(model.backbone),
+                      source_fn, data)
+
+
+def run_steps(tricks, ctx, epochs=1):
+    """The trainer's hook order (trainer.train_epoch), for a couple of steps."""
+    model, opt, losses = ctx.model, ctx.optimizer, []
+    all_metrics = []
+    for epoch in range(epochs):
+        for t in tricks:
+            t.on_epoch_start(epoch)
+        model.train()
+        for i, (x, y) in enumerate(ctx.train_loader):
+            lrs = {"backbone": ctx.cfg.optim.lr, "head": ctx.cfg.optim.head_lr}
+            for t in tricks:
+                lrs = t.lr(lrs, epoch + i / len(ctx.train_loader))
+            for group in opt.param_groups:
+                group["lr"] = lrs[group["name"]]
+            logits = model(x)
+            targets = y
+            for t in tricks:
+                targets = t.before_loss(logits, targets)
+            loss = F.cross_entropy(logits, targets)
+            for t in tricks:
+                extra = t.penalty(model, x)
+                loss = loss if extra is None else loss + extra
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            for t in tricks:
+                t.after_step()
+            losses.append(float(loss))
+        metrics = {}
+        for t in tricks:
+            t.on_epoch_end(epoch, metrics)
+        all_metrics.append(metrics)
+    return losses, all_metrics
+
+
+# ---------------------------------------------------------------- configuration and registry
+
+@pytest.mark.parametrize("values,option,words", [
+    ({"tricks": "rifle,cyclic_lr", "head_lr_policy": "cyclic"}, "head_lr_policy", ["cyclic_lr", "head_lr_policy"]),
+    ({"tricks": "l2,l2sp"}, "tricks", ["l2", "l2sp"]),
+    ({"tricks": "rifle,l2sp,delta"}, "tricks", ["l2sp", "delta"]),
+    ({"tricks": "l2,delta"}, "tricks", ["l2", "delta"]),
+    ({"tricks": "dropout", "dropout_p": "1"}, "dropout_p", ["< 1"]),
+    ({"tricks": "dropconnect", "dropconnect_p": "1.5"}, "dropconnect_p", ["< 1"]),
+    ({"tricks": "disturb_label", "disturb_alpha": "1.5"}, "disturb_alpha", ["<= 1"]),
+    ({"tricks": "stochastic_depth", "sd_survival_last": "0"}, "sd_survival_last", ["> 0"]),
+    ({"tricks": "stochastic_depth", "sd_mode": "row"}, "sd_mode", ["batch", "sample"]),
+    ({"tricks": "cyclic_lr", "clr_base_lr": "0.02"}, "clr_base_lr", ["below"]),
+])
+def test_bad_combinations_fail_before_training(values, option, words):
+    with pytest.raises(C.ConfigError) as err:
+        C.build(values)
+    assert err.value.option == option
+    assert all(w in str(err.value) for w in words)
+
+
+def test_every_method_composes_with_rifle_and_has_canonical_settings():
+    assert set(REGISTRY) == set(C.TRICK_NAMES) == set(CANONICAL) == set(EVIDENCE)
+    for name in REGISTRY:
+        for tricks in (name, f"rifle,{name}" if name != "rifle" else "rifle"):
+            cfg = C.build({"tricks": tricks, **CANONICAL[name]})
+            assert [t.name for t in build_tricks(cfg)] == tricks.split(",")
+    # cyclic_lr with RIFLE's default head policy (follow) is fine
+    C.build({"tricks": "rifle,cyclic_lr", "head_lr_policy": "follow"})
+
+
+# ---------------------------------------------------------------- DisturbLabel
+
+def test_disturb_labels_flip_rate_within_binomial_bound():
+    n, classes, alpha = 20000, 10, 0.3
+    labels = torch.randint(classes, (n,), generator=torch.Generator().manual_seed(0))
+    out = disturb_labels(labels, classes, alpha, generator=torch.Generator().manual_seed(1))
+    # a replaced label is drawn from all classes, the true one included: it changes w.p. alpha (C-1)/C
+    assert binomial_ok(int((out != labels).sum()), n, alpha * (classes - 1) / classes)
+    assert out.min() >= 0 and out.max() < classes and out.dtype == labels.dtype
+    fully = disturb_labels(torch.zeros(n, dtype=torch.long), classes, 1.0, torch.Generator().manual_seed(2))
+    counts = torch.bincount(fully, minlength=classes)
+    assert all(binomial_ok(int(c), n, 1 / classes) for c in counts)  # uniform over all classes
+    assert torch.equal(disturb_labels(labels, classes, 0.0), labels)
+
+
+def test_disturb_label_acts_only_in_training(accelerator):
+    cfg = C.build({"tricks": "disturb_label", "disturb_alpha": "0.5"})
+    model = tiny_classifier()
+    (trick,) = build_tricks(cfg)
+    trick.on_fit_start(fit_context(model, cfg, accelerator, None))
+    trick.on_epoch_start(0)
+    labels = torch.arange(NUM_CLASSES).repeat(400)
+    model.eval()
+    assert torch.equal(trick.before_loss(None, labels), labels)
+    model.train()
+    trick.before_loss(None, labels)
+    metrics = {}
+    trick.on_epoch_end(0, metrics)
+    assert metrics["disturb_label/flip_rate"] == pytest.approx(0.5 * 4 / 5, abs=0.05)
+
+
+# ---------------------------------------------------------------- Cyclic LR
+
+def test_triangular_lr_at_chosen_iterations():
+    base, top, step = 0.001, 0.006, 2000  # the paper's CIFAR-10 example
+    expect = {0: base, 500: base + 0.25 * (top - base), 1000: (base + top) / 2, 2000: top,
+              3000: (base + top) / 2, 4000: base, 5000: (base + top) / 2, 6000: top, 8000: base}
+    for it, lr in expect.items():
+        assert triangular_lr(it, base, top, step) == pytest.approx(lr), it
+
+
+def test_cyclic_lr_overrides_both_groups_and_keeps_head_ratio():
+    cfg = C.build({"tricks": "cyclic_lr", "lr": "0.01", "head_lr": "0.1", "clr_step_epochs": "2"})
+    (trick,) = build_tricks(cfg)
+    at = lambda p: trick.lr({"backbone": 123.0, "head": 456.0}, p)  # noqa: E731
+    assert at(0.0) == pytest.approx({"backbone": 0.0025, "head": 0.025})   # base = max/4, max = lr
+    assert at(2.0) == pytest.approx({"backbone": 0.01, "head": 0.1})
+    assert at(3.0)["backbone"] == pytest.approx((0.0025 + 0.01) / 2)
+    assert at(4.0)["backbone"] == pytest.approx(0.0025)
+
+
+# ---------------------------------------------------------------- L2 and L2-SP
+
+def test_l2sp_penalty_by_hand_on_a_tiny_model(accelerator):
+    cfg = C.build({"tricks": "l2sp", "l2sp_alpha": "0.1", "l2sp_beta": "0.01"})
+    model = tiny_classifier(ConvNet)
+    ctx = fit_context(model, cfg, accelerator, None)
+    (trick,) = build_tricks(cfg)
+    trick.on_fit_start(ctx)
+    assert all(g["weight_decay"] == 0.0 for g in ctx.optimizer.param_groups)
+    head_sq = sum(float((p.detach().double() ** 2).sum()) for p in model.head.parameters())
+    # at the starting point only the head term is left
+    assert float(trick.penalty(model, None)) == pytest.approx(0.01 / 2 * head_sq, rel=1e-6)
+    n_backbone = sum(p.numel() for p in model.backbone.parameters())
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(0.5)
+    value = trick.penalty(model, None)
+    assert float(value) == pytest.approx(0.1 / 2 * 0.25 * n_backbone + 0.01 / 2 * head_sq, rel=1e-5)
+    value.backward()  # d/dw alpha/2 ||w - w0||^2 = alpha (w - w0)
+    conv = model.backbone.stem[0].weight
+    assert torch.allclose(conv.grad, torch.full_like(conv, 0.1 * 0.5))
+    assert torch.allclose(model.head.weight.grad, 0.01 * model.head.weight)
+    # the pure function on explicit tensors
+    assert float(l2sp_penalty([torch.tensor([1.0, 2.0])], [torch.tensor([0.0, 4.0])], 2.0)) == pytest.approx(5.0)
+    metrics = {}
+    trick.on_epoch_end(0, metrics)
+    assert metrics["penalty/l2sp"] == pytest.approx((0.01 / 2 * head_sq + float(value)) / 2, rel=1e-5)
+
+
+def test_l2_penalty_is_the_official_weight_decay(accelerator):
+    """Penalty alpha/2||w||^2 with weight_decay 0 takes the same SGD steps as weight_decay=alpha."""
+    assert float(l2_penalty([torch.tensor([3.0, 4.0])], 0.2)) == pytest.approx(2.5)
+    cfg = C.build({"tricks": "l2", "l2_alpha": "0.01"})
+    models = [tiny_classifier(ConvNet) for _ in range(2)]
+    x, y = images(), torch.tensor([0, 1, 2, 3])
+    with_trick = fit_context(models[0], cfg, accelerator, None)
+    (trick,) = build_tricks(cfg)
+    trick.on_fit_start(with_trick)
+    assert all(g["weight_decay"] == 0.0 for g in with_trick.optimizer.param_groups)
+    from rifle.models import param_groups
+    plain = torch.optim.SGD(param_groups(models[1]), lr=0.01, momentum=0.9, weight_decay=0.01)
+    for _ in range(3):
+        loss = F.cross_entropy(models[0](x), y) + trick.penalty(models[0], x)
+        loss.backward()
+        with_trick.optimizer.step()
+        with_trick.optimizer.zero_grad()
+        F.cross_entropy(models[1](x), y).backward()
+        plain.step()
+        plain.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------- Stochastic depth
+
+def test_survival_probs_decay_linearly_to_p_last():
+    assert survival_probs(4, 0.5) == pytest.approx([0.875, 0.75, 0.625, 0.5])
+    assert survival_probs(1, 0.3) == pytest.approx([0.3])
+    assert survival_probs(3, 1.0) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_stochastic_depth_survival_per_block_on_torchvision_resnet18():
+    import torchvision
+    net = torchvision.models.resnet18(weights=None)
+    gates = install_gates(net, 0.5, per_sample=False)
+    blocks = [n for n, m in net.named_modules() if type(m).__name__ == "BasicBlock"]
+    assert len(blocks) == len(gates) == 8
+    assert [g.survival for g in gates] == pytest.approx([1 - l / 8 * 0.5 for l in range(1, 9)])
+    assert all(isinstance(net.get_submodule(b).sd_gate0, BranchGate) for b in blocks)
+    assert set(net.state_dict()) == set(torchvision.models.resnet18(weights=None).state_dict())
+    net50 = torchvision.models.resnet50(weights=None)
+    assert len(install_gates(net50, 0.5, per_sample=True)) == 16  # Bottleneck blocks
+
+
+def test_stochastic_depth_gates_only_blocks_with_a_skip_on_efficientnet_lite0():
+    import timm
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    skip = [n for n, m in net.named_modules() if getattr(m, "has_skip", False)]
+    gates = install_gates(net, 0.5, per_sample=False)
+    assert len(skip) == len(gates) == 9  # the first block of each stage changes shape: no skip
+    assert [net.get_submodule(n).drop_path for n in skip] == gates
+    assert [g.survival for g in gates] == pytest.approx(survival_probs(9, 0.5))
+    no_skip = [m for m in net.modules() if hasattr(m, "has_skip") and not m.has_skip]
+    assert all(isinstance(m.drop_path, nn.Identity) for m in no_skip)
+
+
+def test_stochastic_depth_rejects_a_model_without_residual_blocks():
+    with pytest.raises(C.ConfigError, match="residual blocks"):
+        install_gates(ConvNet(), 0.5, per_sample=False)
+
+
+def test_branch_gate_rates_and_scaling():
+    g = torch.Generator().manual_seed(0)
+    branch = torch.ones(64, 3, 2, 2)
+    kept = 0
+    for _ in range(2000):
+        out, dropped, drawn = branch_gate(branch, 0.7, per_sample=False, generator=g)
+        assert drawn == 1 and torch.unique(out).tolist() in ([0.0], [pytest.approx(1 / 0.7)])
+        kept += 1 - dropped
+    assert binomial_ok(kept, 2000, 0.7)
+    out, dropped, drawn = branch_gate(torch.ones(4000, 3), 0.7, per_sample=True, generator=g)
+    assert drawn == 4000 and binomial_ok(4000 - int(dropped), 4000, 0.7)
+    rows = out[:, 0]
+    assert torch.equal(out, rows[:, None].expand_as(out))  # one draw per sample
+    assert torch.unique(rows).tolist() == [0.0, pytest.approx(1 / 0.7)]
+
+
+def test_stochastic_depth_training_drops_blocks_and_keeps_every_gradient(accelerator):
+    cfg = C.build({"tricks": "stochastic_depth", "sd_survival_last": "0.05"})
+    model = tiny_classifier()
+    (trick,) = build_tricks(cfg)
+    trick.prepare_model(model)
+    trick.on_fit_start(fit_context(model, cfg, accelerator, None))
+    trick.on_epoch_start(0)
+    model.train()
+    F.cross_entropy(model(images()), torch.arange(4)).backward()
+    # a dropped branch is multiplied by 0, not skipped: DDP needs every parameter in every step
+    assert all(p.grad is not None for p in model.parameters())
+    metrics = {}
+    trick.on_epoch_end(0, metrics)
+    assert 0.0 < metrics["stochastic_depth/skip_rate"] <= 1.0
+
+
+# ---------------------------------------------------------------- DropConnect and Dropout
+
+def test_dropconnect_mask_rate_and_per_example_product():
+    mask = dropconnect_mask((200, 50, 20), 0.3, generator=torch.Generator().manual_seed(0))
+    assert binomial_ok(int((mask == 0).sum()), mask.numel(), 0.3)
+    assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+    x, w, b = torch.randn(3, 4), torch.randn(2, 4), torch.randn(2)
+    wm = dropconnect_mask((3, 2, 4), 0.5, generator=torch.Generator().manual_seed(1))
+    bm = dropconnect_mask((3, 2), 0.5, generator=torch.Generator().manual_seed(2))
+    ref = torch.stack([(wm[n] * w) @ x[n] + bm[n] * b for n in range(3)])
+    assert torch.allclose(dropconnect_linear(x, w, b, wm, bm), ref, atol=1e-6)
+
+
+def test_dropconnect_head_train_and_expected_weights_at_eval():
+    lin = nn.Linear(16, 3)
+    head = DropConnectLinear.from_linear(lin, 0.4)
+    assert head.weight is lin.weight and head.bias is lin.bias
+    assert set(head.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 16).repeat(500, 1)
+    head.eval()
+    assert torch.equal(head(x), head(x))
+    assert torch.allclose(head(x), F.linear(x, 0.6 * lin.weight, 0.6 * lin.bias), atol=1e-6)
+    head.train()
+    out = head(x)
+    assert not torch.equal(out[0], out[2])  # the same input gets a different mask per example
+    assert binomial_ok(int(head.dropped), head.seen, 0.4)
+    # in expectation the training output is the evaluation output
+    assert torch.allclose(out.view(500, 2, 3).mean(0), F.linear(x[:2], 0.6 * lin.weight, 0.6 * lin.bias),
+                          atol=0.35)
+    reinit_linear_(head, seed=5)  # RIFLE's in-place reset works on the subclass
+    assert isinstance(head, DropConnectLinear) and head.weight is lin.weight
+
+
+def test_dropout_mask_rate_and_scale():
+    mask = dropout_mask((100000,), 0.25, generator=torch.Generator().manual_seed(0))
+    assert binomial_ok(int((mask == 0).sum()), 100000, 0.25)
+    assert torch.unique(mask).tolist() == [0.0, pytest.approx(1 / 0.75)]
+
+
+# ---------------------------------------------------------------- DELTA
+
+def test_channel_attention_is_a_softmax_over_channels():
+    rise = torch.tensor([0.0, 0.1, 0.5, 0.2])
+    att = channel_attention(rise)
+    assert att.shape == (4,) and float(att.sum()) == pytest.approx(1.0) and (att > 0).all()
+    assert att.argsort().tolist() == rise.argsort().tolist()  # a more useful channel weighs more
+    z = (rise - rise.mean()) / rise.std(unbiased=False)
+    assert torch.allclose(att, torch.softmax(z / 5, 0), atol=1e-6)
+    assert torch.allclose(channel_attention(torch.full((6,), 0.3)), torch.full((6,), 1 / 6))
+
+
+def test_delta_feature_penalty_by_hand():
+    t = torch.zeros(2, 3, 2, 2)
+    assert float(delta_feature_penalty([t], [t.clone()], [torch.full((3,), 1 / 3)])) == 0.0
+    s = t.clone()
+    s[1, 2] = 1.0  # channel 2 of sample 1 differs by 1 at each of the 4 positions
+    att = torch.tensor([0.2, 0.3, 0.5])
+    # 1/2 * C * a_2 * ||.||^2 / (HW) = 0.5 * 3 * 0.5 * 4 / 4
+    assert float(delta_feature_penalty([t], [s], [att])) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("layer", ["layer1", "layer1.0.conv1"])  # a stage output; inside a residual block
+def test_channel_loss_increase_matches_one_forward_per_channel(layer):
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None, num_classes=NUM_CLASSES).eval()
+    head, net.fc = net.fc, nn.Identity()
+    x, y = images(2), torch.tensor([1, 3])
+    module = net.get_submodule(layer)
+    fast = channel_loss_increase(net, head, module, x, y, max_batch=64)
+    with torch.no_grad():
+        base = F.cross_entropy(head(net(x)), y)
+        ref = []
+        for j in range(fast.numel()):
+            def zero(m, a, out, j=j):
+                out = out.clone()
+                out[:, j] = 0
+                return out
+            h = module.register_forward_hook(zero)
+            ref.append(float(F.cross_entropy(head(net(x)), y) - base))
+            h.remove()
+    assert fast.numel() == 64
+    assert torch.allclose(fast, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
+
+
+def test_delta_trick_attention_penalty_and_resume_state(accelerator):
+    cfg = C.build({"tricks": "delta", "delta_layers": "stem,stage", "delta_alpha": "0.5", "delta_beta": "0.01",
+                   "delta_attention_epochs": "2", "delta_attention_batches": "2"})
+    model = tiny_classifier(ConvNet)
+    (trick,) = build_tricks(cfg)
+    trick.prepare_model(model)
+    ctx = fit_context(model, cfg, accelerator, lambda: tiny_classifier(ConvNet, seed=99).backbone)
+    trick.on_fit_start(ctx)
+    assert all(g["weight_decay"] == 0.0 for g in ctx.optimizer.param_groups)
+    assert not any(p.requires_grad for p in trick.source.parameters())
+    assert not {id(p) for p in trick.source.parameters()} & {id(p) for g in ctx.optimizer.param_groups
+                                                               for p in g["params"]}
+    rng = torch.get_rng_state()
+    trick.on_epoch_start(0)
+    assert torch.equal(rng, torch.get_rng_state())  # the attention pass leaves the training randomness alone
+    assert [len(a) for a in trick.attention] == [6, 8]
+    assert all(sum(a) == pytest.approx(1.0) and min(a) > 0 for a in trick.attention)
+    x = images()
+    head_term = 0.01 / 2 * sum(float((p.detach().double() ** 2).sum()) for p in model.head.parameters())
+    model.train()
+    model(x)
+    # the source is the starting point (the snapshot), not the other random init it was built with
+    assert float(trick.penalty(model, x)) == pytest.approx(head_term, rel=1e-6)
+    with torch.no_grad():
+        model.backbone.stage[0].weight.add_(0.3)
+    model(x)
+    value = trick.penalty(model, x)
+    assert float(value) > head_term * 1.01
+    value.backward()
+    assert model.backbone.stage[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="no feature maps"):
+        trick.penalty(model, x)  # evaluation forwards are not captured
+    state = json.loads(json.dumps(trick.state_dict()))
+    (again,) = build_tricks(cfg)
+    again.prepare_model(tiny_classifier(ConvNet))
+    again.load_state_dict(state)
+    assert again.attention == trick.attention
+
+
+def test_delta_default_layers():
+    import timm
+    import torchvision
+    lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    assert default_layers(lite0) == ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+    assert default_layers(resnet10t()) == ["layer1", "layer2", "layer3", "layer4"]
+    assert default_layers(torchvision.models.resnet18(weights=None)) == ["layer1", "layer2", "layer3", "layer4"]
+    with pytest.raises(C.ConfigError, match="delta_layers"):
+        default_layers(ConvNet())
+
+
+# ---------------------------------------------------------------- every method in the hook loop
+
+@pytest.mark.parametrize("name", [n for n in REGISTRY if n != "rifle"])
+def test_each_method_with_rifle_runs_acts_and_evaluates_deterministically(name, accelerator):
+    cfg = C.build({"tricks": f"rifle,{name}", "epochs": "2", "reinit_times": "1", **CANONICAL[name],
+                   **({"delta_layers": "layer3,layer4"} if name == "delta" else {})})
+    model = tiny_classifier()
+    tricks = build_tricks(cfg)
+    for t in tricks:
+        t.prepare_model(model)
+    ctx = fit_context(model, cfg, accelerator, lambda: tiny_classifier(seed=7).backbone)
+    for t in tricks:
+        t.on_fit_start(ctx)
+    head_before = model.head.weight.detach().clone()
+    losses, metrics = run_steps(tricks, ctx, epochs=1)
+    assert all(math.isfinite(v) for v in losses)
+    assert metrics[0]["head_reinit"] == 1.0  # RIFLE still re-initialized the head (epoch 0 of 2)
+    assert not torch.equal(model.head.weight, head_before)
+    if EVIDENCE[name] is not None:
+        assert metrics[0][EVIDENCE[name]] > 0
+    model.eval()
+    x = images()
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(first, second)
+    json.dumps([t.state_dict() for t in tricks])  # resumable state is JSON
+
+
+def test_all_model_surgeries_compose():
+    cfg = C.build({"tricks": "rifle,dropout,dropconnect,stochastic_depth"})
+    model = tiny_classifier()
+    plain = copy.deepcopy(model)
+    for t in build_tricks(cfg):
+        t.prepare_model(model)
+    assert set(model.state_dict()) == set(plain.state_dict())
+    model.eval()
+    plain.eval()
+    x = images()
+    with torch.no_grad():
+        # evaluation: dropout and stochastic depth are the identity, DropConnect uses (1-p) W and (1-p) b
+        feats = plain.backbone(x)
+        expected = F.linear(feats, 0.5 * plain.head.weight, 0.5 * plain.head.bias)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+    model.train()
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
