@@ -12,6 +12,7 @@ drawn from what remains of train: test images never influence training or select
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -44,7 +45,15 @@ def load_source(spec: str, revision: str | None = None) -> DatasetDict:
     if spec == "digits":
         return digits_source()
     if spec.startswith("imagefolder:"):
-        return datasets.load_dataset("imagefolder", data_dir=spec[len("imagefolder:"):])
+        root = Path(spec[len("imagefolder:"):])
+        if not (root / "train").is_dir():
+            raise DataError(f"dataset {spec}: expected the layout root/train/<class>/*, root/test/<class>/*; "
+                            f"{root / 'train'} is missing")
+        classes = [p.name for p in (root / "train").iterdir() if p.is_dir()]
+        if len(classes) < 2:  # the imagefolder builder silently drops labels below two folders
+            raise DataError(f"dataset {spec}: a classifier needs at least 2 classes, found {len(classes)} "
+                            f"class folder(s) in {root / 'train'}")
+        return datasets.load_dataset("imagefolder", data_dir=str(root))
     if spec.startswith("disk:"):
         loaded = datasets.load_from_disk(spec[len("disk:"):])
         if not isinstance(loaded, DatasetDict):
@@ -69,6 +78,9 @@ def _normalize_columns(ds: DatasetDict, spec: str, image_column: str, label_colu
                        key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
         label = ClassLabel(names=names)
         ds = ds.cast_column("label", datasets.Value("string")).cast_column("label", label)
+    feature = ds["train"].features["image"]
+    if (isinstance(feature, dict) and "bytes" in feature) or getattr(feature, "dtype", None) == "string":
+        ds = ds.cast_column("image", datasets.Image())  # parquet written without HF metadata, or file paths
     if not isinstance(ds["train"].features["image"], datasets.Image):
         raise DataError(f"dataset {spec}: column {image_column!r} does not hold images "
                         f"({ds['train'].features['image']})")

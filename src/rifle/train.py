@@ -30,6 +30,9 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> C.Config:
     args = vars(parser().parse_args(argv))
+    # An empty value means "not given" (MLproject passes every parameter; its defaults are empty so a
+    # --config file still applies), except for --tricks, where empty means plain fine-tuning.
+    args = {k: v for k, v in args.items() if v != "" or k == "tricks"}
     config_file = args.pop("config", None)
     cfg = C.build(args, config_file)
     from .models import check_model_spec

@@ -115,7 +115,10 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) ->
     """Train, select on validation, report test. `on_epoch_end(epoch, metrics)` may raise to stop (sweeps)."""
     if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    acc = Accelerator(mixed_precision=cfg.optim.mixed_precision,
+    # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
+    # otherwise each one trains alone as rank 0.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    acc = Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
     out = Path(cfg.run.output_dir)
