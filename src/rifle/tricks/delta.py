@@ -1,6 +1,6 @@
 """DELTA: feature maps kept close to the pretrained network's, weighted by channel attention.
 
-Li, Xiong, Wang, Huan, Liu, Chen, Xu (and coauthors). "DELTA: DEep Learning Transfer using Feature Map
+Li, Xiong, Wang, Rao, Liu, Chen, Huan. "DELTA: DEep Learning Transfer using Feature Map
 with Attention for Convolutional Networks." ICLR 2019.
 
 As in the paper: loss = CE + alpha * Omega' + beta * Omega'', with
@@ -11,29 +11,38 @@ penalties replace it). The channel attention is "supervised" and computed once f
 network: W_j = softmax_j(L(z(x, w* without channel j), y) - L(z(x, w*), y)), the rise of the target
 loss when channel j is removed, where the loss uses a linear classifier fitted on the frozen pretrained
 features of the training set.
-As in the public implementations (the authors' code and TLlib's DELTA example): per layer of C
+As in the public implementation (TLlib's DELTA, thuml/Transfer-Learning-Library): per layer of C
 channels and HxW positions the term is 1/2 sum_batch sum_j C W_j ||.||^2 / (HW), summed (not averaged)
 over the batch, so alpha is per batch of `batch_size`; the loss increases are z-scored per layer
 before a softmax at temperature 5; the classifier for the attention is trained for
 `delta_attention_epochs` epochs (SGD, momentum 0.9, Nesterov, the head's learning rate decayed by 10x
 over 6 epochs) and the loss increases are averaged over `delta_attention_batches` training batches;
-defaults alpha = beta = 0.01; the pretrained network runs in evaluation mode (its BatchNorm uses the
-pretrained statistics, so the distance is not exactly 0 at the first step, where the fine-tuned
-network's BatchNorm uses batch statistics).
+defaults alpha = beta = 0.01.
 Deviations, stated:
+- BatchNorm: when the penalty compares feature maps, the pretrained network's BatchNorm layers use the
+  batch's statistics, as the fine-tuned network's do in training (their running statistics stay
+  frozen); the reference code runs it in evaluation mode. Otherwise the distance measures the gap
+  between batch and ImageNet statistics rather than how far the weights moved: it is not 0 at the
+  starting point, and on a shifted target (the offline digits at 32 px) it started near 1.7e3 with
+  alpha = 0.01, hundreds of times the cross-entropy. The attention is measured in evaluation mode
+  (zeroed copies share a batch there, and must not share statistics).
 - Layers: the outputs of the last four stages (`delta_layers=auto`: a ResNet's layer1..layer4, the
   stages at each resolution of a timm model from its `feature_info`, e.g. blocks.1, blocks.2, blocks.4,
   blocks.6 of EfficientNet-Lite0) rather than the last convolution inside each stage; "removing
-  channel j" zeroes channel j of exactly the feature map that Omega' compares (the reference code
-  zeroes the j-th filter of that convolution). Any module names can be given instead.
+  channel j" zeroes channel j of exactly the feature map that Omega' compares (TLlib zeroes the j-th
+  filter of that convolution). Any module names can be given instead.
 - The attention classifier is fitted on features computed once (one pass over the training loader,
-  with its augmentation) from the truly frozen pretrained backbone; the reference example re-augments
+  with its augmentation) from the truly frozen pretrained backbone; TLlib's example re-augments
   every epoch and, through `backbone.requires_grad = False` (a no-op on a module), also updates the
   backbone.
 - The attention is computed at the first epoch's start and saved in the trick's state, so a resumed run
   reuses it. With several processes the features are gathered so that every process fits the same
   classifier, and the loss increases are averaged over all processes' batches: identical attention
   everywhere. The global random state is restored afterwards, so the training randomness is unchanged.
+Scale, measured: the term is 0 at the starting point, but on the offline default (EfficientNet-Lite0,
+digits at 32 or 64 px, batch 32, lr 0.01) the first SGD step moves the stage outputs by about 60% of
+their RMS, and with alpha = 0.01 the weighted term is then about 1e3 per batch against a cross-entropy
+of 2.3. The reference alpha was set for ResNets at 224 px; sweep `delta_alpha` downwards there.
 The frozen pretrained network is built only by this trick, given the starting weights (the trainer's
 snapshot), never handed to the optimizer, and runs without gradients.
 """
@@ -50,7 +59,7 @@ from ..config import ConfigError
 from ._common import EpochMeter, disable_weight_decay, split_batch, squared_norm
 from .base import FitContext, Trick
 
-TEMPERATURE = 5.0  # of the attention softmax, as in the reference code
+TEMPERATURE = 5.0  # of the attention softmax, as in TLlib
 PROBE_LR_DECAY_EPOCHS = 6  # the attention classifier's learning rate falls 10x over this many epochs
 
 
@@ -229,6 +238,9 @@ class Delta(Trick):
             raise RuntimeError(f"the pretrained snapshot does not fit the source network "
                                f"(missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})")
         self.source = source.to(self.device).eval().requires_grad_(False)
+        self._bns = [m for m in self.source.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        for m in self._bns:
+            m.momentum = 0.0  # batch statistics in the penalty's forward, running ones never updated
         for n in self.layers:
             self.source.get_submodule(n).register_forward_hook(partial(_capture, self._source, n, False))
 
@@ -281,8 +293,14 @@ class Delta(Trick):
             raise RuntimeError("delta: no feature maps captured from the training forward; penalty() must "
                                "follow the model's forward pass in training mode")
         targets = [self._target.pop(n) for n in self.layers]
-        with torch.no_grad(), self._autocast():
-            self.source(images)
+        for m in self._bns:
+            m.train()
+        try:
+            with torch.no_grad(), self._autocast():
+                self.source(images)
+        finally:
+            for m in self._bns:
+                m.eval()
         sources = [self._source.pop(n) for n in self.layers]
         if self._att is None:
             self._att = [torch.tensor(a, dtype=torch.float32, device=self.device) for a in self.attention]
