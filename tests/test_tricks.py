@@ -280,6 +280,10 @@ def test_stochastic_depth_gates_only_blocks_with_a_skip_on_efficientnet_lite0():
     assert [g.survival for g in gates] == pytest.approx(survival_probs(9, 0.5))
     no_skip = [m for m in net.modules() if hasattr(m, "has_skip") and not m.has_skip]
     assert all(isinstance(m.drop_path, nn.Identity) for m in no_skip)
+    import torchvision  # torchvision's MBConv: its own StochasticDepth slot, only where use_res_connect
+    tv = torchvision.models.efficientnet_b0(weights=None)
+    residual = [m for m in tv.modules() if getattr(m, "use_res_connect", False)]
+    assert [m.stochastic_depth for m in residual] == install_gates(tv, 0.5, per_sample=True)
 
 
 def test_stochastic_depth_rejects_a_model_without_residual_blocks():

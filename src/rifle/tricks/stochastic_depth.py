@@ -3,7 +3,7 @@
 Huang, Sun, Liu, Sedra, Weinberger. "Deep Networks with Stochastic Depth." ECCV 2016.
 
 As in the paper: the residual blocks l = 1..L (input side first) get survival probabilities decaying
-linearly with depth, p_l = 1 - (l / L)(1 - p_L) (Eq. 4; p_L = `sd_survival_last`, the paper's 0.5), and
+linearly with depth, p_l = 1 - (l / L)(1 - p_L) (p_L = `sd_survival_last`, the paper's 0.5), and
 in training each block's residual branch f_l is kept or removed by a Bernoulli(p_l) draw, leaving the
 block's shortcut (identity or projection) alone. `sd_mode=batch` (default) draws once per block and
 mini-batch, as the paper does; `sd_mode=sample` draws per example (what timm and torchvision call
@@ -13,10 +13,9 @@ Deviations, stated:
   evaluation, instead of the paper's unscaled training and p_l f_l at test time. Both give the same
   expected branch; ours keeps the evaluated network the plain pretrained architecture (the saved weights
   load without this trick) and makes evaluation the identity of the unmodified blocks.
-- A dropped branch is still computed and multiplied by 0, so its parameters get zero gradients (as in
-  the paper's Torch code, where SGD's momentum and weight decay still act on them) and every parameter
-  takes part in every step, which distributed data parallel requires. The paper's training speed-up
-  is therefore not reproduced.
+- A dropped branch is still computed and multiplied by 0, so its parameters get zero gradients (SGD's
+  momentum and weight decay still act on them) and every parameter takes part in every step, which
+  distributed data parallel requires. The paper's training speed-up is therefore not reproduced.
 - A block counts as residual when it has a shortcut that bypasses the gated branch: torchvision
   BasicBlock/Bottleneck (gated after their last BatchNorm, before the addition), torchvision
   MBConv/ConvNeXt blocks and timm blocks through their own drop-path slot (`drop_path`, `drop_path1/2`,
