@@ -283,7 +283,8 @@ def test_stochastic_depth_gates_only_blocks_with_a_skip_on_efficientnet_lite0():
     import torchvision  # torchvision's MBConv: its own StochasticDepth slot, only where use_res_connect
     tv = torchvision.models.efficientnet_b0(weights=None)
     residual = [m for m in tv.modules() if getattr(m, "use_res_connect", False)]
-    assert [m.stochastic_depth for m in residual] == install_gates(tv, 0.5, per_sample=True)
+    gates = install_gates(tv, 0.5, per_sample=True)
+    assert len(residual) == 9 and [m.stochastic_depth for m in residual] == gates
 
 
 def test_stochastic_depth_rejects_a_model_without_residual_blocks():
