@@ -24,7 +24,7 @@ def tiny(tmp_path, out="out", **values):
 def test_mlflow_run_logs_the_official_reinit_epochs(tmp_path):
     env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
     cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "--env-manager", "local",
-           "-P", "epochs=6", "-P", "reinit_times=2", "-P", "image_size=32", "-P", "train_per_class=3",
+           "-P", "epochs=6", "-P", "reinit_times=2", "-P", "image_size=48", "-P", "train_per_class=3",
            "-P", "batch_size=16", "-P", f"output_dir={tmp_path / 'out'}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -122,6 +122,7 @@ def test_mlflow_server_on_postgres(tmp_path, postgres_db):
     server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                                "--backend-store-uri", postgres_db, "--artifacts-destination", str(tmp_path / "art")],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
+                              env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
                               start_new_session=True)  # its own group: the server forks workers
     uri = f"http://127.0.0.1:{port}"
     try:

@@ -60,7 +60,11 @@ def load_source(spec: str, revision: str | None = None) -> DatasetDict:
             raise DataError(f"dataset {spec}: expected a DatasetDict with splits, found a single Dataset")
         return loaded
     hub_id = spec[len("hub:"):] if spec.startswith("hub:") else spec
-    return datasets.load_dataset(hub_id, revision=revision)
+    try:
+        return datasets.load_dataset(hub_id, revision=revision)
+    except (ConnectionError, FileNotFoundError, ValueError) as e:
+        raise DataError(f"dataset {spec}: cannot load {hub_id!r} ({type(e).__name__}: {e}); offline, use a "
+                        "cached copy with HF_DATASETS_OFFLINE=1, or imagefolder:/disk:") from None
 
 
 def _normalize_columns(ds: DatasetDict, spec: str, image_column: str, label_column: str) -> DatasetDict:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -111,8 +112,24 @@ def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar) -> 
             "lr_backbone": lrs["backbone"], "lr_head": lrs["head"]}
 
 
-def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-    """Train, select on validation, report test. `on_epoch_end(epoch, metrics)` may raise to stop (sweeps)."""
+@dataclass
+class Session:
+    """Everything one run holds, built by `setup`."""
+    cfg: Config
+    acc: Accelerator
+    out: Path
+    raw: torch.nn.Module          # the unwrapped Classifier (tricks and checkpoints use it)
+    model: torch.nn.Module        # what accelerate prepared (DDP-wrapped under several processes)
+    optimizer: torch.optim.Optimizer
+    loaders: tuple                # train, val, test
+    tricks: list
+    pretrained: dict              # backbone weights before fine-tuning (CPU), for the probes
+    tracker: Tracker
+    state: dict                   # what a checkpoint stores: counters, best record, history
+
+
+def setup(cfg: Config) -> Session:
+    """Accelerator, data, model, tricks, optimizer; resumes from the newest checkpoint in output_dir."""
     if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
@@ -121,14 +138,13 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) ->
     acc = Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-    out = Path(cfg.run.output_dir)
+    out, d, o = Path(cfg.run.output_dir), cfg.data, cfg.optim
     if acc.is_main_process:
         check_output_dir(str(out))
-    with acc.main_process_first():
-        data = load_splits(cfg.data.dataset, val_fraction=cfg.data.val_fraction,
-                           train_per_class=cfg.data.train_per_class, split_seed=cfg.data.split_seed,
-                           revision=cfg.data.dataset_revision, image_column=cfg.data.image_column,
-                           label_column=cfg.data.label_column)
+    with acc.main_process_first():  # the main process fills the datasets cache, the others read it
+        data = load_splits(d.dataset, val_fraction=d.val_fraction, train_per_class=d.train_per_class,
+                           split_seed=d.split_seed, revision=d.dataset_revision, image_column=d.image_column,
+                           label_column=d.label_column)
     num_classes = len(data["train"].features["label"].names)
     set_seed(cfg.run.seed)  # same head init on every process
     raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained)
@@ -136,26 +152,23 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) ->
     for t in tricks:
         t.prepare_model(raw)
     pretrained = probes.snapshot(raw.backbone)
-    o = cfg.optim
     optimizer = torch.optim.SGD(param_groups(raw), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    loaders = make_loaders(cfg, data, raw.mean, raw.std)
-    model, optimizer, train_loader, val_loader, test_loader = acc.prepare(raw, optimizer, *loaders)
-    ctx = FitContext(raw, optimizer, acc, cfg, num_classes, math.ceil(len(train_loader) / o.grad_accum_steps),
+    model, optimizer, *loaders = acc.prepare(raw, optimizer, *make_loaders(cfg, data, raw.mean, raw.std))
+    ctx = FitContext(raw, optimizer, acc, cfg, num_classes, math.ceil(len(loaders[0]) / o.grad_accum_steps),
                      pretrained, lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained).backbone,
-                     train_loader)
+                     loaders[0])
     for t in tricks:
         t.on_fit_start(ctx)
-
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": -1, "best_file": None, "history": [],
              "run_id": None, "tricks": {}, "config": cfg.flat() | {"tracking_uri": None}}
     last = checkpoint.latest(out)
     if last is not None:
         state = checkpoint.load(last, raw, optimizer)
-        changed = {k: (v, cfg.flat().get(k)) for k, v in state["config"].items()
-                   if k not in RUN_ONLY and cfg.flat().get(k) != v}
+        changed = [(k, v) for k, v in state["config"].items() if k not in RUN_ONLY and cfg.flat().get(k) != v]
         if changed:
-            k, (was, now) = next(iter(changed.items()))
-            raise ConfigError(k, f"{out} holds a run made with {k}={was!r}, not {now!r}: use another output_dir")
+            k, was = changed[0]
+            raise ConfigError(k, f"{out} holds a run made with {k}={was!r}, not {cfg.flat()[k]!r}: "
+                              "use another output_dir")
         for t in tricks:
             t.load_state_dict(state["tricks"].get(t.name, {}))
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment)
@@ -164,51 +177,62 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) ->
     tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": fingerprint(data),
                       "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
     tracker.sync_history(state["history"])
-    blocks = block_names(raw.backbone)
-    bar = tqdm(total=(o.epochs - state["epoch"]) * len(train_loader), desc="train", dynamic_ncols=True,
-               disable=not (acc.is_main_process and os.isatty(2)))
+    return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, tracker, state)
 
+
+def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
+    """Select on validation (before any re-init), run the tricks' epoch end, checkpoint, then log."""
+    state, main = s.state, s.acc.is_main_process
+    if metrics["val_acc"] > state["best_val_acc"]:
+        state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch, "best_file": f"best-{epoch:04d}.safetensors"}
+        if main:
+            checkpoint.save_weights(s.raw, s.out / state["best_file"])
+    for t in s.tricks:
+        t.on_epoch_end(epoch, metrics)
+    state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
+              "tricks": {t.name: t.state_dict() for t in s.tricks}}
+    if main:
+        checkpoint.save(s.out, epoch, s.raw, s.optimizer, state, s.cfg.run.keep_checkpoints)
+        for stale in s.out.glob("best-*.safetensors"):
+            if stale.name != state["best_file"]:
+                stale.unlink()
+    s.acc.wait_for_everyone()
+    s.tracker.log_metrics(metrics, step=epoch)
+
+
+def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
+    """Train, select on validation, report test. `on_epoch_end(epoch, metrics)` may raise to stop (sweeps)."""
+    s = setup(cfg)
+    train_loader, val_loader, test_loader = s.loaders
+    blocks = block_names(s.raw.backbone)
+    bar = tqdm(total=(cfg.optim.epochs - s.state["epoch"]) * len(train_loader), desc="train",
+               dynamic_ncols=True, disable=not (s.acc.is_main_process and os.isatty(2)))
     try:
-        for epoch in range(state["epoch"], o.epochs):
+        for epoch in range(s.state["epoch"], cfg.optim.epochs):
             set_seed(cfg.run.seed * 10_007 + epoch, device_specific=True)  # an epoch's randomness is its own
             train_loader.set_epoch(epoch)
-            for t in tricks:
+            for t in s.tricks:
                 t.on_epoch_start(epoch)
-            metrics = train_epoch(model, raw, train_loader, optimizer, tricks, acc, cfg, epoch, bar)
-            metrics |= {"val_acc": evaluate(model, val_loader, acc), "head_reinit": 0.0}
-            metrics |= probes.weight_distances(raw.backbone, pretrained, blocks)
-            if metrics["val_acc"] > state["best_val_acc"]:  # before any re-init: the selected weights
-                state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch,
-                          "best_file": f"best-{epoch:04d}.safetensors"}
-                if acc.is_main_process:
-                    checkpoint.save_weights(raw, out / state["best_file"])
-            for t in tricks:
-                t.on_epoch_end(epoch, metrics)
-            state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
-                      "tricks": {t.name: t.state_dict() for t in tricks}}
-            if acc.is_main_process:
-                checkpoint.save(out, epoch, raw, optimizer, state, cfg.run.keep_checkpoints)
-                for stale in out.glob("best-*.safetensors"):
-                    if stale.name != state["best_file"]:
-                        stale.unlink()
-            acc.wait_for_everyone()
-            tracker.log_metrics(metrics, step=epoch)
+            metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar)
+            metrics |= {"val_acc": evaluate(s.model, val_loader, s.acc), "head_reinit": 0.0}
+            metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, blocks)
+            end_epoch(s, epoch, metrics)
             bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics['val_acc']:.3f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
         bar.close()
-        final = {"test_acc_last": evaluate(model, test_loader, acc)}
-        checkpoint.load_weights(raw, out / state["best_file"])
-        final |= {"test_acc": evaluate(model, test_loader, acc), "best_val_acc": state["best_val_acc"],
-                  "best_epoch": state["best_epoch"]}
-        tracker.log_final(final)
-        _log_artifacts(tracker, cfg, state, out)
+        final = {"test_acc_last": evaluate(s.model, test_loader, s.acc)}
+        checkpoint.load_weights(s.raw, s.out / s.state["best_file"])
+        final |= {"test_acc": evaluate(s.model, test_loader, s.acc), "best_val_acc": s.state["best_val_acc"],
+                  "best_epoch": s.state["best_epoch"]}
+        s.tracker.log_final(final)
+        _log_artifacts(s.tracker, cfg, s.state, s.out)
     except BaseException as e:
         bar.close()
-        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
-    tracker.end()
-    return final | {"run_id": state["run_id"], "epochs": o.epochs}
+    s.tracker.end()
+    return final | {"run_id": s.state["run_id"], "epochs": cfg.optim.epochs}
 
 
 def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> None:
