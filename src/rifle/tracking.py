@@ -46,11 +46,14 @@ class Tracker:
         if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
             mlflow.set_experiment(experiment)
 
-    def start(self, run_id: str | None = None, run_name: str | None = None) -> str | None:
-        """Open the `mlflow run` run, else re-open `run_id` (resume), else make a new run."""
+    def start(self, run_id: str | None = None, run_name: str | None = None, forced_run_id: str | None = None) -> str | None:
+        """Log into `forced_run_id` (a sweep's child run), else the `mlflow run` run, else re-open `run_id`
+        (resume), else make a new run."""
         if not self.active:
             return None
-        if os.environ.get("MLFLOW_RUN_ID"):
+        if forced_run_id:
+            run = self.mlflow.start_run(run_id=forced_run_id)
+        elif os.environ.get("MLFLOW_RUN_ID"):
             run = self.mlflow.start_run()
             if run_id and run_id != run.info.run_id:
                 self.mlflow.set_tag("resumed_from_run", run_id)

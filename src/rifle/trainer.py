@@ -128,7 +128,7 @@ class Session:
     state: dict                   # what a checkpoint stores: counters, best record, history
 
 
-def setup(cfg: Config) -> Session:
+def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     """Accelerator, data, model, tricks, optimizer; resumes from the newest checkpoint in output_dir."""
     if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
@@ -172,7 +172,7 @@ def setup(cfg: Config) -> Session:
         for t in tricks:
             t.load_state_dict(state["tricks"].get(t.name, {}))
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment)
-    state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name)
+    state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
     tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri)})
     tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": fingerprint(data),
                       "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
@@ -200,9 +200,12 @@ def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
     s.tracker.log_metrics(metrics, step=epoch)
 
 
-def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None) -> dict:
-    """Train, select on validation, report test. `on_epoch_end(epoch, metrics)` may raise to stop (sweeps)."""
-    s = setup(cfg)
+def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
+        mlflow_run_id: str | None = None) -> dict:
+    """Train, select on validation, report test. For sweeps: `on_epoch_end(epoch, metrics)` runs on every
+    process after the epoch's checkpoint and may raise to stop; `mlflow_run_id` (main process) names an
+    existing run to log into, e.g. a trial's child run, instead of `mlflow run`'s or a new one."""
+    s = setup(cfg, mlflow_run_id)
     train_loader, val_loader, test_loader = s.loaders
     blocks = block_names(s.raw.backbone)
     bar = tqdm(total=(cfg.optim.epochs - s.state["epoch"]) * len(train_loader), desc="train",
