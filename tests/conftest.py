@@ -35,3 +35,23 @@ def mlflow_runs(uri, experiment=None):
     exps = [e.experiment_id for e in client.search_experiments()
             if experiment is None or e.name == experiment]
     return client, client.search_runs(exps) if exps else []
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """A small real-image dataset in the official RIFLE layout (root/train/<class>, root/test/<class>):
+    4 classes of scikit-learn's handwritten digits, 8 train and 4 test images each. Fast to evaluate."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits4")
+    bunch = load_digits()
+    for c in range(4):
+        idx = np.flatnonzero(bunch.target == c)
+        for split, chosen in (("train", idx[:8]), ("test", idx[8:12])):
+            (root / split / str(c)).mkdir(parents=True, exist_ok=True)
+            for i in chosen:
+                pixels = (bunch.images[i] * (255 / 16)).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").convert("RGB").save(root / split / str(c) / f"{i}.png")
+    return root

@@ -43,7 +43,9 @@ class Tracker:
         import mlflow
         self.mlflow = mlflow
         mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
-        if "MLFLOW_RUN_ID" not in os.environ and "MLFLOW_EXPERIMENT_ID" not in os.environ:
+        # Not MLFLOW_EXPERIMENT_ID: set_experiment itself exports it, so a second run in this process
+        # (sweeps, tests) would otherwise reuse an experiment id from another store.
+        if "MLFLOW_RUN_ID" not in os.environ:
             mlflow.set_experiment(experiment)
 
     def start(self, run_id: str | None = None, run_name: str | None = None, forced_run_id: str | None = None) -> str | None:
