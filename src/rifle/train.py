@@ -46,7 +46,6 @@ def parse(argv: list[str] | None = None) -> C.Config:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse(argv)
-        from .data import DataError
         from .trainer import fit
         result = fit(cfg)
     except C.ConfigError as e:
@@ -54,9 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         from .data import DataError
+        from .trainer import NonFiniteLoss
         if isinstance(e, DataError):
             print(f"rifle.train: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, NonFiniteLoss):  # diverged: not bad input, so another exit code
+            print(f"rifle.train: error: {e}", file=sys.stderr)
+            return 3
         raise
     if result.get("run_id"):  # only the main process has one
         print(f"run {result['run_id']}: test_acc={result['test_acc']:.4f} (checkpoint of epoch "

@@ -1,0 +1,107 @@
+"""Crash safety: SIGKILL at several moments, resume to the uninterrupted result; divergence stops cleanly."""
+import math
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import mlflow_runs, run_cli, subprocess_env
+from rifle import checkpoint
+
+
+def args(folder, out, uri):
+    return ["--dataset", f"imagefolder:{folder}", "--image_size", "48", "--batch_size", "8", "--val_fraction",
+            "0.25", "--train_per_class", "0", "--epochs", "6", "--reinit_times", "2", "--tricks", "rifle,dropout",
+            "--output_dir", str(out), "--tracking_uri", uri, "--log_weights", "false"]
+
+
+def summary(stdout):
+    line = next(line for line in stdout.splitlines() if line.startswith("run "))
+    return re.sub(r"^run \w+: ", "", line)
+
+
+def test_sigkill_at_several_moments_then_resume_matches_uninterrupted(tmp_path, digits_folder):
+    ref_uri, cut_uri = f"sqlite:///{tmp_path}/ref.db", f"sqlite:///{tmp_path}/cut.db"
+    ref = run_cli(args(digits_folder, tmp_path / "ref", ref_uri), cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "cut"
+    cmd = [sys.executable, "-m", "rifle.train", *args(digits_folder, out, cut_uri)]
+    # Kill as soon as a checkpoint exists, a little later (mid-epoch or mid-write), and later still.
+    for wait_epochs, delay in ((1, 0.0), (2, 0.15), (4, 0.4)):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            done = sorted((out / "checkpoints").glob("epoch-*")) if (out / "checkpoints").is_dir() else []
+            if done and int(done[-1].name.split("-")[1]) + 1 >= wait_epochs:
+                break
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert proc.poll() is None, "the run ended before it could be killed: " + proc.stderr.read()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = run_cli(args(digits_folder, out, cut_uri), cwd=tmp_path)
+    assert final.returncode == 0, final.stderr[-2000:]
+    assert summary(final.stdout) == summary(ref.stdout)
+
+    client, (cut_run,) = mlflow_runs(cut_uri)
+    ref_client, (ref_run,) = mlflow_runs(ref_uri)
+    assert cut_run.info.status == "FINISHED"
+    for key in ("val_acc", "train_loss", "head_reinit", "dropout/drop_rate", "weight_dist/blocks.3"):
+        got = sorted((m.step, m.value) for m in client.get_metric_history(cut_run.info.run_id, key))
+        want = sorted((m.step, m.value) for m in ref_client.get_metric_history(ref_run.info.run_id, key))
+        assert got == want, key  # every epoch exactly once, with the uninterrupted values
+    for key in ("test_acc", "test_acc_last", "best_val_acc"):
+        assert cut_run.data.metrics[key] == ref_run.data.metrics[key]
+    assert len(list((out / "checkpoints").glob("epoch-*"))) == 2  # keep_checkpoints
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_absurd_learning_rate_stops_with_a_clear_message(tmp_path, digits_folder):
+    out = tmp_path / "out"
+    proc = run_cli(["--dataset", f"imagefolder:{digits_folder}", "--image_size", "48", "--batch_size", "8",
+                    "--val_fraction", "0.25", "--train_per_class", "0", "--epochs", "2", "--tricks", "none",
+                    "--lr", "1e30", "--output_dir", out, "--tracking_uri", f"sqlite:///{tmp_path}/m.db"], cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(lines) == 1 and re.search(r"loss became non-finite at epoch 0, step \d+", lines[0]), proc.stderr
+    assert checkpoint.latest(out) is None
+    _, (run,) = mlflow_runs(f"sqlite:///{tmp_path}/m.db")
+    assert run.info.status == "FAILED"
+
+
+def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path, digits_folder):
+    from rifle import config as C
+    from rifle.trainer import NonFiniteLoss, fit
+
+    cfg = C.build({"dataset": f"imagefolder:{digits_folder}", "image_size": 48, "batch_size": 8,
+                   "val_fraction": 0.25, "train_per_class": 0, "epochs": 3, "tricks": "none",
+                   "output_dir": str(tmp_path / "out"), "tracking_uri": f"sqlite:///{tmp_path}/m.db"})
+    holder = {}
+
+    def poison(epoch, metrics):  # a fault after epoch 0's checkpoint: the weights become NaN
+        if epoch == 0:
+            model = holder.setdefault("model", _find_model())
+            with torch.no_grad():
+                model.head.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLoss, match="epoch 1, step 0"):
+        fit(cfg, on_epoch_end=poison)
+    last = checkpoint.latest(tmp_path / "out")
+    assert last.name == "epoch-0000"
+    from safetensors.torch import load_file
+    assert all(torch.isfinite(t).all() for t in load_file(str(last / "model.safetensors")).values()
+               if t.is_floating_point())
+
+
+def _find_model():
+    """The Classifier fit is training (the only one alive with a `head`)."""
+    import gc
+    from rifle.models import Classifier
+    return next(o for o in gc.get_objects() if isinstance(o, Classifier))
