@@ -80,34 +80,17 @@ def fit_context(model, cfg, accelerator, source_fn, n_batches=2, batch=4):
 
 
 def run_steps(tricks, ctx, epochs=1):
-    """The trainer's hook order (trainer.train_epoch), for a couple of steps."""
-    model, opt, losses = ctx.model, ctx.optimizer, []
-    all_metrics = []
+    """The trainer's own batch loop (trainer.train_epoch) and the tricks' epoch end, for a few steps."""
+    from tqdm import tqdm
+
+    from rifle.trainer import train_epoch
+    losses, all_metrics = [], []
     for epoch in range(epochs):
         for t in tricks:
             t.on_epoch_start(epoch)
-        model.train()
-        for i, (x, y) in enumerate(ctx.train_loader):
-            lrs = {"backbone": ctx.cfg.optim.lr, "head": ctx.cfg.optim.head_lr}
-            for t in tricks:
-                lrs = t.lr(lrs, epoch + i / len(ctx.train_loader))
-            for group in opt.param_groups:
-                group["lr"] = lrs[group["name"]]
-            logits = model(x)
-            targets = y
-            for t in tricks:
-                targets = t.before_loss(logits, targets)
-            loss = F.cross_entropy(logits, targets)
-            for t in tricks:
-                extra = t.penalty(model, x)
-                loss = loss if extra is None else loss + extra
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            for t in tricks:
-                t.after_step()
-            losses.append(float(loss))
-        metrics = {}
+        metrics = train_epoch(ctx.model, ctx.model, ctx.train_loader, ctx.optimizer, tricks, ctx.accelerator,
+                              ctx.cfg, epoch, tqdm(disable=True))
+        losses.append(metrics["train_loss"])
         for t in tricks:
             t.on_epoch_end(epoch, metrics)
         all_metrics.append(metrics)
