@@ -145,3 +145,19 @@ def test_mlflow_server_on_postgres(tmp_path, postgres_db):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_bf16_grad_accumulation_and_loader_workers(tmp_path, digits_folder):
+    """The trainer options that change the step: bf16 autocast, accumulation, worker processes."""
+    from rifle.trainer import fit
+
+    cfg = C.build({"dataset": f"imagefolder:{digits_folder}", "image_size": 48, "batch_size": 4,
+                   "val_fraction": 0.25, "train_per_class": 0, "epochs": 2, "mixed_precision": "bf16",
+                   "grad_accum_steps": 2, "num_workers": 2, "tracking_uri": f"sqlite:///{tmp_path}/m.db",
+                   "output_dir": str(tmp_path / "out"), "log_weights": False})
+    result = fit(cfg)
+    client, (run,) = mlflow_runs(f"sqlite:///{tmp_path}/m.db")
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses)
+    assert run.data.params["mixed_precision"] == "bf16" and run.data.params["grad_accum_steps"] == "2"
+    assert 0 <= result["test_acc"] <= 1
