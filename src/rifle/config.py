@@ -38,21 +38,36 @@ def opt(default: Any, help: str, choices: tuple | None = None, minimum: float | 
 
 @dataclass
 class DataConfig:
-    dataset: str = opt("digits", "target dataset: 'digits' (built-in, offline), 'imagefolder:<root>' "
+    dataset: str = opt("digits", "target dataset: a registered name (digits, cub200, cars, aircraft, dogs, "
+                       "dtd, food101, caltech256, or an entry of --dataset_registry), 'imagefolder:<root>' "
                        "(root/train/<class>/*, root/test/<class>/*), 'disk:<path>' (datasets.save_to_disk), "
                        "or a Hugging Face Hub id / local Hub-style folder ('hub:<id or path>')")
-    dataset_revision: str | None = opt(None, "Hub revision (commit or tag) to pin for a Hub dataset")
-    image_column: str = opt("image", "name of the image column in the source dataset")
-    label_column: str = opt("label", "name of the label column in the source dataset")
+    dataset_revision: str | None = opt(None, "Hub revision (commit or tag) to pin for a Hub dataset "
+                                       "(default: the registry entry's, else main)")
+    image_column: str | None = opt(None, "name of the image column in the source dataset (default: the "
+                                   "registry entry's, else 'image')")
+    label_column: str | None = opt(None, "name of the label column in the source dataset (default: the "
+                                   "registry entry's, else 'label')")
     image_size: int = opt(64, "square input size in pixels (the paper uses 224)", minimum=8)
     hflip: bool | None = opt(None, "random horizontal flip in training (default: on, off for digits)")
     val_fraction: float = opt(0.2, "fraction of train carved out (stratified) as validation when the "
                               "source has no validation split", minimum=0.0, exclusive_minimum=True)
-    train_per_class: int = opt(20, "k training images per class (k-shot subset of train after the "
-                               "validation split is carved out); 0 keeps all", minimum=0)
+    train_per_class: int | None = opt(None, "k training images per class (k-shot subset of train after the "
+                                      "validation split is carved out); 0 keeps all (default: 20 for digits, "
+                                      "else all)", minimum=0)
     split_seed: int = opt(0, "seed of the validation carve-out and the k-shot subset (fixed across "
                           "training seeds so seeds are paired on the same data)", minimum=0)
     num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
+    dataset_registry: str | None = opt(None, "YAML file of extra or overriding dataset entries (see "
+                                       "rifle/datasets.yaml; default: $RIFLE_DATASET_REGISTRY)")
+    label_rate: float = opt(100.0, "percent of each class of train kept (stratified, seeded by split_seed, "
+                            "after the validation split is carved out), e.g. 15, 30, 50; 100 keeps all",
+                            minimum=0.0, exclusive_minimum=True)
+    bad_images: str = opt("error", "images that cannot be decoded (corrupt, truncated, empty, not an image, "
+                          "decompression bomb), found by a scan before training: stop with their names, "
+                          "or skip them and log which", choices=("error", "skip"))
+    num_proc: int = opt(0, "processes datasets uses to prepare a dataset (load_dataset num_proc) and threads "
+                        "of the image scan (0: one process; scan threads = CPU count, at most 8)", minimum=0)
 
 
 @dataclass
@@ -295,15 +310,7 @@ def resolve(cfg: Config) -> Config:
                               f"{periods} epochs (one per period), got epochs={cfg.optim.epochs}")
         # The official code truncates the run to a whole number of periods.
         cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
-    ds = cfg.data.dataset
-    for prefix in ("imagefolder:", "disk:"):
-        if ds.startswith(prefix) and not os.path.isdir(ds[len(prefix):]):
-            raise ConfigError("dataset", f"directory not found: {ds[len(prefix):]!r}")
-    if ds.startswith("hub:") and len(ds) == 4:
-        raise ConfigError("dataset", "'hub:' needs a dataset id or folder, e.g. hub:tanganke/dtd")
-    if ds != "digits" and ":" not in ds and "/" not in ds:
-        raise ConfigError("dataset", f"unknown dataset {ds!r}: use digits, imagefolder:<root>, "
-                          "disk:<path> or a Hub id (owner/name or hub:<id or folder>)")
+    ds = _check_dataset(cfg)
     if cfg.data.hflip is None:
         cfg.data.hflip = ds != "digits"  # a mirrored digit is another symbol
     if cfg.optim.head_lr is None:
@@ -311,6 +318,40 @@ def resolve(cfg: Config) -> Config:
     if not cfg.run.output_dir:
         cfg.run.output_dir = os.path.join("outputs", config_digest(cfg))
     return cfg
+
+
+def _check_dataset(cfg: Config) -> str:
+    """Dataset name, registry file and subset options; returns the dataset name. Folders are checked here
+    so a typo fails in a second; the content is checked when data.py loads it."""
+    from . import registry
+    d = cfg.data
+    try:
+        path = registry.registry_path(d.dataset_registry)
+        entries = registry.load(d.dataset_registry)
+    except registry.RegistryError as e:
+        raise ConfigError("dataset_registry", str(e)) from None
+    if path:
+        d.dataset_registry = str(Path(path).resolve())  # recorded in the params, also when it came from the env
+    ds, spec = d.dataset, d.dataset
+    if registry.is_name(ds):
+        if ds not in entries:
+            raise ConfigError("dataset", f"unknown dataset {ds!r}: registered are {', '.join(sorted(entries))}; "
+                              "or use imagefolder:<root>, disk:<path> or a Hub id (owner/name or hub:<id or folder>)")
+        spec = entries[ds].source
+    for prefix in ("imagefolder:", "disk:"):
+        if spec.startswith(prefix) and not os.path.isdir(spec[len(prefix):]):
+            where = "" if spec == ds else f" (registry entry {ds!r})"
+            raise ConfigError("dataset", f"directory not found: {spec[len(prefix):]!r}{where}")
+    if spec.startswith("hub:") and len(spec) == 4:
+        raise ConfigError("dataset", "'hub:' needs a dataset id or folder, e.g. hub:tanganke/dtd")
+    if d.label_rate > 100:
+        raise ConfigError("label_rate", f"a percentage of train in (0, 100], got {d.label_rate:g}")
+    if d.train_per_class is None:
+        d.train_per_class = 20 if ds == "digits" and d.label_rate == 100 else 0
+    elif d.train_per_class > 0 and d.label_rate < 100:
+        raise ConfigError("label_rate", f"label_rate={d.label_rate:g} and train_per_class={d.train_per_class} "
+                          "both subset train: set one of them (train_per_class 0 keeps all)")
+    return ds
 
 
 RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "keep_checkpoints")

@@ -1,24 +1,38 @@
 """Target datasets as a Hugging Face `DatasetDict` with splits train / val / test and columns
 `image` (PIL) and `label` (ClassLabel).
 
-Sources: the built-in offline `digits` (scikit-learn's handwritten digits), an ImageFolder in the
-official RIFLE layout (`root/train/<class>/*`, `root/test/<class>/*`), a `save_to_disk` folder, and a
-Hugging Face Hub dataset (`owner/name` or `hub:<id>`; `hub:<local folder>` takes the same code path for a
-folder laid out like a Hub repository, e.g. `data/train-00000-of-00001.parquet`).
+Sources: a registered name (`cub200`, see `registry.py` and `datasets.yaml`), the built-in offline
+`digits` (scikit-learn's handwritten digits), an ImageFolder in the official RIFLE layout
+(`root/train/<class>/*`, `root/test/<class>/*`), a `save_to_disk` folder, and a Hugging Face Hub dataset
+(`owner/name` or `hub:<id>`; `hub:<local folder>` takes the same code path for a folder laid out like a
+Hub repository, e.g. `data/train-00000-of-00001.parquet`).
 
-Validation is carved from train (seeded, stratified) when the source has none, and the k-shot subset is
-drawn from what remains of train: test images never influence training or selection.
+Order: source -> columns renamed to image/label -> label checks -> image scan (bad files stop the run, or
+are dropped with `bad_images="skip"`) -> test carved (seed 0) if missing -> val carved (stratified,
+`split_seed`) if missing -> k-shot or label-rate subset of what remains of train -> checks. Test images
+never influence training or selection, and subsets are nested: the same split_seed draws the 15% subset
+inside the 30% one, k=5 inside k=10.
 """
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import datasets
 import numpy as np
 from datasets import ClassLabel, DatasetDict
+from datasets.exceptions import DatasetGenerationError
+
+from . import registry
+from .scan import ScanReport, scan
 
 VAL_NAMES = ("val", "validation", "valid", "dev")
+BAD_IMAGE_POLICIES = ("error", "skip")
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -41,7 +55,7 @@ def digits_source(split_seed: int = 0) -> DatasetDict:
     return DatasetDict(train=parts["train"], test=parts["test"])
 
 
-def load_source(spec: str, revision: str | None = None) -> DatasetDict:
+def load_source(spec: str, revision: str | None = None, num_proc: int | None = None) -> DatasetDict:
     if spec == "digits":
         return digits_source()
     if spec.startswith("imagefolder:"):
@@ -53,91 +67,269 @@ def load_source(spec: str, revision: str | None = None) -> DatasetDict:
         if len(classes) < 2:  # the imagefolder builder silently drops labels below two folders
             raise DataError(f"dataset {spec}: a classifier needs at least 2 classes, found {len(classes)} "
                             f"class folder(s) in {root / 'train'}")
-        return datasets.load_dataset("imagefolder", data_dir=str(root))
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=str(root), num_proc=num_proc)
+        except DatasetGenerationError as e:
+            raise DataError(f"dataset {spec}: datasets cannot build it ({_cause(e)})") from None
     if spec.startswith("disk:"):
-        loaded = datasets.load_from_disk(spec[len("disk:"):])
+        try:
+            loaded = datasets.load_from_disk(spec[len("disk:"):])
+        except Exception as e:  # not a save_to_disk folder, or one datasets cannot read (a 0-row split)
+            raise DataError(f"dataset {spec}: datasets cannot load it ({_cause(e)})") from None
         if not isinstance(loaded, DatasetDict):
             raise DataError(f"dataset {spec}: expected a DatasetDict with splits, found a single Dataset")
         return loaded
     hub_id = spec[len("hub:"):] if spec.startswith("hub:") else spec
     try:
-        return datasets.load_dataset(hub_id, revision=revision)
+        return datasets.load_dataset(hub_id, revision=revision, num_proc=num_proc)
+    except DatasetGenerationError as e:  # e.g. splits whose parquet schemas disagree
+        raise DataError(f"dataset {spec}: datasets cannot build {hub_id!r} ({_cause(e)})") from None
     except (ConnectionError, FileNotFoundError, ValueError) as e:
-        raise DataError(f"dataset {spec}: cannot load {hub_id!r} ({type(e).__name__}: {e}); offline, use a "
-                        "cached copy with HF_DATASETS_OFFLINE=1, or imagefolder:/disk:") from None
+        offline = " (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: only cached datasets load)" \
+            if datasets.config.HF_HUB_OFFLINE else ""
+        raise DataError(f"dataset {spec}: cannot load {hub_id!r} at revision {revision or 'main'!r} "
+                        f"({type(e).__name__}: {' '.join(str(e).split())}){offline}; offline, use a copy "
+                        "cached by an earlier online run, or imagefolder:/disk:") from None
 
 
-def _normalize_columns(ds: DatasetDict, spec: str, image_column: str, label_column: str) -> DatasetDict:
+def _cause(e: BaseException) -> str:
+    """The innermost exception of a chain, on one line."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+
+
+def _select_splits(source: DatasetDict, name: str, mapping: dict) -> DatasetDict:
+    """Our train/val/test from the source's splits: by the registry's mapping, else by name."""
+    if mapping:
+        missing = {ours: theirs for ours, theirs in mapping.items() if theirs not in source}
+        if missing:
+            ours, theirs = next(iter(missing.items()))
+            raise DataError(f"dataset {name}: the registry maps split {ours} to the source's {theirs!r}, which "
+                            f"does not exist (splits: {', '.join(source)})")
+        return DatasetDict({ours: source[theirs] for ours, theirs in mapping.items()})
+    picked = {}
+    if "train" in source:
+        picked["train"] = source["train"]
+    if "test" in source:
+        picked["test"] = source["test"]
+    val = next((v for v in VAL_NAMES if v in source), None)
+    if val is not None:
+        picked["val"] = source[val]
+    if "train" not in picked:
+        raise DataError(f"dataset {name}: no 'train' split (splits: {', '.join(source)}); name one with "
+                        "'splits' in a registry entry")
+    return DatasetDict(picked)
+
+
+def _normalize_columns(ds: DatasetDict, name: str, image_column: str, label_column: str) -> DatasetDict:
     for split, part in ds.items():
         for wanted, role in ((image_column, "image"), (label_column, "label")):
             if wanted not in part.column_names:
-                raise DataError(f"dataset {spec}, split {split}: no {role} column {wanted!r} "
+                raise DataError(f"dataset {name}, split {split}: no {role} column {wanted!r} "
                                 f"(columns: {', '.join(part.column_names)}); set --{role}_column")
+        nulls = part.data.column(label_column).null_count
+        if nulls:
+            first = next(i for i, v in enumerate(part[label_column]) if v is None)
+            raise DataError(f"dataset {name}, split {split}, column {label_column}: {nulls} row(s) without a "
+                            f"label (first: row {first})")
+    if image_column == label_column:
+        raise DataError(f"dataset {name}: image_column and label_column are both {image_column!r}")
+    # Other columns go first, so one that happens to be called image or label cannot collide.
+    ds = DatasetDict({split: part.select_columns([image_column, label_column]) for split, part in ds.items()})
     if image_column != "image" or label_column != "label":
-        ds = ds.rename_columns({c: n for c, n in ((image_column, "image"), (label_column, "label")) if c != n})
-    ds = ds.select_columns(["image", "label"])
-    if not isinstance(ds["train"].features["label"], ClassLabel):
+        temp = {image_column: "__rifle_image", label_column: "__rifle_label"}  # also handles swapped names
+        ds = ds.rename_columns(temp).rename_columns({"__rifle_image": "image", "__rifle_label": "label"})
+    feature = ds["train"].features["label"]
+    if not isinstance(feature, ClassLabel):
+        if not _is_label_type(feature):
+            raise DataError(f"dataset {name}, split train, column {label_column}: holds {feature}, not class "
+                            "labels (integers or strings); set --label_column")
+        for split, part in ds.items():
+            values = part["label"]
+            negative = next((v for v in values if isinstance(v, (int, np.integer)) and v < 0), None)
+            if negative is not None:  # Hub datasets mark unlabelled rows with -1
+                raise DataError(f"dataset {name}, split {split}, column {label_column}: value {negative} is not "
+                                "a class (-1 marks unlabelled rows on the Hub)")
         # Integer or string labels: one class list over all splits, so ids agree between splits.
         names = sorted({str(v) for part in ds.values() for v in part["label"]},
                        key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v))
         label = ClassLabel(names=names)
         ds = ds.cast_column("label", datasets.Value("string")).cast_column("label", label)
+    else:
+        for split, part in ds.items():
+            if part.features["label"] != feature:
+                raise DataError(f"dataset {name}, split {split}, column {label_column}: class names differ from "
+                                "the train split's")
     feature = ds["train"].features["image"]
     if (isinstance(feature, dict) and "bytes" in feature) or getattr(feature, "dtype", None) == "string":
         ds = ds.cast_column("image", datasets.Image())  # parquet written without HF metadata, or file paths
     if not isinstance(ds["train"].features["image"], datasets.Image):
-        raise DataError(f"dataset {spec}: column {image_column!r} does not hold images "
+        raise DataError(f"dataset {name}, split train, column {image_column}: does not hold images "
                         f"({ds['train'].features['image']})")
     return ds
 
 
-def _check(ds: DatasetDict, spec: str) -> None:
+def _is_label_type(feature) -> bool:
+    return isinstance(feature, datasets.Value) and (feature.dtype.startswith(("int", "uint")) or
+                                                    feature.dtype in ("string", "large_string"))
+
+
+def _check(ds: DatasetDict, name: str, label_column: str = "label", after: str = "") -> None:
     names = ds["train"].features["label"].names
     if len(names) < 2:
-        raise DataError(f"dataset {spec}: a classifier needs at least 2 classes, found {len(names)}")
+        raise DataError(f"dataset {name}, column {label_column}: a classifier needs at least 2 classes, found "
+                        f"{len(names)} ({', '.join(map(repr, names[:1]))}) in splits {', '.join(ds)}")
     train_classes = set(ds["train"]["label"])
     for split, part in ds.items():
         if len(part) == 0:
-            raise DataError(f"dataset {spec}: split {split!r} is empty")
+            raise DataError(f"dataset {name}: split {split!r} is empty{after}")
         labels = np.asarray(part["label"])
         bad = labels[(labels < 0) | (labels >= len(names))]
         if bad.size:
-            raise DataError(f"dataset {spec}, split {split}, column label: value {int(bad[0])} outside "
-                            f"0..{len(names) - 1}")
+            raise DataError(f"dataset {name}, split {split}, column {label_column}: value {int(bad[0])} outside "
+                            f"0..{len(names) - 1} ({len(names)} classes)")
         unseen = set(labels.tolist()) - train_classes
         if unseen:
-            raise DataError(f"dataset {spec}, split {split}: class {names[min(unseen)]!r} has no training image")
+            raise DataError(f"dataset {name}, split {split}, column {label_column}: class {names[min(unseen)]!r} "
+                            f"has no training image{after}")
+    if len(train_classes) < 2:
+        raise DataError(f"dataset {name}, split train, column {label_column}: a classifier needs at least 2 "
+                        f"classes, train holds only {names[min(train_classes)]!r}{after}")
+
+
+def _subset(part: datasets.Dataset, seed: int, count) -> datasets.Dataset:
+    """`count(n_c)` images of every class c, the first of a per-class permutation drawn with `seed`: the
+    permutations do not depend on `count`, so a smaller subset lies inside a larger one."""
+    labels = np.asarray(part["label"])
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        keep += rng.permutation(members)[:count(len(members))].tolist()
+    return part.select(sorted(keep))
 
 
 def per_class_subset(part: datasets.Dataset, k: int, seed: int) -> datasets.Dataset:
     """k images of every class (all of a class that has fewer), drawn with `seed`."""
-    labels = np.asarray(part["label"])
-    rng = np.random.default_rng(seed)
-    keep = [i for c in np.unique(labels) for i in rng.permutation(np.flatnonzero(labels == c))[:k]]
-    return part.select(sorted(keep))
+    return _subset(part, seed, lambda n: k)
 
 
-def load_splits(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, split_seed: int = 0,
-                revision: str | None = None, image_column: str = "image", label_column: str = "label") -> DatasetDict:
-    source = load_source(spec, revision)
-    renamed = {}
-    for split, part in source.items():
-        renamed["val" if split in VAL_NAMES else split] = part
-    if "train" not in renamed:
-        raise DataError(f"dataset {spec}: no 'train' split (splits: {', '.join(source)})")
-    ds = _normalize_columns(DatasetDict(renamed), spec, image_column, label_column)
+def label_rate_subset(part: datasets.Dataset, rate: float, seed: int) -> datasets.Dataset:
+    """`rate` percent of every class (rounded, at least one image), drawn with `seed`: stratified."""
+    return _subset(part, seed, lambda n: max(1, int(np.floor(n * rate / 100.0 + 0.5))))
+
+
+def _carve(part: datasets.Dataset, fraction: float, seed: int, name: str, what: str) -> tuple:
+    try:
+        parts = part.train_test_split(test_size=fraction, stratify_by_column="label", seed=seed)
+    except ValueError as e:
+        raise DataError(f"dataset {name}, split train: cannot hold out {what} ({fraction:g} of "
+                        f"{len(part)} images, stratified): {e}") from None
+    return parts["train"], parts["test"]
+
+
+class Loaded(NamedTuple):
+    data: DatasetDict
+    scan: ScanReport | None
+
+
+def load(spec: str, **options) -> Loaded:
+    """Train/val/test of `spec`, with the image scan's report (None when `bad_images` is None)."""
+    if sys.stderr.isatty() or datasets.are_progress_bars_disabled():
+        return _load(spec, **options)
+    # datasets' progress bars only on a terminal: in logs and CI they bury the one line that matters.
+    datasets.disable_progress_bars()
+    try:
+        return _load(spec, **options)
+    finally:
+        datasets.enable_progress_bars()
+
+
+def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, label_rate: float = 100.0,
+          split_seed: int = 0, revision: str | None = None, image_column: str | None = None,
+          label_column: str | None = None, registry_file: str | None = None, bad_images: str | None = "error",
+          num_proc: int | None = None, scan_cache_dir: str | None = None) -> Loaded:
+    if train_per_class and label_rate < 100:
+        raise DataError(f"dataset {spec}: train_per_class={train_per_class} and label_rate={label_rate:g} both "
+                        "subset train; set one of them")
+    try:
+        entry = registry.lookup(spec, registry_file)
+    except registry.RegistryError as e:
+        raise DataError(f"dataset {spec}: {e}") from None
+    name, source_spec, mapping, test_fraction = spec, spec, {}, None
+    if entry is not None:
+        source_spec, mapping, test_fraction = entry.source, entry.splits, entry.test_fraction
+        revision = revision or entry.revision
+        image_column, label_column = image_column or entry.image_column, label_column or entry.label_column
+        if entry.source != spec:
+            name = f"{spec} ({entry.source})"
+    image_column, label_column = image_column or "image", label_column or "label"
+    try:
+        source = load_source(source_spec, revision, num_proc or None)
+    except DataError as e:
+        hint = "" if entry is None or entry.verified else \
+            f" [registry entry {spec!r} is unverified: check its hub id, revision and columns]"
+        raise DataError(str(e).replace(f"dataset {source_spec}", f"dataset {name}", 1) + hint) from None
+    if entry is not None and not entry.verified and _is_rank0():
+        log.warning("dataset %s: registry entry %r is unverified (revision %r, columns %r/%r); pin a commit and "
+                    "set verified: true in your registry once checked", name, spec, revision, image_column,
+                    label_column)
+    ds = _normalize_columns(_select_splits(source, name, mapping), name, image_column, label_column)
+    _check(ds, name, label_column)
+    report = None
+    if bad_images is not None:
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise DataError(f"dataset {name}: bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}")
+        report = scan(ds, name, threads=num_proc or None, cache_dir=scan_cache_dir)
+        report.policy = bad_images
+        if report.bad and bad_images == "error":
+            raise DataError(f"dataset {name}, column {image_column}: {report.summary()}; fix or remove them, "
+                            "or pass --bad_images skip")
+        if report.bad:
+            drop = {}
+            for b in report.bad:
+                drop.setdefault(b.split, set()).add(b.index)
+            ds = DatasetDict({split: part.select([i for i in range(len(part)) if i not in drop.get(split, ())])
+                              if split in drop else part for split, part in ds.items()})
+            if _is_rank0():
+                log.warning("dataset %s: skipped %s (bad_images=skip)", name, report.summary())
+    after = f" (after skipping {len(report.bad)} bad images)" if report is not None and report.bad else ""
     if "test" not in ds:
         # Some Hub repos ship only train: hold out a fixed test set (seed 0) before anything else.
-        parts = ds["train"].train_test_split(test_size=val_fraction, stratify_by_column="label", seed=0)
-        ds["train"], ds["test"] = parts["train"], parts["test"]
+        ds["train"], ds["test"] = _carve(ds["train"], test_fraction or val_fraction, 0, name, "a test split")
     if "val" not in ds:
-        parts = ds["train"].train_test_split(test_size=val_fraction, stratify_by_column="label", seed=split_seed)
-        ds["train"], ds["val"] = parts["train"], parts["test"]
+        ds["train"], ds["val"] = _carve(ds["train"], val_fraction, split_seed, name, "a validation split")
     if train_per_class > 0:
         ds["train"] = per_class_subset(ds["train"], train_per_class, split_seed)
+    elif label_rate < 100:
+        ds["train"] = label_rate_subset(ds["train"], label_rate, split_seed)
     ds = DatasetDict(train=ds["train"], val=ds["val"], test=ds["test"])
-    _check(ds, spec)
-    return ds
+    _check(ds, name, label_column, after)
+    return Loaded(ds, report)
+
+
+def load_splits(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, label_rate: float = 100.0,
+                split_seed: int = 0, revision: str | None = None, image_column: str | None = None,
+                label_column: str | None = None, registry_file: str | None = None, bad_images: str | None = None,
+                num_proc: int | None = None, scan_cache_dir: str | None = None) -> DatasetDict:
+    """The DatasetDict of `load` (no image scan unless `bad_images` is given)."""
+    return load(spec, val_fraction=val_fraction, train_per_class=train_per_class, label_rate=label_rate,
+                split_seed=split_seed, revision=revision, image_column=image_column, label_column=label_column,
+                registry_file=registry_file, bad_images=bad_images, num_proc=num_proc,
+                scan_cache_dir=scan_cache_dir).data
+
+
+def load_data(d) -> Loaded:
+    """`load` with a run's DataConfig: what the trainer calls."""
+    return load(d.dataset, val_fraction=d.val_fraction, train_per_class=d.train_per_class or 0,
+                label_rate=d.label_rate, split_seed=d.split_seed, revision=d.dataset_revision,
+                image_column=d.image_column, label_column=d.label_column, registry_file=d.dataset_registry,
+                bad_images=d.bad_images, num_proc=d.num_proc)
+
+
+def _is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def fingerprint(ds: DatasetDict) -> str:

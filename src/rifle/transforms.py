@@ -2,11 +2,15 @@
 
 Official RIFLE recipe scaled to any size: Resize(size * 256/224) + RandomCrop(size) + horizontal flip
 for training; Resize(size * 256/224) + CenterCrop(size) for evaluation (256/224 at the paper's 224 px).
+Every image first goes through `scan.to_rgb` (EXIF orientation, 16-bit grey, transparency, CMYK), the
+same conversion the pre-training scan checked.
 """
 from __future__ import annotations
 
 import torch
 from torchvision import transforms as T
+
+from .scan import to_rgb
 
 
 def build_transform(image_size: int, mean, std, train: bool, hflip: bool = True):
@@ -20,7 +24,7 @@ def build_transform(image_size: int, mean, std, train: bool, hflip: bool = True)
     pipeline = T.Compose(steps)
 
     def apply(batch: dict) -> dict:
-        return {"pixel_values": [pipeline(im.convert("RGB")) for im in batch["image"]], "label": batch["label"]}
+        return {"pixel_values": [pipeline(to_rgb(im)) for im in batch["image"]], "label": batch["label"]}
     return apply
 
 

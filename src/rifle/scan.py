@@ -1,0 +1,197 @@
+"""Images decoded once before training, so a bad file stops a run in its first minute, not at epoch 30.
+
+`to_rgb` is the one conversion from whatever PIL opened to RGB, used by the scan and by the training
+transforms alike: EXIF orientation applied; 16-bit and 32-bit grayscale scaled (PIL's own convert clips
+them to white); transparency composited on white (PIL's convert keeps whatever colour hides under
+alpha 0); palette, 1-bit, grayscale and CMYK through PIL.
+
+`scan` reads every image's raw bytes (Hugging Face image columns decode lazily, so bad files surface only
+when read), tries to decode and convert each, and returns the files that fail: empty, not an image,
+truncated or corrupt, larger than PIL's decompression-bomb limit, or in a mode with no RGB conversion.
+The verdict is cached as JSON by the datasets' fingerprints, so each dataset is scanned once.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import PIL
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SCAN_VERSION = 1
+ORIENTATION = 0x0112
+WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An RGB image as a viewer shows it (orientation, full grey range, transparency on white)."""
+    if im.getexif().get(ORIENTATION, 1) != 1:
+        im = ImageOps.exif_transpose(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode in WIDE_GRAY:
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode == "F":
+            arr = arr * 255.0 if np.nanmax(arr, initial=0.0) <= 1.0 else arr
+        elif im.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr / 257.0  # 16-bit range onto 8 bits (I holds 16-bit PNGs in older Pillow)
+        gray = np.clip(np.nan_to_num(arr), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def check_image(data: bytes | None, path: str | None) -> tuple[str | None, str | None]:
+    """(reason it cannot be used or None, the mode it was stored in)."""
+    try:
+        if data is None:
+            if not path:
+                return "no image in this row", None
+            if not os.path.isfile(path):
+                return "file not found", None
+            empty = os.path.getsize(path) == 0
+        else:
+            empty = len(data) == 0
+        if empty:
+            return "empty file (0 bytes)", None
+        with Image.open(io.BytesIO(data) if data is not None else path) as im:
+            width, height = im.size
+            limit = Image.MAX_IMAGE_PIXELS
+            # PIL only warns between 1x and 2x its limit; such an image would still be decoded in training.
+            if limit and width * height > limit:
+                return f"decompression bomb: {width}x{height} pixels exceeds PIL's limit of {limit}", im.mode
+            mode = im.mode
+            im.load()
+            rgb = to_rgb(im)
+            if rgb.mode != "RGB":
+                return f"no RGB conversion from mode {mode}", mode
+            return None, mode
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}", None
+    except UnidentifiedImageError:
+        return "not an image (unknown or unsupported format)", None
+    except Exception as e:  # truncated (OSError), broken chunks (SyntaxError), bad EXIF (ValueError)...
+        text = " ".join(str(e).split()) or type(e).__name__
+        kind = "truncated file" if "truncated" in text else "corrupt file"
+        return f"{kind}: {text}", None
+
+
+@dataclass
+class BadImage:
+    split: str
+    index: int
+    file: str
+    reason: str
+
+
+@dataclass
+class ScanReport:
+    dataset: str
+    key: str | None
+    total: int
+    bad: list[BadImage] = field(default_factory=list)
+    modes: dict[str, int] = field(default_factory=dict)  # stored mode -> count, of the usable images
+    cached: bool = False
+    cache_file: str | None = None
+    policy: str | None = None
+
+    def summary(self, limit: int = 5) -> str:
+        shown = "; ".join(f"{b.file}: {b.reason}" for b in self.bad[:limit])
+        more = f"; and {len(self.bad) - limit} more" if len(self.bad) > limit else ""
+        where = f" (full list: {self.cache_file})" if self.cache_file and len(self.bad) > limit else ""
+        return f"{len(self.bad)} of {self.total} images cannot be used ({shown}{more}){where}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ScanReport":
+        data = json.loads(text)
+        data["bad"] = [BadImage(**b) for b in data["bad"]]
+        return cls(**data)
+
+
+def scan_key(ds) -> str | None:
+    """Identity of a DatasetDict's content: its splits' datasets fingerprints (they change with the
+    source files, the revision and every selection), plus this scanner's and PIL's versions."""
+    h = hashlib.sha256(f"rifle-scan-{SCAN_VERSION}-pillow-{PIL.__version__}".encode())
+    for split in sorted(ds):
+        fp = getattr(ds[split], "_fingerprint", None)
+        if not fp:
+            return None
+        h.update(f"|{split}:{len(ds[split])}:{fp}".encode())
+    return h.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    import datasets
+    return Path(datasets.config.HF_DATASETS_CACHE) / "rifle_image_scan"
+
+
+def _file_name(split: str, index: int, cell: dict) -> str:
+    if cell.get("bytes") is None and cell.get("path"):
+        return cell["path"]
+    return f"{split}[{index}]" + (f" ({cell['path']})" if cell.get("path") else "")
+
+
+def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | None = None,
+         progress: bool | None = None, batch_size: int = 256) -> ScanReport:
+    """Decode every image of every split of `ds` (a DatasetDict with an `image` column) once."""
+    import datasets
+
+    key = scan_key(ds)
+    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    cache_file = cache_root / f"{key}.json" if key else None
+    if cache_file is not None and cache_file.is_file():
+        try:
+            report = ScanReport.from_json(cache_file.read_text())
+            return ScanReport(**{**asdict(report), "bad": report.bad, "dataset": name, "cached": True,
+                                 "cache_file": str(cache_file)})
+        except (ValueError, TypeError, KeyError):
+            pass  # an unreadable cache entry is rescanned and rewritten
+    total = sum(len(part) for part in ds.values())
+    report = ScanReport(dataset=name, key=key, total=total)
+    threads = threads or min(8, os.cpu_count() or 1)
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc=f"checking images of {name}", unit="img", disable=not show, dynamic_ncols=True)
+    # PIL decoders release the GIL, so threads decode in parallel without copying the data to processes.
+    with ThreadPoolExecutor(max_workers=threads) as pool, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image reports it instead
+        for split in sorted(ds):
+            raw = ds[split].select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+            start = 0
+            for batch in raw.iter(batch_size=batch_size):
+                cells = batch["image"]
+                results = pool.map(lambda c: check_image(c.get("bytes"), c.get("path")) if c else
+                                   ("no image in this row", None), cells)
+                for offset, (cell, (reason, mode)) in enumerate(zip(cells, results)):
+                    if reason is None:
+                        report.modes[mode] = report.modes.get(mode, 0) + 1
+                    else:
+                        report.bad.append(BadImage(split, start + offset, _file_name(split, start + offset, cell or {}),
+                                                   reason))
+                start += len(cells)
+                bar.update(len(cells))
+    bar.close()
+    if cache_file is not None:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(report.to_json())
+            os.replace(tmp, cache_file)
+            report.cache_file = str(cache_file)
+        except OSError:
+            pass  # a read-only cache only costs a rescan next time
+    return report
