@@ -82,6 +82,12 @@ def build_backbone(spec: str, pretrained: bool = True) -> tuple[nn.Module, int, 
         cfg = net.pretrained_cfg or {}
         return net, net.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     import torchvision
+    if pretrained:
+        # torchvision's builders torch.load their cached weights with weights_only=False, which would run
+        # code pickled into a tampered cache file (its hash is checked only at download). Loading the file
+        # with weights_only=True first refuses such a file; one that passes holds tensors only.
+        torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True, check_hash=True,
+                                                                          weights_only=True)
     net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
     # The ImageNet classifier is the last nn.Linear (resnet.fc, efficientnet.classifier[1], vit.heads.head...).
     parent_name, last = None, None

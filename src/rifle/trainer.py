@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint, probes
 from .config import RUN_ONLY, Config, ConfigError, to_yaml
-from .data import fingerprint, load_splits
+from .data import fingerprint, load_data
 from .models import block_names, build_model, param_groups
 from .schedules import cosine_lr
 from .tracking import Tracker, git_commit, redact
@@ -42,6 +42,24 @@ def check_output_dir(path: str) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError("output_dir", f"cannot write to {path!r}: {e.strerror or e}") from None
+
+
+def check_free_space(path: str | Path, model: torch.nn.Module, keep: int, momentum: bool = True) -> None:
+    """Fail before training if the run's files cannot fit: `keep` checkpoints (weights and SGD momentum) plus
+    one being written, and the best weights plus a new one being written. Files already there count as free:
+    a resumed run rotates them."""
+    import shutil
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) if momentum else 0
+    need = (keep + 1) * (weights + optim) + 2 * weights
+    root = Path(path)
+    mine = sum(f.stat().st_size for pattern in ("checkpoints/**/*", "best-*.safetensors")
+               for f in root.glob(pattern) if f.is_file())
+    free = shutil.disk_usage(root).free + mine
+    if free < need * 1.1:  # headroom for MLflow's local files and the filesystem's own blocks
+        raise ConfigError("output_dir", f"{free / 2**20:.0f} MiB free for {str(root)!r}, the run needs about "
+                          f"{need * 1.1 / 2**20:.0f} MiB ({keep} checkpoint(s) of {(weights + optim) / 2**20:.0f} "
+                          "MiB, one more while writing, and the best weights): free space or lower --keep_checkpoints")
 
 
 def make_loaders(cfg: Config, data, mean, std):
@@ -142,12 +160,12 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     if acc.is_main_process:
         check_output_dir(str(out))
     with acc.main_process_first():  # the main process fills the datasets cache, the others read it
-        data = load_splits(d.dataset, val_fraction=d.val_fraction, train_per_class=d.train_per_class,
-                           split_seed=d.split_seed, revision=d.dataset_revision, image_column=d.image_column,
-                           label_column=d.label_column)
+        data, scan = load_data(d)  # checks every image once (cached): bad files stop here or are skipped
     num_classes = len(data["train"].features["label"].names)
     set_seed(cfg.run.seed)  # same head init on every process
     raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained)
+    if acc.is_main_process:
+        check_free_space(out, raw, cfg.run.keep_checkpoints, momentum=o.momentum > 0)
     tricks = build_tricks(cfg)
     for t in tricks:
         t.prepare_model(raw)
@@ -177,6 +195,9 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": fingerprint(data),
                       "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
     tracker.sync_history(state["history"])
+    if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
+        tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
+        tracker.set_tags({"images_skipped": len(scan.bad)})
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, tracker, state)
 
 
@@ -242,8 +263,14 @@ def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> Non
     if not tracker.active:
         return
     from .report import plot_training
-    tracker.log_artifact_text(to_yaml(cfg), "config.yaml")
+    tracker.log_artifact_text(to_yaml(_redacted(cfg)), "config.yaml")
     tracker.log_figure(plot_training(state["history"], f"{cfg.model.model} on {cfg.data.dataset}, "
                                      f"tricks: {','.join(cfg.trick_list) or 'none'}"), "training.png")
     if cfg.run.log_weights:
         tracker.log_file(out / state["best_file"], "model")
+
+
+def _redacted(cfg: Config) -> Config:
+    """The config with any password in the tracking URI masked, for artifacts."""
+    import dataclasses
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
