@@ -147,6 +147,15 @@ class RunConfig:
     experiment: str = opt("rifle", "MLflow experiment name (ignored under `mlflow run`)")
     run_name: str | None = opt(None, "MLflow run name")
     log_weights: bool = opt(True, "log the best-val weights as a safetensors artifact")
+    # Speed only (listed in RUN_ONLY: they change how, not what, is trained, so a run may resume with them).
+    channels_last: bool = opt(False, "model and input batches in channels-last memory format (faster "
+                              "convolutions on GPUs with tensor cores)")
+    compile: bool = opt(False, "torch.compile the prepared model with --compile_backend")
+    compile_backend: str = opt("inductor", "torch.compile backend: inductor generates fused kernels (on a "
+                               "2-core CPU that takes minutes), aot_eager and eager only capture graphs (quick "
+                               "checks), cudagraphs", choices=("inductor", "aot_eager", "eager", "cudagraphs"))
+    pin_memory: bool = opt(False, "page-locked batches copied to the GPU asynchronously (ignored without a "
+                           "GPU); worker processes (--num_workers > 0) are always kept between epochs")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tricks": TricksConfig,
@@ -354,7 +363,8 @@ def _check_dataset(cfg: Config) -> str:
     return ds
 
 
-RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "keep_checkpoints")
+RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "keep_checkpoints",
+            "channels_last", "compile", "compile_backend", "pin_memory")
 
 
 def config_digest(cfg: Config) -> str:

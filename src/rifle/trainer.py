@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -66,11 +66,20 @@ def make_loaders(cfg: Config, data, mean, std):
     d = cfg.data
     train_tf = build_transform(d.image_size, mean, std, train=True, hflip=d.hflip)
     eval_tf = build_transform(d.image_size, mean, std, train=False)
-    kw = dict(batch_size=cfg.optim.batch_size, num_workers=d.num_workers, collate_fn=collate,
-              persistent_workers=d.num_workers > 0)
+    kw = dict(batch_size=cfg.optim.batch_size, num_workers=d.num_workers,
+              collate_fn=collate_channels_last if cfg.run.channels_last else collate,
+              persistent_workers=d.num_workers > 0,
+              pin_memory=cfg.run.pin_memory and torch.cuda.is_available())  # CPU-only torch warns and ignores it
     return (DataLoader(data["train"].with_transform(train_tf), shuffle=True, drop_last=False, **kw),
             DataLoader(data["val"].with_transform(eval_tf), shuffle=False, **kw),
             DataLoader(data["test"].with_transform(eval_tf), shuffle=False, **kw))
+
+
+def collate_channels_last(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`collate` with the images in channels-last layout, matching a channels-last model (module level so
+    worker processes can pickle it)."""
+    images, labels = collate(items)
+    return images.contiguous(memory_format=torch.channels_last), labels
 
 
 def base_lrs(cfg: Config, epoch: int) -> dict[str, float]:
@@ -155,7 +164,8 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     acc = Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                non_blocking=cfg.run.pin_memory))
     out, d, o = Path(cfg.run.output_dir), cfg.data, cfg.optim
     if acc.is_main_process:
         check_output_dir(str(out))
@@ -169,9 +179,15 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     tricks = build_tricks(cfg)
     for t in tricks:
         t.prepare_model(raw)
+    if cfg.run.channels_last:  # after module surgery, so modules the tricks add are converted too
+        raw.to(memory_format=torch.channels_last)
     pretrained = probes.snapshot(raw.backbone)
     optimizer = torch.optim.SGD(param_groups(raw), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     model, optimizer, *loaders = acc.prepare(raw, optimizer, *make_loaders(cfg, data, raw.mean, raw.std))
+    if cfg.run.compile and not is_compiled_module(model):
+        # Here rather than Accelerator(dynamo_backend=...): Accelerate keeps the first run's backend for
+        # every later Accelerator of the process (sweeps, tests). Wraps DDP, as Accelerate does.
+        model = torch.compile(model, backend=cfg.run.compile_backend)
     ctx = FitContext(raw, optimizer, acc, cfg, num_classes, math.ceil(len(loaders[0]) / o.grad_accum_steps),
                      pretrained, lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained).backbone,
                      loaders[0])
