@@ -364,7 +364,7 @@ def _check_dataset(cfg: Config) -> str:
 
 
 RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "keep_checkpoints",
-            "channels_last", "compile", "compile_backend", "pin_memory")
+            "channels_last", "compile", "compile_backend", "pin_memory", "num_proc")
 
 
 def config_digest(cfg: Config) -> str:
