@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     parent = run_study(methods, list(range(args.seeds)), overrides, args.tracking_uri, args.experiment,
                        args.name, args.output_root)
     from . import report
-    report.study_report(args.tracking_uri, args.experiment, parent, args.report_dir)
+    built = report.build_report(args.tracking_uri, args.experiment, parent_run_id=parent, output_dir=args.report_dir)
+    print(built["markdown"])
+    print(f"table and figures: {args.report_dir} (also artifacts report/ of run {parent})")
     return 0
 
 
