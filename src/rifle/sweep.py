@@ -650,8 +650,6 @@ class SweepTracking:
         parent = self.client.get_run(self.parent)
         self.experiment_id = parent.info.experiment_id
         self.experiment_name = self.client.get_experiment(self.experiment_id).name
-        if parent.info.status != "RUNNING" and self.parent != os.environ.get("MLFLOW_RUN_ID"):
-            self.client.update_run(self.parent, status="RUNNING")  # a finished study was extended or resumed
         have = parent.data.params
         new = {k: str(v) for k, v in args_params.items() if k not in have}
         if new:
@@ -662,6 +660,9 @@ class SweepTracking:
 
     def child(self, origin_number: int, trial_number: int) -> str:
         """The trial's run: the one its first attempt made (a retry resumes it), else a new one."""
+        if self.parent != os.environ.get("MLFLOW_RUN_ID") and \
+                self.client.get_run(self.parent).info.status != "RUNNING":
+            self.client.update_run(self.parent, status="RUNNING")  # a finished study was extended or resumed
         found = find_runs(self.client, {"sweep.study_uuid": self.uuid, "sweep.role": "trial",
                                         "sweep.trial": str(origin_number)})
         if found:
@@ -767,7 +768,6 @@ class TrialReporter:
         self.trial, self.epochs, self.pruner_name = trial, epochs, pruner_name
         self.num_processes, self.process_index = num_processes, process_index
         self.best, self.reinits = -math.inf, 0
-        self.pruned_at: int | None = None
         if trial is not None:
             reported = set(frozen(trial.study, trial.number).intermediate_values)
             for row in history:  # epochs the checkpoint holds (a kill can fall before their report)
@@ -800,7 +800,6 @@ class TrialReporter:
             from accelerate.utils import broadcast_object_list
             reason = broadcast_object_list([reason], from_process=0)[0]
         if reason:
-            self.pruned_at = epoch
             print(f"rifle.sweep: [process {self.process_index}] {reason}", flush=True)
             raise optuna.TrialPruned(reason)
 
@@ -862,7 +861,6 @@ class Controller:
     """Main process: the study, the budget, the MLflow tree; hands out trials."""
 
     def __init__(self, o: Options, space: Space):
-        import optuna
         self.o, self.space = o, space
         self.handle = open_storage(o.storage, o.heartbeat_interval, o.grace_period, o.max_retry)
         epochs = C.build(space.fixed | {"output_dir": "unused"}).optim.epochs
@@ -884,7 +882,6 @@ class Controller:
                   **{f"fixed.{k}": v for k, v in space.fixed.items() if k not in C.RUN_ONLY}}
         self.tracking = SweepTracking(self.uri, experiment, self.study, self.info, self.handle, params)
         self.poll = max(1.0, min(float(o.heartbeat_interval), 10.0))
-        self.optuna = optuna
         print(f"rifle.sweep: study {o.study_name!r} in {self.handle.shown}, {self.n_trials} trials in total, "
               f"MLflow parent run {self.tracking.parent} ({self.uri if '://' not in self.uri else redact(self.uri)})",
               flush=True)
@@ -902,6 +899,7 @@ class Controller:
             time.sleep(self.poll)  # another worker's trial may still go stale and need a retry
             return {"kind": "wait"}
         trial = self.study.ask()
+        self.handle.heartbeat.beat(trial._trial_id)  # RDB never calls a trial without any beat stale
         if self.o.sampler == "tpe":
             # The draws of trial n come from (seed, n): workers never draw the same random start-up point,
             # and a one-worker study is reproducible. (The grid sampler gives trial n < grid size point n.)
@@ -1118,6 +1116,10 @@ def main(argv: list[str] | None = None) -> int:
         url = resolve_storage_url(storage) if storage and not storage.startswith("env:") else None
         print(f"rifle.sweep: error: {scrub(str(e), url)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("rifle.sweep: interrupted; a running trial is retried from its checkpoint by the next worker "
+              "once its grace period has passed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
