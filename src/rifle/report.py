@@ -493,7 +493,7 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
 # The whole report
 
 def build_report(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
-                 output_dir: str | Path = "reports", reference: str = "rifle", baseline: str = PLAIN,
+                 output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
                  group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95) -> dict:
     """Fetch the runs, write results.md / results.csv / paired.csv / runs.csv and per dataset
     mechanism_<dataset>.png and dynamics_<dataset>.png into `output_dir`, and (with `log`) log them as
@@ -665,14 +665,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", default="rifle", help="experiment whose finished runs are compared")
     p.add_argument("--parent_run_id", default="", help="compare this run's child runs (a sweep comparison or "
                    "study) and log the report into it")
-    p.add_argument("--output_dir", default="", help="where the files go (default: reports/<experiment or "
+    p.add_argument("--output_dir", default="", help="where the files go (default: outputs/reports/<experiment or "
                    "parent run id>)")
     p.add_argument("--reference", default="rifle", help="the method whose paired differences are reported")
     p.add_argument("--baseline", default=PLAIN, help="the method the mechanism figure compares with")
     p.add_argument("--group_by", default="dataset", help="comma-separated params forming the table's rows")
     p.add_argument("--no_log", action="store_true", help="write the files only, log nothing to MLflow")
     args = p.parse_args(argv)
-    output_dir = args.output_dir or str(Path("reports") / slug(args.parent_run_id or args.experiment))
+    output_dir = args.output_dir or str(Path("outputs") / "reports" / slug(args.parent_run_id or args.experiment))
     try:
         result = build_report(args.tracking_uri or None, args.experiment or None, args.parent_run_id or None,
                               output_dir, args.reference, args.baseline,

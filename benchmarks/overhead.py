@@ -1,0 +1,72 @@
+"""(c) Per-epoch cost of MLflow logging and of the weight-distance probes, as a fraction of an epoch.
+
+In a real trainer session (the benchmark configuration, MLflow on SQLite): the epoch's compute (training pass
+and validation pass, as the trainer runs them) is timed, then, several times each, the calls the trainer makes
+once per epoch: `probes.weight_distances` over every backbone block, `Tracker.log_metrics` with the epoch's
+real metrics (losses, accuracies, learning rates, one weight_dist per block), and, for reference, the epoch
+checkpoint. Fractions are of the whole epoch (compute + all three). Targets: logging <= 1%, probes <= 2%.
+"""
+from __future__ import annotations
+
+import argparse
+
+from common import Clock, build, load, median, workdir
+
+
+def run(repeats: int = 5) -> dict:
+    from rifle import checkpoint, probes
+    from rifle.models import block_names
+    from rifle.trainer import evaluate, setup, train_epoch
+
+    class NoBar:
+        def update(self, n):
+            pass
+
+    tmp = workdir()
+    cfg = build({"epochs": 4}, tmp, "overhead")
+    s = setup(cfg)
+    try:
+        blocks = block_names(s.raw.backbone)
+        compute = []
+        for epoch in range(2):  # the first warms up (allocator, oneDNN primitives)
+            with Clock() as c:
+                metrics = train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, s.acc, cfg, epoch, NoBar())
+                metrics |= {"val_acc": evaluate(s.model, s.loaders[1], s.acc), "head_reinit": 0.0}
+            compute.append(c.seconds)
+        probe_s, log_s, ckpt_s = [], [], []
+        for k in range(repeats):
+            with Clock() as c:
+                distances = probes.weight_distances(s.raw.backbone, s.pretrained, blocks)
+            probe_s.append(c.seconds)
+            with Clock() as c:
+                s.tracker.log_metrics(metrics | distances, step=k)
+            log_s.append(c.seconds)
+        for k in range(min(repeats, 3)):
+            with Clock() as c:
+                checkpoint.save(s.out, k, s.raw, s.optimizer, s.state, cfg.run.keep_checkpoints)
+            ckpt_s.append(c.seconds)
+    finally:
+        s.tracker.end()
+    epoch = compute[-1] + median(probe_s) + median(log_s) + median(ckpt_s)
+    r = {"epoch_s": epoch, "compute_s": compute[-1], "probe_s": median(probe_s), "log_s": median(log_s),
+         "checkpoint_s": median(ckpt_s), "metrics_logged": len(metrics | distances), "blocks": len(blocks)}
+    for key in ("probe", "log", "checkpoint"):
+        r[f"{key}_frac"] = r[f"{key}_s"] / epoch
+    print(f"  epoch {epoch:.2f} s (compute {compute[-1]:.2f} s); probes {1000 * r['probe_s']:.1f} ms over "
+          f"{len(blocks)} blocks; MLflow log_metrics {1000 * r['log_s']:.1f} ms for {r['metrics_logged']} metrics; "
+          f"checkpoint {1000 * r['checkpoint_s']:.0f} ms (load {load()})", flush=True)
+    return r
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=5)
+    r = run(p.parse_args(argv).repeats)
+    print(f"(c) per-epoch overhead: MLflow logging {100 * r['log_frac']:.2f}% (target <= 1%), probes "
+          f"{100 * r['probe_frac']:.2f}% (target <= 2%), checkpoint {100 * r['checkpoint_frac']:.1f}% of a "
+          f"{r['epoch_s']:.1f} s epoch")
+    return r
+
+
+if __name__ == "__main__":
+    main()

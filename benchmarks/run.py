@@ -1,0 +1,97 @@
+"""Every benchmark, one after the other, then a summary: `python benchmarks/run.py` (about 4 minutes on 2 idle
+CPU cores). Each figure is measured here; nothing is a timed test. Other processes on the machine slow every
+figure down and add noise: the load average is printed with each measurement.
+
+    python benchmarks/run.py                  # all, default sizes
+    python benchmarks/run.py --quick          # a smoke run (1 pair, fewer repeats): checks, not figures
+    python benchmarks/run.py --only a,c --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import BASE, device, load, machine  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="a,b,c,d", help="which benchmarks: a throughput, b pipeline, c overhead, d options")
+    p.add_argument("--quick", action="store_true", help="smallest settings: checks that everything runs")
+    p.add_argument("--compile", action="store_true", help="(d) also measure torch.compile on the CPU")
+    p.add_argument("--json", help="also write every figure to this JSON file")
+    args = p.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    chosen = set(args.only.split(","))
+    info = machine()
+    print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} "
+          f"threads, device {device()}, load {load()}", flush=True)
+    print(f"configuration: {BASE}", flush=True)
+    results, start = {"machine": info}, time.perf_counter()
+    if "a" in chosen:
+        import throughput
+        print("(a) trainer vs bare loop", flush=True)
+        results["a"] = throughput.run(pairs=1 if args.quick else 3, epochs=2 if args.quick else 3)
+    if "b" in chosen:
+        import pipeline
+        print("(b) input pipeline", flush=True)
+        results["b"] = pipeline.run()
+    if "c" in chosen:
+        import overhead
+        print("(c) logging and probe overhead", flush=True)
+        results["c"] = overhead.run(repeats=2 if args.quick else 5)
+    if "d" in chosen:
+        import gpu_options
+        print("(d) speed options", flush=True)
+        results["d"] = gpu_options.run(epochs=2, compile_on_cpu=args.compile)
+    results["seconds"] = time.perf_counter() - start
+    print(f"\nsummary ({results['seconds']:.0f} s, load {load()}):")
+    for line in summary(results):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
+    return 0
+
+
+def summary(r: dict) -> list[str]:
+    def ok(good: bool) -> str:
+        return "meets target" if good else "MISSES target"
+
+    lines = ["| benchmark | measured | target |", "|---|---|---|"]
+    if "a" in r:
+        a = r["a"]
+        lines.append(f"| (a) trainer / bare PyTorch loop throughput (median of {len(a['ratios'])} interleaved pairs; "
+                     f"{a['trainer_img_s']:.1f} vs {a['bare_img_s']:.1f} train img/s) | {a['ratio']:.3f} "
+                     f"| >= 0.95, {ok(a['ratio'] >= 0.95)} |")
+    if "b" in r:
+        b = r["b"]
+        lines.append(f"| (b) input pipeline / model training rate, workers={b['workers']} (model "
+                     f"{b['model_img_s']:.0f} img/s) | digits {b['digits_ratio']:.1f}x "
+                     f"({b['digits_img_s']:.0f} img/s), 500x375 JPEG photos {b['photos_ratio']:.1f}x "
+                     f"({b['photos_img_s']:.0f} img/s) | >= 3x, "
+                     f"{ok(min(b['digits_ratio'], b['photos_ratio']) >= 3)} |")
+    if "c" in r:
+        c = r["c"]
+        lines.append(f"| (c) MLflow logging per epoch ({c['metrics_logged']} metrics, SQLite; "
+                     f"{1000 * c['log_s']:.0f} ms of a {c['epoch_s']:.1f} s epoch) | {100 * c['log_frac']:.2f}% "
+                     f"| <= 1%, {ok(c['log_frac'] <= 0.01)} |")
+        lines.append(f"| (c) weight-distance probes per epoch ({c['blocks']} blocks; {1000 * c['probe_s']:.0f} ms) "
+                     f"| {100 * c['probe_frac']:.2f}% | <= 2%, {ok(c['probe_frac'] <= 0.02)} |")
+        lines.append(f"| (c) epoch checkpoint, for reference ({1000 * c['checkpoint_s']:.0f} ms) "
+                     f"| {100 * c['checkpoint_frac']:.1f}% | none |")
+    if "d" in r:
+        d = r["d"]
+        cells = ", ".join(f"{k} {v:.2f}x" for k, v in d["speedup"].items() if k != "default")
+        lines.append(f"| (d) speed options on {d['device']}: epoch-time speed-up over the default "
+                     f"({d['epoch_s']['default']:.1f} s/epoch) | {cells} | measured |")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(main())
