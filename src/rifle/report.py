@@ -12,8 +12,9 @@ From the finished runs of an experiment (or the child runs of a comparison run) 
 - the training-dynamics figure: validation accuracy and head learning rate over epochs per method;
 and logs them as MLflow artifacts under `report/` of a new `report` run (or of the parent run).
 
-A method is the `tricks` param with its tricks in canonical order joined by '+' ("" is "plain"). The
-statistics are pure functions; the notebooks in notebooks/ call the functions of this module.
+A method is the label that rifle.compare / rifle.study tagged on the run, else the `tricks` param with its
+tricks in canonical order joined by '+' ("" is "plain"). The statistics are pure functions; the notebooks in
+notebooks/ call the functions of this module.
 """
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
     """Statistics of the paired differences a[i] - b[i] (the same seed in both).
 
     mean, sd (ddof=1), the t-distribution confidence interval of the mean difference, and the two-sided
-    paired t-test p-value (scipy.stats.ttest_rel). Below two pairs, or when every difference is the same
-    (no spread to test against), the interval and p are nan (a zero-width interval is shown for the latter).
+    paired t-test p-value (scipy.stats.ttest_rel). Below two pairs the interval and p are nan; when every
+    difference is the same (no spread to test against) p is nan and the interval has zero width.
     """
     from scipy import stats
 
@@ -507,9 +508,11 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
     summary = summarize(runs)
     paired = paired_differences(runs, reference, confidence)
     notes = []
-    if runs.attrs.get("duplicates"):
-        notes.append(f"{len(runs.attrs['duplicates'])} older run(s) repeating a (dataset, method, seed) were "
-                     f"left out: {', '.join(runs.attrs['duplicates'])}")
+    dups = runs.attrs.get("duplicates", [])
+    if dups:
+        notes.append(f"{len(dups)} older run(s) repeating a (dataset, method, seed) were left out (e.g. "
+                     f"{', '.join(dups[:5])}); sweep trials share an experiment with other runs: report a "
+                     "comparison with --parent_run_id")
     for dataset, v in varying_settings(runs).items():
         for m, keys in v["within"].items():
             notes.append(f"{dataset}, {m}: settings differ between its seeds, so pairs are not like for like: "
