@@ -143,14 +143,14 @@ def test_command_line_errors_are_one_line_and_fast(tmp_path):
     assert time.time() - t < 60
 
 
-def test_passwords_never_appear_in_errors(tmp_path):
+def test_passwords_never_appear_in_errors(tmp_path, capsys):
     space = tmp_path / "s.yaml"
     space.write_text("fixed:\n  tricks: none\nparams:\n  lr: {type: float, low: 0.001, high: 0.1, log: true}\n")
     for url in (f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/nowhere", f"redis://:{PASSWORD}@127.0.0.1:1/0"):
-        proc = run_cli(["--space", space, "--n_trials", "1", "--storage", url], cwd=tmp_path, module="rifle.sweep")
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert "cannot open the storage" in proc.stderr and ":***@127.0.0.1:1" in proc.stderr, proc.stderr
-        assert PASSWORD not in proc.stderr + proc.stdout
+        assert S.main(["--space", str(space), "--n_trials", "1", "--storage", url]) == 2
+        out, err = capsys.readouterr()
+        assert "cannot open the storage" in err and ":***@127.0.0.1:1" in err, err
+        assert PASSWORD not in out + err
     assert S.scrub(f"failed: password={PASSWORD}", f"postgresql://u:{PASSWORD}@h/db") == "failed: password=***"
     os.environ["RIFLE_TEST_STORAGE"] = "postgresql://u:pw@h/db"
     try:
@@ -263,7 +263,8 @@ def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, k
     n = 3
     # RIFLE K=1 (re-init after epoch 1 of 4, or epoch 0 of 2 on PostgreSQL, to save time) with an eager pruner.
     space = tiny_space(tmp_path, digits_folder, epochs=4 if kind == "journal" else 2)
-    cmd = sweep_cmd(space, storage, "par", tmp_path / "out", "--n_trials", n, "--pruner", "median",
+    pruner = "median" if kind == "journal" else "hyperband"
+    cmd = sweep_cmd(space, storage, "par", tmp_path / "out", "--n_trials", n, "--pruner", pruner,
                     "--pruner_startup_trials", 1, "--pruner_warmup_epochs", 0)
     workers = [subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(uri), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -358,19 +359,21 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, digits_folder
 
 def test_mlflow_run_sweep_makes_its_run_the_parent(tmp_path, digits_folder):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    space = tiny_space(tmp_path, digits_folder)
+    space = tiny_space(tmp_path, digits_folder, tricks="none", epochs=1, lr="{type: categorical, choices: [0.01, 0.02]}")
+    # a grid of 2 points: n_trials 3 is capped to 2
     cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "sweep", "--env-manager", "local",
-           "-P", f"space={space}", "-P", "n_trials=2", "-P", f"storage={tmp_path / 'optuna.journal'}",
+           "-P", f"space={space}", "-P", "n_trials=3", "-P", "sampler=grid", "-P", f"storage={tmp_path / 'optuna.journal'}",
            "-P", "study_name=mr", "-P", "pruner=none", "-P", f"output_root={tmp_path / 'out'}"]
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = mlflow_runs(uri)
     (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
-    assert "space" in parent.data.params and parent.data.params["n_trials"] == "2"  # `mlflow run` made this run
+    assert "space" in parent.data.params and parent.data.params["n_trials"] == "3"  # `mlflow run` made this run
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(runs) == 3 and len(children) == 2 and parent.info.status == "FINISHED"
     assert sorted(c.data.tags["sweep.trial"] for c in children) == ["0", "1"]
+    assert sorted(c.data.params["lr"] for c in children) == ["0.01", "0.02"]  # each grid point once
 
     # The same command again: the study is complete, so its run only records that it joined as a worker.
     again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -234,6 +234,8 @@ def parse(argv: list[str] | None = None):
     if not ns.seeds or min(ns.seeds) < 0 or len(set(ns.seeds)) != len(ns.seeds):
         raise SweepError(f"--seeds: expected distinct seeds >= 0, got {ns.seeds}")
     ns.name = ns.name or "compare-" + "-".join(s.strip() for s in ns.studies.split(",") if s.strip())
+    if "'" in ns.name or "`" in ns.name:
+        raise SweepError(f"--name: quotes are not allowed (the name is searched as an MLflow tag), got {ns.name!r}")
     ns.output_root = ns.output_root or "outputs/compare"
     return ns
 

@@ -505,7 +505,11 @@ def open_storage(storage: str | None, heartbeat_interval: int, grace_period: int
 def make_sampler(kind: str, space: Space, seed: int):
     import optuna
     if kind == "grid":
-        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+        class Grid(optuna.samplers.GridSampler):
+            def after_trial(self, *args, **kwargs):
+                pass  # it calls study.stop(), which only works inside optimize(); the budget ends the study
+
+        return Grid(space.grid(), seed=seed)
     return optuna.samplers.TPESampler(seed=seed)
 
 
@@ -654,7 +658,11 @@ class SweepTracking:
         new = {k: str(v) for k, v in args_params.items() if k not in have}
         if new:
             from mlflow.entities import Param as MlflowParam
-            self.client.log_batch(self.parent, params=[MlflowParam(k, v) for k, v in new.items()])
+            from mlflow.exceptions import MlflowException
+            try:
+                self.client.log_batch(self.parent, params=[MlflowParam(k, v) for k, v in new.items()])
+            except MlflowException:
+                pass  # a worker starting at the same moment logged them (params are write-once)
         self.client.set_tag(self.parent, "sweep.storage", handle.shown)
         handle.retry.listeners.append(self.on_stale)
 
@@ -901,7 +909,7 @@ class Controller:
         trial = self.study.ask()
         self.handle.heartbeat.beat(trial._trial_id)  # RDB never calls a trial without any beat stale
         if self.o.sampler == "tpe":
-            # The draws of trial n come from (seed, n): workers never draw the same random start-up point,
+            # Reseeded from (seed, trial number): parallel workers never draw the same random start-up point,
             # and a one-worker study is reproducible. (The grid sampler gives trial n < grid size point n.)
             self.study.sampler = make_sampler("tpe", self.space, self.o.seed * 1_000_003 + trial.number)
         ft = frozen(self.study, trial.number)
@@ -1050,7 +1058,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--study_name", default="", help="default: the space file's name, e.g. rifle")
     p.add_argument("--sampler", default="", help="tpe (default, seeded) or grid (small discrete spaces)")
     p.add_argument("--pruner", default="", help="median (default), hyperband or none")
-    p.add_argument("--seed", default="", help="sampler seed (default 0); trial n draws from (seed, n). The "
+    p.add_argument("--seed", default="", help="sampler seed (default 0), reseeded from (seed, n) at trial n. The "
                    "training seed is the space's `seed` option")
     p.add_argument("--output_root", default="", help="trial checkpoints go to <root>/<study>-<id>/trial-<n> "
                    "(default outputs/sweeps)")
