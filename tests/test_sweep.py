@@ -102,7 +102,8 @@ BAD_SPACES = [
     ("fixed:\n  epoch: 3\n", "fixed.epoch: unknown option"),
     ("params:\n  lr: {type: float, low: 0.1, high: 0.001}\n", "params.lr: malformed range, low must be below high"),
     ("params:\n  lr: {type: float, low: 0, high: 0.1, log: true}\n", "params.lr: a log range needs low > 0"),
-    ("params:\n  lr: {type: flaot, low: 0.001, high: 0.1}\n", "params.lr.type: expected one of float, int, categorical"),
+    ("params:\n  lr: {type: flaot, low: 0.001, high: 0.1}\n",
+     "params.lr.type: expected one of float, int, categorical"),
     ("params:\n  lr: {type: float, lo: 0.001, high: 0.1}\n", "params.lr.lo: unknown key"),
     ("params:\n  lr: {type: float, low: a, high: 0.1}\n", "params.lr.low: expected a number, got 'a'"),
     ("params:\n  reinit_times: {type: int, low: 1, high: 2.5}\n", "params.reinit_times.high: expected an integer"),
@@ -121,7 +122,8 @@ BAD_SPACES = [
 ]
 
 
-@pytest.mark.parametrize("text,message", BAD_SPACES, ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD_SPACES)])
+@pytest.mark.parametrize("text,message", BAD_SPACES,
+                         ids=[m.split(":")[0] + str(i) for i, (_, m) in enumerate(BAD_SPACES)])
 def test_search_space_errors_name_the_file_and_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text("fixed:\n  epochs: 4\n" + text if not text.startswith(("fixed", "extends", "parms")) else text)
@@ -198,7 +200,8 @@ class RawEveryEpoch(S.TrialReporter):
         return "pruned" if epoch < self.epochs - 1 and self.trial.should_prune() else None
 
 
-@pytest.mark.parametrize("reporter_cls,survives", [(S.TrialReporter, True), (EveryEpoch, False), (RawEveryEpoch, False)])
+@pytest.mark.parametrize("reporter_cls,survives",
+                         [(S.TrialReporter, True), (EveryEpoch, False), (RawEveryEpoch, False)])
 def test_rifle_survives_the_median_pruner(reporter_cls, survives):
     study = optuna.create_study(direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
@@ -247,10 +250,39 @@ def test_a_trial_without_heartbeat_is_retried_once_with_its_params(tmp_path, dig
     retry = study.ask()
     assert retry.number == 1 and retry.suggest_float("lr", 0.001, 0.05, log=True) == params["lr"]
     assert len(S.budget_slots(study.get_trials())) == 1  # the retry and its original are one trial
+    # The first worker was only paused, not dead: it learns that its trial was taken over and stops.
+    with S.HeartbeatThread(handle.heartbeat, trial._trial_id, 1) as hb:
+        assert hb.lost.wait(10)
+    reporter = S.TrialReporter(trial, 2, [], "median", lost=hb.lost.is_set)
+    with pytest.raises(S.TrialLost):
+        reporter(0, {"val_acc": 0.5, "head_reinit": 0.0})
+    with pytest.raises(S.TrialLost):  # also without the flag: the storage refuses the report
+        S.TrialReporter(trial, 2, [], "median")(0, {"val_acc": 0.5, "head_reinit": 0.0})
     # another worker joining with a different space is refused
     other = S.load_space(str(tiny_space(tmp_path, digits_folder, epochs=4)))
     with pytest.raises(S.SweepError, match="created with another search space: fixed.epochs was 2, now 4"):
         S.open_study(handle, name, other, None, None)
+
+
+def test_budget_counts_retry_chains_once_and_breaks_races_by_trial_number():
+    study = optuna.create_study(direction="maximize")
+    retry = S.StaleTrialRetry(max_retry=3)
+    study.tell(study.ask(), 0.5)                                   # 0: complete
+    t1 = study.ask()
+    t1.suggest_float("lr", 0.001, 0.1)
+    study.tell(t1, state=TrialState.FAIL)                          # 1: its worker died ...
+    retry(study, S.frozen(study, 1))                               # 2: ... so it is retried (WAITING)
+    assert S.origin(S.frozen(study, 2)) == 1 and len(S.budget_slots(study.get_trials())) == 2
+    # Two workers both saw 2 of 3 slots used and asked at once: the lower number keeps the last slot.
+    a, b = study.ask(), study.ask()                                # the retry is popped first
+    c = study.ask()
+    assert (a.number, b.number, c.number) == (2, 3, 4)
+    trials = study.get_trials()
+    assert not S.over_budget(trials, 2, 3)                         # a retry is never over budget
+    assert not S.over_budget(trials, 3, 3) and S.over_budget(trials, 4, 3)
+    study._storage.set_trial_system_attr(c._trial_id, S.OVER_BUDGET_ATTR, True)
+    study.tell(c, state=TrialState.FAIL)
+    assert S.budget_slots(study.get_trials()) == {0, 1, 3}        # the given-back trial uses no slot
 
 
 # --------------------------------------------------------------------------------- parallel workers
@@ -359,10 +391,12 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, digits_folder
 
 def test_mlflow_run_sweep_makes_its_run_the_parent(tmp_path, digits_folder):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    space = tiny_space(tmp_path, digits_folder, tricks="none", epochs=1, lr="{type: categorical, choices: [0.01, 0.02]}")
+    space = tiny_space(tmp_path, digits_folder, tricks="none", epochs=1,
+                       lr="{type: categorical, choices: [0.01, 0.02]}")
     # a grid of 2 points: n_trials 3 is capped to 2
     cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "sweep", "--env-manager", "local",
-           "-P", f"space={space}", "-P", "n_trials=3", "-P", "sampler=grid", "-P", f"storage={tmp_path / 'optuna.journal'}",
+           "-P", f"space={space}", "-P", "n_trials=3", "-P", "sampler=grid",
+           "-P", f"storage={tmp_path / 'optuna.journal'}",
            "-P", "study_name=mr", "-P", "pruner=none", "-P", f"output_root={tmp_path / 'out'}"]
     env = subprocess_env(MLFLOW_TRACKING_URI=uri)
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

@@ -148,7 +148,8 @@ def run(args) -> int:
             if k not in have:
                 client.log_param(parent, k, str(v))
         for lab, best in meta["best"].items():
-            client.set_tag(parent, f"best_trial.{lab}", f"{best['study']}#{best['trial']} (val_acc {best['val_acc']:.4f})")
+            client.set_tag(parent, f"best_trial.{lab}",
+                           f"{best['study']}#{best['trial']} (val_acc {best['val_acc']:.4f})")
         setup = {"jobs": jobs, "experiment": experiment, "labels": meta["labels"]}
     setup = broadcast(setup, state)
     rows = []

@@ -22,7 +22,9 @@ Design (the README's "Sweeps" section says the same for users):
   file and Redis: a timestamp in the trial's system attrs). A trial whose heartbeat is older than the
   grace period is marked FAIL and re-enqueued with the same parameters
   (`RetryHeartbeatStaleTrialCallback`); its retry trains in the original trial's output directory, so
-  the trainer resumes from the last epoch checkpoint, and logs into the original trial's MLflow run.
+  the trainer resumes from the last epoch checkpoint, and logs into the original trial's MLflow run. A
+  worker that was only paused finds its trial taken over at its next heartbeat or report and moves on
+  without touching the study, the directory or the run (`TrialLost`).
 - MLflow: one parent run per study, found again by the study's uuid tag (under `mlflow run` the run it
   made is the parent, or a worker run pointing to the parent when the study already has one); one child
   run per trial, reused by its retries; states complete / pruned / failed with the reason as tags.
@@ -380,6 +382,9 @@ class RDBHeartbeat:
     def beat(self, trial_id: int) -> None:
         self.storage.record_heartbeat(trial_id)
 
+    def state(self, trial_id: int):
+        return self.storage.get_trial(trial_id).state
+
     def fail_stale(self, study) -> None:
         import optuna
         with warnings.catch_warnings():
@@ -400,6 +405,9 @@ class JournalHeartbeat:
     def beat(self, trial_id: int) -> None:
         self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
 
+    def state(self, trial_id: int):
+        return self.storage.get_trial(trial_id).state
+
     def fail_stale(self, study) -> None:
         import optuna
         from optuna.trial import TrialState
@@ -416,29 +424,50 @@ class JournalHeartbeat:
                 self.on_stale(study, self.storage.get_trial(t._trial_id))
 
 
+class TrialLost(RuntimeError):
+    """Another worker declared this trial stale (this worker paused longer than the grace period) and
+    retries it in the same directory: stop without touching the study, the checkpoints or the MLflow run."""
+
+
 class HeartbeatThread:
-    """Beats now and then every `interval` seconds until the block ends (a daemon: dies with the worker)."""
+    """Beats now and then every `interval` seconds until the block ends (a daemon: dies with the worker).
+    `lost` is set when the trial is no longer RUNNING, i.e. another worker has failed it as stale."""
 
     def __init__(self, heartbeat, trial_id: int, interval: float):
         self.heartbeat, self.trial_id, self.interval = heartbeat, trial_id, interval
-        self.stop = threading.Event()
+        self.stop, self.lost = threading.Event(), threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{trial_id}")
 
     def _run(self) -> None:
+        from optuna.exceptions import UpdateFinishedTrialError
+        from optuna.trial import TrialState
         while not self.stop.wait(self.interval):
             try:
                 self.heartbeat.beat(self.trial_id)
+                running = self.heartbeat.state(self.trial_id) == TrialState.RUNNING
+            except UpdateFinishedTrialError:  # journal storage refuses to write to a finished trial
+                running = False
             except Exception as e:  # a storage hiccup must not kill training; a missed beat costs nothing yet
                 print(f"rifle.sweep: heartbeat failed ({type(e).__name__}), retrying", file=sys.stderr, flush=True)
+                continue
+            if not running:
+                self.lost.set()
+                return
 
     def __enter__(self):
-        self.heartbeat.beat(self.trial_id)
+        from optuna.exceptions import UpdateFinishedTrialError
+        try:
+            self.heartbeat.beat(self.trial_id)
+        except UpdateFinishedTrialError:
+            self.lost.set()
+            return self
         self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.stop.set()
-        self.thread.join()
+        if self.thread.is_alive():
+            self.thread.join()
 
 
 @dataclass
@@ -568,6 +597,13 @@ def budget_slots(trials, below: int | None = None) -> set[int]:
     chains that started before trial number `below`."""
     return {origin(t) for t in trials if not t.system_attrs.get(OVER_BUDGET_ATTR)
             and (below is None or origin(t) < below)}
+
+
+def over_budget(trials, number: int, n_trials: int) -> bool:
+    """Whether new trial `number` (not a retry) came after the budget was used up: when two workers race
+    for the last slot, the trial numbers (assigned atomically by the storage) decide who keeps it."""
+    t = next(t for t in trials if t.number == number)
+    return origin(t) == number and len(budget_slots(trials, below=number)) >= n_trials
 
 
 def frozen(study, number: int):
@@ -772,8 +808,8 @@ class TrialReporter:
     the study; the decision is broadcast so that every process stops at the same epoch."""
 
     def __init__(self, trial, epochs: int, history: list[dict], pruner_name: str, num_processes: int = 1,
-                 process_index: int = 0):
-        self.trial, self.epochs, self.pruner_name = trial, epochs, pruner_name
+                 process_index: int = 0, lost=None):
+        self.trial, self.epochs, self.pruner_name, self.lost = trial, epochs, pruner_name, lost
         self.num_processes, self.process_index = num_processes, process_index
         self.best, self.reinits = -math.inf, 0
         if trial is not None:
@@ -803,13 +839,24 @@ class TrialReporter:
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         import optuna
-        reason = self.decide(epoch, metrics) if self.trial is not None else None
+        decision = None
+        if self.trial is not None:
+            lost = f"trial {self.trial.number} was retried by another worker (no heartbeat within the grace period)"
+            if self.lost is not None and self.lost():
+                decision = ("lost", lost)
+            else:
+                try:
+                    reason = self.decide(epoch, metrics)
+                    decision = ("pruned", reason) if reason else None
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    decision = ("lost", lost)
         if self.num_processes > 1:
             from accelerate.utils import broadcast_object_list
-            reason = broadcast_object_list([reason], from_process=0)[0]
-        if reason:
+            decision = broadcast_object_list([decision], from_process=0)[0]
+        if decision:
+            kind, reason = decision
             print(f"rifle.sweep: [process {self.process_index}] {reason}", flush=True)
-            raise optuna.TrialPruned(reason)
+            raise optuna.TrialPruned(reason) if kind == "pruned" else TrialLost(reason)
 
 
 def _median(values: list[float]) -> float:
@@ -871,6 +918,11 @@ class Controller:
     def __init__(self, o: Options, space: Space):
         self.o, self.space = o, space
         self.handle = open_storage(o.storage, o.heartbeat_interval, o.grace_period, o.max_retry)
+        has_password = redact(self.handle.url) != self.handle.url
+        if os.environ.get("MLFLOW_RUN_ID") and not o.storage.startswith("env:") and has_password:
+            print("rifle.sweep: warning: `mlflow run` records its -P parameters, so the run's 'storage' param holds "
+                  "the password; pass -P storage=env:VAR (the URL in an environment variable) instead",
+                  file=sys.stderr, flush=True)
         epochs = C.build(space.fixed | {"output_dir": "unused"}).optim.epochs
         self.pruner = make_pruner(o.pruner, o.pruner_startup_trials, o.pruner_warmup_epochs, epochs)
         self.study = open_study(self.handle, o.study_name, space, make_sampler(o.sampler, space, o.seed), self.pruner)
@@ -913,8 +965,7 @@ class Controller:
             # and a one-worker study is reproducible. (The grid sampler gives trial n < grid size point n.)
             self.study.sampler = make_sampler("tpe", self.space, self.o.seed * 1_000_003 + trial.number)
         ft = frozen(self.study, trial.number)
-        if origin(ft) == trial.number and \
-                len(budget_slots(self.study.get_trials(deepcopy=False), below=trial.number)) >= self.n_trials:
+        if over_budget(self.study.get_trials(deepcopy=False), trial.number, self.n_trials):
             # Another worker took the last slot a moment before us: give this trial back untrained.
             self.handle.storage.set_trial_system_attr(trial._trial_id, OVER_BUDGET_ATTR, True)
             self.study.tell(trial, state=TrialState.FAIL)
@@ -978,7 +1029,8 @@ def run_worker(o: Options) -> int:
                 cfg = C.build(values)
                 start, history = resume_point(out)
                 reporter = TrialReporter(ctl.trial if main else None, cfg.optim.epochs, history, o.pruner,
-                                         state.num_processes, state.process_index)
+                                         state.num_processes, state.process_index,
+                                         heartbeat.lost.is_set if main else None)
                 if main:
                     ctl.trial.set_user_attr("output_dir", str(out))
                     ctl.trial.set_user_attr("mlflow_run_id", run_id)
@@ -992,6 +1044,8 @@ def run_worker(o: Options) -> int:
                 outcome = "complete"
         except optuna.TrialPruned as e:
             outcome, reason = "pruned", str(e)
+        except TrialLost as e:
+            outcome, reason = "lost", str(e)
         except KeyboardInterrupt:
             if main:  # left RUNNING on purpose: its heartbeat stops, so a later worker retries it and resumes
                 ctl.tracking.trial_done(run_id, "interrupted", "the worker was interrupted; the trial is retried "
@@ -1003,10 +1057,16 @@ def run_worker(o: Options) -> int:
                   file=sys.stderr, flush=True)
         if not main:
             continue
-        if outcome == "complete":
-            ctl.study.tell(ctl.trial, result["best_val_acc"])
-        else:
-            ctl.study.tell(ctl.trial, state=TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL)
+        try:
+            if outcome == "complete":
+                ctl.study.tell(ctl.trial, result["best_val_acc"])
+            elif outcome != "lost":
+                ctl.study.tell(ctl.trial, state=TrialState.PRUNED if outcome == "pruned" else TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            outcome, reason = "lost", f"trial {msg['number']} was retried by another worker before it ended"
+        if outcome == "lost":  # its retry owns the directory and the MLflow run now
+            print(f"rifle.sweep: {reason}; moving on", flush=True)
+            continue
         ctl.tracking.trial_done(run_id, outcome, reason)
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # only a running trial needs them
         ctl.tracking.update_parent(ctl.study, ctl.n_trials)
