@@ -454,8 +454,12 @@ def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder
 # -------------------------------------------------------------------------------------------- compare
 
 def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder):
+    import mlflow
+
     from rifle import compare
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # in this process, a new experiment would put its artifacts under the working directory
+    mlflow.tracking.MlflowClient(uri).create_experiment("rifle", artifact_location=str(tmp_path / "artifacts"))
     storage = str(tmp_path / "optuna.journal")
     handle = S.open_storage(storage, 30, 120, 3)
     for method, tricks in (("plain", "none"), ("dropout", "dropout")):  # two tuned studies (tuning is tested above)
