@@ -162,6 +162,11 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
     # otherwise each one trains alone as rank 0.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from accelerate.state import AcceleratorState
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.optim.mixed_precision:
+        # The state is process-wide: a second run in this process (a sweep, tests) with another precision
+        # needs it rebuilt; the distributed setup (PartialState) is kept.
+        AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
