@@ -65,7 +65,9 @@ class ConvNet(nn.Module):
 @pytest.fixture(scope="module")
 def accelerator():
     from accelerate import Accelerator
-    return Accelerator(cpu=True)
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state()  # an earlier test in this process may have left bf16 autocast on
+    return Accelerator(cpu=True, mixed_precision="no")
 
 
 def fit_context(model, cfg, accelerator, source_fn, n_batches=2, batch=4):
