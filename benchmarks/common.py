@@ -45,6 +45,56 @@ def load() -> str:
         return "?"
 
 
+# Share of the machine's CPU time that other processes used during each measurement (see `Others`).
+OTHERS: list[float] = []
+WAIT = {"max_busy": 0.15, "timeout": 90.0}  # run.py --no_wait sets timeout 0
+
+
+def _cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine since boot, in clock ticks, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+def _my_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class Others:
+    """Around a measurement: the share of all CPU time that other processes used meanwhile (machine busy
+    time minus this process's and its children's), appended to OTHERS. 0 on an otherwise idle machine."""
+
+    def __enter__(self):
+        self.jiffies, self.mine, self.start = _cpu_jiffies(), _my_cpu(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        busy, total = (b - a for a, b in zip(self.jiffies, _cpu_jiffies()))
+        hz = os.sysconf("SC_CLK_TCK")
+        others = max(0.0, busy / hz - (_my_cpu() - self.mine)) / max(total / hz, 1e-9)
+        self.share = min(others, 1.0)
+        OTHERS.append(self.share)
+
+
+def wait_until_idle() -> None:
+    """Before a measurement: wait (up to WAIT["timeout"] s) until other processes use at most
+    WAIT["max_busy"] of the CPU, so a shared machine's load spikes do not land in the figures."""
+    start = time.perf_counter()
+    while True:
+        a = _cpu_jiffies()
+        time.sleep(1.0)
+        busy, total = (y - x for x, y in zip(a, _cpu_jiffies()))
+        share = busy / max(total, 1)
+        waited = time.perf_counter() - start
+        if share <= WAIT["max_busy"] or waited >= WAIT["timeout"]:
+            if waited > 2:
+                print(f"  (waited {waited:.0f} s for other processes; busy {100 * share:.0f}%)", flush=True)
+            return
+
+
 def median(values) -> float:
     return statistics.median(values)
 
@@ -80,5 +130,7 @@ def trainer_epoch_times(cfg) -> tuple[list[float], dict]:
     checkpoint, MLflow logging), measured between the trainer's epoch-end callbacks; and fit's result."""
     from rifle.trainer import fit
     stamps = []
-    result = fit(cfg, on_epoch_end=lambda epoch, metrics: stamps.append(time.perf_counter()))
+    wait_until_idle()
+    with Others():
+        result = fit(cfg, on_epoch_end=lambda epoch, metrics: stamps.append(time.perf_counter()))
     return [b - a for a, b in zip(stamps, stamps[1:])], result

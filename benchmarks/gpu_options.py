@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import build, device, load, median, trainer_epoch_times, workdir
+from common import Others, build, device, load, median, trainer_epoch_times, wait_until_idle, workdir
 
 GPU = {"image_size": 224, "batch_size": 64, "train_per_class": 0}
 
@@ -37,8 +37,10 @@ def run(epochs: int = 2, compile_on_cpu: bool = False) -> dict:
     rows = {}
     for i, (name, values) in enumerate(options(gpu, compile_on_cpu).items()):
         values = (GPU if gpu else {}) | {"epochs": epochs} | values
-        proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(values), "--workdir", str(tmp / f"opt{i}")],
-                              capture_output=True, text=True)
+        wait_until_idle()
+        with Others():
+            proc = subprocess.run([sys.executable, __file__, "--single", json.dumps(values), "--workdir",
+                                   str(tmp / f"opt{i}")], capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"option {name} failed:\n{proc.stderr[-3000:]}")
         rows[name] = json.loads(proc.stdout.strip().splitlines()[-1])["epoch_s"]

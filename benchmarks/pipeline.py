@@ -12,7 +12,7 @@ import argparse
 import io
 import time
 
-from common import BASE, Clock, build, load, median, workdir
+from common import BASE, Clock, Others, build, load, median, wait_until_idle, workdir
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
           "stereo_motorcycle", "retina", "logo")
@@ -95,9 +95,13 @@ def run(workers: int | None = None) -> dict:
     digits = load_data(cfg.data)[0]["train"]
     mean = std = (0.5, 0.5, 0.5)  # the bundled EfficientNet-Lite0's normalization
     out = {"workers": workers, "image_size": size, "batch_size": batch}
-    out["model_img_s"] = model_rate(cfg.model.model, 10, size, batch)
-    out["digits_img_s"] = pipeline_rate(digits, size, batch, workers, mean, std, hflip=cfg.data.hflip)
-    out["photos_img_s"] = pipeline_rate(photo_dataset(), size, batch, workers, mean, std)
+    photos = photo_dataset()
+    for key, measure in (("model", lambda: model_rate(cfg.model.model, 10, size, batch)),
+                         ("digits", lambda: pipeline_rate(digits, size, batch, workers, mean, std, hflip=cfg.data.hflip)),
+                         ("photos", lambda: pipeline_rate(photos, size, batch, workers, mean, std))):
+        wait_until_idle()
+        with Others():
+            out[f"{key}_img_s"] = measure()
     for key in ("digits", "photos"):
         out[f"{key}_ratio"] = out[f"{key}_img_s"] / out["model_img_s"]
     print(f"  model trains at {out['model_img_s']:.1f} img/s; pipeline: digits {out['digits_img_s']:.0f} img/s, "

@@ -1,6 +1,7 @@
 """Every benchmark, one after the other, then a summary: `python benchmarks/run.py` (about 4 minutes on 2 idle
 CPU cores). Each figure is measured here; nothing is a timed test. Other processes on the machine slow every
-figure down and add noise: the load average is printed with each measurement.
+figure down and add noise: before each measurement the benchmark waits (up to 90 s) for the CPU to be idle,
+and it reports how much CPU other processes took during the measurements.
 
     python benchmarks/run.py                  # all, default sizes
     python benchmarks/run.py --quick          # a smoke run (1 pair, fewer repeats): checks, not figures
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 from common import BASE, device, load, machine  # noqa: E402
 
 
@@ -26,7 +28,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="smallest settings: checks that everything runs")
     p.add_argument("--compile", action="store_true", help="(d) also measure torch.compile on the CPU")
     p.add_argument("--json", help="also write every figure to this JSON file")
+    p.add_argument("--no_wait", action="store_true", help="do not wait (up to 90 s) before each measurement for "
+                   "other processes to leave the CPU idle")
     args = p.parse_args(argv)
+    if args.no_wait:
+        common.WAIT["timeout"] = 0.0
     os.environ.setdefault("TQDM_DISABLE", "1")
     chosen = set(args.only.split(","))
     info = machine()
@@ -37,7 +43,7 @@ def main(argv=None) -> int:
     if "a" in chosen:
         import throughput
         print("(a) trainer vs bare loop", flush=True)
-        results["a"] = throughput.run(pairs=1 if args.quick else 3, epochs=2 if args.quick else 3)
+        results["a"] = throughput.run(pairs=1 if args.quick else 5, epochs=2 if args.quick else 3)
     if "b" in chosen:
         import pipeline
         print("(b) input pipeline", flush=True)
@@ -51,9 +57,15 @@ def main(argv=None) -> int:
         print("(d) speed options", flush=True)
         results["d"] = gpu_options.run(epochs=2, compile_on_cpu=args.compile)
     results["seconds"] = time.perf_counter() - start
+    results["others_cpu"] = {"median": common.median(common.OTHERS), "max": max(common.OTHERS)} if common.OTHERS else {}
     print(f"\nsummary ({results['seconds']:.0f} s, load {load()}):")
     for line in summary(results):
         print(line)
+    if common.OTHERS:
+        o = results["others_cpu"]
+        print(f"other processes used {100 * o['median']:.0f}% (median) and at most {100 * o['max']:.0f}% of the CPU "
+              f"during the {len(common.OTHERS)} measurements" + ("" if o["max"] <= 0.1 else
+              ": the machine was shared, so the figures are slower and noisier than on an idle one"))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     return 0
@@ -66,7 +78,8 @@ def summary(r: dict) -> list[str]:
     lines = ["| benchmark | measured | target |", "|---|---|---|"]
     if "a" in r:
         a = r["a"]
-        lines.append(f"| (a) trainer / bare PyTorch loop throughput (median of {len(a['ratios'])} interleaved pairs; "
+        extra = f", {len(a['discarded'])} busy pair(s) discarded" if a["discarded"] else ""
+        lines.append(f"| (a) trainer / bare PyTorch loop throughput (median of {len(a['ratios'])} interleaved pairs{extra}; "
                      f"{a['trainer_img_s']:.1f} vs {a['bare_img_s']:.1f} train img/s) | {a['ratio']:.3f} "
                      f"| >= 0.95, {ok(a['ratio'] >= 0.95)} |")
     if "b" in r:
