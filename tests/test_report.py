@@ -55,6 +55,14 @@ def test_paired_difference_without_spread():
         report.paired_difference([0.9, 0.8], [0.8])
 
 
+def test_holm_by_hand():
+    # sorted 0.01, 0.03, 0.04 (m = 3): 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, 1 x 0.04 = 0.04 -> running max 0.06
+    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = report.holm([0.5, math.nan, 0.2])  # nan is no test: m = 2
+    assert adjusted[0] == pytest.approx(0.5) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.4)
+    assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+
+
 def test_method_names_and_comparisons():
     assert [report.method_name(t) for t in ("", "none", "rifle", "l2sp,rifle", "rifle+l2sp")] == \
         ["plain", "plain", "rifle", "rifle+l2sp", "rifle+l2sp"]
@@ -85,7 +93,8 @@ def test_tables_by_hand():
     p = report.paired_differences(runs).set_index("dataset")
     assert p.loc["cub", "n"] == 2 and p.loc["cub", "seeds"] == "0 1"
     assert p.loc["cub", "mean_diff"] == pytest.approx(((0.73 - 0.70) + (0.72 - 0.72)) / 2)
-    assert p.loc["dtd", "n"] == 1 and math.isnan(p.loc["dtd", "p_value"])
+    assert p.loc["dtd", "n"] == 1 and math.isnan(p.loc["dtd", "p_value"]) and math.isnan(p.loc["dtd", "p_holm"])
+    assert p.loc["cub", "p_holm"] == pytest.approx(p.loc["cub", "p_value"])  # one comparison: nothing to adjust
     md = report.table_markdown(report.summarize(runs), report.paired_differences(runs))
     assert "| cub | 71.0 ± 1.0 (3) | **72.5 ± 0.7 (2)** |" in md
     assert "| dtd | **60.0 ± – (1)** | 58.0 ± – (1) |" in md

@@ -3,8 +3,8 @@
 For each study (one per method, made by `python -m rifle.sweep`), take the best trial's parameters (chosen
 on validation accuracy), re-train them with N seeds, the same seeds for every method (paired), and record
 each seed's test accuracy in a child run of one comparison run. The comparison run carries mean and
-standard deviation per method, the paired difference to the first method listed, and a table
-(`comparison.csv`, `comparison.md`). Every (method, seed) trains in its own output directory and MLflow
+standard deviation per method, the paired difference to the first method listed (95% t interval,
+paired t-test), and a table (`comparison.csv`, `comparison.md`). Every (method, seed) trains in its own output directory and MLflow
 run, so the same command resumes an interrupted comparison and skips what is finished.
 """
 from __future__ import annotations
@@ -70,37 +70,35 @@ def check_same_settings(settings: dict[str, dict]) -> None:
 
 
 def summarize(rows: list[dict], labels: list[str]) -> tuple[dict, str, str]:
-    """Metrics (mean, std, paired difference to the first method), CSV and Markdown tables."""
+    """Metrics (mean, std, paired difference to the first method with a 95% t interval and the paired
+    t-test, from rifle.report), CSV and Markdown tables."""
+    from .report import mean_std, paired_difference
+
     by = {lab: {r["seed"]: r["test_acc"] for r in rows if r["method"] == lab} for lab in labels}
-    metrics, lines = {}, ["| method | n | test_acc mean ± std | paired diff. to " + labels[0] + " (mean ± SE) |",
-                          "|---|---|---|---|"]
+    metrics, lines = {}, [f"| method | n | test_acc mean ± std | paired diff. to {labels[0]} [95% CI] | p |",
+                          "|---|---|---|---|---|"]
     for lab in labels:
-        accs = list(by[lab].values())
-        mean, std = _mean_std(accs)
-        metrics |= {f"test_acc_mean/{lab}": mean, f"test_acc_std/{lab}": std, f"n_seeds/{lab}": len(accs)}
-        diff = ""
-        if lab != labels[0]:
-            common = sorted(set(by[lab]) & set(by[labels[0]]))
-            d = [by[lab][s] - by[labels[0]][s] for s in common]
-            if d:
-                dm, ds = _mean_std(d)
-                se = ds / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-                metrics |= {f"paired_diff_mean/{lab}": dm, f"paired_diff_se/{lab}": se}
-                diff = f"{100 * dm:+.2f} ± {100 * se:.2f}"
-        lines.append(f"| {lab} | {len(accs)} | {100 * mean:.2f} ± {100 * std:.2f} | {diff} |")
+        mean, std, n = mean_std(by[lab].values())
+        std = 0.0 if n == 1 else std
+        metrics |= {f"test_acc_mean/{lab}": mean, f"test_acc_std/{lab}": std, f"n_seeds/{lab}": n}
+        diff, p = "", ""
+        common = sorted(set(by[lab]) & set(by[labels[0]]))
+        if lab != labels[0] and common:
+            d = paired_difference([by[lab][s] for s in common], [by[labels[0]][s] for s in common])
+            se = d["sd_diff"] / math.sqrt(d["n"])
+            metrics |= {f"paired_diff_mean/{lab}": d["mean_diff"], f"paired_diff_se/{lab}": se,
+                        f"paired_diff_ci_low/{lab}": d["ci_low"], f"paired_diff_ci_high/{lab}": d["ci_high"],
+                        f"paired_diff_p/{lab}": d["p_value"]}
+            diff = f"{100 * d['mean_diff']:+.2f}" + ("" if math.isnan(d["ci_low"]) else
+                                                      f" [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]")
+            p = "" if math.isnan(d["p_value"]) else f"{d['p_value']:.3f}"
+        lines.append(f"| {lab} | {n} | {100 * mean:.2f} ± {100 * std:.2f} | {diff} | {p} |")
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=["method", "study", "trial", "seed", "test_acc", "best_val_acc", "run_id"])
     w.writeheader()
     for r in sorted(rows, key=lambda r: (labels.index(r["method"]), r["seed"])):
         w.writerow({k: r[k] for k in w.fieldnames})
     return metrics, out.getvalue(), "\n".join(lines) + "\n"
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    if not xs:
-        return float("nan"), float("nan")
-    m = sum(xs) / len(xs)
-    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
 def plan(args) -> tuple[list[Job], dict]:

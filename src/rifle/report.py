@@ -97,6 +97,19 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
     return out
 
 
+def holm(p_values) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (Holm 1979), in the input order; nan entries stay nan and do not
+    count as tests. A family of m comparisons: the k-th smallest p is multiplied by m-k+1, then made
+    monotone (running maximum) and capped at 1."""
+    p = [float(x) for x in p_values]
+    order = sorted((i for i, x in enumerate(p) if math.isfinite(x)), key=lambda i: p[i])
+    out, running = [math.nan] * len(p), 0.0
+    for k, i in enumerate(order):
+        running = max(running, min(1.0, (len(order) - k) * p[i]))
+        out[i] = running
+    return out
+
+
 def comparisons(methods, reference: str = "rifle") -> list[tuple[str, str]]:
     """(with-reference, without) pairs: the reference alone against every method without it, and each
     combination holding it against the same combination without it (RIFLE+L2-SP vs L2-SP, as in the paper)."""
@@ -146,19 +159,25 @@ def summarize(runs) -> "pd.DataFrame":
 
 
 def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95) -> "pd.DataFrame":
-    """Per dataset and comparison (see `comparisons`): test_acc(with) - test_acc(without) over shared seeds."""
+    """Per dataset and comparison (see `comparisons`): test_acc(with) - test_acc(without) over shared seeds.
+
+    `p_holm` adjusts the p-values for the several comparisons of one dataset (Holm-Bonferroni)."""
     import pandas as pd
 
     rows = []
     for dataset, g in runs.groupby("dataset", sort=True):
         by_method = {m: dict(zip(gm["seed"], gm["test_acc"])) for m, gm in g.groupby("method")}
+        first = len(rows)
         for with_ref, without in comparisons(by_method, reference):
             seeds = sorted(set(by_method[with_ref]) & set(by_method[without]))
             stats = paired_difference([by_method[with_ref][s] for s in seeds],
                                       [by_method[without][s] for s in seeds], confidence)
             rows.append({"dataset": dataset, "method": with_ref, "versus": without, **stats,
                          "seeds": " ".join(map(str, seeds))})
-    cols = ["dataset", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value", "seeds"]
+        for row, adjusted in zip(rows[first:], holm(r["p_value"] for r in rows[first:])):
+            row["p_holm"] = adjusted
+    cols = ["dataset", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value", "p_holm",
+            "seeds"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -168,6 +187,10 @@ def _pct(x: float, digits: int = 1) -> str:
 
 def _signed(x: float, digits: int = 2) -> str:
     return "–" if not math.isfinite(x) else f"{100 * x:+.{digits}f}"
+
+
+def _p(p: float) -> str:
+    return "–" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
 def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[str] | None = None) -> str:
@@ -190,14 +213,13 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
     if paired is not None and len(paired):
         level = f"{100 * confidence:g}%"
         lines += ["", f"### Paired difference in test accuracy (percentage points) over the seeds both share", "",
-                  f"| dataset | comparison | n | mean diff | {level} CI (t) | p (paired t-test) |",
-                  "|---|---|---|---|---|---|"]
+                  f"| dataset | comparison | n | mean diff | {level} CI (t) | p (paired t-test) | p (Holm) |",
+                  "|---|---|---|---|---|---|---|"]
         for _, r in paired.iterrows():
             ci = f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]" if math.isfinite(r["ci_low"]) else "–"
-            p = "–" if not math.isfinite(r["p_value"]) else (f"{r['p_value']:.3f}" if r["p_value"] >= 0.001
-                                                              else f"{r['p_value']:.1e}")
             lines.append(f"| {r['dataset']} | {r['method']} − {r['versus']} | {r['n']} | "
-                         f"{_signed(r['mean_diff'])} | {ci} | {p} |")
+                         f"{_signed(r['mean_diff'])} | {ci} | {_p(r['p_value'])} | {_p(r['p_holm'])} |")
+        lines += ["", "p (Holm): adjusted for the number of comparisons in the dataset (Holm-Bonferroni)."]
     for note in notes or []:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
