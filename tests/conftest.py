@@ -1,6 +1,8 @@
+import contextlib
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,22 @@ def run_cli(args, cwd, env=None, module="rifle.train", timeout=600):
 @pytest.fixture
 def sqlite_uri(tmp_path):
     return f"sqlite:///{tmp_path}/mlflow.db"
+
+
+@contextlib.contextmanager
+def postgres_database(prefix: str, password: str = ""):
+    """A fresh database on the machine's PostgreSQL (127.0.0.1:5432, trust auth), dropped afterwards.
+
+    Yields its URL; a password, when given, is put in the URL (trust auth ignores it) to test redaction."""
+    import psycopg
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True)
+    admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://postgres{':' + password if password else ''}@127.0.0.1:5432/{name}"
+    finally:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
 
 
 def mlflow_runs(uri, experiment=None):

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, mlflow_runs, run_cli, subprocess_env
+from conftest import ROOT, mlflow_runs, postgres_database, run_cli, subprocess_env
 from rifle import sweep as S
 
 PASSWORD = "s3cret-pw"
@@ -59,13 +59,8 @@ def init_mlflow(uri):
 @pytest.fixture
 def pg_url():
     """A fresh PostgreSQL database; the URL carries a password (trust auth ignores it) to test redaction."""
-    import psycopg
-    name = f"rifle_sweep_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True)
-    admin.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres:{PASSWORD}@127.0.0.1:5432/{name}"
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    with postgres_database("rifle_sweep", PASSWORD) as url:
+        yield url
 
 
 def sweep_tree(uri, study_uuid):

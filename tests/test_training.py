@@ -5,12 +5,11 @@ import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, mlflow_runs, run_cli, subprocess_env
+from conftest import ROOT, TINY, mlflow_runs, postgres_database, run_cli, subprocess_env
 from rifle import config as C
 
 
@@ -106,13 +105,8 @@ def _free_port():
 
 @pytest.fixture
 def postgres_db():
-    import psycopg
-    name = f"rifle_mlflow_{uuid.uuid4().hex[:8]}"
-    admin = psycopg.connect(host="127.0.0.1", user="postgres", dbname="test", autocommit=True)
-    admin.execute(f"CREATE DATABASE {name}")
-    yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-    admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    with postgres_database("rifle_mlflow") as url:
+        yield url
 
 
 def test_mlflow_server_on_postgres(tmp_path, postgres_db):
