@@ -4,8 +4,9 @@ For each study (one per method, made by `python -m rifle.sweep`), take the best 
 on validation accuracy), re-train them with N seeds, the same seeds for every method (paired), and record
 each seed's test accuracy in a child run of one comparison run. The comparison run carries mean and
 standard deviation per method, the paired difference to the first method listed (95% t interval,
-paired t-test), and a table (`comparison.csv`, `comparison.md`). Every (method, seed) trains in its own output directory and MLflow
-run, so the same command resumes an interrupted comparison and skips what is finished.
+paired t-test), and a table (`comparison.csv`, `comparison.md`). Every (method, seed) trains in its own
+output directory and MLflow run, so the same command resumes an interrupted comparison and skips what is
+finished.
 """
 from __future__ import annotations
 
