@@ -20,12 +20,28 @@ def tiny(tmp_path, out="out", **values):
         "log_weights": False} | values)
 
 
+def readme_shell(tmp_path, mlflow_args, python_dir=None):
+    """Run `mlflow run ...` in a shell as the README does: `. .venv/bin/activate && mlflow run ...`, from a
+    PATH without this interpreter's bin (or with `python_dir` first instead of activating)."""
+    bin_dir = Path(sys.executable).parent
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if Path(p) != bin_dir)
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db") | {"PATH": path}
+    activate = bin_dir / "activate"
+    if python_dir is not None:
+        env["PATH"] = f"{python_dir}{os.pathsep}{path}"
+        line = f"{bin_dir / 'mlflow'} run {ROOT} --env-manager local {mlflow_args}"
+    elif activate.exists():
+        line = f". {activate} && mlflow run {ROOT} --env-manager local {mlflow_args}"
+    else:  # not a venv (e.g. conda): this interpreter's bin first on PATH is what activating does
+        env["PATH"] = f"{bin_dir}{os.pathsep}{path}"
+        line = f"mlflow run {ROOT} --env-manager local {mlflow_args}"
+    proc = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return env, proc
+
+
 def test_mlflow_run_logs_the_official_reinit_epochs(tmp_path):
-    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/mlflow.db")
-    cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "--env-manager", "local",
-           "-P", "epochs=6", "-P", "reinit_times=2", "-P", "image_size=48", "-P", "train_per_class=3",
-           "-P", "batch_size=16", "-P", f"output_dir={tmp_path / 'out'}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    env, proc = readme_shell(tmp_path, f"-P epochs=6 -P reinit_times=2 -P image_size=48 -P train_per_class=3 "
+                                       f"-P batch_size=16 -P output_dir={tmp_path / 'out'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = mlflow_runs(env["MLFLOW_TRACKING_URI"])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
@@ -43,6 +59,15 @@ def test_mlflow_run_logs_the_official_reinit_epochs(tmp_path):
     assert {"config.yaml", "training.png", "model"} <= artifacts
     assert client.list_artifacts(run.info.run_id, "model")[0].path.endswith(".safetensors")
     assert f"run {run.info.run_id}: test_acc=" in proc.stdout
+
+
+def test_mlflow_run_without_the_environment_says_so(tmp_path):
+    bare = tmp_path / "bare"  # a Python without the project's packages first on PATH
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
+    env, proc = readme_shell(tmp_path, "-P epochs=1", python_dir=bare / "bin")
+    assert proc.returncode != 0
+    assert f"rifle: the Python running this ({bare / 'bin' / 'python'}) lacks torch" in proc.stderr
+    assert ". .venv/bin/activate" in proc.stderr
 
 
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
