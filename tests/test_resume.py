@@ -63,6 +63,23 @@ def test_sigkill_at_several_moments_then_resume_matches_uninterrupted(tmp_path, 
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_checkpoint_half_written_by_a_killed_run_is_ignored_then_removed(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpoint.save(tmp_path, 0, model, optimizer, {"epoch": 1}, keep=2)
+    half = tmp_path / "checkpoints" / ".tmp-epoch-0001-999999"  # killed (another pid) before its rename
+    half.mkdir()
+    (half / "model.safetensors").write_bytes(b"partial")
+    assert checkpoint.latest(tmp_path).name == "epoch-0000"
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    checkpoint.save(tmp_path, 1, model, optimizer, {"epoch": 2}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-0000", "epoch-0001"]
+    fresh = torch.nn.Linear(3, 2)
+    state = checkpoint.load(checkpoint.latest(tmp_path), fresh, torch.optim.SGD(fresh.parameters(), lr=0.1))
+    assert state == {"epoch": 2} and torch.equal(fresh.weight, model.weight)
+
+
 def test_absurd_learning_rate_stops_with_a_clear_message(tmp_path, digits_folder):
     out = tmp_path / "out"
     proc = run_cli(["--dataset", f"imagefolder:{digits_folder}", "--image_size", "48", "--batch_size", "8",

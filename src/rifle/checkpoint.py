@@ -48,7 +48,8 @@ def save(output_dir: str | Path, epoch: int, model, optimizer, state: dict, keep
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{epoch:04d}"
     tmp = root / f".tmp-{PREFIX}{epoch:04d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):  # ours, or half-written by a killed run (a run owns its output_dir)
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     save_weights(model, tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
