@@ -29,6 +29,8 @@ class EpochMeter:
 
     def pop(self, accelerator=None) -> dict[str, float]:
         """sum / count per name over all processes (names never fed are left out); then reset."""
+        if not self.names:
+            return {}
         device = accelerator.device if accelerator is not None else "cpu"
         flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).to(device).reshape(())
                             for n in self.names for x in (self.sums[n], self.counts[n])])

@@ -7,6 +7,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ._common import EpochMeter
+
 
 @dataclass
 class FitContext:
@@ -34,20 +36,27 @@ class Trick:
     after_step()
     on_epoch_end(epoch, metrics)         after validation and best-checkpoint selection; may add metrics
     state_dict() / load_state_dict(d)    JSON-able state for resuming
+
+    Per-epoch metrics: name them in `metrics`, feed `self.meter` during the epoch; the default hooks keep
+    `ctx`, reset the meter at the epoch start and add its averages (over all processes) at the epoch end,
+    so an override calls super() to keep that.
     """
     name = "trick"
+    metrics: tuple[str, ...] = ()
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
+        self.ctx: FitContext | None = None
+        self.meter = EpochMeter(self.metrics)
 
     def prepare_model(self, model: nn.Module) -> None:
         pass
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        pass
+        self.ctx = ctx
 
     def on_epoch_start(self, epoch: int) -> None:
-        pass
+        self.meter.reset()
 
     def lr(self, lrs: dict[str, float], progress: float) -> dict[str, float]:
         return lrs
@@ -62,7 +71,7 @@ class Trick:
         pass
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        pass
+        metrics.update(self.meter.pop(self.ctx.accelerator if self.ctx is not None else None))
 
     def state_dict(self) -> dict:
         return {}

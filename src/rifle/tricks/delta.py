@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ._common import EpochMeter, disable_weight_decay, split_batch, squared_norm
+from ._common import disable_weight_decay, split_batch, squared_norm
 from .base import FitContext, Trick
 
 TEMPERATURE = 5.0  # of the attention softmax, as in TLlib
@@ -209,13 +209,13 @@ def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
 
 class Delta(Trick):
     name = "delta"
+    metrics = ("penalty/delta", "penalty/delta_features", "penalty/delta_head")
 
     def __init__(self, cfg):
         super().__init__(cfg)
         t = cfg.tricks
         self.alpha, self.beta = t.delta_alpha, t.delta_beta
         self.attention: list[list[float]] | None = None
-        self.meter = EpochMeter(["penalty/delta", "penalty/delta_features", "penalty/delta_head"])
         self._att: list[torch.Tensor] | None = None  # the attention on the device, built when first used
         self._target: dict = {}
         self._source: dict = {}
@@ -226,7 +226,7 @@ class Delta(Trick):
             model.backbone.get_submodule(n).register_forward_hook(partial(_capture, self._target, n, True))
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
+        super().on_fit_start(ctx)
         self.device = next(ctx.model.parameters()).device
         self.head_params = list(ctx.model.head.parameters())
         disable_weight_decay(ctx.optimizer)
@@ -283,7 +283,7 @@ class Delta(Trick):
         return [channel_attention(part).tolist() for part in mean.split(sizes)]
 
     def on_epoch_start(self, epoch):
-        self.meter.reset()
+        super().on_epoch_start(epoch)
         if self.attention is None:
             self.attention = self.compute_attention()
             self._att = None
@@ -310,9 +310,6 @@ class Delta(Trick):
         for name, v in (("penalty/delta", total), ("penalty/delta_features", features), ("penalty/delta_head", head)):
             self.meter.add(name, v)
         return total
-
-    def on_epoch_end(self, epoch, metrics):
-        metrics.update(self.meter.pop(self.ctx.accelerator))
 
     def state_dict(self):
         return {"layers": self.layers, "attention": self.attention}

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import EpochMeter
-from .base import FitContext, Trick
+from .base import Trick
 
 
 def disturb_labels(labels: torch.Tensor, num_classes: int, alpha: float,
@@ -31,17 +30,11 @@ def disturb_labels(labels: torch.Tensor, num_classes: int, alpha: float,
 
 class DisturbLabel(Trick):
     name = "disturb_label"
+    metrics = ("disturb_label/flip_rate",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.alpha = cfg.tricks.disturb_alpha
-        self.meter = EpochMeter(["disturb_label/flip_rate"])
-
-    def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
-
-    def on_epoch_start(self, epoch):
-        self.meter.reset()
 
     def before_loss(self, logits, labels):
         if not self.ctx.model.training:
@@ -49,6 +42,3 @@ class DisturbLabel(Trick):
         disturbed = disturb_labels(labels, self.ctx.num_classes, self.alpha)
         self.meter.add("disturb_label/flip_rate", (disturbed != labels).sum(), labels.numel())
         return disturbed
-
-    def on_epoch_end(self, epoch, metrics):
-        metrics.update(self.meter.pop(self.ctx.accelerator))

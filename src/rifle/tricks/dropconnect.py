@@ -22,8 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import EpochMeter
-from .base import FitContext, Trick
+from .base import Trick
 
 
 def dropconnect_mask(shape, p: float, device=None, dtype=torch.float32,
@@ -84,25 +83,22 @@ class DropConnectLinear(nn.Linear):
 
 class DropConnect(Trick):
     name = "dropconnect"
+    metrics = ("dropconnect/drop_rate",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.p = cfg.tricks.dropconnect_p
-        self.meter = EpochMeter(["dropconnect/drop_rate"])
 
     def prepare_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, nn.Linear):
             raise TypeError(f"dropconnect needs an nn.Linear head, got {type(model.head).__name__}")
         model.head = DropConnectLinear.from_linear(model.head, self.p)
 
-    def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
-
     def on_epoch_start(self, epoch):
-        self.meter.reset()
+        super().on_epoch_start(epoch)
         self.ctx.model.head.dropped, self.ctx.model.head.seen = 0.0, 0
 
     def on_epoch_end(self, epoch, metrics):
         head = self.ctx.model.head
         self.meter.add("dropconnect/drop_rate", head.dropped, head.seen)
-        metrics.update(self.meter.pop(self.ctx.accelerator))
+        super().on_epoch_end(epoch, metrics)

@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import EpochMeter
-from .base import FitContext, Trick
+from .base import Trick
 
 
 def dropout_mask(shape, p: float, device=None, dtype=torch.float32, generator: torch.Generator | None = None
@@ -53,11 +52,11 @@ class FeatureDropout(nn.Module):
 
 class Dropout(Trick):
     name = "dropout"
+    metrics = ("dropout/drop_rate",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.p = cfg.tricks.dropout_p
-        self.meter = EpochMeter(["dropout/drop_rate"])
 
     def prepare_model(self, model: nn.Module) -> None:
         self.module = FeatureDropout(self.p)
@@ -65,13 +64,10 @@ class Dropout(Trick):
         model.pre_head = self.module if isinstance(model.pre_head, nn.Identity) else nn.Sequential(
             model.pre_head, self.module)
 
-    def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
-
     def on_epoch_start(self, epoch):
-        self.meter.reset()
+        super().on_epoch_start(epoch)
         self.module.dropped, self.module.seen = 0.0, 0
 
     def on_epoch_end(self, epoch, metrics):
         self.meter.add("dropout/drop_rate", self.module.dropped, self.module.seen)
-        metrics.update(self.meter.pop(self.ctx.accelerator))
+        super().on_epoch_end(epoch, metrics)

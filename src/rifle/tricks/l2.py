@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from ._common import EpochMeter, disable_weight_decay, squared_norm
+from ._common import disable_weight_decay, squared_norm
 from .base import FitContext, Trick
 
 
@@ -30,25 +30,19 @@ def l2_penalty(params: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
 
 class L2(Trick):
     name = "l2"
+    metrics = ("penalty/l2",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.alpha = cfg.tricks.l2_alpha
-        self.meter = EpochMeter(["penalty/l2"])
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
+        super().on_fit_start(ctx)
         # The very set weight decay would act on.
         self.params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
         disable_weight_decay(ctx.optimizer)
-
-    def on_epoch_start(self, epoch):
-        self.meter.reset()
 
     def penalty(self, model, images):
         value = l2_penalty(self.params, self.alpha)
         self.meter.add("penalty/l2", value)
         return value
-
-    def on_epoch_end(self, epoch, metrics):
-        metrics.update(self.meter.pop(self.ctx.accelerator))

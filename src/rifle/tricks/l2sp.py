@@ -20,7 +20,7 @@ from typing import Iterable
 
 import torch
 
-from ._common import EpochMeter, disable_weight_decay, squared_norm
+from ._common import disable_weight_decay, squared_norm
 from .base import FitContext, Trick
 
 
@@ -46,21 +46,18 @@ def matched_reference(backbone: torch.nn.Module, pretrained: dict[str, torch.Ten
 
 class L2SP(Trick):
     name = "l2sp"
+    metrics = ("penalty/l2sp", "penalty/l2sp_backbone", "penalty/l2sp_head")
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.alpha, self.beta = cfg.tricks.l2sp_alpha, cfg.tricks.l2sp_beta
-        self.meter = EpochMeter(["penalty/l2sp", "penalty/l2sp_backbone", "penalty/l2sp_head"])
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
+        super().on_fit_start(ctx)
         device = next(ctx.model.parameters()).device
         self.params, self.refs = matched_reference(ctx.model.backbone, ctx.pretrained, device)
         self.head_params = list(ctx.model.head.parameters())
         disable_weight_decay(ctx.optimizer)
-
-    def on_epoch_start(self, epoch):
-        self.meter.reset()
 
     def penalty(self, model, images):
         backbone = l2sp_penalty(self.params, self.refs, self.alpha)
@@ -69,6 +66,3 @@ class L2SP(Trick):
         for name, v in (("penalty/l2sp", total), ("penalty/l2sp_backbone", backbone), ("penalty/l2sp_head", head)):
             self.meter.add(name, v)
         return total
-
-    def on_epoch_end(self, epoch, metrics):
-        metrics.update(self.meter.pop(self.ctx.accelerator))

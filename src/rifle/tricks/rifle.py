@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..schedules import rifle_cyclic_head_lr, rifle_reinit_epochs
-from .base import FitContext, Trick
+from .base import Trick
 
 
 def reinit_linear_(head: nn.Linear, seed: int) -> None:
@@ -35,6 +35,11 @@ def reinit_linear_(head: nn.Linear, seed: int) -> None:
         head.weight.copy_(fresh.weight)
         if head.bias is not None:
             head.bias.copy_(fresh.bias)
+
+
+def reinit_seed(run_seed: int, index: int) -> int:
+    """Generator seed of the `index`-th re-init (1-based) of a run: the same on every process."""
+    return run_seed * 100_003 + 7919 * index
 
 
 def params_checksum(module: nn.Module) -> torch.Tensor:
@@ -58,9 +63,6 @@ class Rifle(Trick):
         self.schedule = set(rifle_reinit_epochs(self.epochs, t.reinit_times, t.reinit_guard_epochs))
         self.done = 0  # re-inits so far (part of the resumable state)
 
-    def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
-
     def lr(self, lrs, progress):
         if self.cfg.tricks.head_lr_policy == "cyclic":
             lrs = dict(lrs, head=rifle_cyclic_head_lr(math.floor(progress), self.epochs, self.reinit_times,
@@ -71,7 +73,7 @@ class Rifle(Trick):
         if epoch not in self.schedule:
             return
         head = self.ctx.model.head
-        reinit_linear_(head, seed=self.cfg.run.seed * 100_003 + 7919 * (self.done + 1))
+        reinit_linear_(head, seed=reinit_seed(self.cfg.run.seed, self.done + 1))
         if self.cfg.tricks.reset_head_momentum:
             for p in head.parameters():
                 buf = self.ctx.optimizer.state.get(p, {}).get("momentum_buffer")

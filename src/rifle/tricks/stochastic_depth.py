@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
-from ._common import EpochMeter
-from .base import FitContext, Trick
+from .base import Trick
 
 SLOTS = ("drop_path", "drop_path1", "drop_path2", "stochastic_depth")
 
@@ -134,25 +133,22 @@ def install_gates(backbone: nn.Module, p_last: float, per_sample: bool) -> list[
 
 class StochasticDepth(Trick):
     name = "stochastic_depth"
+    metrics = ("stochastic_depth/skip_rate",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.p_last = cfg.tricks.sd_survival_last
         self.per_sample = cfg.tricks.sd_mode == "sample"
-        self.meter = EpochMeter(["stochastic_depth/skip_rate"])
 
     def prepare_model(self, model: nn.Module) -> None:
         self.gates = install_gates(model.backbone, self.p_last, self.per_sample)
 
-    def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
-
     def on_epoch_start(self, epoch):
-        self.meter.reset()
+        super().on_epoch_start(epoch)
         for g in self.gates:
             g.dropped, g.drawn = 0, 0
 
     def on_epoch_end(self, epoch, metrics):
         for g in self.gates:
             self.meter.add("stochastic_depth/skip_rate", g.dropped, g.drawn)
-        metrics.update(self.meter.pop(self.ctx.accelerator))
+        super().on_epoch_end(epoch, metrics)
