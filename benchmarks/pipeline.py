@@ -12,7 +12,7 @@ import argparse
 import io
 import time
 
-from common import BASE, Clock, Others, build, load, median, wait_until_idle, workdir
+from common import Clock, Others, build, load, median, wait_until_idle, workdir
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel",
           "stereo_motorcycle", "retina", "logo")

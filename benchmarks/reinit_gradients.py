@@ -19,16 +19,16 @@ import statistics
 import sys
 import tempfile
 
-import torch
 import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from rifle import config as C
 from rifle.models import block_names
+from rifle.probes import block_of
 from rifle.schedules import rifle_reinit_epochs
 from rifle.study import BASE
 from rifle.trainer import setup, train_epoch
-from rifle.tricks.rifle import reinit_linear_
+from rifle.tricks.rifle import reinit_linear_, reinit_seed
 
 
 class _NoBar:
@@ -51,7 +51,7 @@ def block_grad_norms(s, blocks: list[str], epoch: int) -> tuple[dict[str, float]
         total, batches = total + float(loss.detach()), batches + 1
     sq = dict.fromkeys(blocks, 0.0)
     for name, p in s.raw.backbone.named_parameters():
-        block = next((b for b in blocks if name == b or name.startswith(b + ".")), None)
+        block = block_of(name, blocks)
         if block is not None and p.grad is not None:
             sq[block] += float((p.grad / batches).pow(2).sum())
     s.raw.zero_grad(set_to_none=True)
@@ -71,15 +71,13 @@ def probe(seed: int, epochs: int, overrides: dict) -> dict:
             train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, [], s.acc, cfg, epoch, _NoBar())
         blocks = block_names(s.raw.backbone)
         trained, loss_trained = block_grad_norms(s, blocks, reinit_at + 1)
-        head = s.raw.head
-        trained_head = (head.weight.norm().item(), copy.deepcopy(head.state_dict()))
-        reinit_linear_(head, seed=seed * 100_003 + 7919)  # the head RIFLE draws at its first re-init
+        trained_norm = s.raw.head.weight.norm().item()
+        reinit_linear_(s.raw.head, seed=reinit_seed(seed, 1))  # the head RIFLE draws at its first re-init
         fresh, loss_fresh = block_grad_norms(s, blocks, reinit_at + 1)
-        fresh_norm = head.weight.norm().item()
-        head.load_state_dict(trained_head[1])
+        fresh_norm = s.raw.head.weight.norm().item()
         s.tracker.end()
     return {"blocks": blocks, "ratio": {b: fresh[b] / trained[b] for b in blocks}, "trained": trained,
-            "fresh": fresh, "loss": (loss_trained, loss_fresh), "head_norm": (trained_head[0], fresh_norm),
+            "fresh": fresh, "loss": (loss_trained, loss_fresh), "head_norm": (trained_norm, fresh_norm),
             "epoch": reinit_at}
 
 

@@ -13,7 +13,7 @@ import argparse
 import math
 import time
 
-from common import BASE, Others, build, load, median, trainer_epoch_times, wait_until_idle, workdir
+from common import BASE, Others, build, median, trainer_epoch_times, wait_until_idle, workdir
 
 
 def bare_loop(cfg, epochs: int) -> tuple[list[float], int, int]:

@@ -3,7 +3,6 @@ store (plain and RIFLE, two seeds each, as child runs of one parent), the `repor
 notebooks executed against real stores so they never rot."""
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,11 +1,9 @@
 """Crash safety: SIGKILL at several moments, resume to the uninterrupted result; divergence stops cleanly."""
-import math
 import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

@@ -212,7 +212,7 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
     lines += ["", "Bold: the best mean of the dataset. Test accuracy at the checkpoint selected on validation."]
     if paired is not None and len(paired):
         level = f"{100 * confidence:g}%"
-        lines += ["", f"### Paired difference in test accuracy (percentage points) over the seeds both share", "",
+        lines += ["", "### Paired difference in test accuracy (percentage points) over the seeds both share", "",
                   f"| dataset | comparison | n | mean diff | {level} CI (t) | p (paired t-test) | p (Holm) |",
                   "|---|---|---|---|---|---|---|"]
         for _, r in paired.iterrows():
@@ -506,7 +506,7 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
     acc_ax.set_xlabel("epoch")
     acc_ax.set_ylabel("validation accuracy")
     acc_ax.legend(fontsize=8)
-    lr_ax.set_title(f"head learning rate (dashed: head re-initialized)")
+    lr_ax.set_title("head learning rate (dashed: head re-initialized)")
     lr_ax.set_xlabel("epoch")
     lr_ax.set_ylabel("lr_head")
     return fig
