@@ -51,7 +51,8 @@ class DataConfig:
     image_size: int = opt(64, "square input size in pixels (the paper uses 224)", minimum=8)
     hflip: bool | None = opt(None, "random horizontal flip in training (default: on, off for digits)")
     val_fraction: float = opt(0.2, "fraction of train carved out (stratified) as validation when the "
-                              "source has no validation split", minimum=0.0, exclusive_minimum=True)
+                              "source has no validation split; 0: no validation at all, train on the whole "
+                              "train split (the authors' protocol, with --selection last)", minimum=0.0)
     train_per_class: int | None = opt(None, "k training images per class (k-shot subset of train after the "
                                       "validation split is carved out); 0 keeps all (default: 20 for digits, "
                                       "else all)", minimum=0)
@@ -100,7 +101,9 @@ class TricksConfig:
     reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods", minimum=1)
     head_lr_policy: str = opt("follow", "RIFLE: head learning rate follows the backbone's cosine, or "
                               "restarts a cosine every period ('cyclic')", choices=("follow", "cyclic"))
-    reinit_guard_epochs: int = opt(0, "RIFLE: never re-initialize within the last N epochs", minimum=0)
+    reinit_guard_epochs: int = opt(0, "RIFLE: a re-initialization must leave at least N epochs of training "
+                                   "after it (the Paddle port's rule is N=4); a configuration where the guard "
+                                   "drops a re-init is refused", minimum=0)
     reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
                                     "re-initialization (the official code keeps them)")
     dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
@@ -139,6 +142,9 @@ class TricksConfig:
 @dataclass
 class RunConfig:
     seed: int = opt(0, "training seed (init of the head, data order, augmentation)", minimum=0)
+    selection: str = opt("best_val", "which checkpoint test_acc reports: the best validation epoch "
+                         "(best_val) or the last epoch (last, the authors' protocol); test_acc_last is "
+                         "always logged too", choices=("best_val", "last"))
     output_dir: str = opt("", "checkpoints and best weights; the same dir resumes the run (default: "
                           "outputs/<hash of the options>, so the same command resumes)")
     keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk", minimum=1)
@@ -319,6 +325,16 @@ def resolve(cfg: Config) -> Config:
                               f"{periods} epochs (one per period), got epochs={cfg.optim.epochs}")
         # The official code truncates the run to a whole number of periods.
         cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
+        made = reinit_count(cfg)
+        if made < cfg.tricks.reinit_times:
+            raise ConfigError("reinit_guard_epochs", f"{cfg.tricks.reinit_guard_epochs} guard epochs leave "
+                              f"{made} of the {cfg.tricks.reinit_times} re-initializations in {cfg.optim.epochs} "
+                              "epochs: lower reinit_guard_epochs or reinit_times, or train longer")
+    if cfg.data.val_fraction == 0 and cfg.run.selection != "last":
+        raise ConfigError("val_fraction", "0 trains on the whole train split with no validation, so there is "
+                          "no best-validation checkpoint: add --selection last (the authors' protocol)")
+    if cfg.data.val_fraction >= 1:
+        raise ConfigError("val_fraction", f"a fraction of train in [0, 1), got {cfg.data.val_fraction:g}")
     ds = _check_dataset(cfg)
     if cfg.data.hflip is None:
         cfg.data.hflip = ds != "digits"  # a mirrored digit is another symbol
@@ -327,6 +343,19 @@ def resolve(cfg: Config) -> Config:
     if not cfg.run.output_dir:
         cfg.run.output_dir = os.path.join("outputs", config_digest(cfg))
     return cfg
+
+
+def reinit_epochs(cfg: Config) -> list[int]:
+    """Epochs after which the (resolved) configuration really re-initializes the head: none without RIFLE."""
+    if "rifle" not in cfg.trick_list:
+        return []
+    from .schedules import rifle_reinit_epochs  # pure, no torch
+    t = cfg.tricks
+    return rifle_reinit_epochs(cfg.optim.epochs, t.reinit_times, t.reinit_guard_epochs)
+
+
+def reinit_count(cfg: Config) -> int:
+    return len(reinit_epochs(cfg))
 
 
 def _check_dataset(cfg: Config) -> str:

@@ -9,7 +9,7 @@ Hub repository, e.g. `data/train-00000-of-00001.parquet`).
 
 Order: source -> columns renamed to image/label -> label checks -> image scan (bad files stop the run, or
 are dropped with `bad_images="skip"`) -> test carved (seed 0) if missing -> val carved (stratified,
-`split_seed`) if missing -> k-shot or label-rate subset of what remains of train -> checks. Test images
+`split_seed`) if missing, or no val at all with `val_fraction=0` -> k-shot or label-rate subset of what remains of train -> checks. Test images
 never influence training or selection, and subsets are nested: the same split_seed draws the 15% subset
 inside the 30% one, k=5 inside k=10.
 """
@@ -297,14 +297,16 @@ def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, lab
     after = f" (after skipping {len(report.bad)} bad images)" if report is not None and report.bad else ""
     if "test" not in ds:
         # Some Hub repos ship only train: hold out a fixed test set (seed 0) before anything else.
-        ds["train"], ds["test"] = _carve(ds["train"], test_fraction or val_fraction, 0, name, "a test split")
-    if "val" not in ds:
+        ds["train"], ds["test"] = _carve(ds["train"], test_fraction or val_fraction or 0.2, 0, name, "a test split")
+    if val_fraction == 0:
+        ds.pop("val", None)  # no validation (the authors' protocol): a source's val split stays unused
+    elif "val" not in ds:
         ds["train"], ds["val"] = _carve(ds["train"], val_fraction, split_seed, name, "a validation split")
     if train_per_class > 0:
         ds["train"] = per_class_subset(ds["train"], train_per_class, split_seed)
     elif label_rate < 100:
         ds["train"] = label_rate_subset(ds["train"], label_rate, split_seed)
-    ds = DatasetDict(train=ds["train"], val=ds["val"], test=ds["test"])
+    ds = DatasetDict({split: ds[split] for split in ("train", "val", "test") if split in ds})
     _check(ds, name, label_column, after)
     return Loaded(ds, report)
 

@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
             return 3
         raise
     if result.get("run_id"):  # only the main process has one
-        print(f"run {result['run_id']}: test_acc={result['test_acc']:.4f} (checkpoint of epoch "
-              f"{result['best_epoch']}, best_val_acc={result['best_val_acc']:.4f}), "
-              f"test_acc_last={result['test_acc_last']:.4f}, epochs={result['epochs']}", flush=True)
+        val = f", best_val_acc={result['best_val_acc']:.4f}" if "best_val_acc" in result else ""
+        print(f"run {result['run_id']}: test_acc={result['test_acc']:.4f} (selection {cfg.run.selection}: "
+              f"checkpoint of epoch {result['selected_epoch']}{val}), test_acc_last={result['test_acc_last']:.4f}, "
+              f"epochs={result['epochs']}", flush=True)
     return 0
 
 

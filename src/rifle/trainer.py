@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import checkpoint, probes
-from .config import RUN_ONLY, Config, ConfigError, to_yaml
+from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
 from .data import fingerprint, load_data
 from .models import block_names, build_model, param_groups
 from .schedules import cosine_lr
@@ -71,8 +71,8 @@ def make_loaders(cfg: Config, data, mean, std):
               persistent_workers=d.num_workers > 0,
               pin_memory=cfg.run.pin_memory and torch.cuda.is_available())  # CPU-only torch warns and ignores it
     return (DataLoader(data["train"].with_transform(train_tf), shuffle=True, drop_last=False, **kw),
-            DataLoader(data["val"].with_transform(eval_tf), shuffle=False, **kw),
-            DataLoader(data["test"].with_transform(eval_tf), shuffle=False, **kw))
+            *(DataLoader(data[split].with_transform(eval_tf), shuffle=False, **kw)
+              for split in ("val", "test") if split in data))  # no val with val_fraction=0
 
 
 def collate_channels_last(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +189,8 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     pretrained = probes.snapshot(raw.backbone)
     optimizer = torch.optim.SGD(param_groups(raw), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     model, optimizer, *loaders = acc.prepare(raw, optimizer, *make_loaders(cfg, data, raw.mean, raw.std))
+    if "val" not in data:
+        loaders.insert(1, None)
     if cfg.run.compile and not is_compiled_module(model):
         # Here rather than Accelerator(dynamo_backend=...): Accelerate keeps the first run's backend for
         # every later Accelerator of the process (sweeps, tests). Wraps DDP, as Accelerate does.
@@ -212,7 +214,7 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
             t.load_state_dict(state["tricks"].get(t.name, {}))
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment)
     state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
-    tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri)})
+    tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)})
     tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": fingerprint(data),
                       "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
     tracker.sync_history(state["history"])
@@ -223,12 +225,15 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
 
 
 def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
-    """Select on validation (before any re-init), run the tricks' epoch end, checkpoint, then log."""
+    """Track the best validation epoch (before any re-init; its weights kept when selection is best_val), run
+    the tricks' epoch end, checkpoint, then log."""
     state, main = s.state, s.acc.is_main_process
-    if metrics["val_acc"] > state["best_val_acc"]:
-        state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch, "best_file": f"best-{epoch:04d}.safetensors"}
-        if main:
-            checkpoint.save_weights(s.raw, s.out / state["best_file"])
+    if "val_acc" in metrics and metrics["val_acc"] > state["best_val_acc"]:
+        state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch}
+        if s.cfg.run.selection == "best_val":
+            state["best_file"] = f"best-{epoch:04d}.safetensors"
+            if main:
+                checkpoint.save_weights(s.raw, s.out / state["best_file"])
     for t in s.tricks:
         t.on_epoch_end(epoch, metrics)
     state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
@@ -244,7 +249,7 @@ def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
 
 def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
         mlflow_run_id: str | None = None) -> dict:
-    """Train, select on validation, report test. For sweeps: `on_epoch_end(epoch, metrics)` runs on every
+    """Train, report test at the checkpoint `selection` names (and at the last epoch). For sweeps: `on_epoch_end(epoch, metrics)` runs on every
     process after the epoch's checkpoint and may raise to stop; `mlflow_run_id` (main process) names an
     existing run to log into, e.g. a trial's child run, instead of `mlflow run`'s or a new one."""
     s = setup(cfg, mlflow_run_id)
@@ -259,18 +264,30 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
             for t in s.tricks:
                 t.on_epoch_start(epoch)
             metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar)
-            metrics |= {"val_acc": evaluate(s.model, val_loader, s.acc), "head_reinit": 0.0}
+            metrics["head_reinit"] = 0.0
+            if val_loader is not None:
+                metrics["val_acc"] = evaluate(s.model, val_loader, s.acc)
             metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, blocks)
             end_epoch(s, epoch, metrics)
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics['val_acc']:.3f}")
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics.get('val_acc', float('nan')):.3f}")
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
         bar.close()
         final = {"test_acc_last": evaluate(s.model, test_loader, s.acc)}
-        checkpoint.load_weights(s.raw, s.out / s.state["best_file"])
-        final |= {"test_acc": evaluate(s.model, test_loader, s.acc), "best_val_acc": s.state["best_val_acc"],
-                  "best_epoch": s.state["best_epoch"]}
+        if cfg.run.selection == "last":
+            final["test_acc"], selected = final["test_acc_last"], cfg.optim.epochs - 1
+            if s.acc.is_main_process and cfg.run.log_weights:
+                s.state["best_file"] = "last.safetensors"
+                checkpoint.save_weights(s.raw, s.out / s.state["best_file"])
+        else:
+            checkpoint.load_weights(s.raw, s.out / s.state["best_file"])
+            final["test_acc"], selected = evaluate(s.model, test_loader, s.acc), s.state["best_epoch"]
+        final["selected_epoch"] = selected
+        if val_loader is not None:
+            final |= {"best_val_acc": s.state["best_val_acc"], "best_epoch": s.state["best_epoch"]}
         s.tracker.log_final(final)
+        if reinit_epochs(cfg):  # the "RIFLE" number is plain fine-tuning's trajectory when selected before it
+            s.tracker.set_tags({"selected_before_reinit": str(selected <= reinit_epochs(cfg)[0]).lower()})
         _log_artifacts(s.tracker, cfg, s.state, s.out)
     except BaseException as e:
         bar.close()

@@ -1,7 +1,9 @@
 """Train / eval image transforms, applied lazily with `Dataset.with_transform`.
 
-Official RIFLE recipe scaled to any size: Resize(size * 256/224) + RandomCrop(size) + horizontal flip
-for training; Resize(size * 256/224) + CenterCrop(size) for evaluation (256/224 at the paper's 224 px).
+Official RIFLE recipe (lixingjian/RIFLE, train.py): Resize(r) + RandomCrop(size) + horizontal flip for
+training; Resize(r) + CenterCrop(size) for evaluation, with the official r for its sizes (224 -> 256,
+299 and 300 -> 320) and r = size * 256/224 for any other size. (The official code flips before it
+crops; the two orders give the same distribution of images.)
 Every image first goes through `scan.to_rgb` (EXIF orientation, 16-bit grey, transparency, CMYK), the
 same conversion the pre-training scan checked.
 """
@@ -13,8 +15,16 @@ from torchvision import transforms as T
 from .scan import to_rgb
 
 
+OFFICIAL_RESIZE = {224: 256, 299: 320, 300: 320}
+
+
+def resize_for(image_size: int) -> int:
+    """Shorter side before cropping: the official table, else the 256/224 ratio."""
+    return OFFICIAL_RESIZE.get(image_size, round(image_size * 256 / 224))
+
+
 def build_transform(image_size: int, mean, std, train: bool, hflip: bool = True):
-    resize = round(image_size * 256 / 224)
+    resize = resize_for(image_size)
     steps = [T.Resize(resize)]
     if train:
         steps += [T.RandomCrop(image_size)] + ([T.RandomHorizontalFlip()] if hflip else [])

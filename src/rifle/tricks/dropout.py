@@ -9,8 +9,9 @@ Deviation, stated: the paper keeps units unscaled in training and multiplies the
 retention probability (1 - p) at test time; we use the equivalent "inverted" form (kept features scaled
 by 1/(1-p) in training, nothing at evaluation). Both give the head the same expected input; ours leaves
 the evaluated network a plain model, so the saved weights load without this trick and RIFLE's re-init
-of the head needs no rescaling. Only the head's input is dropped (the RIFLE paper's baseline setting);
-the backbone is left as pretrained.
+of the head needs no rescaling. Only the head's input is dropped, the
+placement a dropout baseline for fine-tuning usually takes (the RIFLE paper does not say where its
+dropout baseline acts); the backbone is left as pretrained.
 """
 from __future__ import annotations
 
