@@ -23,8 +23,10 @@ def parser() -> argparse.ArgumentParser:
                 continue
             meta = f.metadata
             help_text = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
+            if "(default:" not in help_text:  # options whose default depends on others say so themselves
+                help_text += f" (default: {getattr(defaults, name)!r})"
             group.add_argument(f"--{name}", metavar=C._base_type(f).__name__.upper(), default=argparse.SUPPRESS,
-                               help=f"{help_text} (default: {getattr(defaults, name)!r})")
+                               help=help_text)
     return p
 
 
