@@ -1,5 +1,6 @@
 """The report: statistics against scipy and hand-computed values, tables and figures from a real tiny MLflow
-store (plain and RIFLE, two seeds each, as child runs of one parent), the `report` entry point, and the three
+store (plain and RIFLE, two seeds each, as child runs of one parent), the metric and selection every table
+names, the `report` entry point, one method label from sweep to comparison to report, and the three
 notebooks executed against real stores so they never rot."""
 import json
 import math
@@ -11,8 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, mlflow_runs, subprocess_env
 from rifle import report
+from rifle.methods import method_label, method_sort_key, method_tricks
 
 EXPERIMENT = "cmp"
 
@@ -62,11 +64,23 @@ def test_holm_by_hand():
     assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
-def test_method_names_and_comparisons():
-    assert [report.method_name(t) for t in ("", "none", "rifle", "l2sp,rifle", "rifle+l2sp")] == \
-        ["plain", "plain", "rifle", "rifle+l2sp", "rifle+l2sp"]
+def test_method_labels_both_ways_and_comparisons():
+    assert [method_label(t) for t in ("", "none", None, [], "rifle", "l2sp,rifle", ["l2sp", "rifle"], "rifle+l2sp",
+                                      " rifle , rifle ")] == \
+        ["plain", "plain", "plain", "plain", "rifle", "rifle+l2sp", "rifle+l2sp", "rifle+l2sp", "rifle"]
+    for label in ("plain", "rifle", "dropout", "rifle+l2sp", "rifle+delta", "dropout+cyclic_lr+l2"):
+        assert method_label(method_tricks(label)) == label
+    assert method_tricks("rifle+l2sp") == ["rifle", "l2sp"] and method_tricks("plain") == []
+    with pytest.raises(ValueError, match="unknown trick 'mixup'"):
+        method_label("rifle,mixup")
+    with pytest.raises(ValueError, match=r"canonical form is 'rifle\+l2sp'"):
+        method_tricks("l2sp+rifle")
+    with pytest.raises(ValueError):
+        method_tricks("rifle_l2sp")  # the old sweep name is no label
+    from rifle.study import METHODS  # the study's names are labels whose tricks are what it trains
+    assert "rifle+l2sp" in METHODS and all(method_label(v["tricks"]) == k for k, v in METHODS.items())
     methods = ["rifle+l2sp", "dropout", "plain", "rifle", "l2sp"]
-    assert sorted(methods, key=report.method_sort_key) == ["plain", "rifle", "dropout", "l2sp", "rifle+l2sp"]
+    assert sorted(methods, key=method_sort_key) == ["plain", "rifle", "dropout", "l2sp", "rifle+l2sp"]
     assert report.comparisons(methods) == [("rifle", "plain"), ("rifle", "dropout"), ("rifle", "l2sp"),
                                            ("rifle+l2sp", "l2sp")]
     assert report.comparisons(methods, reference="dropout") == [("dropout", "plain"), ("dropout", "rifle"),
@@ -79,6 +93,7 @@ def synthetic():
             ("dtd", "plain", 0, 0.60), ("dtd", "rifle", 0, 0.58)]
     df = pd.DataFrame(rows, columns=["dataset", "method", "seed", "test_acc"])
     df["params"] = [{"lr": "0.01", "seed": str(s)} for s in df["seed"]]
+    df["run_id"] = [f"run{i}" for i in range(len(df))]
     return df
 
 
@@ -98,6 +113,32 @@ def test_tables_by_hand():
     assert "| cub | 71.0 ± 1.0 (3) | **72.5 ± 0.7 (2)** |" in md
     assert "| dtd | **60.0 ± – (1)** | 58.0 ± – (1) |" in md
     assert "| cub | rifle − plain | 2 | +1.50 |" in md
+    # Runs without a `selection` param (older ones) selected on validation; both tables say so.
+    assert md.startswith("### test_acc (%)") and md.count("Metric: test_acc, test accuracy at the checkpoint "
+                                                           "selected by best_val") == 2
+    assert "Selected before" not in md  # no run carries the tag
+
+
+def test_metric_selection_and_before_reinit_by_hand():
+    runs = synthetic()
+    runs["test_acc_last"] = [0.69, 0.71, 0.70, 0.74, 0.70, 0.59, math.nan]  # dtd rifle: an older run without it
+    runs["selection"] = ["best_val"] * 3 + ["last"] * 2 + ["best_val"] * 2
+    runs["selected_before_reinit"] = [None, None, None, True, False, None, True]
+    s = report.summarize(runs, "test_acc_last").set_index(["dataset", "method"])
+    assert s.loc[("cub", "rifle"), "mean"] == pytest.approx(0.72) and ("dtd", "rifle") not in s.index
+    p = report.paired_differences(runs, metric="test_acc_last").set_index("dataset")
+    assert p.loc["cub", "mean_diff"] == pytest.approx(((0.74 - 0.69) + (0.70 - 0.71)) / 2) and "dtd" not in p.index
+    last = report.evidence(runs, metric="test_acc_last")["markdown"]
+    assert last.startswith("### test_acc_last (%)") and "| cub | rifle − plain | 2 | +2.00 |" in last
+    assert "Metric: test_acc_last, test accuracy at the last epoch" in last and "Selected before" not in last
+    assert "1 run(s) have no test_acc_last" in last
+    best = report.evidence(runs)
+    assert best["summary"].set_index(["dataset", "method"]).loc[("cub", "rifle"), "before_reinit"] == 1
+    md = best["markdown"]
+    assert "which differs between runs (best_val: plain, rifle; last: rifle)" in md
+    assert "runs: cub: rifle 1 of 2; dtd: rifle 1 of 1." in md
+    with pytest.raises(ValueError, match="metric: expected one of test_acc, test_acc_last"):
+        report.evidence(runs, metric="val_acc")
 
 
 def test_varying_settings_are_reported():
@@ -106,6 +147,118 @@ def test_varying_settings_are_reported():
     runs.at[1, "params"] = {"lr": "0.02", "seed": "1"}  # a plain seed trained with another lr
     runs.at[6, "params"] = {"lr": "0.01", "seed": "0", "dropout_p": "0.3"}
     assert report.varying_settings(runs) == {"cub": {"within": {"plain": ["lr"]}, "between": []}}
+
+
+# ------------------------------------------------------------------------- runs logged here with mlflow
+
+def test_report_names_metric_selection_and_runs_selected_before_reinit(tmp_path, capsys):
+    """Runs as the trainer logs them (test_acc, test_acc_last, params selection and reinit_count, tag
+    selected_before_reinit) and one older plain run without test_acc_last or selection."""
+    import mlflow
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp_id = client.create_experiment("logged", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp_id, run_name="comparison").info.run_id
+    best, k1 = {"selection": "best_val"}, {"reinit_count": "1"}
+    for tricks, seed, acc, last, extra, tags in (
+            ("none", 0, 0.70, 0.69, best | {"reinit_count": "0"}, {}),
+            ("none", 1, 0.72, None, {}, {}),  # older: no test_acc_last, no selection
+            ("rifle", 0, 0.75, 0.71, best | k1, {"selected_before_reinit": "true"}),
+            ("rifle", 1, 0.74, 0.73, best | k1, {"selected_before_reinit": "false"})):
+        run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, **tags}).info.run_id
+        params = {"dataset": "digits", "model": "efficientnet_lite0", "tricks": tricks, "seed": seed, **extra}
+        for k, v in params.items():
+            client.log_param(run, k, v)
+        client.log_metric(run, "test_acc", acc)
+        if last is not None:
+            client.log_metric(run, "test_acc_last", last)
+        client.set_terminated(run)
+    client.set_terminated(parent)
+    argv = ["--tracking_uri", uri, "--parent_run_id", parent, "--no_log"]
+    assert report.main(argv + ["--output_dir", str(tmp_path / "a")]) == 0
+    md = capsys.readouterr().out
+    assert "| digits | 71.0 ± 1.4 (2) | **74.5 ± 0.7 (2)** |" in md and "| digits | rifle − plain | 2 | +3.50 |" in md
+    assert "Metric: test_acc, test accuracy at the checkpoint selected by best_val" in md
+    assert "selected_before_reinit=true" in md and "runs: digits: rifle 1 of 2." in md
+    summary = pd.read_csv(tmp_path / "a" / "results.csv").set_index("method")
+    assert summary.loc["rifle", "before_reinit"] == 1 and summary.loc["plain", "reinit_tagged"] == 0
+    assert report.main(argv + ["--output_dir", str(tmp_path / "b"), "--metric", "test_acc_last"]) == 0
+    md = capsys.readouterr().out
+    assert md.startswith("### test_acc_last (%)") and "| digits | 69.0 ± – (1) | **72.0 ± 1.4 (2)** |" in md
+    assert "| digits | rifle − plain | 1 | +2.00 |" in md and "1 run(s) have no test_acc_last" in md
+    assert "Metric: test_acc_last, test accuracy at the last epoch" in md and "Selected before" not in md
+    with pytest.raises(SystemExit):
+        report.main(argv + ["--metric", "val_acc"])
+    assert "invalid choice: 'val_acc'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- sweep -> compare -> report, one name
+
+def test_sweep_compare_and_report_show_rifle_l2sp_minus_l2sp(tmp_path, digits_folder, capsys):
+    """Two tiny studies made with rifle.sweep (files named like the shipped rifle_l2sp.yaml and l2sp.yaml),
+    rifle.compare over them, and rifle.report on the comparison: the RIFLE+L2-SP row survives, is paired with
+    L2-SP, and both tools show the same difference with the same sign (reference − other) for the metric
+    asked. test_acc_last: the last epoch follows the re-init, so the two methods' numbers differ."""
+    import mlflow
+
+    from rifle import compare, sweep
+    from test_sweep import tiny_space
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.tracking.MlflowClient(uri)  # artifacts under tmp_path, not the working directory
+    client.create_experiment("rifle", artifact_location=str(tmp_path / "artifacts"))
+    storage = str(tmp_path / "optuna.journal")
+    for study, tricks in (("l2sp", "l2sp"), ("rifle_l2sp", "rifle,l2sp")):  # one trial each
+        space = tiny_space(tmp_path, digits_folder, name=study, tricks=tricks, epochs=2)
+        assert sweep.main(["--space", str(space), "--n_trials", "1", "--storage", storage, "--pruner", "none",
+                           "--output_root", str(tmp_path / "sweeps"), "--tracking_uri", uri,
+                           "--log_weights", "false"]) == 0
+    assert compare.main(["--studies", "rifle_l2sp,l2sp", "--storage", storage, "--seeds", "0,1", "--name", "e2e",
+                         "--output_root", str(tmp_path / "cmp"), "--tracking_uri", uri, "--log_weights", "false",
+                         "--metric", "test_acc_last"]) == 0
+    _, runs = mlflow_runs(uri)
+    sweeps = sorted(r.data.tags["sweep.method"] for r in runs if r.data.tags.get("sweep.role") == "parent")
+    assert sweeps == ["l2sp", "rifle+l2sp"]
+    (parent,) = [r for r in runs if r.data.tags.get("compare.role") == "parent"]
+    seeds = [r for r in runs if r.data.tags.get("compare.role") == "seed"]
+    assert sorted(r.data.tags["compare.method"] for r in seeds) == ["l2sp", "l2sp", "rifle+l2sp", "rifle+l2sp"]
+    last = {(r.data.tags["compare.method"], r.data.params["seed"]): r.data.metrics["test_acc_last"] for r in seeds}
+    diff = np.mean([last[("rifle+l2sp", s)] - last[("l2sp", s)] for s in ("0", "1")])
+    assert parent.data.metrics["test_acc_last_paired_diff_mean/l2sp"] == pytest.approx(diff)
+    assert "test_acc_last_mean/rifle.l2sp" in parent.data.metrics  # MLflow keys may not hold '+'
+    assert parent.data.tags["best_trial.rifle.l2sp"].startswith("rifle_l2sp#0 ")
+    table = Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path))).read_text()
+    assert "| test_acc_last (%) mean ± std | rifle+l2sp − method (pp) [95% CI] |" in table
+    assert f"| l2sp | 2 | {100 * np.mean([last[('l2sp', s)] for s in ('0', '1')]):.2f} ± " in table
+    assert "Reference: rifle+l2sp (the first study listed)" in table and "Metric: test_acc_last, " in table
+    argv = ["--tracking_uri", uri, "--parent_run_id", parent.info.run_id, "--no_log"]
+    capsys.readouterr()
+    assert report.main(argv + ["--output_dir", str(tmp_path / "last"), "--metric", "test_acc_last"]) == 0
+    assert f"| rifle+l2sp − l2sp | 2 | {100 * diff:+.2f} |" in capsys.readouterr().out
+    (row,) = pd.read_csv(tmp_path / "last" / "paired.csv").itertuples()
+    assert (row.method, row.versus, row.n) == ("rifle+l2sp", "l2sp", 2) and row.mean_diff == pytest.approx(diff)
+    # test_acc (the default): the count of RIFLE runs whose selected checkpoint precedes the re-init
+    assert report.main(argv + ["--output_dir", str(tmp_path / "best")]) == 0
+    before = sum(r.data.tags["selected_before_reinit"] == "true" for r in seeds  # as the trainer tagged them
+                 if r.data.tags["compare.method"] == "rifle+l2sp")
+    assert f"rifle+l2sp {before} of 2." in capsys.readouterr().out
+
+
+def test_compare_table_is_reference_minus_method_by_hand():
+    from rifle import compare
+    accs = {("rifle", 1): (0.80, 0.78), ("rifle", 2): (0.84, 0.80), ("plain", 1): (0.77, 0.76),
+            ("plain", 2): (0.83, 0.79), ("dropout", 1): (0.81, math.nan)}  # an older run: no test_acc_last
+    rows = [{"method": m, "study": f"s-{m}", "trial": 0, "seed": s, "test_acc": a, "test_acc_last": b,
+             "selection": "best_val", "best_val_acc": math.nan, "run_id": f"{m}{s}"} for (m, s), (a, b) in accs.items()]
+    metrics, table_csv, md = compare.summarize(rows, ["rifle", "plain", "dropout"])
+    assert metrics["test_acc_paired_diff_mean/plain"] == pytest.approx(0.02)  # (0.03 + 0.01) / 2: rifle − plain
+    assert metrics["test_acc_paired_diff_mean/dropout"] == pytest.approx(-0.01) and "| plain | 2 | 80.00 ± " in md
+    metrics, _, md = compare.summarize(rows, ["rifle", "plain", "dropout"], "test_acc_last")
+    assert metrics["test_acc_last_paired_diff_mean/plain"] == pytest.approx(0.015)
+    assert metrics["n_seeds/dropout"] == 0 and "test_acc_last_paired_diff_mean/dropout" not in metrics
+    assert "| dropout | 0 | – |  |  |" in md
+    assert "| rifle − method (pp) [95% CI] |" in md and "Metric: test_acc_last, " in md
+    assert table_csv.splitlines()[0] == "method,study,trial,seed,test_acc,test_acc_last,selection,best_val_acc,run_id"
+    assert compare.mlflow_key("rifle+l2sp") == "rifle.l2sp"
 
 
 # ------------------------------------------------------------------------------------ a real tiny store
@@ -120,7 +273,7 @@ def store(tmp_path_factory, digits_folder):
     tmp = tmp_path_factory.mktemp("report")
     uri = f"sqlite:///{tmp}/mlflow.db"
     client = mlflow.tracking.MlflowClient(uri)
-    exp_id = client.create_experiment(EXPERIMENT)
+    exp_id = client.create_experiment(EXPERIMENT, artifact_location=str(tmp / "artifacts"))  # not ./mlruns
     parent = client.create_run(exp_id, run_name="comparison").info.run_id
     for seed in (0, 1):
         for tricks in ("", "rifle"):
@@ -152,6 +305,8 @@ def test_report_from_runs(store):
     assert p["mean_diff"] == pytest.approx(np.mean([acc[("rifle", k)] - acc[("plain", k)] for k in (0, 1)]))
     md = (tmp / "rep" / "results.md").read_text()
     assert md == out["markdown"] and "rifle − plain" in md
+    # The trainer logs the `selection` param; the tables name it.
+    assert set(runs["selection"]) == {"best_val"} and "selected by best_val" in md
     assert pd.read_csv(tmp / "rep" / "results.csv")["n"].tolist() == [2, 2]
     assert len(pd.read_csv(tmp / "rep" / "runs.csv")) == 4
     label = report.slug(runs["dataset"].iloc[0])  # imagefolder:<folder name>
@@ -181,6 +336,7 @@ def test_experiment_report_run_and_cli(store, capsys):
     assert report.main(["--tracking_uri", uri, "--experiment", EXPERIMENT, "--output_dir", str(tmp / "e1")]) == 0
     printed = capsys.readouterr().out
     assert "| imagefolder:digits4" in printed and "logged under artifacts report/ of run" in printed
+    assert "### test_acc (%)" in printed and "Metric: test_acc, " in printed
     first = printed.rsplit(" ", 1)[-1].strip()
     run = client.get_run(first)
     assert run.info.run_name == "report" and run.info.status == "FINISHED" and run.data.tags[report.REPORT_TAG]
@@ -196,12 +352,13 @@ def test_mlflow_run_report_entry_point(store):
     tmp, uri, parent = store
     proc = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "-e", "report",
                            "--env-manager", "local", "--experiment-name", EXPERIMENT,
-                           "-P", f"parent_run_id={parent}", "-P", f"output_dir={tmp / 'mr'}"],
+                           "-P", f"parent_run_id={parent}", "-P", f"output_dir={tmp / 'mr'}",
+                           "-P", "metric=test_acc_last"],
                           cwd=tmp, env=subprocess_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| imagefolder:digits4" in proc.stdout
-    assert (tmp / "mr" / "results.md").is_file()
+    assert "| imagefolder:digits4" in proc.stdout and "Metric: test_acc_last, " in proc.stdout
+    assert (tmp / "mr" / "results.md").read_text().startswith("### test_acc_last (%)")
     client = mlflow.tracking.MlflowClient(uri)
     assert "report/paired.csv" in {a.path for a in client.list_artifacts(parent, "report")}
 
@@ -234,11 +391,12 @@ def text_of(nb):
 def test_results_and_mechanism_notebooks_run(store, tmp_path):
     tmp, uri, parent = store
     params = {"tracking_uri": uri, "experiment": EXPERIMENT}
-    nb = report.execute_notebook(NOTEBOOKS / "results.ipynb", params, tmp_path / "results.ipynb", cwd=tmp_path)
+    nb = report.execute_notebook(NOTEBOOKS / "results.ipynb", params | {"metric": "test_acc_last"},
+                                 tmp_path / "results.ipynb", cwd=tmp_path)
     text = text_of(nb)
     runs = report.fetch_runs(uri, EXPERIMENT)
-    mean = report.summarize(runs).set_index("method").loc["rifle", "mean"]
-    assert f"{100 * mean:.1f} ±" in text and "rifle − plain" in text
+    mean = report.summarize(runs, "test_acc_last").set_index("method").loc["rifle", "mean"]
+    assert f"{100 * mean:.1f} ±" in text and "rifle − plain" in text and "Metric: test_acc_last, " in text
     assert len(outputs(nb, "image/png")) == 1  # the paired-difference plot
     nb = report.execute_notebook(NOTEBOOKS / "mechanism.ipynb", params | {"parent_run_id": parent}, cwd=tmp_path)
     assert "4 runs of efficientnet_lite0" in text_of(nb) and "conv_stem" in text_of(nb)

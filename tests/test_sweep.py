@@ -21,12 +21,12 @@ PASSWORD = "s3cret-pw"
 FAST = ["--heartbeat_interval", "1", "--grace_period", "4"]
 
 
-def tiny_space(tmp_path, folder, name="tiny", tricks="rifle", epochs=2, method=None,
+def tiny_space(tmp_path, folder, name="tiny", tricks="rifle", epochs=2,
                lr="{type: float, low: 0.001, high: 0.05, log: true}"):
-    """A search space on the 4-class digits folder (8 validation images): seconds per trial."""
+    """A search space on the 4-class digits folder (8 validation images): seconds per trial. Its method is
+    the label of `tricks` (rifle.methods)."""
     path = tmp_path / f"{name}.yaml"
     path.write_text(f"""
-method: {method or name}
 fixed:
   dataset: imagefolder:{folder}
   image_size: 48
@@ -76,20 +76,22 @@ def sweep_tree(uri, study_uuid):
 
 def test_every_shipped_space_is_valid():
     files = sorted(glob.glob(str(ROOT / "sweeps" / "*.yaml")))
-    methods = {S.load_space(f).method for f in files if not f.endswith("base.yaml")}
-    assert {"rifle", "plain", "dropout", "dropconnect", "stochastic_depth", "disturb_label", "cyclic_lr", "l2",
-            "l2sp", "delta", "rifle_l2sp", "rifle_delta"} <= methods
+    methods = {Path(f).stem: S.load_space(f).method for f in files if not f.endswith("base.yaml")}
+    # The label comes from the fixed tricks (rifle.methods), whatever the file is called.
+    assert methods["rifle_l2sp"] == "rifle+l2sp" and methods["rifle_delta"] == "rifle+delta"
+    assert methods["plain"] == "plain" and {"rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label",
+                                            "cyclic_lr", "l2", "l2sp", "delta"} <= set(methods.values())
     rifle = S.load_space(str(ROOT / "sweeps" / "rifle.yaml"))
     assert rifle.fixed["epochs"] == 24 and rifle.fixed["tricks"] == "rifle"  # from base.yaml and rifle.yaml
-    assert rifle.params["reinit_guard_epochs"].when == {"reinit_times": [2, 3]}
-    # conditional: K=1 never suggests the guard, K=3 does
+    assert rifle.params["reset_head_momentum"].when == {"reinit_times": [2, 3]}
+    # conditional: K=1 never suggests it, K=3 does
     study = optuna.create_study(direction="maximize")
     seen = {}
     for k in (1, 3):
         study.enqueue_trial({"reinit_times": k})
         trial = study.ask()
         seen[k] = rifle.suggest(trial)
-    assert "reinit_guard_epochs" not in seen[1] and seen[3]["reinit_guard_epochs"] in (0, 4, 8)
+    assert "reset_head_momentum" not in seen[1] and seen[3]["reset_head_momentum"] in (False, True)
 
 
 BAD_SPACES = [
@@ -114,6 +116,8 @@ BAD_SPACES = [
      "  reinit_times: {type: int, low: 1, high: 3}\n", "params.reinit_guard_epochs.when.reinit_times: must be a fixed"),
     ("extends: nowhere.yaml\n", "extends: file not found"),
     ("parms: {}\n", "parms: unknown key"),
+    ("method: rifle_l2sp\n", "method: the method is named after fixed.tricks"),
+    ("params:\n  tricks: {type: categorical, choices: [rifle, dropout]}\n", "params.tricks: a study tunes one method"),
 ]
 
 
@@ -458,8 +462,7 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
     storage = str(tmp_path / "optuna.journal")
     handle = S.open_storage(storage, 30, 120, 3)
     for method, tricks in (("plain", "none"), ("dropout", "dropout")):  # two tuned studies (tuning is tested above)
-        space = S.load_space(str(tiny_space(tmp_path, digits_folder, name=f"s-{method}", tricks=tricks,
-                                            method=method)))
+        space = S.load_space(str(tiny_space(tmp_path, digits_folder, name=f"s-{method}", tricks=tricks)))
         study = S.open_study(handle, f"s-{method}", space, None, None)
         dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
         for lr, value in ((0.002, 0.5), (0.01, 0.75)):
@@ -478,8 +481,8 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
     accs = {m: {r.data.params["seed"]: r.data.metrics["test_acc"] for r in seeds if r.data.tags["compare.method"] == m}
             for m in ("plain", "dropout")}
     assert parent.data.metrics["test_acc_mean/dropout"] == pytest.approx(sum(accs["dropout"].values()) / 2)
-    paired = [accs["dropout"][s] - accs["plain"][s] for s in ("3", "4")]
-    assert parent.data.metrics["paired_diff_mean/dropout"] == pytest.approx(sum(paired) / 2)
+    paired = [accs["plain"][s] - accs["dropout"][s] for s in ("3", "4")]  # reference (first study) − method
+    assert parent.data.metrics["test_acc_paired_diff_mean/dropout"] == pytest.approx(sum(paired) / 2)
     assert "test_acc_std/plain" in parent.data.metrics
     table = client.download_artifacts(parent.info.run_id, "comparison.csv", str(tmp_path))
     assert len(Path(table).read_text().strip().splitlines()) == 5

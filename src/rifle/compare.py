@@ -2,11 +2,13 @@
 
 For each study (one per method, made by `python -m rifle.sweep`), take the best trial's parameters (chosen
 on validation accuracy), re-train them with N seeds, the same seeds for every method (paired), and record
-each seed's test accuracy in a child run of one comparison run. The comparison run carries mean and
-standard deviation per method, the paired difference to the first method listed (95% t interval,
-paired t-test), and a table (`comparison.csv`, `comparison.md`). Every (method, seed) trains in its own
-output directory and MLflow run, so the same command resumes an interrupted comparison and skips what is
-finished.
+each seed's test accuracy in a child run of one comparison run. The comparison run carries, for the metric
+asked (`--metric`: test_acc, the checkpoint the runs' `selection` chose, or test_acc_last), mean and
+standard deviation per method and the paired difference reference − method, where the reference is the
+first study listed (95% t interval, paired t-test; the sign convention of rifle.report), and a table
+(`comparison.csv`, `comparison.md`). A method's label is rifle.methods' label of its study's `tricks`.
+Every (method, seed) trains in its own output directory and MLflow run, so the same command resumes an
+interrupted comparison and skips what is finished.
 """
 from __future__ import annotations
 
@@ -15,18 +17,21 @@ import csv
 import io
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as C
+from .methods import method_label
+from .report import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
 from .sweep import (STUDY_ATTR, SweepError, claim_parent, distributed_state, broadcast, find_runs,
                     open_storage, scrub, trainer_options)
 from .tracking import DEFAULT_URI
 
 # Options that must agree between the studies for the comparison to be "under the same settings".
 SAME_SETTINGS = tuple(n for n, (section, _) in C.all_fields().items() if section in ("data", "model")) + (
-    "epochs", "batch_size", "grad_accum_steps", "mixed_precision", "momentum")
+    "epochs", "batch_size", "grad_accum_steps", "mixed_precision", "momentum", "selection")
 
 
 @dataclass
@@ -54,7 +59,9 @@ def best_settings(study_name: str, storage) -> tuple[str, int, float, dict, str]
         raise SweepError(f"--studies: study {study_name!r} has no complete trial yet") from None
     # Options a conditional parameter left out take their defaults, as in the trial itself.
     values = dict(info["space"]["fixed"]) | best.params
-    return info["method"], best.number, best.value, values, info["uuid"]
+    # The label of what trains, not the name the study recorded (older studies wrote e.g. rifle_l2sp).
+    method = method_label(values.get("tricks", C.TricksConfig.tricks))
+    return method, best.number, best.value, values, info["uuid"]
 
 
 def check_same_settings(settings: dict[str, dict]) -> None:
@@ -70,32 +77,46 @@ def check_same_settings(settings: dict[str, dict]) -> None:
                                  f"--{key} to re-train all of them with one value)")
 
 
-def summarize(rows: list[dict], labels: list[str]) -> tuple[dict, str, str]:
-    """Metrics (mean, std, paired difference to the first method with a 95% t interval and the paired
-    t-test, from rifle.report), CSV and Markdown tables."""
-    from .report import mean_std, paired_difference
+def mlflow_key(label: str) -> str:
+    """A method label inside an MLflow metric or tag key, where '+' is not allowed: rifle+l2sp -> rifle.l2sp
+    (not '-', which would read as a difference). Tag values, run names and tables keep the label."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", ".", label)
 
-    by = {lab: {r["seed"]: r["test_acc"] for r in rows if r["method"] == lab} for lab in labels}
-    metrics, lines = {}, [f"| method | n | test_acc mean ± std | paired diff. to {labels[0]} [95% CI] | p |",
+
+def summarize(rows: list[dict], labels: list[str], metric: str = "test_acc") -> tuple[dict, str, str]:
+    """Metrics of `metric` (mean, std, and the paired difference reference − method, the reference being
+    labels[0], with a 95% t interval and the paired t-test, from rifle.report), CSV and Markdown tables.
+    The difference metrics are named <metric>_paired_diff_*/<method> (method: its `mlflow_key`)."""
+    ref = labels[0]
+    by = {lab: {r["seed"]: r[metric] for r in rows if r["method"] == lab and not math.isnan(r[metric])}
+          for lab in labels}
+    metrics, lines = {}, [f"| method | n | {metric} (%) mean ± std | {ref} − method (pp) [95% CI] | p |",
                           "|---|---|---|---|---|"]
     for lab in labels:
         mean, std, n = mean_std(by[lab].values())
         std = 0.0 if n == 1 else std
-        metrics |= {f"test_acc_mean/{lab}": mean, f"test_acc_std/{lab}": std, f"n_seeds/{lab}": n}
+        k = mlflow_key(lab)
+        metrics |= {f"{metric}_mean/{k}": mean, f"{metric}_std/{k}": std, f"n_seeds/{k}": n}
         diff, p = "", ""
-        common = sorted(set(by[lab]) & set(by[labels[0]]))
-        if lab != labels[0] and common:
-            d = paired_difference([by[lab][s] for s in common], [by[labels[0]][s] for s in common])
+        common = sorted(set(by[lab]) & set(by[ref]))
+        if lab != ref and common:
+            d = paired_difference([by[ref][s] for s in common], [by[lab][s] for s in common])
             se = d["sd_diff"] / math.sqrt(d["n"])
-            metrics |= {f"paired_diff_mean/{lab}": d["mean_diff"], f"paired_diff_se/{lab}": se,
-                        f"paired_diff_ci_low/{lab}": d["ci_low"], f"paired_diff_ci_high/{lab}": d["ci_high"],
-                        f"paired_diff_p/{lab}": d["p_value"]}
+            key = f"{metric}_paired_diff"
+            metrics |= {f"{key}_mean/{k}": d["mean_diff"], f"{key}_se/{k}": se,
+                        f"{key}_ci_low/{k}": d["ci_low"], f"{key}_ci_high/{k}": d["ci_high"],
+                        f"{key}_p/{k}": d["p_value"]}
             diff = f"{100 * d['mean_diff']:+.2f}" + ("" if math.isnan(d["ci_low"]) else
                                                       f" [{100 * d['ci_low']:+.2f}, {100 * d['ci_high']:+.2f}]")
             p = "" if math.isnan(d["p_value"]) else f"{d['p_value']:.3f}"
-        lines.append(f"| {lab} | {n} | {100 * mean:.2f} ± {100 * std:.2f} | {diff} | {p} |")
+        shown = f"{100 * mean:.2f} ± {100 * std:.2f}" if n else "–"  # n = 0: no run has the metric
+        lines.append(f"| {lab} | {n} | {shown} | {diff} | {p} |")
+    selections = {lab: {r["selection"] for r in rows if r["method"] == lab} for lab in labels}
+    lines += ["", f"Reference: {ref} (the first study listed); the paired difference is {ref} − method over the "
+              f"seeds both ran (> 0: {ref} is better). {metric_note(metric, selections)}"]
     out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=["method", "study", "trial", "seed", "test_acc", "best_val_acc", "run_id"])
+    w = csv.DictWriter(out, fieldnames=["method", "study", "trial", "seed", "test_acc", "test_acc_last", "selection",
+                                        "best_val_acc", "run_id"])
     w.writeheader()
     for r in sorted(rows, key=lambda r: (labels.index(r["method"]), r["seed"])):
         w.writerow({k: r[k] for k in w.fieldnames})
@@ -147,7 +168,7 @@ def run(args) -> int:
             if k not in have:
                 client.log_param(parent, k, str(v))
         for lab, best in meta["best"].items():
-            client.set_tag(parent, f"best_trial.{lab}",
+            client.set_tag(parent, f"best_trial.{mlflow_key(lab)}",
                            f"{best['study']}#{best['trial']} (val_acc {best['val_acc']:.4f})")
         setup = {"jobs": jobs, "experiment": experiment, "labels": meta["labels"]}
     setup = broadcast(setup, state)
@@ -164,10 +185,10 @@ def run(args) -> int:
         result = fit(C.build(values), mlflow_run_id=decision["run_id"] if main else None)
         if main:
             client.set_tag(decision["run_id"], "compare.state", "complete")
-            rows.append(_row(job, result["test_acc"], result["best_val_acc"], decision["run_id"]))
-            print(f"rifle.compare: {job.label} seed {job.seed}: test_acc {result['test_acc']:.4f}", flush=True)
+            rows.append(_row(job, client.get_run(decision["run_id"])))
+            print(f"rifle.compare: {job.label} seed {job.seed}: {args.metric} {result[args.metric]:.4f}", flush=True)
     if main:
-        metrics, table_csv, table_md = summarize(rows, setup["labels"])
+        metrics, table_csv, table_md = summarize(rows, setup["labels"], args.metric)
         for k, v in metrics.items():
             if not math.isnan(v):
                 client.log_metric(parent, k, v)
@@ -179,9 +200,13 @@ def run(args) -> int:
     return 0
 
 
-def _row(job: Job, test_acc: float, best_val_acc: float, run_id: str) -> dict:
-    return {"method": job.label, "study": job.study, "trial": job.trial, "seed": job.seed, "test_acc": test_acc,
-            "best_val_acc": best_val_acc, "run_id": run_id}
+def _row(job: Job, run) -> dict:
+    """A finished (method, seed) run's row, read from what it logged (older runs have no test_acc_last and no
+    selection param; without validation there is no best_val_acc)."""
+    m, p = run.data.metrics, run.data.params
+    return {"method": job.label, "study": job.study, "trial": job.trial, "seed": job.seed, "test_acc": m["test_acc"],
+            "test_acc_last": m.get("test_acc_last", math.nan), "selection": p.get("selection") or DEFAULT_SELECTION,
+            "best_val_acc": m.get("best_val_acc", math.nan), "run_id": run.info.run_id}
 
 
 def _child(client, exp_id: str, parent: str, name: str, job: Job) -> dict:
@@ -190,9 +215,8 @@ def _child(client, exp_id: str, parent: str, name: str, job: Job) -> dict:
                                "compare.seed": str(job.seed)})
     if found:
         run = found[0]
-        m = run.data.metrics
-        if run.info.status == "FINISHED" and "test_acc" in m:
-            return {"done": True, "row": _row(job, m["test_acc"], m.get("best_val_acc", float("nan")), run.info.run_id)}
+        if run.info.status == "FINISHED" and "test_acc" in run.data.metrics:
+            return {"done": True, "row": _row(job, run)}
         return {"done": False, "run_id": run.info.run_id}
     run = client.create_run(exp_id, run_name=f"{job.label}-seed-{job.seed}", tags={
         "mlflow.parentRunId": parent, "compare.name": name, "compare.role": "seed", "compare.method": job.label,
@@ -202,9 +226,13 @@ def _child(client, exp_id: str, parent: str, name: str, job: Job) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m rifle.compare", description="Re-train each study's best "
-                                "parameters with the same N seeds and record test accuracy per seed.")
-    p.add_argument("--studies", required=True, help="comma-separated study names, the reference method first "
-                   "(paired differences are to it), e.g. plain,rifle,dropout")
+                                "parameters with the same N seeds and record test accuracy per seed. The first "
+                                "study listed is the reference: the table's differences are reference − each "
+                                "other method, paired over seeds (the sign convention of rifle.report).")
+    p.add_argument("--studies", required=True, help="comma-separated study names, the reference first (rows are "
+                   "reference − method), e.g. rifle,plain,dropout")
+    p.add_argument("--metric", default="test_acc", choices=tuple(METRICS), help="the number the table and the "
+                   "parent's metrics show: " + "; ".join(f"{k}: {v}" for k, v in METRICS.items()))
     p.add_argument("--storage", default="", help="the studies' storage (as for rifle.sweep; default optuna.journal)")
     p.add_argument("--seeds", default="", help="comma-separated training seeds (default: 1..n_seeds; the studies "
                    "tuned with the space's seed, 0 in sweeps/base.yaml)")
@@ -219,7 +247,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None):
     ns = parser().parse_args(argv)
-    own = {"studies", "storage", "seeds", "n_seeds", "name", "output_root"}
+    own = {"studies", "storage", "seeds", "n_seeds", "name", "output_root", "metric"}
     overrides = {k: v for k, v in vars(ns).items() if k not in own and v != ""}
     ns.tracking_uri = overrides.pop("tracking_uri", None)
     ns.experiment = overrides.pop("experiment", None) or "rifle"

@@ -1,20 +1,24 @@
 """Tables and figures from training histories and MLflow runs.
 
-    python -m rifle.report --tracking_uri URI --experiment NAME [--parent_run_id ID] [--output_dir DIR]
-                           [--reference rifle] [--baseline plain] [--group_by dataset]
+    python -m rifle.report [--tracking_uri URI] [--experiment NAME] [--parent_run_id ID] [--output_dir DIR]
+                           [--metric test_acc] [--reference rifle] [--baseline plain] [--group_by dataset]
 
-From the finished runs of an experiment (or the child runs of a comparison run) it builds
-- the paper-style table: datasets x methods, test accuracy mean ± std over seeds, best mean per dataset
-  marked, and the paired difference of the reference method (RIFLE) to each other method over the seeds
-  both share (mean, 95% t-interval, paired t-test); Markdown and CSV;
+From the finished runs of an experiment (default: of every experiment; or the child runs of a comparison
+run) it builds
+- the paper-style table: datasets x methods, the metric (test_acc: the checkpoint each run's `selection`
+  chose; test_acc_last: the last epoch) mean ± std over seeds, best mean per dataset marked, and the paired
+  difference reference − other over the seeds both share (mean, 95% t-interval, paired t-test), where the
+  reference is the method with RIFLE and the other the same method without it; Markdown and CSV. Every
+  table says which metric and selection it shows, and how many RIFLE runs selected a checkpoint before
+  their first re-initialization;
 - the mechanism figure: per-block distance to the pretrained weights at the end of training, reference
   versus baseline, input side first, and the same over epochs with the head re-initializations marked;
 - the training-dynamics figure: validation accuracy and head learning rate over epochs per method;
 and logs them as MLflow artifacts under `report/` of a new `report` run (or of the parent run).
 
-A method is the label that rifle.compare / rifle.study tagged on the run, else the `tricks` param with its
-tricks in canonical order joined by '+' ("" is "plain"). The statistics are pure functions; the notebooks in
-notebooks/ call the functions of this module.
+A method is the label that rifle.compare / rifle.study tagged on the run, else the label of the `tricks`
+param (rifle.methods: canonical order joined by '+', "plain" for none). The statistics are pure functions;
+the notebooks in notebooks/ call the functions of this module.
 """
 from __future__ import annotations
 
@@ -28,36 +32,41 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import TRICK_NAMES
+from .methods import PLAIN, method_label, method_sort_key, method_tricks
 
-PLAIN = "plain"
 REPORT_TAG = "rifle.report"
 # Run tags holding a method label chosen by the tool that made the run (rifle.compare, rifle.study): two
 # settings of one trick list (e.g. RIFLE K=1 and K=3) stay apart. Without one, the label comes from `tricks`.
 METHOD_TAGS = ("compare.method", "study_method")
 # Metrics fetched per epoch for the figures (weight_dist/<block> keys are found per run).
 HISTORY_KEYS = ("val_acc", "lr_head", "head_reinit")
+# The numbers a table can show; every run logs both (test_acc_last may be missing in older runs).
+METRICS = {"test_acc": "test accuracy at the checkpoint the run's `selection` chose",
+           "test_acc_last": "test accuracy at the last epoch"}
+SELECTIONS = {"best_val": "the epoch with the best validation accuracy", "last": "the last epoch"}
+DEFAULT_SELECTION = "best_val"  # runs from before the `selection` param selected on validation
+# Tag of a RIFLE run whose selected checkpoint precedes its first head re-init ('true'/'false').
+BEFORE_REINIT_TAG = "selected_before_reinit"
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure functions: naming and statistics
+# Pure functions: statistics and what a table says about itself
 
-def method_name(tricks: str | None) -> str:
-    """`tricks` param -> method label: canonical trick order joined by '+', "plain" for none."""
-    names = [t.strip() for t in (tricks or "").replace("+", ",").split(",") if t.strip()]
-    if names in ([], ["none"], [PLAIN]):
-        return PLAIN
-    order = {t: i for i, t in enumerate(TRICK_NAMES)}
-    return "+".join(sorted(dict.fromkeys(names), key=lambda t: (order.get(t, len(order)), t)))
-
-
-def method_sort_key(method: str) -> tuple:
-    """plain first, then single methods in the registry's order, then combinations."""
-    if method == PLAIN:
-        return (0, ())
-    order = {t: i for i, t in enumerate(TRICK_NAMES)}
-    parts = method.split("+")
-    return (len(parts), tuple(order.get(p, len(order)) for p in parts), method)
+def metric_note(metric: str, selections: dict[str, set[str]]) -> str:
+    """The line every table carries: the metric it shows and, for test_acc, the selection that chose the
+    checkpoint (`selections`: method -> the `selection` values of its runs)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    if metric != "test_acc":
+        return f"Metric: {metric}, {METRICS[metric]} (no checkpoint selection)."
+    used = sorted(set().union(*selections.values())) if selections else [DEFAULT_SELECTION]
+    if len(used) == 1:
+        return f"Metric: test_acc, test accuracy at the checkpoint selected by {used[0]} " \
+               f"({SELECTIONS.get(used[0], used[0])})."
+    per = "; ".join(f"{s}: {', '.join(sorted((m for m, v in selections.items() if s in v), key=method_sort_key))}"
+                    for s in used)
+    return f"Metric: test_acc, test accuracy at the checkpoint each run's selection chose, which differs " \
+           f"between runs ({per}): these numbers are not measured alike."
 
 
 def mean_std(values) -> tuple[float, float, int]:
@@ -113,9 +122,9 @@ def holm(p_values) -> list[float]:
 def comparisons(methods, reference: str = "rifle") -> list[tuple[str, str]]:
     """(with-reference, without) pairs: the reference alone against every method without it, and each
     combination holding it against the same combination without it (RIFLE+L2-SP vs L2-SP, as in the paper)."""
-    ref = set(method_name(reference).split("+"))
+    ref = set(method_tricks(method_label(reference)))
     have = sorted(set(methods), key=method_sort_key)
-    parts = {m: set() if m == PLAIN else set(m.split("+")) for m in have}
+    parts = {m: _trick_set(m) for m in have}
     pairs = []
     for r in have:
         if not ref <= parts[r]:
@@ -126,6 +135,14 @@ def comparisons(methods, reference: str = "rifle") -> list[tuple[str, str]]:
             if parts[r] == ref or parts[r] - ref == parts[m]:
                 pairs.append((r, m))
     return pairs
+
+
+def _trick_set(label: str) -> set[str]:
+    """The tricks of a method label; a label a tool chose (a study name) counts as one opaque trick."""
+    try:
+        return set(method_tricks(label))
+    except ValueError:
+        return {label}
 
 
 def slug(text: str) -> str:
@@ -143,30 +160,41 @@ def dataset_label(spec: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # Tables from a runs DataFrame (one row per finished run: dataset, method, seed, test_acc, ...)
 
-def summarize(runs) -> "pd.DataFrame":
-    """dataset, method, n, mean, std, seeds, best (highest mean test_acc of its dataset; ties all best)."""
+def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
+    """Per dataset and method over the runs that have `metric`: n, mean, std, seeds, best (highest mean of
+    its dataset; ties all best), selection (the runs' `selection` values), before_reinit of reinit_tagged
+    (runs tagged selected_before_reinit=true, of the runs carrying that tag)."""
     import pandas as pd
 
+    runs = runs[runs[metric].notna()]
     rows = []
     for (dataset, method), g in runs.groupby(["dataset", "method"], sort=False):
-        mean, std, n = mean_std(g["test_acc"])
+        mean, std, n = mean_std(g[metric])
+        selection = g["selection"] if "selection" in g else [DEFAULT_SELECTION]
+        tagged = g[BEFORE_REINIT_TAG].dropna() if BEFORE_REINIT_TAG in g else []
         rows.append({"dataset": dataset, "method": method, "n": n, "mean": mean, "std": std,
-                     "seeds": " ".join(str(s) for s in sorted(g["seed"]))})
-    table = pd.DataFrame(rows, columns=["dataset", "method", "n", "mean", "std", "seeds"])
+                     "seeds": " ".join(str(s) for s in sorted(g["seed"])),
+                     "selection": ",".join(sorted(set(selection))),
+                     "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged)})
+    cols = ["dataset", "method", "n", "mean", "std", "seeds", "selection", "before_reinit", "reinit_tagged"]
+    table = pd.DataFrame(rows, columns=cols)
     table["best"] = table["mean"] == table.groupby("dataset")["mean"].transform("max")
     table["_k"] = table["method"].map(method_sort_key)
     return table.sort_values(["dataset", "_k"], kind="stable").drop(columns="_k").reset_index(drop=True)
 
 
-def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95) -> "pd.DataFrame":
-    """Per dataset and comparison (see `comparisons`): test_acc(with) - test_acc(without) over shared seeds.
+def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
+                       metric: str = "test_acc") -> "pd.DataFrame":
+    """Per dataset and comparison (see `comparisons`): metric(with reference) - metric(without) over the
+    seeds both have it, in columns `method` (with) and `versus` (without).
 
     `p_holm` adjusts the p-values for the several comparisons of one dataset (Holm-Bonferroni)."""
     import pandas as pd
 
+    runs = runs[runs[metric].notna()]
     rows = []
     for dataset, g in runs.groupby("dataset", sort=True):
-        by_method = {m: dict(zip(gm["seed"], gm["test_acc"])) for m, gm in g.groupby("method")}
+        by_method = {m: dict(zip(gm["seed"], gm[metric])) for m, gm in g.groupby("method")}
         first = len(rows)
         for with_ref, without in comparisons(by_method, reference):
             seeds = sorted(set(by_method[with_ref]) & set(by_method[without]))
@@ -193,10 +221,15 @@ def _p(p: float) -> str:
     return "–" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
-def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[str] | None = None) -> str:
-    """The paper-style table (percent) and the paired differences (percentage points) as Markdown."""
+def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[str] | None = None,
+                   metric: str = "test_acc") -> str:
+    """The paper-style table (percent) and the paired differences (percentage points) as Markdown, each
+    saying which metric (and selection) it shows."""
     methods = sorted(summary["method"].unique(), key=method_sort_key)
-    lines = ["### Test accuracy (%), mean ± std over seeds (n)", "",
+    selections = {m: set(",".join(g["selection"]).split(",")) for m, g in summary.groupby("method")} \
+        if "selection" in summary else {}
+    what = metric_note(metric, selections)
+    lines = [f"### {metric} (%), mean ± std over seeds (n)", "",
              "| dataset | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
     for dataset, g in summary.groupby("dataset", sort=True):
         cells = []
@@ -209,17 +242,26 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
             text = f"{_pct(r['mean'])} ± {_pct(r['std'])} ({r['n']})"
             cells.append(f"**{text}**" if r["best"] else text)
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
-    lines += ["", "Bold: the best mean of the dataset. Test accuracy at the checkpoint selected on validation."]
+    lines += ["", f"Bold: the best mean of the dataset. {what}"]
+    tagged = summary[summary["reinit_tagged"] > 0] if "reinit_tagged" in summary else summary.iloc[:0]
+    if metric == "test_acc" and len(tagged):  # test_acc_last always follows every re-init
+        counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_reinit} of {r.reinit_tagged}"
+                                                for r in g.itertuples()) for d, g in tagged.groupby("dataset"))
+        lines += ["", f"Selected before the first head re-initialization (tag {BEFORE_REINIT_TAG}=true: the "
+                  f"checkpoint lies on plain fine-tuning's trajectory, so its number is not RIFLE's), runs: {counts}."]
     if paired is not None and len(paired):
         level = f"{100 * confidence:g}%"
-        lines += ["", "### Paired difference in test accuracy (percentage points) over the seeds both share", "",
+        lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
+                  "both share", "",
                   f"| dataset | comparison | n | mean diff | {level} CI (t) | p (paired t-test) | p (Holm) |",
                   "|---|---|---|---|---|---|---|"]
         for _, r in paired.iterrows():
             ci = f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]" if math.isfinite(r["ci_low"]) else "–"
             lines.append(f"| {r['dataset']} | {r['method']} − {r['versus']} | {r['n']} | "
                          f"{_signed(r['mean_diff'])} | {ci} | {_p(r['p_value'])} | {_p(r['p_holm'])} |")
-        lines += ["", "p (Holm): adjusted for the number of comparisons in the dataset (Holm-Bonferroni)."]
+        lines += ["", f"Reference − other: the method with the reference minus the same method without it "
+                  f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
+                  "the dataset (Holm-Bonferroni)."]
     for note in notes or []:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
@@ -227,8 +269,8 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
 
 RUN_KEYS = ("seed", "tricks", "output_dir", "run_name", "tracking_uri", "experiment", "log_weights",
             "keep_checkpoints", "channels_last", "compile", "compile_backend", "pin_memory", "num_workers", "num_proc")
-TRICK_OPTIONS = ("reinit_times", "head_lr_policy", "reinit_guard_epochs", "reset_head_momentum", "dropout_",
-                 "dropconnect_", "sd_", "disturb_", "clr_", "l2_", "l2sp_", "delta_")
+TRICK_OPTIONS = ("reinit_times", "reinit_count", "head_lr_policy", "reinit_guard_epochs", "reset_head_momentum",
+                 "dropout_", "dropconnect_", "sd_", "disturb_", "clr_", "l2_", "l2sp_", "delta_")
 
 
 def varying_settings(runs, ignore=RUN_KEYS) -> dict:
@@ -270,12 +312,24 @@ def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
             return runs
 
 
+def _all_experiment_ids(client) -> list[str]:
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
 def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
                group_by: tuple[str, ...] = ("dataset",)) -> "pd.DataFrame":
     """Finished training runs (those with a test_acc) as one row each: run_id, dataset (the row label: the
-    `group_by` params), method, seed, test_acc, test_acc_last, best_val_acc, best_epoch, start_time,
-    params (dict). With `parent_run_id`, only that run's children. When several runs share (dataset,
-    method, seed) the newest is kept and the others are listed in `df.attrs["duplicates"]`."""
+    `group_by` params), method, seed, test_acc, test_acc_last (nan in older runs), best_val_acc, best_epoch,
+    selection (param; best_val when absent), selected_before_reinit (tag: True, False, None when absent),
+    reinit_count (param; nan when absent), start_time, params (dict). With `parent_run_id`, only that run's
+    children. When several runs share (dataset, method, seed) the newest is kept and the others are listed
+    in `df.attrs["duplicates"]`. Without `experiment` (and parent), the runs of every experiment."""
     import pandas as pd
 
     client = _client(tracking_uri)
@@ -283,13 +337,14 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
         exp_ids = [client.get_run(parent_run_id).info.experiment_id]
         filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'"
     else:
-        if not experiment:
-            raise ValueError("give an experiment name or a parent run id")
-        exp = client.get_experiment_by_name(experiment)
-        if exp is None:
-            names = ", ".join(e.name for e in client.search_experiments())
-            raise ValueError(f"no experiment {experiment!r} in the store (experiments: {names or 'none'})")
-        exp_ids = [exp.experiment_id]
+        if experiment:
+            exp = client.get_experiment_by_name(experiment)
+            if exp is None:
+                names = ", ".join(e.name for e in client.search_experiments())
+                raise ValueError(f"no experiment {experiment!r} in the store (experiments: {names or 'none'})")
+            exp_ids = [exp.experiment_id]
+        else:  # every experiment: `mlflow run .` logs into MLflow's Default, `python -m rifle.train` into rifle
+            exp_ids = _all_experiment_ids(client)
         filt = "attributes.status = 'FINISHED'"
     rows = []
     for run in _search_all(client, exp_ids, filt):
@@ -298,14 +353,18 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
             continue
         label = dataset_label(p.get("dataset", "?"))
         extra = [f"{k}={p.get(k)}" for k in group_by if k != "dataset"]
+        before = run.data.tags.get(BEFORE_REINIT_TAG)
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name,
                      "dataset": label + (f" ({', '.join(extra)})" if extra else ""),
                      "method": _method_of(run.data.tags, p), "seed": int(float(p["seed"])),
                      "test_acc": m["test_acc"], "test_acc_last": m.get("test_acc_last", math.nan),
                      "best_val_acc": m.get("best_val_acc", math.nan), "best_epoch": m.get("best_epoch", math.nan),
+                     "selection": p.get("selection") or DEFAULT_SELECTION,
+                     BEFORE_REINIT_TAG: None if before is None else before.strip().lower() == "true",
+                     "reinit_count": float(p["reinit_count"]) if p.get("reinit_count") else math.nan,
                      "model": p.get("model", ""), "start_time": run.info.start_time, "params": dict(p)})
     cols = ["run_id", "run_name", "dataset", "method", "seed", "test_acc", "test_acc_last", "best_val_acc",
-            "best_epoch", "model", "start_time", "params"]
+            "best_epoch", "selection", BEFORE_REINIT_TAG, "reinit_count", "model", "start_time", "params"]
     df = pd.DataFrame(rows, columns=cols).sort_values("start_time", ascending=False, kind="stable")
     dup = df.duplicated(["dataset", "method", "seed"], keep="first")
     duplicates = df.loc[dup, "run_id"].tolist()
@@ -334,12 +393,14 @@ def fetch_histories(runs, tracking_uri: str | None = None, keys=HISTORY_KEYS, we
 
 
 def _method_of(tags: dict, params: dict) -> str:
-    """The label a tool tagged (canonical when it is a trick list), else the label of the `tricks` param."""
-    label = next((tags[t] for t in METHOD_TAGS if tags.get(t)), None)
-    if label is None:
-        return method_name(params.get("tricks"))
-    names = set(label.replace(",", "+").split("+"))
-    return method_name(label) if names <= set(TRICK_NAMES) | {PLAIN, "none"} else label
+    """The label a tool tagged (canonical when it is a trick list), else the label of the `tricks` param;
+    a name no trick list has (a study name, a trick of another version) is kept as written."""
+    text = next((tags[t] for t in METHOD_TAGS if tags.get(t)), None)
+    text = params.get("tricks") if text is None else text
+    try:
+        return method_label(text)
+    except ValueError:
+        return text
 
 
 def block_order(model_spec: str, blocks) -> list[str]:
@@ -384,13 +445,15 @@ def _figure(width: float, height: float):
 
 
 def plot_training(history: list[dict], title: str = ""):
-    """Validation accuracy and head learning rate over epochs; dashed lines mark head re-inits."""
+    """Validation accuracy (training accuracy in a run without validation) and head learning rate over
+    epochs; dashed lines mark head re-inits."""
     fig = _figure(6.4, 3.6)
     ax = fig.add_subplot()
     epochs = [row["epoch"] for row in history]
-    ax.plot(epochs, [row["val_acc"] for row in history], marker="o", color="tab:blue", label="val_acc")
+    key = "val_acc" if all("val_acc" in row for row in history) else "train_acc"
+    ax.plot(epochs, [row[key] for row in history], marker="o", color="tab:blue", label=key)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation accuracy", color="tab:blue")
+    ax.set_ylabel(key.replace("_acc", "") + " accuracy", color="tab:blue")
     lr_ax = ax.twinx()
     lr_ax.plot(epochs, [row["lr_head"] for row in history], color="tab:orange", label="lr_head")
     lr_ax.set_ylabel("head learning rate", color="tab:orange")
@@ -413,7 +476,7 @@ def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: 
     std over seeds, reference vs baseline, input side first. Top right: the ratio reference / baseline per
     block, per shared seed (dots) and mean (line). Bottom: the distance over epochs for a few blocks (input
     side, middle, last), mean over seeds, with the reference's head re-initializations dashed."""
-    reference, baseline = method_name(reference), method_name(baseline)
+    reference, baseline = method_label(reference), method_label(baseline)
     h = histories[(histories["dataset"] == dataset) & histories["method"].isin([reference, baseline])]
     final = final_weight_dist(h)
     if final.empty or set(final["method"]) != {reference, baseline}:
@@ -462,8 +525,9 @@ def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: 
     return fig
 
 
-def plot_paired(paired, confidence: float = 0.95):
-    """The paired differences with their confidence intervals (percentage points), one row per comparison."""
+def plot_paired(paired, confidence: float = 0.95, metric: str = "test_acc"):
+    """The paired differences reference − other with their confidence intervals (percentage points), one row
+    per comparison."""
     rows = paired[paired["n"] > 0].reset_index(drop=True)
     fig = _figure(7.5, 0.9 + 0.45 * max(len(rows), 1))
     ax = fig.add_subplot()
@@ -474,8 +538,8 @@ def plot_paired(paired, confidence: float = 0.95):
         ax.errorbar(100 * r["mean_diff"], yi, xerr=err, fmt="o", color="tab:red", capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, [f"{r['dataset']}: {r['method']} − {r['versus']} (n={r['n']})" for _, r in rows.iterrows()])
-    ax.set_xlabel(f"test accuracy difference (percentage points), {100 * confidence:g}% CI")
-    ax.set_title("paired over shared seeds (> 0: the first method is better)")
+    ax.set_xlabel(f"{metric} difference (percentage points), {100 * confidence:g}% CI")
+    ax.set_title("reference − other, paired over shared seeds (> 0: the reference is better)")
     return fig
 
 
@@ -484,7 +548,7 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
     dashed lines mark the re-initializations of methods that contain the reference."""
     h = histories[histories["dataset"] == dataset]
     methods = sorted(methods or h["method"].unique(), key=method_sort_key)
-    ref = set(method_name(reference).split("+"))
+    ref = set(method_tricks(method_label(reference)))
     fig = _figure(13, 4.5)
     acc_ax, lr_ax = fig.subplots(1, 2)
     from matplotlib import colormaps
@@ -499,7 +563,7 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
         acc_ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
         lr = g[g["key"] == "lr_head"].groupby("step")["value"].mean()
         lr_ax.plot(lr.index, lr.values, color=color, label=m)
-        if m != PLAIN and ref <= set(m.split("+")):
+        if m != PLAIN and ref <= _trick_set(m):
             for ax in (acc_ax, lr_ax):
                 _mark_reinits(ax, reinit_epochs(h, m), color=color, label=False)
     acc_ax.set_title(f"{dataset}: validation accuracy (mean ± std over seeds)")
@@ -515,21 +579,18 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
 # ----------------------------------------------------------------------------------------------------
 # The whole report
 
-def build_report(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
-                 output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
-                 group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95) -> dict:
-    """Fetch the runs, write results.md / results.csv / paired.csv / runs.csv and per dataset
-    mechanism_<dataset>.png and dynamics_<dataset>.png into `output_dir`, and (with `log`) log them as
-    MLflow artifacts. Returns {"runs", "summary", "paired", "markdown", "files", "run_id"}."""
-    runs = fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
-    if runs.empty:
-        where = f"parent run {parent_run_id}" if parent_run_id else f"experiment {experiment!r}"
-        raise ValueError(f"no finished training runs with a test_acc in {where}")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(runs)
-    paired = paired_differences(runs, reference, confidence)
+def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95) -> dict:
+    """The tables of `runs` (from fetch_runs) for one metric and their Markdown, with notes on runs left out
+    (no value of the metric, repeated (dataset, method, seed)) and on settings that differ.
+    Returns {"summary", "paired", "markdown"}."""
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
+    method_label(reference)  # an unknown trick fails here, with the message of rifle.methods
     notes = []
+    missing = runs.loc[runs[metric].isna(), "run_id"].tolist()
+    if missing:
+        notes.append(f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out (e.g. "
+                     f"{', '.join(missing[:5])})")
     dups = runs.attrs.get("duplicates", [])
     if dups:
         notes.append(f"{len(dups)} older run(s) repeating a (dataset, method, seed) were left out (e.g. "
@@ -542,7 +603,30 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
         if v["between"]:
             notes.append(f"{dataset}: settings differ between methods (fine after per-method tuning, not for a "
                          f"same-settings comparison): {', '.join(v['between'])}")
-    markdown = table_markdown(summary, paired, confidence, notes)
+    summary = summarize(runs, metric)
+    paired = paired_differences(runs, reference, confidence, metric)
+    return {"summary": summary, "paired": paired,
+            "markdown": table_markdown(summary, paired, confidence, notes, metric)}
+
+
+def build_report(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
+                 output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
+                 group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95,
+                 metric: str = "test_acc") -> dict:
+    """Fetch the runs, write results.md / results.csv / paired.csv / runs.csv (the tables show `metric`)
+    and per dataset mechanism_<dataset>.png and dynamics_<dataset>.png into `output_dir`, and (with `log`)
+    log them as MLflow artifacts. Returns {"runs", "summary", "paired", "markdown", "files", "run_id"}."""
+    runs = fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
+    where = f"parent run {parent_run_id}" if parent_run_id else \
+        f"experiment {experiment!r}" if experiment else "any experiment"
+    if runs.empty:
+        raise ValueError(f"no finished training runs with a test_acc in {where}")
+    tables = evidence(runs, reference, metric, confidence)
+    summary, paired, markdown = tables["summary"], tables["paired"], tables["markdown"]
+    if summary.empty:
+        raise ValueError(f"no finished training run in {where} has {metric}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
     files = {"results.md": out / "results.md", "results.csv": out / "results.csv",
              "paired.csv": out / "paired.csv", "runs.csv": out / "runs.csv"}
     files["results.md"].write_text(markdown)
@@ -550,10 +634,10 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
     paired.to_csv(files["paired.csv"], index=False)
     runs.drop(columns=["params"]).to_csv(files["runs.csv"], index=False)
     if len(paired):
-        _save(plot_paired(paired, confidence), out / "paired.png")
+        _save(plot_paired(paired, confidence, metric), out / "paired.png")
         files["paired.png"] = out / "paired.png"
     histories = fetch_histories(runs, tracking_uri)
-    ref_name, base_name = method_name(reference), method_name(baseline)
+    ref_name, base_name = method_label(reference), method_label(baseline)
     for dataset, g in runs.groupby("dataset"):
         h = histories[histories["dataset"] == dataset]
         name = f"dynamics_{slug(dataset)}.png"
@@ -580,11 +664,13 @@ def log_report(folder: Path, tracking_uri: str | None, experiment: str | None, p
     run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
     created = False
     if not run_id:
-        exp = client.get_experiment_by_name(experiment)
-        run_id = client.create_run(exp.experiment_id, run_name="report").info.run_id
+        name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"  # as `mlflow run` would
+        exp = client.get_experiment_by_name(name)
+        run_id = client.create_run(exp.experiment_id if exp else client.create_experiment(name),
+                                   run_name="report").info.run_id
         created = True
     client.set_tag(run_id, REPORT_TAG, "true" if not parent_run_id else "parent")
-    client.set_tag(run_id, "rifle.report_reference", method_name(reference))
+    client.set_tag(run_id, "rifle.report_reference", method_label(reference))
     client.log_artifacts(run_id, str(folder), artifact_path="report")
     if created:
         client.set_terminated(run_id)
@@ -687,21 +773,26 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--tracking_uri", default="", help="MLflow store (default: $MLFLOW_TRACKING_URI, else "
                    "sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default="rifle", help="experiment whose finished runs are compared")
+    p.add_argument("--experiment", default="", help="experiment whose finished runs are compared (default: "
+                   "every experiment, e.g. Default for `mlflow run .` and rifle for `python -m rifle.train`)")
     p.add_argument("--parent_run_id", default="", help="compare this run's child runs (a sweep comparison or "
                    "study) and log the report into it")
     p.add_argument("--output_dir", default="", help="where the files go (default: outputs/reports/<experiment or "
                    "parent run id>)")
-    p.add_argument("--reference", default="rifle", help="the method whose paired differences are reported")
+    p.add_argument("--metric", default="test_acc", choices=tuple(METRICS), help="the number the tables show: "
+                   + "; ".join(f"{k}: {v}" for k, v in METRICS.items()))
+    p.add_argument("--reference", default="rifle", help="the trick (or method) whose paired differences are "
+                   "reported: rows are the method with it minus the same method without it")
     p.add_argument("--baseline", default=PLAIN, help="the method the mechanism figure compares with")
     p.add_argument("--group_by", default="dataset", help="comma-separated params forming the table's rows")
     p.add_argument("--no_log", action="store_true", help="write the files only, log nothing to MLflow")
     args = p.parse_args(argv)
-    output_dir = args.output_dir or str(Path("outputs") / "reports" / slug(args.parent_run_id or args.experiment))
+    output_dir = args.output_dir or str(Path("outputs") / "reports" / slug(args.parent_run_id or args.experiment or "all"))
     try:
         result = build_report(args.tracking_uri or None, args.experiment or None, args.parent_run_id or None,
                               output_dir, args.reference, args.baseline,
-                              tuple(k.strip() for k in args.group_by.split(",") if k.strip()), not args.no_log)
+                              tuple(k.strip() for k in args.group_by.split(",") if k.strip()), not args.no_log,
+                              metric=args.metric)
     except ValueError as e:
         print(f"rifle.report: error: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,8 @@ process owns the trial and every process trains it.
 Design (the README's "Sweeps" section says the same for users):
 
 - Search space: a YAML file (`load_space`), `extends` a base file, `fixed` options and `params` with
-  float (log, step), int and categorical distributions, each optionally conditional (`when`).
+  float (log, step), int and categorical distributions, each optionally conditional (`when`). The method's
+  label is derived from the fixed `tricks` (rifle.methods), never written separately.
 - Objective: the trial's best validation accuracy (the trainer's selection criterion), never test.
 - Pruning fair to RIFLE (`TrialReporter`): every epoch the trial reports its best validation accuracy so
   far, which never dips after a head re-initialization, and the pruner is consulted only where the trial
@@ -48,13 +49,14 @@ from typing import Any
 import yaml
 
 from . import config as C
+from .methods import method_label
 from .tracking import DEFAULT_URI, redact
 
 SAMPLERS = ("tpe", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
-TOP_KEYS = {"extends", "method", "fixed", "params"}
+TOP_KEYS = {"extends", "fixed", "params"}
 # Set by the sweep itself for each trial; a space may not set them.
 MANAGED = ("output_dir", "run_name", "tracking_uri", "experiment")
 STUDY_ATTR = "rifle_sweep"          # study user attr: uuid, method, space signature
@@ -113,10 +115,14 @@ class Param:
 @dataclass
 class Space:
     path: str
-    method: str
     fixed: dict[str, Any]                # option -> converted value (validated)
     params: dict[str, Param]             # in file order (conditions refer to earlier ones)
     sources: dict[str, str]              # option -> file (or "command line") that set it
+
+    @property
+    def method(self) -> str:
+        """The method label (rifle.methods) of the fixed `tricks`: a space has no name of its own for it."""
+        return method_label(self.fixed.get("tricks", C.TricksConfig.tricks))
 
     def suggest(self, trial) -> dict[str, Any]:
         values = dict(self.fixed)
@@ -152,6 +158,9 @@ def _read_yaml(path: Path) -> dict:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise SpaceError(f"{path}: expected a mapping with keys {', '.join(sorted(TOP_KEYS))}")
+    if "method" in data:  # the label is derived from `tricks`, so it cannot disagree with what trains
+        raise SpaceError(f"{path}: method: the method is named after fixed.tricks (tricks: rifle,l2sp is "
+                         "rifle+l2sp); remove this key")
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise SpaceError(f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
@@ -255,17 +264,17 @@ def _parse_param(source: str, name: str, spec: Any) -> Param:
     return p
 
 
-def _merge(path: Path, stack: tuple = ()) -> tuple[dict, dict, dict, str | None]:
-    """(fixed, params, sources, method) of a file after its `extends` chain."""
+def _merge(path: Path, stack: tuple = ()) -> tuple[dict, dict, dict]:
+    """(fixed, params, sources) of a file after its `extends` chain."""
     if path.resolve() in stack:
         raise SpaceError(f"{path}: extends: circular ({' -> '.join(str(p) for p in (*stack, path.resolve()))})")
     data = _read_yaml(path)
-    fixed, params, sources, method = {}, {}, {}, None
+    fixed, params, sources = {}, {}, {}
     if data.get("extends"):
         parent = path.parent / str(data["extends"])
         if not parent.is_file():
             raise SpaceError(f"{path}: extends: file not found: {parent}")
-        fixed, params, sources, method = _merge(parent, (*stack, path.resolve()))
+        fixed, params, sources = _merge(parent, (*stack, path.resolve()))
     own_fixed, own_params = data.get("fixed") or {}, data.get("params") or {}
     both = sorted(set(own_fixed) & set(own_params))
     if both:
@@ -277,13 +286,16 @@ def _merge(path: Path, stack: tuple = ()) -> tuple[dict, dict, dict, str | None]
     for name, spec in own_params.items():
         fixed.pop(name, None)
         params[name], sources[name] = _parse_param(str(path), name, spec), str(path)
-    return fixed, params, sources, data.get("method") or method
+    return fixed, params, sources
 
 
 def load_space(path: str, overrides: dict[str, Any] | None = None) -> Space:
     """Read and validate a search space; `overrides` (command-line trainer options) fix more options."""
     p = Path(path)
-    fixed, params, sources, method = _merge(p)
+    fixed, params, sources = _merge(p)
+    if "tricks" in params:
+        raise SpaceError(f"{params['tricks'].source}: params.tricks: a study tunes one method; fix tricks under "
+                         "fixed and make one space per method")
     for name, value in (overrides or {}).items():
         if name in params:
             raise SpaceError(f"--{name}: searched in {params[name].source} (params.{name}); remove it there to "
@@ -291,7 +303,7 @@ def load_space(path: str, overrides: dict[str, Any] | None = None) -> Space:
         _option_error("command line", f"--{name}", name, value)
         fixed[name], sources[name] = value, "command line"
     fixed = {k: C.convert(k, v) for k, v in fixed.items()}
-    space = Space(str(p), str(method or p.stem), fixed, dict(params), sources)
+    space = Space(str(p), fixed, dict(params), sources)
     _check_values(space)
     return space
 
@@ -308,6 +320,9 @@ def _check_values(space: Space) -> None:
             raise SpaceError(f"{source}: {key}: {str(e).removeprefix(f'--{e.option}: ')}") from None
 
     build(dict(space.fixed), "", "fixed")
+    if C.build(space.fixed | {"output_dir": "unused"}).data.val_fraction == 0:
+        raise SpaceError(f"{space.sources.get('val_fraction', space.path)}: val_fraction: a study selects on "
+                         "validation accuracy, so it needs val_fraction > 0")
     seen: dict[str, list] = {}
     for p in space.params.values():
         for other in p.when:
