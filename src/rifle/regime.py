@@ -1,0 +1,170 @@
+"""Where does RIFLE help? RIFLE − plain paired differences over a grid of what its mechanism depends on.
+
+    python -m rifle.regime                 # 2 protocols x 2 data sizes x (plain + 4 RIFLE variants) x 5 seeds
+    python -m rifle.regime --seeds 3 epochs=12
+
+The paper's argument is about optimizer steps: a re-initialized head needs steps to fit again, and the
+backbone gets its "meaningful updates" while it does. So the grid varies what sets the steps per period
+(images per class at batch 32 -> steps per epoch; K re-inits -> epochs per period) and the head's learning
+rate after a re-init (`follow`: the backbone's decaying cosine; `cyclic`: the official `fc_lr_util=cyclic`,
+a fresh cosine each period), under both evaluation protocols (validated: best-validation checkpoint;
+authors': all of train, last epoch). Every cell is paired with plain fine-tuning on the same seeds and
+data, and each difference gets a 95% t interval: a cell where the interval lies above 0 is "helps",
+below 0 "hurts", otherwise "cannot be told apart"; p-values are also Holm-adjusted over all cells.
+
+Every (protocol, data size) is one parent run of the offline study's machinery (`study.run_study`): each
+(method, seed) trains once, in its own output_dir, so an interrupted grid resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from . import config as C
+from .study import BASE, PROTOCOLS, run_study
+
+DATA = {10: {"train_per_class": 10}, 30: {"train_per_class": 30}}  # images per class -> options
+CLASSES = 10  # digits
+REINITS = (1, 2)
+POLICIES = ("follow", "cyclic")
+
+
+def variants() -> dict[str, dict]:
+    """label -> options: plain and every (K, head-LR policy) of RIFLE."""
+    out = {"plain": {"tricks": ""}}
+    for k in REINITS:
+        for policy in POLICIES:
+            out[f"rifle-K{k}-{policy}"] = {"tricks": "rifle", "reinit_times": k, "head_lr_policy": policy}
+    return out
+
+
+def steps_per_epoch(cfg: C.Config) -> int:
+    """Optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size."""
+    return math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
+
+
+def cell_name(protocol: str, per_class: int) -> str:
+    return f"regime-{protocol}-{per_class}pc"
+
+
+def collect(experiment: str, parents: dict, overrides: dict) -> "pd.DataFrame":
+    """One row per (protocol, data, K, policy): plain and RIFLE mean test_acc over the shared seeds and the
+    paired difference RIFLE − plain with its 95% t interval, p, Holm-adjusted p and the verdict."""
+    import mlflow
+    import pandas as pd
+
+    from .report import holm, paired_difference
+
+    rows = []
+    for (protocol, per_class), parent in parents.items():
+        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`mlflow.parentRunId` = "
+                                  f"'{parent}' and attributes.status = 'FINISHED'", output_format="list")
+        acc = {}
+        for r in runs:
+            acc.setdefault(r.data.tags["study_method"], {})[int(r.data.tags["study_seed"])] = r.data.metrics["test_acc"]
+        plain = acc.get("plain", {})
+        for label, options in variants().items():
+            if label == "plain" or label not in acc:
+                continue
+            seeds = sorted(set(plain) & set(acc[label]))
+            cfg = C.build(BASE | DATA[per_class] | options | PROTOCOLS[protocol] | overrides)
+            spe = steps_per_epoch(cfg)
+            stats = paired_difference([acc[label][s] for s in seeds], [plain[s] for s in seeds])
+            rows.append({"protocol": protocol, "images_per_class": per_class, "steps_per_epoch": spe,
+                         "K": options["reinit_times"], "head_lr": options["head_lr_policy"],
+                         "steps_per_period": spe * cfg.optim.epochs // (options["reinit_times"] + 1),
+                         "plain": sum(plain[s] for s in seeds) / max(len(seeds), 1),
+                         "rifle": sum(acc[label][s] for s in seeds) / max(len(seeds), 1), **stats})
+    table = pd.DataFrame(rows)
+    if len(table):
+        table["p_holm"] = holm(table["p_value"])
+        table["verdict"] = [verdict(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])]
+    return table
+
+
+def verdict(ci_low: float, ci_high: float) -> str:
+    if ci_low > 0:
+        return "helps"
+    if ci_high < 0:
+        return "hurts"
+    return "cannot be told apart"
+
+
+def markdown(table) -> str:
+    lines = ["| protocol | images/class | steps/epoch | K | head LR | steps/period | n | plain (%) | RIFLE (%) | "
+             "RIFLE − plain (points) [95% CI] | p | p (Holm) | verdict |", "|---" * 13 + "|"]
+    for r in table.itertuples(index=False):
+        lines.append(f"| {r.protocol} | {r.images_per_class} | {r.steps_per_epoch} | {r.K} | {r.head_lr} | "
+                     f"{r.steps_per_period} | {r.n} | {100 * r.plain:.1f} | {100 * r.rifle:.1f} | "
+                     f"{100 * r.mean_diff:+.2f} [{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}] | "
+                     f"{r.p_value:.3f} | {r.p_holm:.3f} | {r.verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table):
+    """Forest plot: RIFLE − plain with its 95% interval per cell, one colour per protocol."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 0.42 * len(table) + 1.4), layout="constrained")
+    ax = fig.add_subplot()
+    colors = {"validated": "tab:blue", "authors": "tab:orange"}
+    labels = []
+    for i, r in enumerate(table.itertuples(index=False)):
+        y = len(table) - 1 - i
+        ax.errorbar(100 * r.mean_diff, y, xerr=[[100 * (r.mean_diff - r.ci_low)], [100 * (r.ci_high - r.mean_diff)]],
+                    fmt="o", color=colors.get(r.protocol, "gray"), capsize=3,
+                    label=r.protocol if r.protocol not in [lab[0] for lab in labels] else None)
+        labels.append((r.protocol, f"{r.images_per_class}/class, K={r.K}, {r.head_lr} ({r.steps_per_period} steps/period)"))
+    ax.set_yticks(range(len(table)), [text for _, text in reversed(labels)], fontsize=8)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_xlabel("RIFLE − plain test accuracy (points), mean and 95% t interval over paired seeds")
+    ax.legend(title="protocol", fontsize=8)
+    ax.set_title("Where RIFLE helps: digits, EfficientNet-Lite0, 48 px, 30 epochs")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rifle.regime", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1")
+    p.add_argument("--protocol", default="both", choices=(*PROTOCOLS, "both"),
+                   help="validated (best-validation checkpoint), authors (all of train, last epoch) or both")
+    p.add_argument("--tracking_uri", default="sqlite:///mlflow.db", help="MLflow store")
+    p.add_argument("--experiment", default="rifle-regime", help="MLflow experiment of the grid's runs")
+    p.add_argument("--output_root", default="outputs/regime", help="runs go to <root>/<cell>/<method>/seed<s>")
+    p.add_argument("--report_dir", default="outputs/regime/report", help="where regime.md/.csv/.png go")
+    p.add_argument("overrides", nargs="*", metavar="option=value", help="any trainer option, e.g. epochs=12")
+    args = p.parse_args(argv)
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    try:
+        overrides = dict(item.split("=", 1) for item in args.overrides)
+        for protocol in protocols:  # every configuration is valid before the first of ~100 runs starts
+            for data in DATA.values():
+                for options in variants().values():
+                    C.build(BASE | data | options | PROTOCOLS[protocol] | overrides)
+    except (C.ConfigError, ValueError) as e:
+        print(f"rifle.regime: error: {e}", file=sys.stderr)
+        return 2
+    parents = {}
+    for protocol in protocols:
+        for per_class, data in DATA.items():
+            print(f"rifle.regime: {protocol} protocol, {per_class} images per class", flush=True)
+            parents[protocol, per_class] = run_study(variants(), list(range(args.seeds)),
+                                                     data | PROTOCOLS[protocol] | overrides, args.tracking_uri,
+                                                     args.experiment, cell_name(protocol, per_class),
+                                                     args.output_root)
+    import mlflow
+    mlflow.set_tracking_uri(args.tracking_uri)
+    table = collect(args.experiment, parents, overrides)
+    out = Path(args.report_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "regime.csv", index=False)
+    (out / "regime.md").write_text(markdown(table))
+    plot(table).savefig(out / "regime.png", dpi=110)
+    print(markdown(table))
+    print(f"table and figure: {out}/regime.md, regime.csv, regime.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

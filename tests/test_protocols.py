@@ -1,0 +1,173 @@
+"""The two evaluation protocols (validated: best-validation checkpoint; authors': all of train, last epoch)
+and 'RIFLE is always RIFLE': a configuration that makes fewer re-inits than it names is refused."""
+import time
+
+import pytest
+
+from conftest import TINY, mlflow_runs, run_cli
+from rifle import config as C
+from rifle import sweep as S
+from rifle.data import load_splits
+from rifle.schedules import rifle_reinit_epochs
+
+
+def test_guard_follows_the_paddle_port():
+    # fine_tuning/run.py of the Paddle port: after epoch e, skip the re-init when e > E - 5 (E a whole
+    # number of periods here: the official code truncates, the port does not)
+    for periods in range(2, 6):
+        for epochs in range(periods, 41, periods):
+            paddle = [e for e in range(epochs) if (e + 1) % (epochs // periods) == 0 and not e > epochs - 5]
+            assert rifle_reinit_epochs(epochs, periods - 1, guard_epochs=4) == paddle, (epochs, periods)
+
+
+@pytest.mark.parametrize("values,count", [({"tricks": "rifle", "epochs": 30, "reinit_times": 2}, 2),
+                                          ({"tricks": "rifle", "epochs": 24, "reinit_times": 3,
+                                            "reinit_guard_epochs": 6}, 3),
+                                          ({"tricks": "dropout"}, 0)])
+def test_reinit_count_is_known_at_config_time(values, count):
+    assert C.reinit_count(C.build(values)) == count
+
+
+def test_a_rifle_run_without_all_its_reinits_is_refused(tmp_path):
+    start = time.monotonic()
+    proc = run_cli(["--epochs", "4", "--reinit_times", "3", "--reinit_guard_epochs", "8"], tmp_path)
+    assert proc.returncode == 2 and time.monotonic() - start < 10
+    assert proc.stderr.count("\n") == 1 and "--reinit_guard_epochs" in proc.stderr, proc.stderr
+    # the shipped sweep setting that used to lose re-inits silently: 24 epochs, K=3, guard 8
+    with pytest.raises(C.ConfigError, match="leave 2 of the 3 re-initializations"):
+        C.build({"epochs": 24, "reinit_times": 3, "reinit_guard_epochs": 8})
+
+
+def test_validation_free_runs_need_the_last_epoch_selection(tmp_path):
+    start = time.monotonic()
+    proc = run_cli(["--val_fraction", "0", "--selection", "best_val"], tmp_path)
+    assert proc.returncode == 2 and time.monotonic() - start < 10
+    assert proc.stderr.count("\n") == 1 and "--val_fraction" in proc.stderr and "--selection last" in proc.stderr
+    with pytest.raises(C.ConfigError, match="val_fraction"):
+        C.build({"val_fraction": 1})
+
+
+def test_val_fraction_zero_keeps_all_of_train(digits_folder):
+    validated = load_splits(f"imagefolder:{digits_folder}", val_fraction=0.25)
+    authors = load_splits(f"imagefolder:{digits_folder}", val_fraction=0)
+    assert list(authors) == ["train", "test"] and len(authors["train"]) == 32
+    assert len(validated["train"]) + len(validated["val"]) == 32
+    assert authors["test"]["label"] == validated["test"]["label"]
+
+
+def test_the_authors_protocol_end_to_end(tmp_path, digits_folder):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = run_cli(["--dataset", f"imagefolder:{digits_folder}", *TINY[:6], "--val_fraction", "0", "--selection",
+                    "last", "--tricks", "rifle", "--epochs", "4", "--tracking_uri", uri, "--output_dir",
+                    tmp_path / "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selection last" in proc.stdout
+    client, runs = mlflow_runs(uri)
+    run = runs[0]
+    m, params = run.data.metrics, run.data.params
+    assert m["test_acc"] == m["test_acc_last"] and m["selected_epoch"] == 3
+    assert "val_acc" not in m and "best_val_acc" not in m
+    assert params["selection"] == "last" and params["val_fraction"] == "0.0" and params["reinit_count"] == "1"
+    assert run.data.tags["selected_before_reinit"] == "false"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/last.safetensors"]
+
+
+def test_best_val_runs_say_when_the_selected_checkpoint_precedes_the_first_reinit(tmp_path, digits_folder):
+    from rifle.trainer import fit
+    cfg = C.build({"dataset": f"imagefolder:{digits_folder}", "image_size": 48, "batch_size": 16,
+                   "val_fraction": 0.25, "tricks": "rifle", "epochs": 2, "lr": 1e-6, "log_weights": False,
+                   "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out")})
+    result = fit(cfg)  # lr ~ 0: validation accuracy cannot improve after epoch 0, the re-init epoch
+    assert result["selected_epoch"] == result["best_epoch"] == 0
+    _, runs = mlflow_runs(cfg.run.tracking_uri)
+    assert runs[0].data.tags["selected_before_reinit"] == "true"
+    assert runs[0].data.params["selection"] == "best_val"
+
+
+def test_a_sweep_trial_that_would_lose_a_reinit_fails_before_training(tmp_path, digits_folder):
+    space = tmp_path / "guard.yaml"
+    space.write_text(f"""
+fixed:
+  dataset: imagefolder:{digits_folder}
+  image_size: 48
+  val_fraction: 0.25
+  epochs: 4
+  tricks: rifle
+params:
+  reinit_times: {{type: categorical, choices: [3]}}
+  reinit_guard_epochs: {{type: categorical, choices: [2]}}
+""")
+    storage = str(tmp_path / "optuna.journal")  # K=3 and guard 2 each pass alone, not together
+    code = S.main(["--space", str(space), "--n_trials", "1", "--storage", storage, "--study_name", "guard",
+                   "--sampler", "grid", "--output_root", str(tmp_path / "out"), "--tracking_uri",
+                   f"sqlite:///{tmp_path}/mlflow.db"])
+    assert code == 0
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+    study = optuna.load_study(study_name="guard", storage=optuna.storages.JournalStorage(JournalFileBackend(storage)))
+    assert [t.state.name for t in study.trials] == ["FAIL"]
+    assert not list((tmp_path / "out").rglob("checkpoints"))  # nothing was trained
+    _, runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db")
+    reasons = [r.data.tags.get("sweep.reason", "") for r in runs]
+    assert any("reinit_guard_epochs" in reason for reason in reasons), reasons
+
+
+def test_a_sweep_needs_validation(tmp_path, digits_folder):
+    space = tmp_path / "noval.yaml"
+    space.write_text(f"fixed:\n  dataset: imagefolder:{digits_folder}\n  val_fraction: 0\n  selection: last\n")
+    with pytest.raises(S.SpaceError, match="val_fraction: a study selects on validation"):
+        S.load_space(str(space))
+
+
+def test_the_offline_study_runs_both_protocols_and_resumes(tmp_path, digits_folder, capsys):
+    from rifle import study
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--methods", "plain,rifle", "--seeds", "2", "--tracking_uri", uri, "--output_root",
+            str(tmp_path / "out"), "--report_dir", str(tmp_path / "report"), f"dataset=imagefolder:{digits_folder}",
+            "train_per_class=0", "epochs=2", "batch_size=16", "channels_last=false"]
+    assert study.main(argv) == 0
+    client, runs = mlflow_runs(uri)
+    parents = {r.data.tags["study"]: r for r in runs if r.data.tags.get("study_parent") == "yes"}
+    assert set(parents) == {"offline-study-validated", "offline-study-authors"}
+    for name, selection in (("offline-study-validated", "best_val"), ("offline-study-authors", "last")):
+        children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[name].info.run_id]
+        assert len(children) == 4 and {r.data.params["selection"] for r in children} == {selection}
+        assert all(r.info.status == "FINISHED" for r in children)
+        assert (tmp_path / "report" / name.rsplit("-", 1)[1] / "results.md").exists()
+    authors = [r for r in runs if r.data.params.get("val_fraction") == "0.0"]
+    assert len(authors) == 4 and all(r.data.metrics["test_acc"] == r.data.metrics["test_acc_last"] for r in authors)
+    capsys.readouterr()
+    assert study.main(argv) == 0  # finished runs are read back, not trained again
+    assert "seed" not in capsys.readouterr().out.split("protocol validated")[0]
+    assert len(mlflow_runs(uri)[1]) == len(runs)
+
+
+def test_the_regime_grid_pairs_every_rifle_variant_with_plain(tmp_path, digits_folder, monkeypatch, capsys):
+    from rifle import regime
+    monkeypatch.setattr(regime, "DATA", {3: {"train_per_class": 3}})
+    monkeypatch.setattr(regime, "CLASSES", 4)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = ["--protocol", "authors", "--seeds", "2", "--tracking_uri", uri, "--output_root", str(tmp_path / "out"),
+            "--report_dir", str(tmp_path / "report"), f"dataset=imagefolder:{digits_folder}", "epochs=3",
+            "batch_size=16", "channels_last=false"]
+    assert regime.main(argv) == 0
+    table = __import__("pandas").read_csv(tmp_path / "report" / "regime.csv")
+    assert len(table) == 4 and set(zip(table["K"], table["head_lr"])) == {(1, "follow"), (1, "cyclic"),
+                                                                         (2, "follow"), (2, "cyclic")}
+    assert (table["n"] == 2).all() and set(table["verdict"]) <= {"helps", "hurts", "cannot be told apart"}
+    assert (table["steps_per_epoch"] == 1).all()  # 4 classes x 3 images at batch 16
+    assert list(table["steps_per_period"]) == [1, 1, 1, 1]  # 3 epochs: K=1 truncates to 2, K=2 keeps 3
+    assert (tmp_path / "report" / "regime.png").stat().st_size > 10_000
+    assert "RIFLE − plain" in (tmp_path / "report" / "regime.md").read_text()
+    _, runs = mlflow_runs(uri)
+    assert len(runs) == 1 + 5 * 2  # a parent, 5 methods x 2 seeds
+    capsys.readouterr()
+    assert regime.main(argv) == 0  # resumed: nothing is trained again
+    assert "seed 0: test_acc" not in capsys.readouterr().out
+    assert len(mlflow_runs(uri)[1]) == len(runs)
+
+
+def test_regime_verdicts():
+    from rifle.regime import verdict
+    assert verdict(0.001, 0.02) == "helps" and verdict(-0.03, -0.001) == "hurts"
+    assert verdict(-0.01, 0.01) == "cannot be told apart"
