@@ -327,6 +327,19 @@ def test_report_from_runs(store):
     assert report.reinit_epochs(h, "rifle") == [1] and report.reinit_epochs(h, "plain") == []
     from rifle.models import block_names, build_backbone
     assert report.block_order(one.model, sorted(got.index)) == block_names(build_backbone(one.model, False)[0])
+    # Gradient figures: per-block norms over epochs (rifle vs plain) and the post / pre ratio at the re-init.
+    for name in (f"gradients_{label}.png", f"reinit_gradients_{label}.png"):
+        image = imread(tmp / "rep" / name)
+        assert image.shape[0] >= 400 and image.std() > 0.05, name
+        assert name in logged
+    from rifle import figures
+    ratios = figures.reinit_ratios(h, "rifle")
+    rifle_runs = runs[runs["method"] == "rifle"]
+    assert sorted(set(ratios["run_id"])) == sorted(rifle_runs["run_id"]) and set(ratios["epoch"]) == {1}
+    one = rifle_runs.iloc[0]
+    m = client.get_run(one.run_id).data.metrics
+    row = ratios[(ratios["run_id"] == one.run_id) & (ratios["block"] == "conv_stem")].iloc[0]
+    assert row["ratio"] == pytest.approx(m["grad_norm_post_reinit/conv_stem"] / m["grad_norm_pre_reinit/conv_stem"])
 
 
 def test_experiment_report_run_and_cli(store, capsys):

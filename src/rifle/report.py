@@ -39,7 +39,8 @@ REPORT_TAG = "rifle.report"
 # settings of one trick list (e.g. RIFLE K=1 and K=3) stay apart. Without one, the label comes from `tricks`.
 METHOD_TAGS = ("compare.method", "study_method")
 # Metrics fetched per epoch for the figures (weight_dist/<block> keys are found per run).
-HISTORY_KEYS = ("val_acc", "lr_head", "head_reinit")
+HISTORY_KEYS = ("val_acc", "train_acc", "lr_head", "head_reinit")
+PROBE_PREFIXES = ("weight_dist/", "grad_norm/", "grad_norm_pre_reinit/", "grad_norm_post_reinit/")
 # The numbers a table can show; every run logs both (test_acc_last may be missing in older runs).
 METRICS = {"test_acc": "test accuracy at the checkpoint the run's `selection` chose",
            "test_acc_last": "test accuracy at the last epoch"}
@@ -268,7 +269,8 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
 
 
 RUN_KEYS = ("seed", "tricks", "output_dir", "run_name", "tracking_uri", "experiment", "log_weights",
-            "keep_checkpoints", "channels_last", "compile", "compile_backend", "pin_memory", "num_workers", "num_proc")
+            "register_model", "system_metrics", "keep_checkpoints", "channels_last", "compile", "compile_backend",
+            "pin_memory", "num_workers", "num_proc")
 TRICK_OPTIONS = ("reinit_times", "reinit_count", "head_lr_policy", "reinit_guard_epochs", "reset_head_momentum",
                  "dropout_", "dropconnect_", "sd_", "disturb_", "clr_", "l2_", "l2sp_", "delta_")
 
@@ -377,7 +379,8 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
 
 def fetch_histories(runs, tracking_uri: str | None = None, keys=HISTORY_KEYS, weight_dist: bool = True) -> "pd.DataFrame":
     """Per-epoch metrics of `runs` in long form: run_id, dataset, method, seed, key, step, value.
-    With `weight_dist`, every `weight_dist/<block>` metric the run has is included."""
+    With `weight_dist`, every probe metric the run has (`weight_dist/<block>`, `grad_norm/<block>` and the
+    re-init windows `grad_norm_pre_reinit/<block>`, `grad_norm_post_reinit/<block>`) is included."""
     import pandas as pd
 
     client = _client(tracking_uri)
@@ -385,7 +388,7 @@ def fetch_histories(runs, tracking_uri: str | None = None, keys=HISTORY_KEYS, we
     for r in runs.itertuples(index=False):
         names = list(keys)
         if weight_dist:
-            names += sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith("weight_dist/"))
+            names += sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(PROBE_PREFIXES))
         for key in names:
             for point in client.get_metric_history(r.run_id, key):
                 rows.append((r.run_id, r.dataset, r.method, r.seed, key, point.step, point.value))
@@ -544,9 +547,11 @@ def plot_paired(paired, confidence: float = 0.95, metric: str = "test_acc"):
 
 
 def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=None):
-    """Validation accuracy (mean ± std over seeds) and head learning rate (mean) over epochs per method;
-    dashed lines mark the re-initializations of methods that contain the reference."""
+    """Validation accuracy (training accuracy for runs without validation; mean ± std over seeds) and head
+    learning rate (mean) over epochs per method; dashed lines mark the re-initializations of methods that
+    contain the reference."""
     h = histories[histories["dataset"] == dataset]
+    key = "val_acc" if (h["key"] == "val_acc").any() else "train_acc"
     methods = sorted(methods or h["method"].unique(), key=method_sort_key)
     ref = set(method_tricks(method_label(reference)))
     fig = _figure(13, 4.5)
@@ -556,7 +561,7 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
     for i, m in enumerate(methods):
         color = cmap(i % 10)
         g = h[h["method"] == m]
-        acc = g[g["key"] == "val_acc"].groupby("step")["value"]
+        acc = g[g["key"] == key].groupby("step")["value"]
         mean, std = acc.mean(), acc.std(ddof=1).fillna(0)
         n = g["run_id"].nunique()
         acc_ax.plot(mean.index, mean.values, color=color, label=f"{m} (n={n})")
@@ -566,9 +571,10 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
         if m != PLAIN and ref <= _trick_set(m):
             for ax in (acc_ax, lr_ax):
                 _mark_reinits(ax, reinit_epochs(h, m), color=color, label=False)
-    acc_ax.set_title(f"{dataset}: validation accuracy (mean ± std over seeds)")
+    what = "validation" if key == "val_acc" else "training"
+    acc_ax.set_title(f"{dataset}: {what} accuracy (mean ± std over seeds)")
     acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel("validation accuracy")
+    acc_ax.set_ylabel(f"{what} accuracy")
     acc_ax.legend(fontsize=8)
     lr_ax.set_title("head learning rate (dashed: head re-initialized)")
     lr_ax.set_xlabel("epoch")
@@ -647,9 +653,26 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
             name = f"mechanism_{slug(dataset)}.png"
             _save(plot_mechanism(h, dataset, reference, baseline, g["model"].iloc[0]), out / name)
             files[name] = out / name
+        if {ref_name, base_name} <= set(g["method"]) and h["key"].str.startswith("grad_norm/").any():
+            for name, fig in gradient_figures(h, dataset, ref_name, base_name, g["model"].iloc[0]).items():
+                _save(fig, out / name)
+                files[name] = out / name
     run_id = log_report(out, tracking_uri, experiment, parent_run_id, reference) if log else None
     return {"runs": runs, "summary": summary, "paired": paired, "markdown": markdown, "files": files,
             "run_id": run_id}
+
+
+def gradient_figures(histories, dataset: str, reference: str, baseline: str, model_spec: str) -> dict:
+    """gradients_<dataset>.png (per-block gradient norm over epochs, reference vs baseline) and, when the
+    reference re-initialized, reinit_gradients_<dataset>.png (post / pre ratio per block and seed)."""
+    from . import figures
+    blocks = block_order(model_spec, figures.grad_blocks(histories))
+    out = {f"gradients_{slug(dataset)}.png": figures.plot_gradient_flow(histories, dataset, reference, baseline,
+                                                                          blocks)}
+    ratios = figures.reinit_ratios(histories[histories["dataset"] == dataset], reference)
+    if len(ratios):
+        out[f"reinit_gradients_{slug(dataset)}.png"] = figures.plot_reinit_ratios(ratios, dataset, reference, blocks)
+    return out
 
 
 def _save(fig, path: Path) -> None:
