@@ -20,12 +20,12 @@ import sys
 import tempfile
 
 import torch.nn.functional as F
-from accelerate.utils import set_seed
 
 from rifle import config as C
 from rifle.models import block_names
 from rifle.probes import block_of
 from rifle.schedules import rifle_reinit_epochs
+from rifle.seeds import seed_process, stream_seed
 from rifle.study import BASE
 from rifle.trainer import setup, train_epoch
 from rifle.tricks.rifle import reinit_linear_, reinit_seed
@@ -42,7 +42,7 @@ def block_grad_norms(s, blocks: list[str], epoch: int) -> tuple[dict[str, float]
     saved = copy.deepcopy(s.raw.state_dict())
     s.raw.train()
     s.raw.zero_grad(set_to_none=True)
-    set_seed(s.cfg.run.seed * 10_007 + epoch)
+    seed_process(stream_seed(s.cfg.run.seed, epoch, s.acc.process_index))
     s.loaders[0].set_epoch(epoch)
     total, batches = 0.0, 0
     for images, labels in s.loaders[0]:
@@ -66,7 +66,7 @@ def probe(seed: int, epochs: int, overrides: dict) -> dict:
         s = setup(cfg)
         reinit_at = rifle_reinit_epochs(epochs, 1, 0)[0]
         for epoch in range(reinit_at + 1):  # plain fine-tuning up to the end of RIFLE's first period
-            set_seed(cfg.run.seed * 10_007 + epoch, device_specific=True)
+            seed_process(stream_seed(cfg.run.seed, epoch, s.acc.process_index))  # as the trainer's fit
             s.loaders[0].set_epoch(epoch)
             train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, [], s.acc, cfg, epoch, _NoBar())
         blocks = block_names(s.raw.backbone)

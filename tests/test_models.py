@@ -57,3 +57,41 @@ def test_torchvision_and_timm_backbones():
 def test_lite0_blocks_from_input_to_head():
     model = build_model("efficientnet_lite0", num_classes=2, pretrained=False)
     assert block_names(model.backbone) == ["conv_stem", "bn1"] + [f"blocks.{i}" for i in range(7)] + ["conv_head", "bn2"]
+
+
+@pytest.mark.parametrize("spec", ["torchvision:mobilenet_v2", "torchvision:efficientnet_b0"])
+def test_backbone_dropout_and_stochastic_depth_off_unless_kept(spec):
+    """torchvision's mobilenet_v2 / efficientnet_b0 carry classifier dropout (and StochasticDepth) inside
+    the backbone: off by default, so every method starts from a plain network; kept on request."""
+    from torchvision.ops import StochasticDepth
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for keep in (False, True):
+        model = build_model(spec, num_classes=3, pretrained=False, backbone_dropout=keep).train()
+        rates = [m.p for m in model.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, StochasticDepth))]
+        assert rates and (any(p > 0 for p in rates) if keep else all(p == 0 for p in rates)), rates
+        with torch.no_grad():  # training mode: BatchNorm uses batch statistics, deterministic for one batch
+            same = torch.equal(model(x), model(x))
+        assert same != keep
+
+
+def test_silence_dropout_on_timm_drop_rate_drop_path_and_attention():
+    import timm
+
+    from rifle.models import silence_dropout
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name, kw in (("resnet10t", dict(drop_rate=0.5, drop_path_rate=0.3, drop_block_rate=0.2)),
+                     ("vit_tiny_patch16_224", dict(img_size=32, drop_rate=0.3, attn_drop_rate=0.3,
+                                                   proj_drop_rate=0.3, drop_path_rate=0.3, pos_drop_rate=0.3))):
+        net = timm.create_model(name, pretrained=False, num_classes=0, **kw).train()
+        with torch.no_grad():
+            assert not torch.equal(net(x), net(x)), name
+            silence_dropout(net)
+            assert torch.equal(net(x), net(x)), name
+
+
+def test_backbone_dropout_and_sync_bn_are_options_that_change_the_run():
+    from rifle import config as C
+    flat = C.build({}).flat()
+    assert flat["backbone_dropout"] is False and flat["sync_bn"] is False  # logged as params, like every option
+    assert "backbone_dropout" not in C.RUN_ONLY and "sync_bn" not in C.RUN_ONLY
+    assert C.config_digest(C.build({"sync_bn": "true"})) != C.config_digest(C.build({}))

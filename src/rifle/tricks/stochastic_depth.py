@@ -8,6 +8,10 @@ in training each block's residual branch f_l is kept or removed by a Bernoulli(p
 block's shortcut (identity or projection) alone. `sd_mode=batch` (default) draws once per block and
 mini-batch, as the paper does; `sd_mode=sample` draws per example (what timm and torchvision call
 drop path / StochasticDepth "row"), a variant offered for comparison.
+Under several processes the mini-batch is the global batch, so a batch-mode decision must be the same on
+every process: those draws come from a generator of the trick, seeded each epoch from (seed, epoch)
+without the rank (rifle.seeds, stream "depth") and advanced in lockstep (every process runs the same
+forward passes through the same gates in the same order). Per-sample draws use each process's own stream.
 Deviations, stated:
 - Scaling: a kept branch is multiplied by 1/p_l in training and the block is left unchanged at
   evaluation, instead of the paper's unscaled training and p_l f_l at test time. Both give the same
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..seeds import stream_seed
 from .base import Trick
 
 SLOTS = ("drop_path", "drop_path1", "drop_path2", "stochastic_depth")
@@ -60,16 +65,18 @@ def branch_gate(branch: torch.Tensor, survival: float, per_sample: bool,
 class BranchGate(nn.Module):
     """Gates one residual branch; no parameters or buffers, so state-dict keys are unchanged."""
 
-    def __init__(self, survival: float, per_sample: bool):
+    def __init__(self, survival: float, per_sample: bool, generator: torch.Generator | None = None):
         super().__init__()
         self.survival, self.per_sample = survival, per_sample
+        self.generator = generator  # batch mode: shared by all gates, the same sequence on every process
         self.dropped: torch.Tensor | int = 0
         self.drawn = 0
 
     def forward(self, branch: torch.Tensor) -> torch.Tensor:
         if not self.training or self.survival >= 1.0:
             return branch
-        out, dropped, drawn = branch_gate(branch, self.survival, self.per_sample)
+        out, dropped, drawn = branch_gate(branch, self.survival, self.per_sample,
+                                          None if self.per_sample else self.generator)
         self.dropped = self.dropped + dropped
         self.drawn += drawn
         return out
@@ -110,7 +117,9 @@ def _is_slot(value) -> bool:
         "DropPath", "StochasticDepth")
 
 
-def install_gates(backbone: nn.Module, p_last: float, per_sample: bool) -> list[BranchGate]:
+def install_gates(backbone: nn.Module, p_last: float, per_sample: bool,
+                  generator: torch.Generator | None = None) -> list[BranchGate]:
+    """Gates on every residual block; batch-mode gates draw from `generator` (None: the global one)."""
     blocks = residual_blocks(backbone)
     if not blocks:
         raise ConfigError("model", f"stochastic_depth needs residual blocks, and {type(backbone).__name__} "
@@ -120,7 +129,7 @@ def install_gates(backbone: nn.Module, p_last: float, per_sample: bool) -> list[
     gates = []
     for (name, block, where), p in zip(blocks, survival_probs(len(blocks), p_last)):
         for k, slot in enumerate(where):
-            gate = BranchGate(p, per_sample)
+            gate = BranchGate(p, per_sample, generator)
             if slot in ("bn2", "bn3"):
                 block.add_module(f"sd_gate{k}", gate)
                 # functools.partial keeps the hook tied to the copied gate under copy.deepcopy.
@@ -139,12 +148,15 @@ class StochasticDepth(Trick):
         super().__init__(cfg)
         self.p_last = cfg.tricks.sd_survival_last
         self.per_sample = cfg.tricks.sd_mode == "sample"
+        self.generator = torch.Generator()  # batch-mode decisions (CPU: no device round trip to decide)
 
     def prepare_model(self, model: nn.Module) -> None:
-        self.gates = install_gates(model.backbone, self.p_last, self.per_sample)
+        self.gates = install_gates(model.backbone, self.p_last, self.per_sample, self.generator)
 
     def on_epoch_start(self, epoch):
         super().on_epoch_start(epoch)
+        # Seeded per epoch, so a resumed run draws what the uninterrupted one drew.
+        self.generator.manual_seed(stream_seed(self.cfg.run.seed, epoch, purpose="depth"))
         for g in self.gates:
             g.dropped, g.drawn = 0, 0
 
