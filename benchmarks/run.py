@@ -1,4 +1,4 @@
-"""Every benchmark, one after the other, then a summary: `python benchmarks/run.py` (about 4 minutes on 2 idle
+"""Every benchmark, one after the other, then a summary: `python benchmarks/run.py` (about 6 minutes on 2 idle
 CPU cores). Each figure is measured here; nothing is a timed test. Other processes on the machine slow every
 figure down and add noise: before each measurement the benchmark waits (up to 90 s) for the CPU to be idle,
 and it reports how much CPU other processes took during the measurements.
@@ -24,7 +24,8 @@ from common import BASE, device, load, machine  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="a,b,c,d", help="which benchmarks: a throughput, b pipeline, c overhead, d options")
+    p.add_argument("--only", default="a,b,c,d,e", help="which benchmarks: a throughput, b pipeline, c overhead, "
+                   "d options, e DELTA's attention cache")
     p.add_argument("--quick", action="store_true", help="smallest settings: checks that everything runs")
     p.add_argument("--compile", action="store_true", help="(d) also measure torch.compile on the CPU")
     p.add_argument("--json", help="also write every figure to this JSON file")
@@ -56,6 +57,10 @@ def main(argv=None) -> int:
         import gpu_options
         print("(d) speed options", flush=True)
         results["d"] = gpu_options.run(epochs=2, compile_on_cpu=args.compile)
+    if "e" in chosen:
+        import delta_cache
+        print("(e) DELTA's channel-attention cache", flush=True)
+        results["e"] = delta_cache.run(repeats=1 if args.quick else 3)
     results["seconds"] = time.perf_counter() - start
     results["others_cpu"] = {"median": common.median(common.OTHERS), "max": max(common.OTHERS)} if common.OTHERS else {}
     print(f"\nsummary ({results['seconds']:.0f} s, load {load()}):")
@@ -103,6 +108,12 @@ def summary(r: dict) -> list[str]:
         cells = ", ".join(f"{k} {v:.2f}x" for k, v in d["speedup"].items() if k != "default")
         lines.append(f"| (d) speed options on {d['device']}: epoch-time speed-up over the default "
                      f"({d['epoch_s']['default']:.1f} s/epoch) | {cells} | measured |")
+    if "e" in r:
+        e = r["e"]
+        warm, cold = e["delta, warm cache"], e["delta, cold cache"]
+        lines.append(f"| (e) DELTA run / plain run, warm attention cache (cold: {cold['run_ratio']:.2f}x, attention "
+                     f"pass {cold['attention_s']:.1f} s; later epochs {warm['later_epoch_ratio']:.2f}x) "
+                     f"| {warm['run_ratio']:.2f}x | <= 2x, {ok(warm['run_ratio'] <= 2)} |")
     return lines
 
 

@@ -370,7 +370,7 @@ def test_delta_feature_penalty_by_hand():
     assert float(delta_feature_penalty([t], [s], [att])) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("layer", ["layer1", "layer1.0.conv1"])  # a stage output; inside a residual block
+@pytest.mark.parametrize("layer", ["layer1", "layer1.0.conv1", "layer2.1.conv2"])  # a stage output; in blocks
 def test_channel_loss_increase_matches_one_forward_per_channel(layer):
     import torchvision
     torch.manual_seed(0)
@@ -378,7 +378,7 @@ def test_channel_loss_increase_matches_one_forward_per_channel(layer):
     head, net.fc = net.fc, nn.Identity()
     x, y = images(2), torch.tensor([1, 3])
     module = net.get_submodule(layer)
-    fast = channel_loss_increase(net, head, module, x, y, max_batch=64)
+    fast = channel_loss_increase(net, head, layer, x, y, max_batch=64)
     with torch.no_grad():
         base = F.cross_entropy(head(net(x)), y)
         ref = []
@@ -390,7 +390,7 @@ def test_channel_loss_increase_matches_one_forward_per_channel(layer):
             h = module.register_forward_hook(zero)
             ref.append(float(F.cross_entropy(head(net(x)), y) - base))
             h.remove()
-    assert fast.numel() == 64
+    assert fast.numel() == (128 if layer.startswith("layer2") else 64)
     assert torch.allclose(fast, torch.tensor(ref, dtype=torch.float64), atol=1e-4)
 
 
@@ -436,9 +436,8 @@ def test_delta_trick_attention_penalty_and_resume_state(accelerator):
     assert again.attention == trick.attention
 
 
-def test_delta_compares_batchnorm_networks_on_the_same_statistics(accelerator):
-    cfg = C.build({"tricks": "delta", "delta_layers": "layer2,layer4", "delta_attention_epochs": "1",
-                   "delta_attention_batches": "1"})
+def test_delta_source_runs_on_running_batchnorm_statistics(accelerator):
+    cfg = C.build({"tricks": "delta", "delta_attention_epochs": "1", "delta_attention_batches": "1"})
     model = tiny_classifier()
     (trick,) = build_tricks(cfg)
     trick.prepare_model(model)
@@ -451,8 +450,9 @@ def test_delta_compares_batchnorm_networks_on_the_same_statistics(accelerator):
     trick.penalty(model, x)
     metrics = {}
     trick.on_epoch_end(0, metrics)
-    # at the starting point the feature maps agree although BatchNorm normalizes with batch statistics
-    assert metrics["penalty/delta_features"] == pytest.approx(0.0, abs=1e-9)
+    # As the reference: the source in evaluation mode, so at the starting point the training-mode network's
+    # batch statistics already make the feature maps differ (tests/test_delta.py checks the value).
+    assert metrics["penalty/delta_features"] > 0
     assert all(torch.equal(v, trick.source.state_dict()[k]) for k, v in running.items())
     assert not any(m.training for m in trick.source.modules())
 
@@ -461,9 +461,11 @@ def test_delta_default_layers():
     import timm
     import torchvision
     lite0 = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    assert default_layers(lite0) == ["blocks.1", "blocks.2", "blocks.4", "blocks.6"]
-    assert default_layers(resnet10t()) == ["layer1", "layer2", "layer3", "layer4"]
-    assert default_layers(torchvision.models.resnet18(weights=None)) == ["layer1", "layer2", "layer3", "layer4"]
+    assert default_layers(lite0) == ["blocks.1.1.conv_pwl", "blocks.2.1.conv_pwl", "blocks.4.2.conv_pwl",
+                                     "blocks.6.0.conv_pwl"]
+    assert default_layers(resnet10t()) == ["layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"]
+    assert default_layers(torchvision.models.resnet18(weights=None)) == [
+        "layer1.1.conv2", "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
     with pytest.raises(C.ConfigError, match="delta_layers"):
         default_layers(ConvNet())
 

@@ -22,6 +22,7 @@ class FitContext:
     pretrained: dict[str, torch.Tensor]   # backbone parameters at the start of fine-tuning (CPU)
     build_source_model: Callable[[], nn.Module]  # a fresh frozen pretrained backbone, on demand
     train_loader: Any
+    data_fingerprint: str = ""    # rifle.data.fingerprint of the loaded splits; "": unknown (nothing is cached)
 
 
 class Trick:
@@ -36,6 +37,7 @@ class Trick:
     after_step()
     on_epoch_end(epoch, metrics)         after validation and best-checkpoint selection; may add metrics
     state_dict() / load_state_dict(d)    JSON-able state for resuming
+    artifacts() -> {name: text}          files logged with the run (main process), at the end of fit
 
     Per-epoch metrics: name them in `metrics`, feed `self.meter` during the epoch; the default hooks keep
     `ctx`, reset the meter at the epoch start and add its averages (over all processes) at the epoch end,
@@ -78,3 +80,6 @@ class Trick:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def artifacts(self) -> dict[str, str]:
+        return {}

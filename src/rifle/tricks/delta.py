@@ -1,56 +1,86 @@
 """DELTA: feature maps kept close to the pretrained network's, weighted by channel attention.
 
-Li, Xiong, Wang, Rao, Liu, Chen, Huan. "DELTA: DEep Learning Transfer using Feature Map
-with Attention for Convolutional Networks." ICLR 2019.
+Li, Xiong, Wang, Rao, Liu, Chen, Huan. "DELTA: DEep Learning Transfer using Feature Map with Attention
+for Convolutional Networks." ICLR 2019. Reference code: the authors' github.com/lixingjian/DELTA
+(train.py: the penalty; channel_eval.py: the attention) and TLlib's port (thuml/Transfer-Learning-Library,
+tllib/regularization/delta.py and examples/task_adaptation/image_classification/delta.py).
 
-As in the paper: loss = CE + alpha * Omega' + beta * Omega'', with
-    Omega'(w) = sum_layers sum_j W_j ||FM_j(w, x) - FM_j(w*, x)||^2       (j: a channel of the layer)
-the distance between the feature maps of the network being fine-tuned (w) and of the frozen pretrained
-network (w*), and Omega'' = 1/2 ||w_head||^2 on the new head; weight decay is switched off (the
-penalties replace it). The channel attention is "supervised" and computed once from the pretrained
-network: W_j = softmax_j(L(z(x, w* without channel j), y) - L(z(x, w*), y)), the rise of the target
-loss when channel j is removed, where the loss uses a linear classifier fitted on the frozen pretrained
-features of the training set.
-As in the public implementation (TLlib's DELTA, thuml/Transfer-Learning-Library): per layer of C
-channels and HxW positions the term is 1/2 sum_batch sum_j C W_j ||.||^2 / (HW), summed (not averaged)
-over the batch, so alpha is per batch of `batch_size`; the loss increases are z-scored per layer
-before a softmax at temperature 5; the classifier for the attention is trained for
-`delta_attention_epochs` epochs (SGD, momentum 0.9, Nesterov, the head's learning rate decayed by 10x
-over 6 epochs) and the loss increases are averaged over `delta_attention_batches` training batches;
-defaults alpha = beta = 0.01.
+The loss is CE + alpha * Omega' + beta * Omega'', weight decay off (the penalties replace it), with
+    Omega'(w) = sum_layers 1/2 sum_batch sum_j C W_j ||FM_j(w, x) - FM_j(w*, x)||^2 / (HW)
+for a layer of C channels on an HxW grid (the authors' `reg_att_fea_map`: summed, not averaged, over the
+batch, so alpha is per batch of `batch_size`), FM_j the j-th channel of the layer's output in the network
+being fine-tuned (w, training mode) and in the frozen source network (w*, the weights fine-tuning starts
+from, in evaluation mode: BatchNorm on its running statistics, no dropout), and Omega'' = 1/2 ||w_head||^2.
+Defaults alpha = beta = 0.01 (run.sh; the authors use alpha = 0.1 on Stanford Dogs).
+
+Channel attention (channel_eval.py), measured once per dataset and cached (see below): a linear classifier
+is fitted on the frozen source's pooled features for `delta_attention_epochs` = 10 epochs (SGD, lr
+`delta_attention_lr` = 0.01, momentum 0.9, weight decay 1e-4, lr decayed 10x over 6 epochs, batches of
+`batch_size`, the training augmentation drawn anew every epoch); then, on the first
+`delta_attention_batches` = 4 batches of a further pass, in evaluation mode, each channel j of each layer is
+removed (the j-th filter of the convolution zeroed, so the channel's output is the filter's bias, 0 without
+one) and the rise of the batch-mean cross-entropy is averaged over the batches. Per layer the rises are
+z-scored (population std) and W = softmax(z / 5).
+
+Layers (`delta_layers=auto`), as the authors hook them for ResNets: the last convolution of the last block of
+each stage, before its BatchNorm and the residual sum: layer1.2.conv3, layer2.3.conv3, layer3.5.conv3,
+layer4.2.conv3 on ResNet-50 and layer3.22.conv3 on ResNet-101 (TLlib's ResNet-101 list repeats ResNet-50's
+layer3.5.conv3; we follow the authors). The same rule serves every torchvision and timm ResNet (conv3 of a
+Bottleneck, conv2 of a BasicBlock, e.g. resnet18 or timm's resnet10t). torchvision's Inception-v3 gets the
+authors' list (Conv2d_2b_3x3, Conv2d_4a_3x3, Mixed_5d, Mixed_6e). Other timm models use the last four
+stages of their `feature_info` (one per resolution: strides 4, 8, 16, 32 as ResNet's layer1-4) and in the
+last block of each the 1x1 projection convolution that ends it before its BatchNorm and residual sum
+(`conv_pwl` of an inverted residual, `conv_pw` of a depthwise-separable block): the counterpart of a
+Bottleneck's conv3. For this repository's default, timm's tf_efficientnet_lite0, that is blocks.1.1.conv_pwl,
+blocks.2.1.conv_pwl, blocks.4.2.conv_pwl and blocks.6.0.conv_pwl (24, 40, 112, 320 channels). A timm stage
+whose last block has no such convolution (e.g. ConvNeXt) is compared at the stage output. Other backbones
+(torchvision's EfficientNet, MobileNet, ...) need explicit `delta_layers`: module names whose outputs are
+(batch, channels, H, W) feature maps.
+
+Cache: the attention depends on the source network (model spec and a SHA-256 of its state dict), the layers,
+the training data (rifle.data.fingerprint, the split and subset options, image size, flip), the batch size,
+the attention options and the precision, and on nothing else: its random stream is seeded from `split_seed`,
+not from the training seed, so every seed, learning rate and alpha of a sweep shares one measurement, as the
+authors compute one file per dataset (run.sh) and reuse it. It is stored as JSON in `delta_cache_dir`
+(default $XDG_CACHE_HOME/rifle/delta, i.e. ~/.cache/rifle/delta), named by a hash of that key and checked
+against the full key when read, written atomically, and logged with each run as the artifact
+delta/channel_attention.json; the trick's checkpointed state keeps it too, so a resumed run needs neither.
+Without a dataset fingerprint (a trick used outside the trainer) nothing is cached.
+
 Deviations, stated:
-- BatchNorm: when the penalty compares feature maps, the pretrained network's BatchNorm layers use the
-  batch's statistics, as the fine-tuned network's do in training (their running statistics stay
-  frozen); the reference code runs it in evaluation mode. Otherwise the distance measures the gap
-  between batch and ImageNet statistics rather than how far the weights moved: it is not 0 at the
-  starting point, and on a shifted target (the offline digits at 32 px) it started near 1.7e3 with
-  alpha = 0.01, hundreds of times the cross-entropy. The attention is measured in evaluation mode
-  (zeroed copies share a batch there, and must not share statistics).
-- Layers: the outputs of the last four stages (`delta_layers=auto`: a ResNet's layer1..layer4, the
-  stages at each resolution of a timm model from its `feature_info`, e.g. blocks.1, blocks.2, blocks.4,
-  blocks.6 of EfficientNet-Lite0) rather than the last convolution inside each stage; "removing
-  channel j" zeroes channel j of exactly the feature map that Omega' compares (TLlib zeroes the j-th
-  filter of that convolution). Any module names can be given instead.
-- The attention classifier is fitted on features computed once (one pass over the training loader,
-  with its augmentation) from the truly frozen pretrained backbone; TLlib's example re-augments
-  every epoch and, through `backbone.requires_grad = False` (a no-op on a module), also updates the
-  backbone.
-- The attention is computed at the first epoch's start and saved in the trick's state, so a resumed run
-  reuses it. With several processes the features are gathered so that every process fits the same
-  classifier, and the loss increases are averaged over all processes' batches: identical attention
-  everywhere. The global random state is restored afterwards, so the training randomness is unchanged.
-Scale, measured: the term is 0 at the starting point, but on the offline default (EfficientNet-Lite0,
-digits at 32 or 64 px, batch 32, lr 0.01) the first SGD step moves the stage outputs by about 60% of
-their RMS, and with alpha = 0.01 the weighted term is then about 1e3 per batch against a cross-entropy
-of 2.3. The reference alpha was set for ResNets at 224 px; sweep `delta_alpha` downwards there.
-The frozen pretrained network is built only by this trick, given the starting weights (the trainer's
-snapshot), never handed to the optimizer, and runs without gradients.
+- The attention classifier is fitted on the features of the frozen source in evaluation mode, the network
+  the penalty compares against. The authors' channel_eval.py trains it with the whole network in training
+  mode (BatchNorm normalises with batch statistics and its running statistics drift to the target data for
+  10 epochs before the channels are evaluated with them); TLlib's example also updates the backbone
+  (`backbone.requires_grad = False` is a no-op on a module) with Nesterov momentum and no weight decay.
+- Removing a channel of a module that is not a convolution (a stage output, Inception's BasicConv2d) zeroes
+  that output channel; the authors' code zeroes `<layer>.weight` and handles convolutions only.
+- Several channels are measured per forward pass (copies of the batch, one channel removed in each, made at
+  the innermost module whose input is not reused further on: the layer, else its residual block, ...): the
+  same numbers as one forward per channel, fewer passes through the layers before.
+- With several processes the main process measures on the whole training set and sends the attention to
+  the others. The global random state is left as it was, so training randomness does not depend on whether
+  the cache was hit.
+Scale, measured: on the offline default (EfficientNet-Lite0, digits at 64 px, batch 32, the default layers)
+the penalty is not 0 at the starting point: upstream of each hooked convolution the network in training mode
+normalises with the batch's statistics, the source with ImageNet's running ones, and the feature maps already
+differ by 55-65% of their norm. Omega' is then about 2.3e4 per batch (alpha * Omega' = 225 with alpha = 0.01,
+against a cross-entropy of 2.3; 83% of it from blocks.6.0.conv_pwl) and 6.5e4 after one SGD step at lr 0.01.
+alpha = 0.01 was set for ResNets on ImageNet-like photos at 224 px; on other data sweep `delta_alpha` down.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import os
+import warnings
 from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,12 +89,19 @@ from ..config import ConfigError
 from ._common import disable_weight_decay, split_batch, squared_norm
 from .base import FitContext, Trick
 
-TEMPERATURE = 5.0  # of the attention softmax, as in TLlib
-PROBE_LR_DECAY_EPOCHS = 6  # the attention classifier's learning rate falls 10x over this many epochs
+FORMAT = 1                 # of a cached measurement: bump when the measurement changes, so old entries miss
+TEMPERATURE = 5.0          # of the attention softmax (train.py: softmax(cw / 5))
+PROBE_LR_DECAY_EPOCHS = 6  # the classifier's learning rate falls 10x over this many epochs (channel_eval.py)
+PROBE_MOMENTUM, PROBE_WEIGHT_DECAY = 0.9, 1e-4
+SEED_SALT = 0xDE17A        # the attention's random stream: (this, split_seed), apart from every training stream
+ARTIFACT = "delta/channel_attention.json"
 
+
+# ---------------------------------------------------------------- the math
 
 def channel_attention(loss_increase: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
-    """softmax(z / T) with z the z-scored loss increases of one layer's channels (uniform if all equal)."""
+    """softmax(z / T), z the loss increases of one layer's channels z-scored with the population std
+    (np.std); uniform when all are equal (the reference divides by 0 there)."""
     x = loss_increase.double()
     std = x.std(unbiased=False)
     z = (x - x.mean()) / std if std > 0 else torch.zeros_like(x)
@@ -82,97 +119,9 @@ def delta_feature_penalty(targets: list[torch.Tensor], sources: list[torch.Tenso
     return total
 
 
-def _zero_channels(state: dict, module, args, output):
-    """Forward hook: replace the layer's output by copies with one channel zeroed in each."""
-    channels = state.get("channels")
-    if output.dim() != 4:
-        raise ValueError(f"DELTA compares convolutional feature maps (batch, channels, H, W); "
-                         f"this layer gives shape {tuple(output.shape)}")
-    state["num_channels"] = output.shape[1]
-    if channels is None:
-        return output
-    k = len(channels)
-    if not state["expand"]:
-        out = output.clone()
-        out[:, channels[0]] = 0
-        return out
-    rep = output.unsqueeze(0).repeat(k, 1, 1, 1, 1)
-    rep[torch.arange(k, device=output.device), :, torch.as_tensor(channels, device=output.device)] = 0
-    return rep.reshape(k * output.shape[0], *output.shape[1:])
+# ---------------------------------------------------------------- which feature maps
 
-
-@torch.no_grad()
-def channel_loss_increase(backbone: nn.Module, head: nn.Module, layer: nn.Module, images: torch.Tensor,
-                          labels: torch.Tensor, max_batch: int = 256,
-                          autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Per channel j of `layer`'s output: mean CE with channel j zeroed minus the mean CE without.
-
-    Zeroed copies of the layer's output are stacked along the batch (up to `max_batch` images per
-    forward) so the network before the layer runs once per chunk; if the rest of the network cannot
-    take a larger batch there (the layer sits inside a residual block), one copy per forward is used.
-    """
-    state: dict = {"channels": None, "expand": True}
-    handle = layer.register_forward_hook(partial(_zero_channels, state))
-    try:
-        with autocast():
-            base = F.cross_entropy(head(backbone(images)).float(), labels)
-        c, b = state["num_channels"], images.shape[0]
-        out = torch.empty(c, dtype=torch.float64)
-        chunk, j = max(1, max_batch // b), 0
-        while j < c:
-            chans = list(range(j, min(c, j + (chunk if state["expand"] else 1))))
-            state["channels"] = chans
-            try:
-                with autocast():
-                    logits = head(backbone(images)).float()
-            except RuntimeError:
-                if not state["expand"] or len(chans) == 1:
-                    raise
-                state["expand"] = False  # a skip connection around the layer: one channel at a time
-                continue
-            per_copy = F.cross_entropy(logits, labels.repeat(len(chans)), reduction="none").view(len(chans), b)
-            out[chans] = (per_copy.mean(1) - base).double().cpu()
-            j += len(chans)
-        return out
-    finally:
-        handle.remove()
-
-
-def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, lr: float,
-              batch_size: int, seed: int) -> nn.Linear:
-    """A linear classifier on fixed features: SGD (momentum 0.9, Nesterov), lr decayed 10x per 6 epochs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        probe = nn.Linear(features.shape[1], num_classes)
-    probe = probe.to(features.device)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / PROBE_LR_DECAY_EPOCHS))
-    order = torch.Generator().manual_seed(seed)
-    with torch.enable_grad():
-        for _ in range(epochs):
-            perm = torch.randperm(features.shape[0], generator=order).to(features.device)
-            for idx in perm.split(batch_size):
-                loss = F.cross_entropy(probe(features[idx]), labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sched.step()
-    return probe.eval().requires_grad_(False)
-
-
-def default_layers(backbone: nn.Module) -> list[str]:
-    """The last four stage outputs: timm's `feature_info` modules, or a ResNet's layer1..layer4."""
-    info = getattr(backbone, "feature_info", None)
-    if info is not None:
-        dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-        names = [d["module"] for d in dicts if d.get("module") and _find(backbone, d["module"]) is not None]
-        if names:
-            return names[-4:]
-    if all(_find(backbone, f"layer{i}") is not None for i in range(1, 5)):
-        return [f"layer{i}" for i in range(1, 5)]
-    raise ConfigError("delta_layers", f"no default layers for {type(backbone).__name__}: give "
-                      "comma-separated backbone module names whose outputs are feature maps, e.g. "
-                      f"{','.join(n for n, _ in list(backbone.named_children())[-4:])}")
+PROJECTIONS = ("conv_pwl", "conv3", "conv_pw", "conv2")  # the conv that ends a block, most specific first
 
 
 def _find(module: nn.Module, name: str) -> nn.Module | None:
@@ -180,6 +129,38 @@ def _find(module: nn.Module, name: str) -> nn.Module | None:
         return module.get_submodule(name)
     except AttributeError:
         return None
+
+
+def _last_conv_of_stage(backbone: nn.Module, stage: str) -> str:
+    """`<stage>.<last block>.<projection conv>`, or the stage itself when its last block has none."""
+    module = backbone.get_submodule(stage)
+    if isinstance(module, nn.Sequential) and len(module):
+        block_name, block = f"{stage}.{len(module) - 1}", module[-1]
+    else:
+        block_name, block = stage, module
+    for attr in PROJECTIONS:
+        if isinstance(getattr(block, attr, None), nn.Conv2d):
+            return f"{block_name}.{attr}"
+    return stage
+
+
+def default_layers(backbone: nn.Module) -> list[str]:
+    """The authors' layers: a ResNet's last conv per stage, Inception-v3's list, else timm's four last stages'
+    projection convs (see the module docstring)."""
+    if all(isinstance(_find(backbone, f"layer{i}"), nn.Sequential) for i in range(1, 5)):
+        return [_last_conv_of_stage(backbone, f"layer{i}") for i in range(1, 5)]
+    inception = ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]
+    if all(_find(backbone, n) is not None for n in inception):
+        return inception
+    info = getattr(backbone, "feature_info", None)
+    if info is not None:
+        dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+        stages = [d["module"] for d in dicts if d.get("module") and _find(backbone, d["module"]) is not None]
+        if stages:
+            return [_last_conv_of_stage(backbone, s) for s in stages[-4:]]
+    raise ConfigError("delta_layers", f"no default layers for {type(backbone).__name__}: give "
+                      "comma-separated backbone module names whose outputs are feature maps, e.g. "
+                      f"{','.join(n for n, _ in list(backbone.named_children())[-4:])}")
 
 
 def resolve_layers(backbone: nn.Module, spec: str) -> list[str]:
@@ -192,19 +173,226 @@ def resolve_layers(backbone: nn.Module, spec: str) -> list[str]:
     return names
 
 
-def _capture(store: dict, name: str, training_only: bool, module, args, output):
-    if not training_only or (module.training and torch.is_grad_enabled()):
+# ---------------------------------------------------------------- channel evaluation
+
+def _removed_value(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """Per channel, what a channel's output becomes when it is removed: a convolution with its filter
+    zeroed outputs its bias (channel_eval.py zeroes `<layer>.weight` only); anything else, 0."""
+    bias = getattr(module, "bias", None) if isinstance(module, nn.Conv2d) else None
+    if bias is None:
+        return out.new_zeros(out.shape[-3])
+    return bias.detach().to(out.dtype)
+
+
+def _ancestors(name: str) -> list[str]:
+    """'a.b.c' -> ['a.b.c', 'a.b', 'a', '']: the layer, then every module around it up to the root."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+@torch.no_grad()
+def channel_loss_increase(backbone: nn.Module, head: nn.Module, layer: str, images: torch.Tensor,
+                          labels: torch.Tensor, max_batch: int = 256,
+                          autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Per output channel j of module `layer` of `backbone`: the batch-mean cross-entropy of head(backbone)
+    with channel j removed minus the batch-mean cross-entropy as is (float64, on the CPU).
+
+    k channels are measured per forward on k copies of the batch (about `max_batch` images), copy i with
+    channel i of the chunk removed. The copies are made at the layer's output when nothing after it reuses
+    an earlier activation; otherwise (the layer sits in a residual block, whose shortcut would meet a k
+    times larger batch) at the input of the innermost module around it that works, up to the images.
+    """
+    module = backbone.get_submodule(layer)
+    b = images.shape[0]
+    state: dict = {"chans": None, "anchor": layer}
+
+    def remove(mod, args, out):
+        if out.dim() != 4:
+            raise ValueError(f"DELTA compares convolutional feature maps (batch, channels, H, W); {layer!r} "
+                             f"gives shape {tuple(out.shape)}")
+        state["num_channels"] = out.shape[1]
+        chans = state["chans"]
+        if chans is None:
+            return out
+        k = len(chans)
+        if state["anchor"] == layer:
+            out = out.unsqueeze(0).repeat(k, 1, 1, 1, 1)
+        else:
+            out = out.reshape(k, b, *out.shape[1:]).clone()
+        idx = torch.as_tensor(chans, device=out.device)
+        out[torch.arange(k, device=out.device), :, idx] = _removed_value(mod, out)[idx].view(k, 1, 1, 1)
+        return out.reshape(k * b, *out.shape[2:])
+
+    def repeat_input(mod, args):
+        if state["chans"] is None or state["anchor"] != state["hooked"]:
+            return None
+        x = args[0]
+        return (x.repeat(len(state["chans"]), *[1] * (x.dim() - 1)), *args[1:])
+
+    def logits_of(x):
+        with autocast():
+            out = head(backbone(x))
+        return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
+
+    handles = [module.register_forward_hook(remove)]
+    try:
+        base = F.cross_entropy(logits_of(images), labels)
+        c = state["num_channels"]
+        anchors = _ancestors(layer)
+        at, pre = 0, None
+        out = torch.empty(c, dtype=torch.float64)
+        j = 0
+        while j < c:
+            state["anchor"] = anchors[at]
+            if pre is None and anchors[at] not in (layer, ""):
+                state["hooked"] = anchors[at]
+                pre = backbone.get_submodule(anchors[at]).register_forward_pre_hook(repeat_input)
+            chans = list(range(j, min(c, j + max(1, max_batch // b))))
+            state["chans"] = chans
+            x = images.repeat(len(chans), 1, 1, 1) if anchors[at] == "" else images
+            try:
+                logits = logits_of(x)
+                if logits.shape[0] != len(chans) * b:
+                    raise RuntimeError("the copies did not reach the output")
+            except RuntimeError:
+                if at == len(anchors) - 1:
+                    raise
+                at += 1  # an activation from before the copies met them (a shortcut): copy further out
+                if pre is not None:
+                    pre.remove()
+                    pre = None
+                continue
+            per_copy = F.cross_entropy(logits, labels.repeat(len(chans)), reduction="none").view(len(chans), b)
+            out[chans] = (per_copy.mean(1) - base).double().cpu()
+            j += len(chans)
+        return out
+    finally:
+        state["chans"] = None
+        for h in handles + ([pre] if pre is not None else []):
+            h.remove()
+
+
+def fit_probe(epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], num_features: int,
+              num_classes: int, epochs: int, lr: float, seed: int, device=None) -> nn.Linear:
+    """A linear classifier on fixed features, as channel_eval.py's `train_classifier`: SGD (momentum 0.9,
+    weight decay 1e-4), the learning rate multiplied by 0.1^(1/6) after every epoch; `epoch_batches()`
+    yields one epoch's (features, labels). Initialized from `seed`, without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        probe = nn.Linear(num_features, num_classes)
+    probe = probe.to(device)
+    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=PROBE_MOMENTUM, weight_decay=PROBE_WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / PROBE_LR_DECAY_EPOCHS))
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for features, labels in epoch_batches():
+                loss = F.cross_entropy(probe(features), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+    return probe.eval().requires_grad_(False)
+
+
+def measure_loss_increase(source: nn.Module, probe: nn.Module, layers: list[str],
+                          batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                          autocast=contextlib.nullcontext) -> list[torch.Tensor]:
+    """Per layer, each channel's loss increase averaged over `batches` (channel_eval.py's running mean)."""
+    sums, n = None, 0
+    for images, labels in batches:
+        rises = [channel_loss_increase(source, probe, name, images, labels, autocast=autocast) for name in layers]
+        sums = rises if sums is None else [s + r for s, r in zip(sums, rises)]
+        n += 1
+    if n == 0:
+        raise RuntimeError("delta: the training loader gave no batch to measure the channel attention on")
+    return [s / n for s in sums]
+
+
+def attention_passes(loader, batch_size: int, seed: int) -> Callable[[], Iterator]:
+    """Passes over the training data for the attention: a DataLoader is re-made over the same dataset and
+    collate with its own seeded shuffle (each call a new order, as the authors' shuffling loader), so the
+    measurement depends on `seed` only; any other iterable (tests) is replayed as it is."""
+    from torch.utils.data import DataLoader
+    if not isinstance(loader, DataLoader):
+        return lambda: iter(loader)
+    order = torch.Generator().manual_seed(seed)
+    fresh = DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, generator=order,
+                       collate_fn=loader.collate_fn, num_workers=loader.num_workers, drop_last=False)
+    return lambda: iter(fresh)
+
+
+def attention_seed(split_seed: int) -> int:
+    return int(np.random.SeedSequence([SEED_SALT, split_seed]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ---------------------------------------------------------------- the cache
+
+def state_hash(module: nn.Module) -> str:
+    """SHA-256 of a module's state dict (names, dtypes, shapes and bytes of every tensor)."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(cfg, layers: list[str], source_sha256: str, data_fingerprint: str) -> dict:
+    """Everything the measured attention depends on (see the module docstring)."""
+    d, t = cfg.data, cfg.tricks
+    return {"format": FORMAT, "model": cfg.model.model, "pretrained": cfg.model.pretrained,
+            "source_sha256": source_sha256, "layers": list(layers), "data_fingerprint": data_fingerprint,
+            **{k: getattr(d, k) for k in ("dataset", "dataset_revision", "image_column", "label_column",
+                                          "image_size", "hflip", "val_fraction", "train_per_class",
+                                          "label_rate", "split_seed", "bad_images")},
+            "batch_size": cfg.optim.batch_size, "mixed_precision": cfg.optim.mixed_precision,
+            **{k: getattr(t, k) for k in ("delta_attention_epochs", "delta_attention_batches",
+                                          "delta_attention_lr")}}
+
+
+def key_digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "rifle" / "delta"
+
+
+def read_cache(path: Path, key: dict) -> dict | None:
+    """The cached record for exactly `key`, or None (absent, unreadable, or made for another key)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
+        return None
+    return record
+
+
+def write_cache(path: Path, record: dict) -> bool:
+    """Write atomically (a temporary file renamed over the target): readers see all of it or nothing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        warnings.warn(f"delta: could not cache the channel attention in {path.parent} ({e.strerror or e}); "
+                      "the next run measures it again", stacklevel=2)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        return False
+
+
+# ---------------------------------------------------------------- the trick
+
+def _capture(store: dict, name: str, gate: dict | None, module, args, output):
+    """Keep a hooked layer's output: the fine-tuned network's in training forwards only (gate None), the
+    source's while the penalty runs it (gate["on"]), not during the attention measurement."""
+    if (module.training and torch.is_grad_enabled()) if gate is None else gate["on"]:
         store[name] = output
-
-
-def gather_rows(accelerator, x: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's rows (uneven counts allowed), in process order."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return x
-    sizes = accelerator.gather(torch.tensor([x.shape[0]], device=x.device)).tolist()
-    everything = accelerator.gather(accelerator.pad_across_processes(x, dim=0))
-    m = max(sizes)
-    return torch.cat([everything[i * m:i * m + s] for i, s in enumerate(sizes)])
 
 
 class Delta(Trick):
@@ -216,14 +404,18 @@ class Delta(Trick):
         t = cfg.tricks
         self.alpha, self.beta = t.delta_alpha, t.delta_beta
         self.attention: list[list[float]] | None = None
+        self.record: dict | None = None      # key, layers, loss increases and attention (the cache entry)
+        self.cache_file: Path | None = None
+        self.cache_hit: bool | None = None   # None: not looked up (resumed from a checkpoint, or no cache)
         self._att: list[torch.Tensor] | None = None  # the attention on the device, built when first used
         self._target: dict = {}
         self._source: dict = {}
+        self._source_on = {"on": False}
 
     def prepare_model(self, model: nn.Module) -> None:
         self.layers = resolve_layers(model.backbone, self.cfg.tricks.delta_layers)
         for n in self.layers:
-            model.backbone.get_submodule(n).register_forward_hook(partial(_capture, self._target, n, True))
+            model.backbone.get_submodule(n).register_forward_hook(partial(_capture, self._target, n, None))
 
     def on_fit_start(self, ctx: FitContext) -> None:
         super().on_fit_start(ctx)
@@ -237,73 +429,94 @@ class Delta(Trick):
         if unexpected or params & set(missing):
             raise RuntimeError(f"the pretrained snapshot does not fit the source network "
                                f"(missing {sorted(params & set(missing))[:3]}, unexpected {unexpected[:3]})")
+        # As the reference: running BatchNorm statistics, no dropout, no gradient, never in the optimizer.
         self.source = source.to(self.device).eval().requires_grad_(False)
-        self._bns = [m for m in self.source.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in self._bns:
-            m.momentum = 0.0  # batch statistics in the penalty's forward, running ones never updated
         for n in self.layers:
-            self.source.get_submodule(n).register_forward_hook(partial(_capture, self._source, n, False))
+            self.source.get_submodule(n).register_forward_hook(partial(_capture, self._source, n, self._source_on))
 
     def _autocast(self):
         return self.ctx.accelerator.autocast() if self.ctx.accelerator is not None else contextlib.nullcontext()
 
-    def compute_attention(self) -> list[list[float]]:
-        """Channel attention of every layer from the pretrained network on the training data (once)."""
-        ctx, acc, t = self.ctx, self.ctx.accelerator, self.cfg.tricks
-        loader = ctx.train_loader
-        epoch_before = getattr(loader, "iteration", None)
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            feats, labels, kept = [], [], []
-            with torch.no_grad():
-                for batch in loader:
-                    images, y = (v.to(self.device) for v in split_batch(batch))
-                    with self._autocast():
-                        feats.append(self.source(images).float())
-                    labels.append(y)
-                    if len(kept) < t.delta_attention_batches:
-                        kept.append((images, y))
-            probe = fit_probe(gather_rows(acc, torch.cat(feats)), gather_rows(acc, torch.cat(labels)),
-                              ctx.num_classes, t.delta_attention_epochs, self.cfg.optim.head_lr,
-                              self.cfg.optim.batch_size, self.cfg.run.seed)
-            sums = None
-            for images, y in kept:
-                rises = [channel_loss_increase(self.source, probe, self.source.get_submodule(n), images, y,
-                                               autocast=self._autocast) for n in self.layers]
-                flat = torch.cat(rises)
-                sums = flat if sums is None else sums + flat
-            sizes = [len(r) for r in rises]
-            totals = torch.cat([sums, torch.tensor([float(len(kept))], dtype=torch.float64)]).to(self.device)
-            if acc is not None and acc.num_processes > 1:
-                totals = acc.reduce(totals, reduction="sum")
-            mean = (totals[:-1] / totals[-1]).cpu()
-        self._source.clear()
-        if epoch_before is not None and hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch_before)  # our pass must not move the loader's epoch counter
-        return [channel_attention(part).tolist() for part in mean.split(sizes)]
+    def measure(self) -> list[torch.Tensor]:
+        """Fit the classifier on the frozen source, then each channel's loss increase (channel_eval.py)."""
+        ctx, t = self.ctx, self.cfg.tricks
+        seed = attention_seed(self.cfg.data.split_seed)
+        passes = attention_passes(ctx.train_loader, self.cfg.optim.batch_size, seed)
+        dev = self.device
+
+        def features():
+            for batch in passes():
+                images, labels = (v.to(dev) for v in split_batch(batch))
+                with torch.no_grad(), self._autocast():
+                    f = self.source(images).float()
+                yield f, labels  # outside the no_grad block: the classifier's step runs in between
+
+        # Training randomness must not depend on a cache hit: the CPU generator (augmentation in this process)
+        # is restored afterwards; nothing here draws on the GPU's (evaluation mode throughout).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            width = ctx.model.head.in_features
+            probe = fit_probe(features, width, ctx.num_classes, t.delta_attention_epochs, t.delta_attention_lr,
+                              seed, dev)
+            kept = ((images.to(dev), labels.to(dev)) for images, labels in
+                    (split_batch(b) for b in islice(passes(), t.delta_attention_batches)))
+            return measure_loss_increase(self.source, probe, self.layers, kept, self._autocast)
+
+    def _key(self) -> dict:
+        return cache_key(self.cfg, self.layers, state_hash(self.source), self.ctx.data_fingerprint)
+
+    def load_or_measure(self) -> dict:
+        """The record from the cache when it holds this key, else measured (and cached)."""
+        use_cache = bool(getattr(self.ctx, "data_fingerprint", ""))
+        key = self._key() if use_cache else None
+        if use_cache:
+            root = Path(self.cfg.run.delta_cache_dir) if self.cfg.run.delta_cache_dir else default_cache_dir()
+            self.cache_file = root / f"{key_digest(key)}.json"
+            record = read_cache(self.cache_file, key)
+            if record is not None and record.get("layers") == self.layers:
+                self.cache_hit = True
+                return record
+            self.cache_hit = False
+        rises = self.measure()
+        record = {"key": key, "layers": self.layers, "loss_increase": [r.tolist() for r in rises],
+                  "attention": [channel_attention(r).tolist() for r in rises],
+                  "measured_with": {"torch": torch.__version__, "device": self.device.type}}
+        if use_cache:
+            write_cache(self.cache_file, record)
+        return record
 
     def on_epoch_start(self, epoch):
         super().on_epoch_start(epoch)
-        if self.attention is None:
-            self.attention = self.compute_attention()
-            self._att = None
+        if self.attention is not None:
+            return
+        acc = self.ctx.accelerator
+        several = acc is not None and acc.num_processes > 1
+        record = self.load_or_measure() if not several or acc.is_main_process else None
+        if several:  # the main process measured on the whole training set: one attention everywhere
+            from accelerate.utils import broadcast_object_list
+            record = broadcast_object_list([record], from_process=0)[0]
+        sizes = [len(a) for a in record["attention"]]
+        if record["layers"] != self.layers or len(sizes) != len(self.layers):
+            raise RuntimeError(f"delta: attention for layers {record['layers']}, this run hooks {self.layers}")
+        self.record, self.attention, self._att = record, record["attention"], None
 
     def penalty(self, model, images):
         if any(n not in self._target for n in self.layers):
             raise RuntimeError("delta: no feature maps captured from the training forward; penalty() must "
                                "follow the model's forward pass in training mode")
         targets = [self._target.pop(n) for n in self.layers]
-        for m in self._bns:
-            m.train()
+        self._source_on["on"] = True
         try:
             with torch.no_grad(), self._autocast():
                 self.source(images)
         finally:
-            for m in self._bns:
-                m.eval()
+            self._source_on["on"] = False
         sources = [self._source.pop(n) for n in self.layers]
         if self._att is None:
             self._att = [torch.tensor(a, dtype=torch.float32, device=self.device) for a in self.attention]
+            for a, s in zip(self._att, sources):
+                if a.numel() != s.shape[1]:
+                    raise RuntimeError(f"delta: {a.numel()} attention weights for a layer of {s.shape[1]} channels")
         features = self.alpha * delta_feature_penalty(targets, sources, self._att)
         head = 0.5 * self.beta * squared_norm(self.head_params)
         total = features + head
@@ -311,8 +524,14 @@ class Delta(Trick):
             self.meter.add(name, v)
         return total
 
+    def artifacts(self) -> dict[str, str]:
+        if self.record is None:
+            return {}
+        where = {"cache_file": str(self.cache_file) if self.cache_file else None, "cache_hit": self.cache_hit}
+        return {ARTIFACT: json.dumps(self.record | where, indent=1)}
+
     def state_dict(self):
-        return {"layers": self.layers, "attention": self.attention}
+        return {"layers": self.layers, "attention": self.attention, "record": self.record}
 
     def load_state_dict(self, state):
         if state.get("attention") is None:
@@ -321,4 +540,5 @@ class Delta(Trick):
             raise ValueError(f"delta: the checkpoint's attention is for layers {state.get('layers')}, "
                              f"this run uses {self.layers}")
         self.attention = [list(map(float, a)) for a in state["attention"]]
+        self.record = state.get("record") or {"layers": self.layers, "attention": self.attention}
         self._att = None
