@@ -2,12 +2,15 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Caches the tests fill (DELTA's channel attention) go to a throwaway folder, not the user's ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="rifle-test-cache-")
 # Small enough for CI on 2 cores: 48 px (32 px hits a slow CPU conv path, 30x slower), 3 images per class, batch 16.
 TINY = ["--image_size", "48", "--train_per_class", "3", "--batch_size", "16", "--val_fraction", "0.1"]
 
