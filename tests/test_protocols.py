@@ -69,7 +69,7 @@ def test_the_authors_protocol_end_to_end(tmp_path, digits_folder):
     assert "val_acc" not in m and "best_val_acc" not in m
     assert params["selection"] == "last" and params["val_fraction"] == "0.0" and params["reinit_count"] == "1"
     assert run.data.tags["selected_before_reinit"] == "false"
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "model")] == ["model/last.safetensors"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "weights")] == ["weights/last.safetensors"]
 
 
 def test_best_val_runs_say_when_the_selected_checkpoint_precedes_the_first_reinit(tmp_path, digits_folder):

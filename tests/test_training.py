@@ -56,8 +56,8 @@ def test_mlflow_run_logs_the_official_reinit_epochs(tmp_path):
     assert run.data.params["reinit_times"] == "2" and run.data.params["tricks"] == "rifle"
     assert run.data.tags["tricks"] == "rifle" and len(run.data.tags["dataset_fingerprint"]) == 16
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"config.yaml", "training.png", "model"} <= artifacts
-    assert client.list_artifacts(run.info.run_id, "model")[0].path.endswith(".safetensors")
+    assert {"config.yaml", "training.png", "weights"} <= artifacts
+    assert client.list_artifacts(run.info.run_id, "weights")[0].path.endswith(".safetensors")
     assert f"run {run.info.run_id}: test_acc=" in proc.stdout
 
 
@@ -158,7 +158,7 @@ def test_mlflow_server_on_postgres(tmp_path, postgres_db):
         assert proc.returncode == 0, proc.stderr[-3000:]
         client, runs = mlflow_runs(uri, "pg")
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-        assert "test_acc" in runs[0].data.metrics and runs[0].data.params["tricks"] == ""
+        assert "test_acc" in runs[0].data.metrics and runs[0].data.params["tricks"] == "none"
         assert len(client.get_metric_history(runs[0].info.run_id, "val_acc")) == 2
         assert any(p.suffix == ".png" for p in (tmp_path / "art").rglob("*"))  # artifacts went via the server
     finally:

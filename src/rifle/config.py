@@ -76,6 +76,9 @@ class ModelConfig:
     model: str = opt("efficientnet_lite0", "backbone: 'efficientnet_lite0' (bundled ImageNet weights, "
                      "offline), 'torchvision:<name>' (e.g. torchvision:resnet50) or 'timm:<name>'")
     pretrained: bool = opt(True, "load ImageNet weights (torchvision/timm download them once)")
+    backbone_dropout: bool = opt(False, "keep the backbone's own dropout, drop-path and stochastic depth "
+                                 "(e.g. torchvision efficientnet/mobilenet/convnext, timm drop_rate/"
+                                 "drop_path_rate); off: every method starts from the same plain network")
 
 
 @dataclass
@@ -83,6 +86,9 @@ class OptimConfig:
     epochs: int = opt(20, "training epochs (RIFLE truncates to a multiple of reinit_times+1, as the "
                       "official code does)", minimum=1)
     batch_size: int = opt(32, "batch size per process", minimum=1)
+    sync_bn: bool = opt(False, "synchronize BatchNorm across processes: normalize with the statistics of the "
+                        "global batch (batch_size x processes) instead of each process's own (no effect with "
+                        "one process)")
     lr: float = opt(0.01, "base learning rate of the backbone (SGD, cosine over epochs)", minimum=0.0,
                     exclusive_minimum=True)
     head_lr: float | None = opt(None, "base learning rate of the new classifier head (default: lr)",
@@ -132,11 +138,15 @@ class TricksConfig:
                              "pretrained network (Li et al. 2019)", minimum=0.0)
     delta_beta: float = opt(0.01, "delta: beta/2 ||w||^2 on the head", minimum=0.0)
     delta_layers: str = opt("auto", "delta: comma-separated backbone modules whose output feature maps are "
-                            "compared ('auto': the last four stages, e.g. layer1-4 of a ResNet)")
+                            "compared ('auto': as the authors, the last conv of each ResNet stage, e.g. "
+                            "layer1.2.conv3..layer4.2.conv3 of ResNet-50; see rifle/tricks/delta.py for others)")
     delta_attention_epochs: int = opt(10, "delta: epochs of training the linear classifier on frozen "
                                       "pretrained features before the channel attention is measured", minimum=1)
-    delta_attention_batches: int = opt(10, "delta: training batches (per process) used to measure each "
-                                       "channel's loss increase when removed", minimum=1)
+    delta_attention_batches: int = opt(4, "delta: training batches used to measure each channel's loss "
+                                       "increase when removed (the authors' channel_eval.py: 4)", minimum=1)
+    delta_attention_lr: float = opt(0.01, "delta: learning rate of that linear classifier (the authors' "
+                                    "channel_eval.py: 0.01; apart from --lr so a sweep shares one measurement)",
+                                    minimum=0.0, exclusive_minimum=True)
 
 
 @dataclass
@@ -150,9 +160,18 @@ class RunConfig:
     keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk", minimum=1)
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                    "sqlite:///mlflow.db)")
-    experiment: str = opt("rifle", "MLflow experiment name (ignored under `mlflow run`)")
+    experiment: str | None = opt(None, "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else rifle; "
+                                 "under `mlflow run` the run's own, set with its --experiment-name)")
     run_name: str | None = opt(None, "MLflow run name")
-    log_weights: bool = opt(True, "log the best-val weights as a safetensors artifact")
+    log_weights: bool = opt(True, "log the selected weights (artifacts weights/, safetensors) and the MLflow "
+                            "model (runs:/<run_id>/model: images in, class labels and names out)")
+    register_model: str | None = opt(None, "register the logged MLflow model in the Model Registry under this "
+                                     "name (a new version per run; needs log_weights)")
+    system_metrics: bool = opt(True, "log CPU, memory, disk, network and, on NVIDIA GPUs, GPU use as MLflow "
+                               "system/* metrics (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)")
+    probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each head re-init "
+                                  "averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/<block> "
+                                  "(0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
     # Speed only (listed in RUN_ONLY: they change how, not what, is trained, so a run may resume with them).
     channels_last: bool = opt(False, "model and input batches in channels-last memory format (faster "
                               "convolutions on GPUs with tensor cores)")
@@ -161,7 +180,12 @@ class RunConfig:
                                "2-core CPU that takes minutes), aot_eager and eager only capture graphs (quick "
                                "checks), cudagraphs", choices=("inductor", "aot_eager", "eager", "cudagraphs"))
     pin_memory: bool = opt(False, "page-locked batches copied to the GPU asynchronously (ignored without a "
-                           "GPU); worker processes (--num_workers > 0) are always kept between epochs")
+                           "GPU); training loader workers (--num_workers > 0) are restarted every epoch with that "
+                           "epoch's seed, so a resumed run augments as the uninterrupted one; evaluation workers "
+                           "are kept")
+    delta_cache_dir: str = opt("", "delta: folder of the cached channel attention, measured once per source "
+                               "network, data and attention options and reused by every run (default: "
+                               "$XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta)")
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tricks": TricksConfig,
@@ -318,6 +342,8 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("tricks", f"a method is listed twice in {cfg.tricks.tricks!r}")
     from .tricks import check_combination  # light module: names and rules only
     check_combination(cfg)
+    if cfg.run.seed >= 2**32:  # rifle.seeds hashes 32-bit words
+        raise ConfigError("seed", f"must be below 2**32, got {cfg.run.seed}")
     if "rifle" in cfg.trick_list:
         periods = cfg.tricks.reinit_times + 1
         if cfg.optim.epochs // periods < 1:
@@ -330,6 +356,8 @@ def resolve(cfg: Config) -> Config:
             raise ConfigError("reinit_guard_epochs", f"{cfg.tricks.reinit_guard_epochs} guard epochs leave "
                               f"{made} of the {cfg.tricks.reinit_times} re-initializations in {cfg.optim.epochs} "
                               "epochs: lower reinit_guard_epochs or reinit_times, or train longer")
+    if cfg.run.register_model and not cfg.run.log_weights:
+        raise ConfigError("register_model", "registers the logged model, which --log_weights false turns off")
     if cfg.data.val_fraction == 0 and cfg.run.selection != "last":
         raise ConfigError("val_fraction", "0 trains on the whole train split with no validation, so there is "
                           "no best-validation checkpoint: add --selection last (the authors' protocol)")
@@ -392,8 +420,10 @@ def _check_dataset(cfg: Config) -> str:
     return ds
 
 
-RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "keep_checkpoints",
-            "channels_last", "compile", "compile_backend", "pin_memory", "num_proc")
+RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "register_model",
+            "system_metrics", "keep_checkpoints",
+            "probe_reinit_steps", "channels_last", "compile", "compile_backend", "pin_memory", "num_proc",
+            "delta_cache_dir")
 
 
 def config_digest(cfg: Config) -> str:

@@ -1,18 +1,34 @@
 """MLflow tracking, on the main process only (other processes get a tracker that does nothing).
 
 Under `mlflow run` the run MLflow created (MLFLOW_RUN_ID) is used; standalone a run is made in
-`--experiment`, or the run recorded in the checkpoint is re-opened when a run resumes. Default store:
-$MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory.
+`--experiment` (default: $MLFLOW_EXPERIMENT_NAME, else `rifle`), or the run recorded in the checkpoint is
+re-opened when a run resumes. Default store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the
+working directory.
+
+Every experiment that receives a training run is tagged as a model-training experiment
+(`mlflow.experimentKind`), and while a run is open SIGTERM raises `Terminated` (a KeyboardInterrupt) in the
+main thread, so a run stopped by a scheduler, `kill` or `mlflow run`'s Ctrl-C ends as KILLED, like Ctrl-C.
 """
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "rifle"
+# The tag MLflow 3's UI reads and writes for an experiment's kind ("Machine learning" vs "GenAI apps &
+# agents"); custom_model_development is its value for model training.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread while a run is open: handled as Ctrl-C is (run KILLED)."""
 
 
 def redact(url: str | None) -> str | None:
@@ -34,51 +50,99 @@ def git_commit() -> str | None:
         return None
 
 
+def mark_training(client, experiment_id: str) -> None:
+    """Tag the experiment as model training, unless it already has a kind (someone chose it). Best effort: a
+    store that refuses experiment tags (permissions) does not stop training."""
+    try:
+        if KIND_TAG not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
+    except Exception as e:
+        print(f"rifle: could not tag experiment {experiment_id} as model training: {e}", file=sys.stderr)
+
+
+def param_text(value) -> str | None:
+    """How an option is logged: None (unset, resolved elsewhere) is not logged, an empty string (no tricks,
+    the default cache folder...) is `none`, which the options read back as the same value."""
+    if value is None:
+        return None
+    text = str(value)
+    return text if text != "" else "none"
+
+
 class Tracker:
-    def __init__(self, active: bool, tracking_uri: str | None, experiment: str):
+    def __init__(self, active: bool, tracking_uri: str | None, experiment: str | None, system_metrics: bool = True):
         self.active = active
         self.run_id: str | None = None
+        self.experiment_name: str | None = None
+        self.class_names: list[str] | None = None
+        self.under_mlflow_run = False
+        self.system_metrics = system_metrics
+        self._requested = experiment
+        self._previous_signals: dict = {}
         if not active:
             return
         import mlflow
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+        self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+        mlflow.set_tracking_uri(self.uri)
         # Not MLFLOW_EXPERIMENT_ID: set_experiment itself exports it, so a second run in this process
         # (sweeps, tests) would otherwise reuse an experiment id from another store.
         if "MLFLOW_RUN_ID" not in os.environ:
-            mlflow.set_experiment(experiment)
+            mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
 
     def start(self, run_id: str | None = None, run_name: str | None = None, forced_run_id: str | None = None) -> str | None:
         """Log into `forced_run_id` (a sweep's child run), else the `mlflow run` run, else re-open `run_id`
         (resume), else make a new run."""
         if not self.active:
             return None
+        metrics = {"log_system_metrics": self.system_metrics}
+        # MLflow takes MLFLOW_RUN_ID out of the environment when it starts that run: remember it.
+        self.under_mlflow_run = not forced_run_id and bool(os.environ.get("MLFLOW_RUN_ID"))
         if forced_run_id:
-            run = self.mlflow.start_run(run_id=forced_run_id)
-        elif os.environ.get("MLFLOW_RUN_ID"):
-            run = self.mlflow.start_run()
+            run = self.mlflow.start_run(run_id=forced_run_id, **metrics)
+        elif self.under_mlflow_run:
+            run = self.mlflow.start_run(**metrics)
             if run_id and run_id != run.info.run_id:
                 self.mlflow.set_tag("resumed_from_run", run_id)
         else:
-            run = self.mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
+            run = self.mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, **metrics)
         self.run_id = run.info.run_id
+        client = self.mlflow.tracking.MlflowClient()
+        self.experiment_name = client.get_experiment(run.info.experiment_id).name
+        mark_training(client, run.info.experiment_id)
+        if self._requested and self._requested != self.experiment_name:
+            why = "`mlflow run` made it there (use its --experiment-name)" if self.under_mlflow_run \
+                else "a resumed run stays where it began"
+            print(f"rifle: --experiment {self._requested!r} ignored: the run is in experiment "
+                  f"{self.experiment_name!r}; {why}", file=sys.stderr, flush=True)
+        self._catch_signals()
         return self.run_id
 
     def log_params(self, params: dict) -> None:
-        """Log params; one already set to another value (e.g. by `mlflow run -P epochs=7` before RIFLE
-        truncated it to 6) is kept and the resolved value goes to `<name>_resolved`."""
+        """Log params as resolved values (`param_text`), with `experiment` and `tracking_uri` as really used
+        (the URI without its password). One already set to another value (by `mlflow run -P epochs=7` before
+        RIFLE truncated it to 6, or `-P experiment=x`) is kept and the resolved value goes to `<name>_resolved`."""
         if not self.active:
             return
+        params = dict(params) | {"experiment": self.experiment_name, "tracking_uri": redact(self.uri)}
         existing = self.mlflow.get_run(self.run_id).data.params
         out = {}
         for key, value in params.items():
-            text = "" if value is None else str(value)
+            text = param_text(value)
+            if text is None:
+                continue
             if key not in existing:
                 out[key] = text
             elif existing[key] != text and f"{key}_resolved" not in existing:
                 out[f"{key}_resolved"] = text
         if out:
             self.mlflow.log_params(out)
+
+    def log_classes(self, names: list[str]) -> None:
+        """The class names, label index order (`data/classes.json`); the logged model returns them."""
+        self.class_names = [str(n) for n in names]
+        if self.active:
+            self.mlflow.log_dict(self.class_names, "data/classes.json")
 
     def set_tags(self, tags: dict) -> None:
         if self.active:
@@ -120,5 +184,78 @@ class Tracker:
                 self.mlflow.log_artifact(str(Path(tmp) / name))
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.active and self.mlflow.active_run() is not None:
-            self.mlflow.end_run(status=status)
+        try:
+            self._hold_signals()  # closing the run is not interrupted (e.g. by the SIGTERM `mlflow run` sends)
+            if self.active and self.mlflow.active_run() is not None:
+                self.mlflow.end_run(status=status)
+                if status == "KILLED" and self.under_mlflow_run:
+                    _restore_status_after_mlflow_run(self.uri, self.run_id, status)
+        finally:
+            self._release_signals()
+
+    # While a run is open, SIGTERM raises Terminated and Ctrl-C KeyboardInterrupt in the main thread, once:
+    # the first signal starts the shutdown, later ones (`mlflow run` sends SIGTERM after a Ctrl-C that also
+    # reached its child) wait until the run is ended. Only signals left to their default handling are
+    # taken (a sweep or launcher with its own handler keeps it), and only in the main thread.
+    def _catch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self._previous_signals:
+            return
+        owner = os.getpid()
+        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+        mine = [s for s, h in previous.items() if h in (signal.SIG_DFL, signal.default_int_handler)]
+
+        def on_signal(signum, frame):
+            if os.getpid() != owner:  # a forked DataLoader worker: as without this handler
+                signal.signal(signum, previous[signum])
+                if signum == signal.SIGTERM:
+                    os.kill(os.getpid(), signum)
+                    return
+                raise KeyboardInterrupt
+            self._hold_signals()
+            raise Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
+
+        for s in mine:
+            signal.signal(s, on_signal)
+        self._previous_signals = {s: previous[s] for s in mine}
+
+    def _hold_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s in self._previous_signals:
+                signal.signal(s, signal.SIG_IGN)
+
+    def _release_signals(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for s, handler in self._previous_signals.items():
+                signal.signal(s, handler)
+            self._previous_signals = {}
+
+
+_WATCH = """
+import sys, psutil
+try:
+    psutil.Process(int(sys.argv[1])).wait(timeout=600)
+except Exception:
+    pass
+from mlflow.tracking import MlflowClient
+client = MlflowClient()
+if client.get_run(sys.argv[2]).info.status == "FAILED":
+    client.set_terminated(sys.argv[2], sys.argv[3])
+"""
+
+
+def _restore_status_after_mlflow_run(uri: str, run_id: str, status: str) -> None:
+    """`mlflow run` marks its run FAILED after its entry point exits non-zero even when the entry point ended
+    the run itself (MLflow 3.17's check compares the status name with status numbers): a detached process
+    waits for `mlflow run` to exit, then puts `status` (KILLED) back."""
+    try:
+        import psutil
+        launcher = next((p for p in psutil.Process().parents()
+                         if "run" in p.cmdline() and any(Path(a).name == "mlflow" for a in p.cmdline()[:2])), None)
+        if launcher is None:
+            return
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")} | {"MLFLOW_TRACKING_URI": uri}
+        subprocess.Popen([sys.executable, "-c", _WATCH, str(launcher.pid), run_id, status], env=env,
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    except Exception:  # best effort: the run is KILLED until `mlflow run` overwrites it
+        return

@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None) -> C.Config:
     args = vars(parser().parse_args(argv))
-    # An empty value means "not given" (MLproject passes every parameter; its defaults are empty so a
-    # --config file still applies), except for --tricks, where empty means plain fine-tuning.
+    # An empty value means "not given" (e.g. `mlflow run -P lr=`), except for --tricks, where empty means
+    # plain fine-tuning.
     args = {k: v for k, v in args.items() if v != "" or k == "tricks"}
     config_file = args.pop("config", None)
     cfg = C.build(args, config_file)
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         print(f"rifle.train: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while the run is open (rifle.tracking.Terminated)
+        from .tracking import Terminated
+        print(f"rifle.train: stopped by {'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}; an open MLflow "
+              "run is marked KILLED, and the same command resumes from the last checkpoint", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         from .data import DataError
         from .trainer import NonFiniteLoss

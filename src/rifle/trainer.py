@@ -23,6 +23,7 @@ from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, 
 from .data import fingerprint, load_data
 from .models import block_names, build_model, param_groups
 from .schedules import cosine_lr
+from .seeds import EpochOrder, seed_process, stream_seed
 from .tracking import Tracker, git_commit, redact
 from .transforms import build_transform, collate
 from .tricks import build_tricks
@@ -68,11 +69,15 @@ def make_loaders(cfg: Config, data, mean, std):
     eval_tf = build_transform(d.image_size, mean, std, train=False)
     kw = dict(batch_size=cfg.optim.batch_size, num_workers=d.num_workers,
               collate_fn=collate_channels_last if cfg.run.channels_last else collate,
-              persistent_workers=d.num_workers > 0,
               pin_memory=cfg.run.pin_memory and torch.cuda.is_available())  # CPU-only torch warns and ignores it
-    return (DataLoader(data["train"].with_transform(train_tf), shuffle=True, drop_last=False, **kw),
-            *(DataLoader(data[split].with_transform(eval_tf), shuffle=False, **kw)
-              for split in ("val", "test") if split in data))  # no val with val_fraction=0
+    # Training workers are started anew every epoch from the loader's generator, which `fit` seeds per epoch
+    # and process: kept workers would carry their random state across epochs, and a resumed run would then
+    # augment differently from the uninterrupted one. The order comes from (seed, epoch) only (EpochOrder).
+    train = DataLoader(data["train"].with_transform(train_tf), drop_last=False, persistent_workers=False,
+                       sampler=EpochOrder(len(data["train"]), cfg.run.seed), generator=torch.Generator(), **kw)
+    return (train, *(DataLoader(data[split].with_transform(eval_tf), shuffle=False,
+                                persistent_workers=d.num_workers > 0, **kw)
+                     for split in ("val", "test") if split in data))  # no val with val_fraction=0
 
 
 def collate_channels_last(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +103,7 @@ def evaluate(model, loader, acc: Accelerator) -> float:
     return correct / max(total, 1)
 
 
-def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar) -> dict[str, float]:
+def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, grads=None) -> dict[str, float]:
     model.train()
     losses, correct, seen = [], torch.zeros((), device=acc.device), 0
     for i, (images, labels) in enumerate(loader):
@@ -117,6 +122,8 @@ def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar) -> 
                 extra = t.penalty(raw, images)
                 loss = loss if extra is None else loss + extra
             acc.backward(loss)
+            if grads is not None and acc.sync_gradients:  # observe the gradient the optimizer is about to use
+                grads.after_backward(acc.scaler.get_scale() if acc.scaler is not None else 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         for t in tricks:
@@ -151,14 +158,37 @@ class Session:
     loaders: tuple                # train, val, test
     tricks: list
     pretrained: dict              # backbone weights before fine-tuning (CPU), for the probes
+    grads: probes.GradNorms       # the gradient-flow probe
     tracker: Tracker
     state: dict                   # what a checkpoint stores: counters, best record, history
+
+
+_warned_one_process = False
+
+
+def warn_one_process_launch() -> None:
+    """Say so (once per process) when `accelerate launch --num_processes N` (N > 1) started one process.
+
+    Without --multi_gpu or a config file, and with fewer than two GPUs, accelerate uses its simple launcher:
+    one process, given MASTER_ADDR/MASTER_PORT (it sets them only when N > 1 or several machines) but no
+    WORLD_SIZE, which torchrun (--multi_gpu) and mpirun would give. That process would train alone."""
+    global _warned_one_process
+    env = os.environ
+    launched_one = "ACCELERATE_DYNAMO_BACKEND" in env and "MASTER_ADDR" in env and not any(
+        k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if launched_one and not _warned_one_process:
+        _warned_one_process = True
+        import sys
+        print("warning: accelerate launch started 1 process although more were asked; it trains alone. "
+              "Add --multi_gpu (also on a CPU) or use --config_file configs/accelerate/cpu_2proc.yaml",
+              file=sys.stderr, flush=True)
 
 
 def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     """Accelerator, data, model, tricks, optimizer; resumes from the newest checkpoint in output_dir."""
     if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    warn_one_process_launch()
     # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
     # otherwise each one trains alone as rank 0.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -169,8 +199,8 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         AcceleratorState._reset_state()
     acc = Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-                      dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
-                                                                non_blocking=cfg.run.pin_memory))
+                      # no seedable sampler: the training sampler is our own EpochOrder
+                      dataloader_config=DataLoaderConfiguration(non_blocking=cfg.run.pin_memory))
     out, d, o = Path(cfg.run.output_dir), cfg.data, cfg.optim
     if acc.is_main_process:
         check_output_dir(str(out))
@@ -178,7 +208,10 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         data, scan = load_data(d)  # checks every image once (cached): bad files stop here or are skipped
     num_classes = len(data["train"].features["label"].names)
     set_seed(cfg.run.seed)  # same head init on every process
-    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained)
+    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout)
+    if o.sync_bn and acc.num_processes > 1:  # before the tricks hook BatchNorm modules: conversion replaces them
+        from .sync_bn import convert_sync_batchnorm
+        raw = convert_sync_batchnorm(raw, cpu=acc.device.type == "cpu")
     if acc.is_main_process:
         check_free_space(out, raw, cfg.run.keep_checkpoints, momentum=o.momentum > 0)
     tricks = build_tricks(cfg)
@@ -196,8 +229,9 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         # every later Accelerator of the process (sweeps, tests). Wraps DDP, as Accelerate does.
         model = torch.compile(model, backend=cfg.run.compile_backend)
     ctx = FitContext(raw, optimizer, acc, cfg, num_classes, math.ceil(len(loaders[0]) / o.grad_accum_steps),
-                     pretrained, lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained).backbone,
-                     loaders[0])
+                     pretrained, lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
+                                                     cfg.model.backbone_dropout).backbone,
+                     loaders[0], data_fingerprint=fingerprint(data))
     for t in tricks:
         t.on_fit_start(ctx)
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": -1, "best_file": None, "history": [],
@@ -212,16 +246,18 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
                               "use another output_dir")
         for t in tricks:
             t.load_state_dict(state["tricks"].get(t.name, {}))
-    tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment)
+    tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
     state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
     tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)})
-    tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": fingerprint(data),
+    tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": ctx.data_fingerprint,
                       "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
     tracker.sync_history(state["history"])
+    tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
         tracker.set_tags({"images_skipped": len(scan.bad)})
-    return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, tracker, state)
+    grads = probes.GradNorms(raw.backbone, block_names(raw.backbone), cfg.run.probe_reinit_steps)
+    return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, grads, tracker, state)
 
 
 def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
@@ -236,6 +272,7 @@ def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
                 checkpoint.save_weights(s.raw, s.out / state["best_file"])
     for t in s.tricks:
         t.on_epoch_end(epoch, metrics)
+    metrics |= s.grads.end_epoch(reinit=bool(metrics.get("head_reinit")))
     state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
               "tricks": {t.name: t.state_dict() for t in s.tricks}}
     if main:
@@ -259,11 +296,15 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
                dynamic_ncols=True, disable=not (s.acc.is_main_process and os.isatty(2)))
     try:
         for epoch in range(s.state["epoch"], cfg.optim.epochs):
-            set_seed(cfg.run.seed * 10_007 + epoch, device_specific=True)  # an epoch's randomness is its own
+            # Every epoch and process its own independent stream (rifle.seeds): resumable, never shared.
+            seed_process(stream_seed(cfg.run.seed, epoch, s.acc.process_index))
             train_loader.set_epoch(epoch)
             for t in s.tricks:
                 t.on_epoch_start(epoch)
-            metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar)
+            # After the tricks' epoch start, so DELTA's extra pass over the loader cannot move the workers' seed.
+            train_loader.generator.manual_seed(stream_seed(cfg.run.seed, epoch, s.acc.process_index, "workers"))
+            s.grads.start_epoch(after_reinit=bool(s.state["history"] and s.state["history"][-1].get("head_reinit")))
+            metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar, s.grads)
             metrics["head_reinit"] = 0.0
             if val_loader is not None:
                 metrics["val_acc"] = evaluate(s.model, val_loader, s.acc)
@@ -289,6 +330,9 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
         if reinit_epochs(cfg):  # the "RIFLE" number is plain fine-tuning's trajectory when selected before it
             s.tracker.set_tags({"selected_before_reinit": str(selected <= reinit_epochs(cfg)[0]).lower()})
         _log_artifacts(s.tracker, cfg, s.state, s.out)
+        for t in s.tricks:  # e.g. DELTA's channel attention
+            for name, text in t.artifacts().items():
+                s.tracker.log_artifact_text(text, name)
     except BaseException as e:
         bar.close()
         s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -304,8 +348,9 @@ def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> Non
     tracker.log_artifact_text(to_yaml(_redacted(cfg)), "config.yaml")
     tracker.log_figure(plot_training(state["history"], f"{cfg.model.model} on {cfg.data.dataset}, "
                                      f"tricks: {','.join(cfg.trick_list) or 'none'}"), "training.png")
-    if cfg.run.log_weights:
-        tracker.log_file(out / state["best_file"], "model")
+    if cfg.run.log_weights:  # weights/<file> and the MLflow model runs:/<run_id>/model (rifle/serving.py)
+        from .serving import log_model
+        log_model(tracker, cfg, out / state["best_file"])
 
 
 def _redacted(cfg: Config) -> Config:
