@@ -69,6 +69,20 @@ def param_text(value) -> str | None:
     return text if text != "" else "none"
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created if missing (another process may create it at the same moment)."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name)
+    except Exception:  # lost the race: it exists now
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
 class Tracker:
     def __init__(self, active: bool, tracking_uri: str | None, experiment: str | None, system_metrics: bool = True):
         self.active = active
@@ -85,10 +99,12 @@ class Tracker:
         self.mlflow = mlflow
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
         mlflow.set_tracking_uri(self.uri)
-        # Not MLFLOW_EXPERIMENT_ID: set_experiment itself exports it, so a second run in this process
-        # (sweeps, tests) would otherwise reuse an experiment id from another store.
+        # The experiment is passed to start_run, never made the process-wide active one (set_experiment):
+        # a later run in this process (sweeps, tests, `mlflow run`'s MLFLOW_RUN_ID) must not inherit it.
+        self.experiment_id = None
         if "MLFLOW_RUN_ID" not in os.environ:
-            mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+            self.experiment_id = experiment_id(mlflow.tracking.MlflowClient(self.uri), experiment or os.environ.get(
+                "MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
 
     def start(self, run_id: str | None = None, run_name: str | None = None, forced_run_id: str | None = None) -> str | None:
         """Log into `forced_run_id` (a sweep's child run), else the `mlflow run` run, else re-open `run_id`
@@ -105,7 +121,8 @@ class Tracker:
             if run_id and run_id != run.info.run_id:
                 self.mlflow.set_tag("resumed_from_run", run_id)
         else:
-            run = self.mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, **metrics)
+            run = self.mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id,
+                                        run_name=None if run_id else run_name, **metrics)
         self.run_id = run.info.run_id
         client = self.mlflow.tracking.MlflowClient()
         self.experiment_name = client.get_experiment(run.info.experiment_id).name
