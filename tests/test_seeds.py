@@ -121,7 +121,7 @@ def test_resume_with_loader_workers_ends_with_the_uninterrupted_weights(tmp_path
     def cfg(out):
         return _loader_config(digits_folder, 0, num_workers=2, epochs=3, tricks="dropout,stochastic_depth",
                               output_dir=str(tmp_path / out), tracking_uri=f"sqlite:///{tmp_path}/m.db",
-                              log_weights=False)
+                              log_weights=False, keep_finished_checkpoints=True)
 
     class Preempted(Exception):
         pass

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PREFIX = "epoch-"
+FINISHED = "finished.json"  # a finished run's record: options, history, result, MLflow run id
 
 
 def _atomic_json(path: Path, data: dict) -> None:
@@ -66,3 +67,17 @@ def load(path: Path, model, optimizer) -> dict:
     load_weights(model, path / "model.safetensors")
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+def save_finished(output_dir: str | Path, record: dict, keep_checkpoints: bool) -> None:
+    """Mark the run finished (finished.json, atomic), then remove its epoch checkpoints unless kept: a
+    finished run needs only its record and the selected weights."""
+    _atomic_json(Path(output_dir) / FINISHED, record)
+    if not keep_checkpoints:
+        shutil.rmtree(Path(output_dir) / "checkpoints", ignore_errors=True)
+
+
+def finished(output_dir: str | Path) -> dict | None:
+    """The record of a finished run in output_dir, else None."""
+    path = Path(output_dir) / FINISHED
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -157,7 +157,9 @@ class RunConfig:
                          "always logged too", choices=("best_val", "last"))
     output_dir: str = opt("", "checkpoints and best weights; the same dir resumes the run (default: "
                           "outputs/<hash of the options>, so the same command resumes)")
-    keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk", minimum=1)
+    keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk while the run trains", minimum=1)
+    keep_finished_checkpoints: bool = opt(False, "keep the epoch checkpoints once the run has finished (default: "
+                                          "removed; the selected weights, finished.json and the MLflow model stay)")
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                                    "sqlite:///mlflow.db)")
     experiment: str | None = opt(None, "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else rifle; "
@@ -421,7 +423,7 @@ def _check_dataset(cfg: Config) -> str:
 
 
 RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "register_model",
-            "system_metrics", "keep_checkpoints",
+            "system_metrics", "keep_checkpoints", "keep_finished_checkpoints",
             "probe_reinit_steps", "channels_last", "compile", "compile_backend", "pin_memory", "num_proc",
             "delta_cache_dir")
 

@@ -95,8 +95,12 @@ class Tracker:
         self._previous_signals: dict = {}
         if not active:
             return
+        import logging
+
         import mlflow
         self.mlflow = mlflow
+        # Its start/stop INFO lines (three per run) would bury the one line per epoch in logs.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
         mlflow.set_tracking_uri(self.uri)
         # The experiment is passed to start_run, never made the process-wide active one (set_experiment):

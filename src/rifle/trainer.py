@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import checkpoint, probes
+from .progress import Progress
 from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
 from .data import fingerprint, load_data
 from .models import block_names, build_model, param_groups
@@ -239,11 +239,7 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     last = checkpoint.latest(out)
     if last is not None:
         state = checkpoint.load(last, raw, optimizer)
-        changed = [(k, v) for k, v in state["config"].items() if k not in RUN_ONLY and cfg.flat().get(k) != v]
-        if changed:
-            k, was = changed[0]
-            raise ConfigError(k, f"{out} holds a run made with {k}={was!r}, not {cfg.flat()[k]!r}: "
-                              "use another output_dir")
+        check_same_run(cfg, state["config"])
         for t in tricks:
             t.load_state_dict(state["tricks"].get(t.name, {}))
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
@@ -258,6 +254,36 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         tracker.set_tags({"images_skipped": len(scan.bad)})
     grads = probes.GradNorms(raw.backbone, block_names(raw.backbone), cfg.run.probe_reinit_steps)
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, grads, tracker, state)
+
+
+def check_same_run(cfg: Config, recorded: dict) -> None:
+    """A run resumes (or is found finished) only in an output_dir made with the same training options."""
+    changed = [(k, v) for k, v in recorded.items() if k not in RUN_ONLY and cfg.flat().get(k) != v]
+    if changed:
+        k, was = changed[0]
+        raise ConfigError(k, f"{cfg.run.output_dir} holds a run made with {k}={was!r}, not {cfg.flat()[k]!r}: "
+                          "use another output_dir")
+
+
+def already_finished(cfg: Config, done: dict, mlflow_run_id: str | None) -> dict:
+    """A finished output_dir is not trained again: say so and return its result. A run made for this call
+    (`mlflow run`'s, or a sweep's or study's child run) gets the finished run's history and result."""
+    check_same_run(cfg, done["config"])
+    result = done["result"]
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result
+    print(f"rifle: {cfg.run.output_dir} holds the finished run {result['run_id']} ({result['epochs']} epochs): not "
+          "trained again (another --output_dir or --seed trains anew); its result follows", flush=True)
+    target = mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
+    if target and target != result["run_id"]:
+        tracker = Tracker(True, cfg.run.tracking_uri, cfg.run.experiment, system_metrics=False)
+        tracker.start(result["run_id"], forced_run_id=mlflow_run_id)
+        tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)})
+        tracker.set_tags({"finished_earlier_in_run": result["run_id"]})
+        tracker.sync_history(done["history"])
+        tracker.log_final({k: v for k, v in result.items() if k not in ("run_id", "epochs")})
+        tracker.end()
+    return result
 
 
 def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
@@ -289,11 +315,13 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
     """Train, report test at the checkpoint `selection` names (and at the last epoch). For sweeps: `on_epoch_end(epoch, metrics)` runs on every
     process after the epoch's checkpoint and may raise to stop; `mlflow_run_id` (main process) names an
     existing run to log into, e.g. a trial's child run, instead of `mlflow run`'s or a new one."""
+    done = checkpoint.finished(cfg.run.output_dir)
+    if done is not None:
+        return already_finished(cfg, done, mlflow_run_id)
     s = setup(cfg, mlflow_run_id)
     train_loader, val_loader, test_loader = s.loaders
     blocks = block_names(s.raw.backbone)
-    bar = tqdm(total=(cfg.optim.epochs - s.state["epoch"]) * len(train_loader), desc="train",
-               dynamic_ncols=True, disable=not (s.acc.is_main_process and os.isatty(2)))
+    bar = Progress(s.acc.is_main_process, s.state["epoch"], cfg.optim.epochs, len(train_loader))
     try:
         for epoch in range(s.state["epoch"], cfg.optim.epochs):
             # Every epoch and process its own independent stream (rifle.seeds): resumable, never shared.
@@ -310,7 +338,7 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
                 metrics["val_acc"] = evaluate(s.model, val_loader, s.acc)
             metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, blocks)
             end_epoch(s, epoch, metrics)
-            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", val=f"{metrics.get('val_acc', float('nan')):.3f}")
+            bar.epoch_end(epoch, metrics)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
         bar.close()
@@ -338,7 +366,12 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
         s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     s.tracker.end()
-    return final | {"run_id": s.state["run_id"], "epochs": cfg.optim.epochs}
+    result = final | {"run_id": s.state["run_id"], "epochs": cfg.optim.epochs}
+    if s.acc.is_main_process:  # after the run is closed: a kill before this re-runs the final evaluation
+        checkpoint.save_finished(s.out, {"config": s.state["config"], "history": s.state["history"],
+                                         "result": result}, cfg.run.keep_finished_checkpoints)
+    s.acc.wait_for_everyone()
+    return result
 
 
 def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> None:
