@@ -46,3 +46,16 @@ def test_default_output_dir_identifies_the_config():
     a, b = C.build({}), C.build({"lr": 0.02})
     assert a.run.output_dir == C.build({}).run.output_dir != b.run.output_dir
     assert C.build({"experiment": "other"}).run.output_dir == a.run.output_dir  # tracking is not training
+
+
+def test_weights_that_cannot_be_fetched_exit_2_with_one_line(tmp_path, digits_folder):
+    # An empty weights cache and a proxy that refuses every connection: offline, whatever the machine has.
+    env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    proc = run_cli(["--model", "torchvision:resnet18", "--dataset", f"imagefolder:{digits_folder}", "--epochs", "2",
+                    "--image_size", "48", "--output_dir", tmp_path / "out", "--tracking_uri",
+                    f"sqlite:///{tmp_path}/m.db"], tmp_path, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("rifle.train: error: --model: cannot fetch the ImageNet "
+                                                     "weights of torchvision:resnet18"), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -97,7 +97,15 @@ def build_backbone(spec: str, pretrained: bool = True, backbone_dropout: bool = 
                    ) -> tuple[nn.Module, int, tuple, tuple]:
     """(backbone returning pooled features, feature width, normalization mean, std); the backbone's own
     dropout and drop-path are off unless `backbone_dropout`."""
-    net, width, mean, std = _build_backbone(spec, pretrained)
+    try:
+        net, width, mean, std = _build_backbone(spec, pretrained)
+    except OSError as e:  # torchvision's URLError, huggingface_hub's LocalEntryNotFoundError, requests' errors
+        if not pretrained or spec == BUNDLED:
+            raise
+        from .config import ConfigError
+        reason = str(getattr(e, "reason", None) or e).split(". ")[0]
+        raise ConfigError("model", f"cannot fetch the ImageNet weights of {spec} ({reason}): run once with network "
+                          "access (they are cached for later runs), or pass --pretrained false") from None
     return (net if backbone_dropout else silence_dropout(net)), width, mean, std
 
 
