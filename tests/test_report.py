@@ -439,8 +439,31 @@ def test_sweeps_notebook_runs(tmp_path):
     study.optimize(objective, n_trials=10)
     states = report.trial_states(report.load_study(str(journal), "tiny"))
     assert states.get("COMPLETE", 0) >= 2 and states.get("PRUNED", 0) >= 1, states
-    nb = report.execute_notebook(NOTEBOOKS / "sweeps.ipynb", {"storage": str(journal), "study_name": "tiny"},
-                                 cwd=tmp_path)
+    (tmp_path / "notebooks").mkdir()  # opened in Jupyter from a folder below the journal: "" finds it
+    nb = report.execute_notebook(NOTEBOOKS / "sweeps.ipynb", {"study_name": "tiny"}, cwd=tmp_path / "notebooks")
     text = text_of(nb)
     assert str(states) in text and "PRUNED" in text and "reinit_times" in text
     assert len(outputs(nb, "image/png")) == 3  # history, importance, intermediate values
+
+
+def test_readme_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store, tmp_path):
+    """From the repository root with the README's exact code, and from notebooks/ (where Jupyter starts a
+    notebook) with the default parameters: both find the mlflow.db the runs went to."""
+    import re
+    import shutil
+    tmp, uri, parent = store
+    root = tmp_path / "repo"
+    root.mkdir()
+    shutil.copy(tmp / "mlflow.db", root / "mlflow.db")
+    shutil.copytree(NOTEBOOKS, root / "notebooks")
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                   if "execute_notebook" in b)
+    proc = subprocess.run([sys.executable, "-c", snippet], cwd=root, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (root / "results-executed.ipynb").read_text()
+    assert "rifle − plain" in text and "Metric: test_acc, " in text
+    assert not (root / "notebooks" / "mlflow.db").exists()
+    nb = report.execute_notebook(root / "notebooks" / "mechanism.ipynb", cwd=root / "notebooks")
+    assert "4 runs of efficientnet_lite0" in text_of(nb)
+    assert not (root / "notebooks" / "mlflow.db").exists()

@@ -297,11 +297,23 @@ def varying_settings(runs, ignore=RUN_KEYS) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # MLflow -> DataFrames
 
+def nearest(name: str) -> Path | None:
+    """`name` in the working directory or the nearest folder above it: a notebook opened in notebooks/
+    finds the mlflow.db (or optuna.journal) that the quick start wrote in the repository root."""
+    here = Path.cwd().resolve()
+    return next((d / name for d in (here, *here.parents) if (d / name).is_file()), None)
+
+
+def default_tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the nearest mlflow.db (see `nearest`), else sqlite:///mlflow.db."""
+    from .tracking import DEFAULT_URI
+    found = nearest("mlflow.db")
+    return os.environ.get("MLFLOW_TRACKING_URI") or (f"sqlite:///{found}" if found else DEFAULT_URI)
+
+
 def _client(tracking_uri: str | None):
     from mlflow.tracking import MlflowClient
-
-    from .tracking import DEFAULT_URI
-    return MlflowClient(tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+    return MlflowClient(tracking_uri or default_tracking_uri())
 
 
 def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
@@ -705,11 +717,17 @@ def log_report(folder: Path, tracking_uri: str | None, experiment: str | None, p
 
 def load_study(storage: str, study_name: str):
     """An Optuna study from the storage `python -m rifle.sweep` writes to: a journal file path (any value
-    without '://'), redis://..., an RDB URL (sqlite:///..., postgresql://...) or env:NAME (the URL in $NAME)."""
+    without '://'), redis://..., an RDB URL (sqlite:///..., postgresql://...) or env:NAME (the URL in $NAME);
+    "" is the nearest optuna.journal (the sweep's default, see `nearest`)."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
+    if not storage:
+        found = nearest("optuna.journal")
+        if found is None:
+            raise ValueError("no optuna.journal here or in a folder above: pass the sweep's --storage")
+        storage = str(found)
     if storage.startswith("env:"):
         storage = os.environ[storage[4:]]
     if "://" not in storage:
@@ -781,8 +799,8 @@ def execute_notebook(path: str | Path, parameters: dict | None = None, output_pa
             raise ValueError(f"{path}: no cell tagged 'parameters' to inject {sorted(parameters)} after")
         source = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
         nb.cells.insert(where + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                   resources={"metadata": {"path": str(cwd or Path(path).parent)}}).execute()
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",  # relative paths mean what they mean here
+                   resources={"metadata": {"path": str(cwd or Path.cwd())}}).execute()
     if output_path:
         nbformat.write(nb, str(output_path))
     return nb
