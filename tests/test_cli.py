@@ -59,3 +59,15 @@ def test_weights_that_cannot_be_fetched_exit_2_with_one_line(tmp_path, digits_fo
     assert len(errors) == 1 and errors[0].startswith("rifle.train: error: --model: cannot fetch the ImageNet "
                                                      "weights of torchvision:resnet18"), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_key_in_a_yaml_config_names_the_file(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("optim:\n  epoch: 3\n")
+    with pytest.raises(C.ConfigError, match=r"--epoch: unknown option \(did you mean epochs\?\) \(in .*my.yaml\)"):
+        C.build(config_file=str(path))
+    path.write_text("lr: fast\n")
+    with pytest.raises(C.ConfigError, match=r"--lr: expected a number, got 'fast' \(in .*my.yaml\)"):
+        C.build(config_file=str(path))
+    with pytest.raises(C.ConfigError, match=r"^--lr: expected a number, got 'slow'$"):  # the flag's value: no file
+        C.build({"lr": "slow"}, config_file=str(path))

@@ -241,7 +241,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default: compare-<studies>)")
     p.add_argument("--output_root", default="", help="runs go to <root>/<name>/<method>/seed-<s> "
                    "(default outputs/compare)")
-    trainer_options(p, skip=("seed",))
+    trainer_options(p, skip=("seed",), what="applied to every method's best parameters (e.g. --epochs 40)")
     return p
 
 

@@ -323,12 +323,17 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def build(values: dict[str, Any] | None = None, config_file: str | None = None) -> Config:
     """Defaults <- YAML file <- explicit values; converted, validated and resolved."""
-    merged = dict(load_yaml(config_file)) if config_file else {}
-    merged.update(values or {})
+    from_file = dict(load_yaml(config_file)) if config_file else {}
+    merged = from_file | (values or {})
     cfg = Config()
     fields = all_fields()
     for name, raw in merged.items():
-        value = convert(name, raw)
+        try:
+            value = convert(name, raw)
+        except ConfigError as e:
+            if name in from_file and name not in (values or {}):  # say which file holds the bad key
+                raise ConfigError(name, f"{str(e).removeprefix(f'--{name}: ')} (in {config_file})") from None
+            raise
         section, f = fields[name]
         _check(name, f, value)
         setattr(getattr(cfg, section), name, value)

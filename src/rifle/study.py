@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="validated (best-validation checkpoint), authors (all of train, last epoch) or both")
     p.add_argument("--name", default="offline-study", help="study name; each protocol's parent run and output "
                    "folder is <name>-<protocol>")
-    p.add_argument("--tracking_uri", default="sqlite:///mlflow.db")
-    p.add_argument("--experiment", default="rifle-offline-study")
-    p.add_argument("--output_root", default="outputs/study")
+    p.add_argument("--tracking_uri", default="sqlite:///mlflow.db", help="MLflow store")
+    p.add_argument("--experiment", default="rifle-offline-study", help="MLflow experiment of the study's runs")
+    p.add_argument("--output_root", default="outputs/study", help="runs go to <root>/<name>-<protocol>/<method>/"
+                   "seed<s>; an interrupted study resumes from there")
     p.add_argument("--report_dir", default="outputs/study/report", help="where the table and figures go")
     p.add_argument("overrides", nargs="*", metavar="option=value", help="any trainer option, e.g. epochs=10")
     args = p.parse_args(argv)

@@ -1111,11 +1111,11 @@ OWN = ("space", "n_trials", "storage", "study_name", "sampler", "pruner", "seed"
        "heartbeat_interval", "grace_period", "max_retry", "pruner_startup_trials", "pruner_warmup_epochs")
 
 
-def trainer_options(p: argparse.ArgumentParser, skip: tuple = ()) -> None:
+def trainer_options(p: argparse.ArgumentParser, skip: tuple = (),
+                    what: str = "fixed for every trial; a searched option cannot be overridden") -> None:
     """Every trainer option as --name VALUE, fixed for every run (applied over the space's values)."""
     group = p.add_argument_group("trainer options", "any option of `python -m rifle.train --help` (except "
-                                 "output_dir and run_name, which the sweep sets), fixed for every trial; a "
-                                 "searched option cannot be overridden")
+                                 f"output_dir and run_name, which {p.prog} sets), {what}")
     for name, (_, f) in C.all_fields().items():
         if name in MANAGED[:2] or name in skip:
             continue
