@@ -1,8 +1,11 @@
 import contextlib
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -76,3 +79,38 @@ def digits_folder(tmp_path_factory):
                 pixels = (bunch.images[i] * (255 / 16)).astype(np.uint8)
                 Image.fromarray(pixels, mode="L").convert("RGB").save(root / split / str(c) / f"{i}.png")
     return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_uri: str, folder: Path):
+    """`mlflow server` on `backend_uri`, bound to 127.0.0.1, artifacts proxied into folder/art; yields its URL
+    once /health answers and stops it (its whole process group: it forks workers) afterwards."""
+    import urllib.request
+    port = free_port()
+    log = open(folder / "server.log", "w")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
+                               "--port", str(port), "--workers", "1", "--backend-store-uri", backend_uri,
+                               "--artifacts-destination", str(folder / "art")],
+                              cwd=folder, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                              env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+        log.close()

@@ -4,7 +4,6 @@ Against a SQLite store and an `mlflow server` on PostgreSQL."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, mlflow_runs, postgres_database, run_cli, subprocess_env
+from conftest import ROOT, mlflow_runs, mlflow_server, postgres_database, run_cli, subprocess_env
 from rifle import config as C
 
 
@@ -23,40 +22,11 @@ def small(folder, out, uri, *extra):
             "0.25", "--train_per_class", "0", "--output_dir", str(out), "--tracking_uri", uri, *map(str, extra)]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server_uri(tmp_path_factory):
     """`mlflow server` on a fresh PostgreSQL database, bound to 127.0.0.1, artifacts proxied; stopped after."""
-    import urllib.request
-    tmp = tmp_path_factory.mktemp("server")
-    with postgres_database("rifle_model") as db:
-        port = _free_port()
-        log = open(tmp / "server.log", "w")
-        server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
-                                   "--port", str(port), "--workers", "1", "--backend-store-uri", db,
-                                   "--artifacts-destination", str(tmp / "art")],
-                                  cwd=tmp, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
-                                  env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
-        uri = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(180):
-                try:
-                    if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                        break
-                except OSError:
-                    time.sleep(1)
-            else:
-                pytest.fail("mlflow server did not start: " + (tmp / "server.log").read_text()[-2000:])
-            yield uri
-        finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=60)
-            log.close()
+    with postgres_database("rifle_model") as db, mlflow_server(db, tmp_path_factory.mktemp("server")) as uri:
+        yield uri
 
 
 @pytest.fixture(params=["sqlite", "postgres_server"])

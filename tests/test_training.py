@@ -1,15 +1,12 @@
 """End to end: real MLflow stores, `mlflow run`, resume, two `accelerate launch` processes."""
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY, mlflow_runs, postgres_database, run_cli, subprocess_env
+from conftest import ROOT, TINY, mlflow_runs, mlflow_server, postgres_database, run_cli, subprocess_env
 from rifle import config as C
 
 
@@ -122,37 +119,8 @@ def test_two_processes_make_one_run_with_identical_weights(tmp_path):
     assert proc.stdout.count("test_acc=") == 1
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_db():
-    with postgres_database("rifle_mlflow") as url:
-        yield url
-
-
-def test_mlflow_server_on_postgres(tmp_path, postgres_db):
-    import urllib.request
-    port = _free_port()
-    mlflow = str(Path(sys.executable).with_name("mlflow"))
-    server = subprocess.Popen([mlflow, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                               "--backend-store-uri", postgres_db, "--artifacts-destination", str(tmp_path / "art")],
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"),
-                              env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                              start_new_session=True)  # its own group: the server forks workers
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
-            pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
+def test_mlflow_server_on_postgres(tmp_path):
+    with postgres_database("rifle_mlflow") as db, mlflow_server(db, tmp_path) as uri:
         proc = run_cli([*TINY, "--epochs", "2", "--tricks", "none", "--tracking_uri", uri,
                         "--output_dir", tmp_path / "out", "--experiment", "pg"], cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -161,9 +129,6 @@ def test_mlflow_server_on_postgres(tmp_path, postgres_db):
         assert "test_acc" in runs[0].data.metrics and runs[0].data.params["tricks"] == "none"
         assert len(client.get_metric_history(runs[0].info.run_id, "val_acc")) == 2
         assert any(p.suffix == ".png" for p in (tmp_path / "art").rglob("*"))  # artifacts went via the server
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 def test_bf16_grad_accumulation_and_loader_workers(tmp_path, digits_folder):

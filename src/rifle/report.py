@@ -326,16 +326,6 @@ def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
             return runs
 
 
-def _all_experiment_ids(client) -> list[str]:
-    ids, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        ids += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            return ids
-
-
 def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
                group_by: tuple[str, ...] = ("dataset",)) -> "pd.DataFrame":
     """Finished training runs (those with a test_acc) as one row each: run_id, dataset (the row label: the
@@ -358,7 +348,8 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
                 raise ValueError(f"no experiment {experiment!r} in the store (experiments: {names or 'none'})")
             exp_ids = [exp.experiment_id]
         else:  # every experiment: `mlflow run .` logs into MLflow's Default, `python -m rifle.train` into rifle
-            exp_ids = _all_experiment_ids(client)
+            from .tracking import all_experiment_ids
+            exp_ids = all_experiment_ids(client)
         filt = "attributes.status = 'FINISHED'"
     rows = []
     for run in _search_all(client, exp_ids, filt):

@@ -50,7 +50,7 @@ import yaml
 
 from . import config as C
 from .methods import method_label
-from .tracking import DEFAULT_URI, redact
+from .tracking import DEFAULT_URI, all_experiment_ids, experiment_id, redact
 
 SAMPLERS = ("tpe", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -627,16 +627,6 @@ def frozen(study, number: int):
 
 # --------------------------------------------------------------------------------------------- MLflow
 
-def all_experiment_ids(client) -> list[str]:
-    ids, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        ids += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            return ids
-
-
 def find_runs(client, tags: dict[str, str]) -> list:
     """Active runs carrying all `tags`, oldest first (the oldest is the one every worker agrees on)."""
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -648,19 +638,6 @@ def find_runs(client, tags: dict[str, str]) -> list:
         token = page.token
         if not token:
             return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
-
-
-def experiment_id(client, name: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # another worker created it a moment ago
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
 
 
 def claim_parent(client, identity: dict[str, str], role_key: str, experiment: str, run_name: str,

@@ -69,6 +69,17 @@ def param_text(value) -> str | None:
     return text if text != "" else "none"
 
 
+def all_experiment_ids(client) -> list[str]:
+    """Every experiment of the store (all pages)."""
+    ids, token = [], None
+    while True:
+        page = client.search_experiments(max_results=1000, page_token=token)
+        ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            return ids
+
+
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created if missing (another process may create it at the same moment)."""
     found = client.get_experiment_by_name(name)
