@@ -11,7 +11,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import ROOT, TINY, mlflow_runs, postgres_database, subprocess_env
+from conftest import ROOT, TINY, free_port, mlflow_runs, postgres_database, subprocess_env
+from test_sweep import tiny_space
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 CONFIGS = ROOT / "configs"
@@ -44,12 +45,6 @@ def tiny_train(tmp_path, folder, epochs=2, tricks="rifle"):
     return ["--dataset", f"imagefolder:{folder}", *TINY, "--epochs", str(epochs), "--tricks", tricks,
             "--log_weights", "false",
             "--output_dir", str(tmp_path / "out"), "--tracking_uri", f"sqlite:///{tmp_path}/mlflow.db"]
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_bin(tmp_path, scontrol=True, accelerate=False):
@@ -205,30 +200,13 @@ def test_train_script_trains_under_simulated_slurm(tmp_path, digits_folder):
     assert ONE_PROCESS_WARNING not in proc.stderr
 
 
-def tiny_space(tmp_path, folder):
-    """Two trials of one epoch (plain fine-tuning) on the 4-class digits folder."""
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"""
-fixed:
-  dataset: imagefolder:{folder}
-  image_size: 48
-  batch_size: 16
-  val_fraction: 0.25
-  epochs: 1
-  tricks: none
-params:
-  lr: {{type: float, low: 0.001, high: 0.05, log: true}}
-""")
-    return path
-
-
 def test_sweep_array_task_runs_a_worker_on_postgres(tmp_path, digits_folder):
     import mlflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.tracking.MlflowClient(uri).search_experiments()  # the store's tables, before any worker opens it
     with postgres_database("rifle_cluster", password=PASSWORD) as url:
         env = slurm_env(tmp_path, fake_bin(tmp_path), RIFLE_STORAGE=url, MLFLOW_TRACKING_URI=uri,
-                        RIFLE_SPACE=str(tiny_space(tmp_path, digits_folder)), RIFLE_N_TRIALS="2",
+                        RIFLE_SPACE=str(tiny_space(tmp_path, digits_folder, tricks="none", epochs=1)), RIFLE_N_TRIALS="2",
                         RIFLE_OUTPUT_ROOT=str(tmp_path / "sweeps"), SLURM_ARRAY_JOB_ID="4300",
                         SLURM_ARRAY_TASK_ID="3", SLURM_JOB_ID="4303", SLURM_CPUS_PER_TASK="1")
         proc = run_script(SWEEP_SCRIPT, ["--pruner", "none"], tmp_path, env)
