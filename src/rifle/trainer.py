@@ -312,14 +312,15 @@ def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
 
 def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
         mlflow_run_id: str | None = None) -> dict:
-    """Train, report test at the checkpoint `selection` names (and at the last epoch). For sweeps: `on_epoch_end(epoch, metrics)` runs on every
-    process after the epoch's checkpoint and may raise to stop; `mlflow_run_id` (main process) names an
-    existing run to log into, e.g. a trial's child run, instead of `mlflow run`'s or a new one."""
+    """Train, then test at the checkpoint `selection` names and at the last epoch. For sweeps:
+    `on_epoch_end(epoch, metrics)` runs on every process after the epoch's checkpoint and may raise to stop;
+    `mlflow_run_id` (main process) names an existing run to log into, e.g. a trial's child run, instead of
+    `mlflow run`'s or a new one."""
     done = checkpoint.finished(cfg.run.output_dir)
     if done is not None:
         return already_finished(cfg, done, mlflow_run_id)
     s = setup(cfg, mlflow_run_id)
-    train_loader, val_loader, test_loader = s.loaders
+    train_loader, val_loader, _ = s.loaders
     blocks = block_names(s.raw.backbone)
     bar = Progress(s.acc.is_main_process, s.state["epoch"], cfg.optim.epochs, len(train_loader))
     try:
@@ -342,25 +343,7 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
             if on_epoch_end is not None:
                 on_epoch_end(epoch, metrics)
         bar.close()
-        final = {"test_acc_last": evaluate(s.model, test_loader, s.acc)}
-        if cfg.run.selection == "last":
-            final["test_acc"], selected = final["test_acc_last"], cfg.optim.epochs - 1
-            if s.acc.is_main_process and cfg.run.log_weights:
-                s.state["best_file"] = "last.safetensors"
-                checkpoint.save_weights(s.raw, s.out / s.state["best_file"])
-        else:
-            checkpoint.load_weights(s.raw, s.out / s.state["best_file"])
-            final["test_acc"], selected = evaluate(s.model, test_loader, s.acc), s.state["best_epoch"]
-        final["selected_epoch"] = selected
-        if val_loader is not None:
-            final |= {"best_val_acc": s.state["best_val_acc"], "best_epoch": s.state["best_epoch"]}
-        s.tracker.log_final(final)
-        if reinit_epochs(cfg):  # the "RIFLE" number is plain fine-tuning's trajectory when selected before it
-            s.tracker.set_tags({"selected_before_reinit": str(selected <= reinit_epochs(cfg)[0]).lower()})
-        _log_artifacts(s.tracker, cfg, s.state, s.out)
-        for t in s.tricks:  # e.g. DELTA's channel attention
-            for name, text in t.artifacts().items():
-                s.tracker.log_artifact_text(text, name)
+        final = test_and_log(s)
     except BaseException as e:
         bar.close()
         s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -372,6 +355,31 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
                                          "result": result}, cfg.run.keep_finished_checkpoints)
     s.acc.wait_for_everyone()
     return result
+
+
+def test_and_log(s: Session) -> dict:
+    """Test accuracy at the last epoch and at the checkpoint `selection` names; results, tags, artifacts."""
+    cfg, (_, val_loader, test_loader) = s.cfg, s.loaders
+    final = {"test_acc_last": evaluate(s.model, test_loader, s.acc)}
+    if cfg.run.selection == "last":
+        final["test_acc"], selected = final["test_acc_last"], cfg.optim.epochs - 1
+        if s.acc.is_main_process and cfg.run.log_weights:
+            s.state["best_file"] = "last.safetensors"
+            checkpoint.save_weights(s.raw, s.out / s.state["best_file"])
+    else:
+        checkpoint.load_weights(s.raw, s.out / s.state["best_file"])
+        final["test_acc"], selected = evaluate(s.model, test_loader, s.acc), s.state["best_epoch"]
+    final["selected_epoch"] = selected
+    if val_loader is not None:
+        final |= {"best_val_acc": s.state["best_val_acc"], "best_epoch": s.state["best_epoch"]}
+    s.tracker.log_final(final)
+    if reinit_epochs(cfg):  # the "RIFLE" number is plain fine-tuning's trajectory when selected before it
+        s.tracker.set_tags({"selected_before_reinit": str(selected <= reinit_epochs(cfg)[0]).lower()})
+    _log_artifacts(s.tracker, cfg, s.state, s.out)
+    for t in s.tricks:  # e.g. DELTA's channel attention
+        for name, text in t.artifacts().items():
+            s.tracker.log_artifact_text(text, name)
+    return final
 
 
 def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> None:
