@@ -110,8 +110,11 @@ class Tracker:
 
         import mlflow
         self.mlflow = mlflow
-        # Its start/stop INFO lines (three per run) would bury the one line per epoch in logs.
+        # Its start/stop INFO lines (three per run) and, off a terminal, its artifact progress bars (a line
+        # per update) would bury the one line per epoch in logs.
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        if not sys.stderr.isatty():
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
         mlflow.set_tracking_uri(self.uri)
         # The experiment is passed to start_run, never made the process-wide active one (set_experiment):
