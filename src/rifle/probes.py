@@ -59,7 +59,9 @@ class GradNorms:
         if any(g is None for g in grads):  # e.g. a frozen-branch step of stochastic depth: zero gradient
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         norms = torch.stack(torch._foreach_norm(grads)).float()
-        sq = torch.zeros(len(self.blocks), device=norms.device).index_add_(0, self.index.to(norms.device), norms ** 2)
+        if self.index.device != norms.device:  # once: no host-to-device copy per step
+            self.index = self.index.to(norms.device)
+        sq = torch.zeros(len(self.blocks), device=norms.device).index_add_(0, self.index, norms ** 2)
         self.steps.append(sq.sqrt() / scale)
 
     def end_epoch(self, reinit: bool) -> dict[str, float]:

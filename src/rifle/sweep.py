@@ -311,16 +311,15 @@ def load_space(path: str, overrides: dict[str, Any] | None = None) -> Space:
 def _check_values(space: Space) -> None:
     """Build a config at every end of every range (and every choice) so a value the trainer refuses, or an
     impossible combination with the fixed options, fails now, naming the file and key, not in trial 7."""
-    def build(values: dict, name: str, where: str) -> None:
+    def build(values: dict, name: str, where: str) -> C.Config:
         try:
-            C.build(values | {"output_dir": "unused"})
+            return C.build(values | {"output_dir": "unused"})
         except C.ConfigError as e:
             source = space.sources.get(e.option, space.sources.get(name, space.path))
             key = where if e.option == name else f"{'fixed' if e.option in space.fixed else 'params'}.{e.option}"
             raise SpaceError(f"{source}: {key}: {str(e).removeprefix(f'--{e.option}: ')}") from None
 
-    build(dict(space.fixed), "", "fixed")
-    if C.build(space.fixed | {"output_dir": "unused"}).data.val_fraction == 0:
+    if build(dict(space.fixed), "", "fixed").data.val_fraction == 0:
         raise SpaceError(f"{space.sources.get('val_fraction', space.path)}: val_fraction: a study selects on "
                          "validation accuracy, so it needs val_fraction > 0")
     seen: dict[str, list] = {}

@@ -18,10 +18,10 @@ from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_se
 from torch.utils.data import DataLoader
 
 from . import checkpoint, probes
-from .progress import Progress
 from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
 from .data import fingerprint, load_data
 from .models import block_names, build_model, param_groups
+from .progress import Progress
 from .schedules import cosine_lr
 from .seeds import EpochOrder, seed_process, stream_seed
 from .tracking import Tracker, git_commit, redact
@@ -244,7 +244,7 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
             t.load_state_dict(state["tricks"].get(t.name, {}))
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
     state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
-    tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)})
+    tracker.log_params(run_params(cfg))
     tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": ctx.data_fingerprint,
                       "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
     tracker.sync_history(state["history"])
@@ -254,6 +254,12 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         tracker.set_tags({"images_skipped": len(scan.bad)})
     grads = probes.GradNorms(raw.backbone, block_names(raw.backbone), cfg.run.probe_reinit_steps)
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, grads, tracker, state)
+
+
+def run_params(cfg: Config) -> dict:
+    """A run's MLflow params: every resolved option (the tracking URI without its password) and the number of
+    re-inits RIFLE really makes."""
+    return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)}
 
 
 def check_same_run(cfg: Config, recorded: dict) -> None:
@@ -278,7 +284,7 @@ def already_finished(cfg: Config, done: dict, mlflow_run_id: str | None) -> dict
     if target and target != result["run_id"]:
         tracker = Tracker(True, cfg.run.tracking_uri, cfg.run.experiment, system_metrics=False)
         tracker.start(result["run_id"], forced_run_id=mlflow_run_id)
-        tracker.log_params(cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)})
+        tracker.log_params(run_params(cfg))
         tracker.set_tags({"finished_earlier_in_run": result["run_id"]})
         tracker.sync_history(done["history"])
         tracker.log_final({k: v for k, v in result.items() if k not in ("run_id", "epochs")})
@@ -321,7 +327,6 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
         return already_finished(cfg, done, mlflow_run_id)
     s = setup(cfg, mlflow_run_id)
     train_loader, val_loader, _ = s.loaders
-    blocks = block_names(s.raw.backbone)
     bar = Progress(s.acc.is_main_process, s.state["epoch"], cfg.optim.epochs, len(train_loader))
     try:
         for epoch in range(s.state["epoch"], cfg.optim.epochs):
@@ -337,7 +342,7 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
             metrics["head_reinit"] = 0.0
             if val_loader is not None:
                 metrics["val_acc"] = evaluate(s.model, val_loader, s.acc)
-            metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, blocks)
+            metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, s.grads.blocks)
             end_epoch(s, epoch, metrics)
             bar.epoch_end(epoch, metrics)
             if on_epoch_end is not None:
