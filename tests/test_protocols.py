@@ -171,3 +171,24 @@ def test_regime_verdicts():
     from rifle.regime import verdict
     assert verdict(0.001, 0.02) == "helps" and verdict(-0.03, -0.001) == "hurts"
     assert verdict(-0.01, 0.01) == "cannot be told apart"
+
+
+def test_a_resumed_run_without_validation_logs_every_epoch_once(tmp_path, digits_folder):
+    from rifle.trainer import fit
+
+    class Preempted(Exception):
+        pass
+
+    def preempt(epoch, metrics):
+        if epoch == 1:
+            raise Preempted
+
+    cfg = C.build({"dataset": f"imagefolder:{digits_folder}", "image_size": 48, "batch_size": 16, "tricks": "none",
+                   "val_fraction": 0, "selection": "last", "epochs": 3, "log_weights": False,
+                   "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out")})
+    with pytest.raises(Preempted):
+        fit(cfg, on_epoch_end=preempt)
+    fit(cfg)
+    client, (run,) = mlflow_runs(cfg.run.tracking_uri)
+    for key in ("train_loss", "lr_backbone", "grad_norm/conv_stem"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2], key

@@ -199,7 +199,8 @@ class Tracker:
         if not self.active or not history:
             return
         client = self.mlflow.tracking.MlflowClient()
-        logged = {m.step for m in client.get_metric_history(self.run_id, "val_acc")}
+        # train_loss: every epoch logs it (val_acc is absent without validation, val_fraction=0)
+        logged = {m.step for m in client.get_metric_history(self.run_id, "train_loss")}
         for row in history:
             if row["epoch"] not in logged:
                 self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
