@@ -740,22 +740,34 @@ class SweepTracking:
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         complete = [t for t in done if t.state == TrialState.COMPLETE]
         c = self.client
-        c.set_tag(self.parent, "sweep.n_trials", str(n_trials))
         c.log_metric(self.parent, "trials_complete", len(complete), step=len(done))
         c.log_metric(self.parent, "trials_pruned", len(done) - len(complete), step=len(done))
-        if not complete:
-            return
-        best = study.best_trial
-        c.log_metric(self.parent, "best_value", best.value, step=len(done))
-        c.set_tag(self.parent, "sweep.best_trial", str(origin(best)))
-        for k, v in best.params.items():
-            c.set_tag(self.parent, f"best.{k}", str(v))
-        best_runs = find_runs(c, {"sweep.study_uuid": self.uuid, "sweep.role": "trial",
-                                  "sweep.trial": str(origin(best))})
-        if best_runs:
-            c.set_tag(self.parent, "sweep.best_run_id", best_runs[0].info.run_id)
-        c.log_dict(self.parent, {"trial": origin(best), "value": best.value, "params": best.params}, "best_params.json")
-        self._plots(study)
+        tags = {"sweep.n_trials": str(n_trials)}
+        if complete:
+            best = study.best_trial
+            c.log_metric(self.parent, "best_value", best.value, step=len(done))
+            tags |= {"sweep.best_trial": str(origin(best))} | {f"best.{k}": str(v) for k, v in best.params.items()}
+            best_runs = find_runs(c, {"sweep.study_uuid": self.uuid, "sweep.role": "trial",
+                                      "sweep.trial": str(origin(best))})
+            if best_runs:
+                tags["sweep.best_run_id"] = best_runs[0].info.run_id
+        self._set_tags(tags)
+        if complete:
+            c.log_dict(self.parent, {"trial": origin(best), "value": best.value, "params": best.params},
+                       "best_params.json")
+            self._plots(study)
+
+    def _set_tags(self, tags: dict) -> None:
+        """The parent's summary tags, written by every worker: two workers inserting the same new tag at once
+        make SQLite refuse one (UNIQUE constraint failed); retried, the row exists and is updated."""
+        from mlflow.entities import RunTag
+        from mlflow.exceptions import MlflowException
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        try:
+            self.client.log_batch(self.parent, tags=batch)
+        except MlflowException:
+            time.sleep(0.5)
+            self.client.log_batch(self.parent, tags=batch)
 
     def _plots(self, study) -> None:
         import matplotlib
