@@ -132,5 +132,5 @@ def trainer_epoch_times(cfg) -> tuple[list[float], dict]:
     stamps = []
     wait_until_idle()
     with Others():
-        result = fit(cfg, on_epoch_end=lambda epoch, metrics: stamps.append(time.perf_counter()))
+        result = fit(cfg, callbacks=[lambda epoch, metrics: stamps.append(time.perf_counter())])
     return [b - a for a, b in zip(stamps, stamps[1:])], result

@@ -63,13 +63,13 @@ def measure(s, cfg, repeats: int) -> dict:
         ckpt_s.append(c.seconds)
     off, on = [], []
     for k in range(repeats):  # alternating, so drifts in machine speed hit both alike
-        for probe, times in ((None, off), (s.grads, on)):
-            if probe is not None:
-                probe.start_epoch(after_reinit=True)
+        for probes_on, times in (([], off), ([s.probe], on)):
+            for probe in probes_on:
+                probe.on_epoch_start(2 + k)
             with Clock() as c:
-                train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, s.acc, cfg, 2 + k, NoBar(), probe)
-                if probe is not None:
-                    probe.end_epoch(reinit=True)
+                train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, s.acc, cfg, 2 + k, NoBar(), probes_on)
+                for probe in probes_on:
+                    probe.grad_norms(2 + k)
             times.append(c.seconds)
     epoch = compute[-1] + median(probe_s) + median(log_s) + median(ckpt_s)
     r = {"epoch_s": epoch, "compute_s": compute[-1], "probe_s": median(probe_s), "log_s": median(log_s),

@@ -187,8 +187,8 @@ def labels(n=6, seed=2):
 def make_context(model, cfg, source_fn, loader, fingerprint=""):
     from rifle.models import param_groups
     opt = torch.optim.SGD(param_groups(model), lr=cfg.optim.lr, momentum=0.9, weight_decay=cfg.optim.weight_decay)
-    return FitContext(model, opt, None, cfg, NUM_CLASSES, len(loader), probes.snapshot(model.backbone), source_fn,
-                      loader, data_fingerprint=fingerprint)
+    return FitContext(model, opt, None, NUM_CLASSES, probes.snapshot(model.backbone), source_fn, loader,
+                      data_fingerprint=fingerprint)
 
 
 def capture(module, names):
@@ -335,7 +335,7 @@ def test_attention_is_cached_reused_and_missed_when_an_input_changes(tmp_path, m
     measure = D.Delta.measure
 
     def counted(self):
-        calls.append(self.cfg.flat())
+        calls.append(self.options)
         return measure(self)
     monkeypatch.setattr(D.Delta, "measure", counted)
 

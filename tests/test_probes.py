@@ -6,15 +6,16 @@ from torch import nn
 from conftest import mlflow_runs
 from rifle import config as C
 from rifle.models import block_names
-from rifle.probes import GradNorms
+from rifle.probes import BlockProbe
 
 
 def test_grad_norms_are_each_blocks_gradient_norm():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     blocks = ["0", "2"]
-    probe = GradNorms(net, blocks, window=1)
-    probe.start_epoch(after_reinit=True)
+    reference = {n: p.detach().clone() for n, p in net.named_parameters()}
+    probe = BlockProbe(net, blocks, reference, window=1, reinit_epochs=[1, 2])
+    probe.on_epoch_start(2)  # after the re-init of epoch 1, and ending with another
     expected = []
     for step in range(3):
         net.zero_grad()
@@ -22,17 +23,20 @@ def test_grad_norms_are_each_blocks_gradient_norm():
         expected.append([torch.cat([p.grad.flatten() for p in net[i].parameters()]).norm() for i in (0, 2)])
         probe.after_backward(scale=2.0 if step == 2 else 1.0)
     expected[2] = [v / 2 for v in expected[2]]  # a loss scale is divided out
-    out = probe.end_epoch(reinit=True)
+    out = {}
+    probe.on_epoch_metrics(2, out)
+    assert out["weight_dist/0"] == out["weight_dist/2"] == 0.0  # nothing moved
     means = torch.tensor(expected).mean(0)
     assert out["grad_norm/0"] == pytest.approx(float(means[0]), rel=1e-5)
     assert out["grad_norm/2"] == pytest.approx(float(means[1]), rel=1e-5)
     assert out["grad_norm_post_reinit/0"] == pytest.approx(float(expected[0][0]), rel=1e-5)  # first step
     assert out["grad_norm_pre_reinit/2"] == pytest.approx(float(expected[2][1]), rel=1e-5)   # last step
-    probe.start_epoch(after_reinit=False)
+    probe.on_epoch_start(4)
     net.zero_grad()
     net[2].weight.grad = torch.ones_like(net[2].weight)  # a block without gradient this step counts as 0
     probe.after_backward()
-    out = probe.end_epoch(reinit=False)
+    out = {}
+    probe.on_epoch_metrics(4, out)
     assert out["grad_norm/0"] == 0 and out["grad_norm/2"] == pytest.approx(15 ** 0.5)
     assert not any("reinit" in k for k in out)
 

@@ -187,7 +187,7 @@ def test_a_resumed_run_without_validation_logs_every_epoch_once(tmp_path, digits
                    "val_fraction": 0, "selection": "last", "epochs": 3, "log_weights": False,
                    "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out")})
     with pytest.raises(Preempted):
-        fit(cfg, on_epoch_end=preempt)
+        fit(cfg, callbacks=[preempt])
     fit(cfg)
     client, (run,) = mlflow_runs(cfg.run.tracking_uri)
     for key in ("train_loss", "lr_backbone", "grad_norm/conv_stem"):

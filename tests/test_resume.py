@@ -106,7 +106,7 @@ def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path, digits_f
                 model.head.weight.fill_(float("nan"))
 
     with pytest.raises(NonFiniteLoss, match="epoch 1, step 0"):
-        fit(cfg, on_epoch_end=poison)
+        fit(cfg, callbacks=[poison])
     last = checkpoint.latest(tmp_path / "out")
     assert last.name == "epoch-0000"
     from safetensors.torch import load_file

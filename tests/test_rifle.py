@@ -7,8 +7,9 @@ from torch import nn
 
 from rifle import config as C
 from rifle.models import build_model, param_groups
+from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
-from rifle.tricks.rifle import Rifle, reinit_linear_
+from rifle.tricks.rifle import reinit_linear_
 
 
 def test_reinit_is_identical_whatever_the_global_rng():
@@ -30,7 +31,7 @@ def test_reinit_is_identical_whatever_the_global_rng():
 def _fit_context(cfg, model):
     optimizer = torch.optim.SGD(param_groups(model), lr=0.1, momentum=0.9)
     acc = Accelerator()
-    return FitContext(model, optimizer, acc, cfg, 3, 1, {}, lambda: None, None)
+    return FitContext(model, optimizer, acc, 3, {}, lambda: None, None)
 
 
 def _train_step(model, optimizer):
@@ -46,7 +47,7 @@ def test_reinit_at_official_epochs_changes_only_the_head(reset_momentum):
     torch.manual_seed(0)
     model = build_model("torchvision:resnet18", num_classes=3, pretrained=False)
     ctx = _fit_context(cfg, model)
-    rifle = Rifle(cfg)
+    (rifle,) = build_tricks(cfg)
     rifle.on_fit_start(ctx)
     reinit_epochs = []
     for epoch in range(cfg.optim.epochs):
@@ -69,7 +70,7 @@ def test_reinit_at_official_epochs_changes_only_the_head(reset_momentum):
 
 def test_cyclic_head_policy_only_moves_the_head_lr():
     cfg = C.build({"epochs": 12, "reinit_times": 2, "head_lr_policy": "cyclic", "lr": 0.01})
-    rifle = Rifle(cfg)
+    (rifle,) = build_tricks(cfg)
     lrs = rifle.lr({"backbone": 0.003, "head": 0.003}, progress=4.5)  # first epoch of period 2
     assert lrs == {"backbone": 0.003, "head": pytest.approx(0.01)}
-    assert Rifle(C.build({"epochs": 12})).lr({"backbone": 1, "head": 1}, 4.5) == {"backbone": 1, "head": 1}
+    assert build_tricks(C.build({"epochs": 12}))[0].lr({"backbone": 1, "head": 1}, 4.5) == {"backbone": 1, "head": 1}

@@ -132,7 +132,7 @@ def test_resume_with_loader_workers_ends_with_the_uninterrupted_weights(tmp_path
 
     full = fit(cfg("full"))
     with pytest.raises(Preempted):
-        fit(cfg("cut"), on_epoch_end=preempt)
+        fit(cfg("cut"), callbacks=[preempt])
     assert checkpoint.latest(tmp_path / "cut").name == "epoch-0000"
     resumed = fit(cfg("cut"))
     want, got = (load_file(str(checkpoint.latest(tmp_path / out) / "model.safetensors")) for out in ("full", "cut"))

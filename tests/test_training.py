@@ -80,7 +80,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
             raise Preempted
 
     with pytest.raises(Preempted):
-        fit(tiny(tmp_path, out="cut", epochs=4, reinit_times=1, run_name="cut"), on_epoch_end=preempt)
+        fit(tiny(tmp_path, out="cut", epochs=4, reinit_times=1, run_name="cut"), callbacks=[preempt])
     resumed = fit(tiny(tmp_path, out="cut", epochs=4, reinit_times=1, run_name="cut"))
     for key in ("test_acc", "test_acc_last", "best_val_acc", "best_epoch"):
         assert resumed[key] == full[key], key

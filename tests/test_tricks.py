@@ -12,7 +12,7 @@ from torch import nn
 from rifle import config as C
 from rifle import probes
 from rifle.models import Classifier
-from rifle.tricks import CANONICAL, EVIDENCE, REGISTRY, build_tricks
+from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
 from rifle.tricks.cyclic_lr import triangular_lr
 from rifle.tricks.delta import (channel_attention, channel_loss_increase, default_layers,
@@ -26,6 +26,31 @@ from rifle.tricks.rifle import reinit_linear_
 from rifle.tricks.stochastic_depth import BranchGate, branch_gate, install_gates, survival_probs
 
 NUM_CLASSES = 5
+
+# Settings of each method for a short run (a few batches on the offline data), and the per-epoch metric that
+# shows it acted (None: visible only in lr_backbone / lr_head). test_tricks_training uses them too.
+CANONICAL = {
+    "rifle": {"reinit_times": 1},
+    "dropout": {"dropout_p": 0.5},
+    "dropconnect": {"dropconnect_p": 0.5},
+    "stochastic_depth": {"sd_survival_last": 0.5, "sd_mode": "batch"},
+    "disturb_label": {"disturb_alpha": 0.5},
+    "cyclic_lr": {"clr_base_lr": 0.001, "clr_max_lr": 0.01, "clr_step_epochs": 0.5},
+    "l2": {"l2_alpha": 1e-4},
+    "l2sp": {"l2sp_alpha": 0.01, "l2sp_beta": 1e-4},
+    "delta": {"delta_alpha": 0.01, "delta_beta": 0.01, "delta_attention_epochs": 2, "delta_attention_batches": 1},
+}
+EVIDENCE = {
+    "rifle": "head_reinit",
+    "dropout": "dropout/drop_rate",
+    "dropconnect": "dropconnect/drop_rate",
+    "stochastic_depth": "stochastic_depth/skip_rate",
+    "disturb_label": "disturb_label/flip_rate",
+    "cyclic_lr": None,
+    "l2": "penalty/l2",
+    "l2sp": "penalty/l2sp",
+    "delta": "penalty/delta",
+}
 
 
 def binomial_ok(hits: int, n: int, p: float, sigmas: float = 5.0) -> bool:
@@ -77,11 +102,19 @@ def fit_context(model, cfg, accelerator, source_fn, n_batches=2, batch=4):
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(batch, 3, 32, 32, generator=g), torch.randint(NUM_CLASSES, (batch,), generator=g))
             for _ in range(n_batches)]
-    return FitContext(model, opt, accelerator, cfg, NUM_CLASSES, n_batches, probes.snapshot(model.backbone),
-                      source_fn, data)
+    return FitContext(model, opt, accelerator, NUM_CLASSES, probes.snapshot(model.backbone), source_fn, data)
 
 
-def run_steps(tricks, ctx, epochs=1):
+def epoch_end(tricks, epoch, metrics=None, accelerator=None):
+    """The tricks' epoch end as the trainer runs it: each trick's hook, then its meter's averages."""
+    metrics = {} if metrics is None else metrics
+    for t in tricks:
+        t.on_epoch_end(epoch, metrics)
+        metrics |= t.meter.pop(accelerator)
+    return metrics
+
+
+def run_steps(tricks, ctx, cfg, epochs=1):
     """The trainer's own batch loop (trainer.train_epoch) and the tricks' epoch end, for a few steps."""
     from tqdm import tqdm
 
@@ -89,13 +122,12 @@ def run_steps(tricks, ctx, epochs=1):
     losses, all_metrics = [], []
     for epoch in range(epochs):
         for t in tricks:
+            t.meter.reset()
             t.on_epoch_start(epoch)
         metrics = train_epoch(ctx.model, ctx.model, ctx.train_loader, ctx.optimizer, tricks, ctx.accelerator,
-                              ctx.cfg, epoch, tqdm(disable=True))
+                              cfg, epoch, tqdm(disable=True))
         losses.append(metrics["train_loss"])
-        for t in tricks:
-            t.on_epoch_end(epoch, metrics)
-        all_metrics.append(metrics)
+        all_metrics.append(epoch_end(tricks, epoch, metrics, ctx.accelerator))
     return losses, all_metrics
 
 
@@ -121,8 +153,8 @@ def test_bad_combinations_fail_before_training(values, option, words):
 
 
 def test_every_method_composes_with_rifle_and_has_canonical_settings():
-    assert set(REGISTRY) == set(C.TRICK_NAMES) == set(CANONICAL) == set(EVIDENCE)
-    for name in REGISTRY:
+    assert set(C.TRICK_NAMES) == set(CANONICAL) == set(EVIDENCE)
+    for name in C.TRICK_NAMES:
         for tricks in (name, f"rifle,{name}" if name != "rifle" else "rifle"):
             cfg = C.build({"tricks": tricks, **CANONICAL[name]})
             assert [t.name for t in build_tricks(cfg)] == tricks.split(",")
@@ -156,8 +188,7 @@ def test_disturb_label_acts_only_in_training(accelerator):
     assert torch.equal(trick.before_loss(None, labels), labels)
     model.train()
     trick.before_loss(None, labels)
-    metrics = {}
-    trick.on_epoch_end(0, metrics)
+    metrics = epoch_end([trick], 0)
     assert metrics["disturb_label/flip_rate"] == pytest.approx(0.5 * 4 / 5, abs=0.05)
 
 
@@ -205,8 +236,7 @@ def test_l2sp_penalty_by_hand_on_a_tiny_model(accelerator):
     assert torch.allclose(model.head.weight.grad, 0.01 * model.head.weight)
     # the pure function on explicit tensors
     assert float(l2sp_penalty([torch.tensor([1.0, 2.0])], [torch.tensor([0.0, 4.0])], 2.0)) == pytest.approx(5.0)
-    metrics = {}
-    trick.on_epoch_end(0, metrics)
+    metrics = epoch_end([trick], 0)
     assert metrics["penalty/l2sp"] == pytest.approx((0.01 / 2 * head_sq + float(value)) / 2, rel=1e-5)
 
 
@@ -304,8 +334,7 @@ def test_stochastic_depth_training_drops_blocks_and_keeps_every_gradient(acceler
     F.cross_entropy(model(images()), torch.arange(4)).backward()
     # a dropped branch is multiplied by 0, not skipped: DDP needs every parameter in every step
     assert all(p.grad is not None for p in model.parameters())
-    metrics = {}
-    trick.on_epoch_end(0, metrics)
+    metrics = epoch_end([trick], 0)
     assert 0.0 < metrics["stochastic_depth/skip_rate"] <= 1.0
 
 
@@ -448,8 +477,7 @@ def test_delta_source_runs_on_running_batchnorm_statistics(accelerator):
     x = images()
     model(x)
     trick.penalty(model, x)
-    metrics = {}
-    trick.on_epoch_end(0, metrics)
+    metrics = epoch_end([trick], 0)
     # As the reference: the source in evaluation mode, so at the starting point the training-mode network's
     # batch statistics already make the feature maps differ (tests/test_delta.py checks the value).
     assert metrics["penalty/delta_features"] > 0
@@ -472,7 +500,7 @@ def test_delta_default_layers():
 
 # ---------------------------------------------------------------- every method in the hook loop
 
-@pytest.mark.parametrize("name", [n for n in REGISTRY if n != "rifle"])
+@pytest.mark.parametrize("name", [n for n in C.TRICK_NAMES if n != "rifle"])
 def test_each_method_with_rifle_runs_acts_and_evaluates_deterministically(name, accelerator):
     cfg = C.build({"tricks": f"rifle,{name}", "epochs": "2", "reinit_times": "1", **CANONICAL[name],
                    **({"delta_layers": "layer4"} if name == "delta" else {})})
@@ -484,7 +512,7 @@ def test_each_method_with_rifle_runs_acts_and_evaluates_deterministically(name, 
     for t in tricks:
         t.on_fit_start(ctx)
     head_before = model.head.weight.detach().clone()
-    losses, metrics = run_steps(tricks, ctx, epochs=1)
+    losses, metrics = run_steps(tricks, ctx, cfg, epochs=1)
     assert all(math.isfinite(v) for v in losses)
     assert metrics[0]["head_reinit"] == 1.0  # RIFLE still re-initialized the head (epoch 0 of 2)
     assert not torch.equal(model.head.weight, head_before)

@@ -8,10 +8,10 @@ import pytest
 
 from conftest import mlflow_runs, subprocess_env
 from rifle import config as C
-from rifle.tricks import CANONICAL, EVIDENCE, REGISTRY
+from test_tricks import CANONICAL, EVIDENCE
 
-METHODS = [m for m in REGISTRY if m != "rifle"]
-COMBOS = [[m] for m in REGISTRY] + [["rifle", m] for m in METHODS]
+METHODS = [m for m in C.TRICK_NAMES if m != "rifle"]
+COMBOS = [[m] for m in C.TRICK_NAMES] + [["rifle", m] for m in METHODS]
 
 
 def small(tmp_path, folder, tricks, **values):
@@ -30,7 +30,7 @@ def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
     client, runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db")
     run = runs[0]
     history = run.data.metrics
-    for name in ("train_loss", "val_acc", "lr_backbone", "head_reinit", "test_acc", "weight_dist/conv_stem"):
+    for name in ("train_loss", "val_acc", "lr_backbone", "test_acc", "weight_dist/conv_stem", "grad_norm/conv_stem"):
         assert name in history, name
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)

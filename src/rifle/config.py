@@ -18,8 +18,12 @@ from typing import Any
 
 import yaml
 
+# The one list of methods, in the canonical order of method labels (rifle.methods). Each is the module
+# rifle/tricks/<name>.py holding one Trick subclass.
 TRICK_NAMES = ("rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label", "cyclic_lr",
                "l2", "l2sp", "delta")
+# Explicit penalties that each replace weight decay with their own definition of "L2": one at a time.
+EXCLUSIVE_REGULARIZERS = ("l2", "l2sp", "delta")
 
 
 class ConfigError(ValueError):
@@ -347,8 +351,7 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("tricks", f"unknown method {unknown[0]!r}, allowed: {', '.join(TRICK_NAMES)}")
     if len(set(cfg.trick_list)) != len(cfg.trick_list):
         raise ConfigError("tricks", f"a method is listed twice in {cfg.tricks.tricks!r}")
-    from .tricks import check_combination  # light module: names and rules only
-    check_combination(cfg)
+    _check_tricks(cfg)
     if cfg.run.seed >= 2**32:  # rifle.seeds hashes 32-bit words
         raise ConfigError("seed", f"must be below 2**32, got {cfg.run.seed}")
     if "rifle" in cfg.trick_list:
@@ -378,6 +381,36 @@ def resolve(cfg: Config) -> Config:
     if not cfg.run.output_dir:
         cfg.run.output_dir = os.path.join("outputs", config_digest(cfg))
     return cfg
+
+
+def _check_tricks(cfg: Config) -> None:
+    """Combinations and values no method accepts, refused before any data or model loads."""
+    names, t = set(cfg.trick_list), cfg.tricks
+    if {"rifle", "cyclic_lr"} <= names and t.head_lr_policy == "cyclic":
+        raise ConfigError("head_lr_policy", "cyclic_lr and RIFLE's head_lr_policy=cyclic are two learning-rate "
+                          "policies for the head; use head_lr_policy=follow with cyclic_lr, or drop cyclic_lr "
+                          "from --tricks")
+    regs = [n for n in EXCLUSIVE_REGULARIZERS if n in names]
+    if len(regs) > 1:
+        raise ConfigError("tricks", f"{' and '.join(regs)} are alternative regularizers (each replaces weight "
+                          "decay with its own penalty): choose one")
+    for option in ("dropout_p", "dropconnect_p"):
+        if not getattr(t, option) < 1.0:
+            raise ConfigError(option, f"must be < 1 (1 drops everything), got {getattr(t, option)}")
+    for option in ("disturb_alpha", "sd_survival_last"):
+        if not getattr(t, option) <= 1.0:
+            raise ConfigError(option, f"is a probability: must be <= 1, got {getattr(t, option)}")
+    if "cyclic_lr" in names:
+        base, top = clr_bounds(cfg)
+        if not base < top:
+            raise ConfigError("clr_base_lr", f"must be below clr_max_lr (default: lr), got {base} >= {top}")
+
+
+def clr_bounds(cfg: Config) -> tuple[float, float]:
+    """cyclic_lr's (base_lr, max_lr): max_lr defaults to lr, base_lr to max_lr / 4 (Smith 2017)."""
+    t = cfg.tricks
+    top = t.clr_max_lr if t.clr_max_lr is not None else cfg.optim.lr
+    return (t.clr_base_lr if t.clr_base_lr is not None else top / 4), top
 
 
 def reinit_epochs(cfg: Config) -> list[int]:

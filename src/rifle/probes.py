@@ -1,6 +1,8 @@
 """Observers that change nothing: how far each backbone block moved from its pretrained weights."""
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from torch import nn
 
@@ -26,32 +28,33 @@ def weight_distances(backbone: nn.Module, reference: dict[str, torch.Tensor], bl
     return {f"weight_dist/{b}": v ** 0.5 for b, v in sq.items()}
 
 
-class GradNorms:
-    """`grad_norm/<block>`: the L2 norm of each backbone block's gradient, averaged over an epoch's optimizer
-    steps, plus the same over short windows around each head re-initialization:
-    `grad_norm_pre_reinit/<block>` over the last `window` steps of the epoch that ends with a re-init
+class BlockProbe:
+    """An observe-only callback of `trainer.fit`. Per epoch: `weight_dist/<block>` (weight_distances) and
+    `grad_norm/<block>`, the L2 norm of each backbone block's gradient averaged over the epoch's optimizer
+    steps; around each head re-initialization (after the epochs in `reinit_epochs`) the same over short
+    windows: `grad_norm_pre_reinit/<block>` over the last `window` steps of the epoch that ends with a re-init
     (logged at that epoch) and `grad_norm_post_reinit/<block>` over the first `window` steps of the next
     epoch (logged at it), so the spike or dip a fresh head causes is visible as post / pre.
 
-    Observe only: read after backward, before the optimizer step, on the gradients of the step the
-    optimizer takes (with accumulation, the summed micro-batches). Under several processes DDP has already
-    averaged the gradients over processes, so every process measures the same global-batch gradient and
-    nothing more is reduced; the main process's values are logged. Under fp16 the loss scale is divided out.
-    Kept on the device, one `_foreach_norm` per step: no host sync until the epoch ends.
+    Gradients are read after backward, before the optimizer step, on the gradient the optimizer steps with
+    (with accumulation, the summed micro-batches). Under several processes DDP has already averaged them, so
+    every process measures the same global-batch gradient and nothing more is reduced; the main process's
+    values are logged. Under fp16 the loss scale is divided out. Kept on the device, one `_foreach_norm` per
+    step: no host sync until the epoch ends.
     """
 
-    def __init__(self, backbone: nn.Module, blocks: list[str], window: int):
+    def __init__(self, backbone: nn.Module, blocks: list[str], reference: dict[str, torch.Tensor],
+                 window: int = 0, reinit_epochs: Iterable[int] = ()):
         named = [(block_of(n, blocks), p) for n, p in backbone.named_parameters() if p.requires_grad]
         named = [(b, p) for b, p in named if b is not None]
-        self.blocks, self.window = blocks, window
+        self.backbone, self.blocks, self.reference, self.window = backbone, blocks, reference, window
+        self.reinit = set(reinit_epochs)
         self.params = [p for _, p in named]
         self.index = torch.tensor([blocks.index(b) for b, _ in named])
-        self.post_reinit = False
-
-    def start_epoch(self, after_reinit: bool) -> None:
-        """`after_reinit`: the previous epoch ended with a re-init (known from the run's history on resume)."""
         self.steps: list[torch.Tensor] = []
-        self.post_reinit = after_reinit
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.steps = []
 
     @torch.no_grad()
     def after_backward(self, scale: float = 1.0) -> None:
@@ -64,14 +67,17 @@ class GradNorms:
         sq = torch.zeros(len(self.blocks), device=norms.device).index_add_(0, self.index, norms ** 2)
         self.steps.append(sq.sqrt() / scale)
 
-    def end_epoch(self, reinit: bool) -> dict[str, float]:
-        """The epoch's metrics; `reinit`: this epoch ended with a head re-initialization."""
+    def on_epoch_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
+        metrics |= weight_distances(self.backbone, self.reference, self.blocks) | self.grad_norms(epoch)
+
+    def grad_norms(self, epoch: int) -> dict[str, float]:
         if not self.steps:
             return {}
         steps = torch.stack(self.steps).cpu()
-        out = dict(zip((f"grad_norm/{b}" for b in self.blocks), steps.mean(0).tolist()))
-        if self.post_reinit and self.window:
-            out |= dict(zip((f"grad_norm_post_reinit/{b}" for b in self.blocks), steps[:self.window].mean(0).tolist()))
-        if reinit and self.window:
-            out |= dict(zip((f"grad_norm_pre_reinit/{b}" for b in self.blocks), steps[-self.window:].mean(0).tolist()))
-        return out
+        windows = {"grad_norm": steps}
+        if self.window and epoch - 1 in self.reinit:
+            windows["grad_norm_post_reinit"] = steps[:self.window]
+        if self.window and epoch in self.reinit:
+            windows["grad_norm_pre_reinit"] = steps[-self.window:]
+        return {f"{prefix}/{b}": v for prefix, rows in windows.items()
+                for b, v in zip(self.blocks, rows.mean(0).tolist())}

@@ -1043,7 +1043,7 @@ def run_worker(o: Options) -> int:
                     print(f"rifle.sweep: trial {msg['number']} ({_fmt(msg['params'])})"
                           + (f", a retry of trial {msg['origin']} resuming at epoch {start}" if start else ""),
                           flush=True)
-                result = fit(cfg, on_epoch_end=reporter, mlflow_run_id=run_id)
+                result = fit(cfg, callbacks=[reporter], mlflow_run_id=run_id)
                 outcome = "complete"
         except optuna.TrialPruned as e:
             outcome, reason = "pruned", str(e)

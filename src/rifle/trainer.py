@@ -1,15 +1,14 @@
 """The fine-tuning loop on Accelerate: one process on a laptop, `accelerate launch` on clusters.
 
-Tricks (RIFLE and the baselines) plug in through hooks (tricks/base.py); with no trick this is plain
-fine-tuning with the official RIFLE recipe: SGD momentum 0.9, weight decay, per-epoch cosine.
+Tricks (RIFLE and the baselines) change training through hooks (tricks/base.py); callbacks only observe it
+(see `fit`). With no trick this is plain fine-tuning with the official RIFLE recipe: SGD momentum 0.9,
+weight decay, per-epoch cosine.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +102,13 @@ def evaluate(model, loader, acc: Accelerator) -> float:
     return correct / max(total, 1)
 
 
-def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, grads=None) -> dict[str, float]:
+def hooks(callbacks, name: str) -> list:
+    """Each callback's method `name`, in order; a plain function counts as an `on_epoch_end`."""
+    return [getattr(c, name, c) for c in callbacks if hasattr(c, name) or (name == "on_epoch_end" and callable(c))]
+
+
+def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, callbacks=()) -> dict[str, float]:
+    observers = hooks(callbacks, "after_backward")
     model.train()
     losses, correct, seen = [], torch.zeros((), device=acc.device), 0
     for i, (images, labels) in enumerate(loader):
@@ -122,12 +127,11 @@ def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, gra
                 extra = t.penalty(raw, images)
                 loss = loss if extra is None else loss + extra
             acc.backward(loss)
-            if grads is not None and acc.sync_gradients:  # observe the gradient the optimizer is about to use
-                grads.after_backward(acc.scaler.get_scale() if acc.scaler is not None else 1.0)
+            if observers and acc.sync_gradients:  # the gradient the optimizer is about to use
+                for observe in observers:
+                    observe(acc.scaler.get_scale() if acc.scaler is not None else 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        for t in tricks:
-            t.after_step()
         losses.append(loss.detach().float())
         correct += (logits.argmax(1) == labels).sum()  # against the true labels, whatever a trick did
         seen += labels.numel()
@@ -158,7 +162,7 @@ class Session:
     loaders: tuple                # train, val, test
     tricks: list
     pretrained: dict              # backbone weights before fine-tuning (CPU), for the probes
-    grads: probes.GradNorms       # the gradient-flow probe
+    probe: probes.BlockProbe      # weight distances and gradient flow per block, a callback of every run
     tracker: Tracker
     state: dict                   # what a checkpoint stores: counters, best record, history
 
@@ -228,9 +232,9 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         # Here rather than Accelerator(dynamo_backend=...): Accelerate keeps the first run's backend for
         # every later Accelerator of the process (sweeps, tests). Wraps DDP, as Accelerate does.
         model = torch.compile(model, backend=cfg.run.compile_backend)
-    ctx = FitContext(raw, optimizer, acc, cfg, num_classes, math.ceil(len(loaders[0]) / o.grad_accum_steps),
-                     pretrained, lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
-                                                     cfg.model.backbone_dropout).backbone,
+    ctx = FitContext(raw, optimizer, acc, num_classes, pretrained,
+                     lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
+                                         cfg.model.backbone_dropout).backbone,
                      loaders[0], data_fingerprint=fingerprint(data))
     for t in tricks:
         t.on_fit_start(ctx)
@@ -252,8 +256,9 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
         tracker.set_tags({"images_skipped": len(scan.bad)})
-    grads = probes.GradNorms(raw.backbone, block_names(raw.backbone), cfg.run.probe_reinit_steps)
-    return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, grads, tracker, state)
+    probe = probes.BlockProbe(raw.backbone, block_names(raw.backbone), pretrained, cfg.run.probe_reinit_steps,
+                              reinit_epochs(cfg))
+    return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, probe, tracker, state)
 
 
 def run_params(cfg: Config) -> dict:
@@ -292,9 +297,9 @@ def already_finished(cfg: Config, done: dict, mlflow_run_id: str | None) -> dict
     return result
 
 
-def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
+def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
     """Track the best validation epoch (before any re-init; its weights kept when selection is best_val), run
-    the tricks' epoch end, checkpoint, then log."""
+    the tricks' epoch end and the callbacks' `on_epoch_metrics`, checkpoint, then log."""
     state, main = s.state, s.acc.is_main_process
     if "val_acc" in metrics and metrics["val_acc"] > state["best_val_acc"]:
         state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch}
@@ -304,7 +309,9 @@ def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
                 checkpoint.save_weights(s.raw, s.out / state["best_file"])
     for t in s.tricks:
         t.on_epoch_end(epoch, metrics)
-    metrics |= s.grads.end_epoch(reinit=bool(metrics.get("head_reinit")))
+        metrics |= t.meter.pop(s.acc)
+    for add in hooks(callbacks, "on_epoch_metrics"):
+        add(epoch, metrics)
     state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
               "tricks": {t.name: t.state_dict() for t in s.tricks}}
     if main:
@@ -316,16 +323,23 @@ def end_epoch(s: Session, epoch: int, metrics: dict) -> None:
     s.tracker.log_metrics(metrics, step=epoch)
 
 
-def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
-        mlflow_run_id: str | None = None) -> dict:
-    """Train, then test at the checkpoint `selection` names and at the last epoch. For sweeps:
-    `on_epoch_end(epoch, metrics)` runs on every process after the epoch's checkpoint and may raise to stop;
-    `mlflow_run_id` (main process) names an existing run to log into, e.g. a trial's child run, instead of
-    `mlflow run`'s or a new one."""
+def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
+    """Train, then test at the checkpoint `selection` names and at the last epoch. `mlflow_run_id` (main
+    process) names an existing run to log into, e.g. a trial's child run, instead of `mlflow run`'s or a new one.
+
+    `callbacks` observe training; each has any of these methods (a plain function is an `on_epoch_end`):
+        on_epoch_start(epoch)              before the epoch's first step
+        after_backward(scale)              after each backward the optimizer steps with (scale: fp16 loss scale)
+        on_epoch_metrics(epoch, metrics)   after validation and the tricks' epoch end; may add metrics, which
+                                           are then checkpointed and logged
+        on_epoch_end(epoch, metrics)       on every process after the checkpoint and the logging; may raise to
+                                           stop training (the MLflow run ends FAILED, KILLED on Ctrl-C)
+    Every run has one: the block probe (probes.BlockProbe)."""
     done = checkpoint.finished(cfg.run.output_dir)
     if done is not None:
         return already_finished(cfg, done, mlflow_run_id)
     s = setup(cfg, mlflow_run_id)
+    callbacks = [s.probe, *callbacks]
     train_loader, val_loader, _ = s.loaders
     bar = Progress(s.acc.is_main_process, s.state["epoch"], cfg.optim.epochs, len(train_loader))
     try:
@@ -334,19 +348,19 @@ def fit(cfg: Config, on_epoch_end: Callable[[int, dict], None] | None = None,
             seed_process(stream_seed(cfg.run.seed, epoch, s.acc.process_index))
             train_loader.set_epoch(epoch)
             for t in s.tricks:
+                t.meter.reset()
                 t.on_epoch_start(epoch)
             # After the tricks' epoch start, so DELTA's extra pass over the loader cannot move the workers' seed.
             train_loader.generator.manual_seed(stream_seed(cfg.run.seed, epoch, s.acc.process_index, "workers"))
-            s.grads.start_epoch(after_reinit=bool(s.state["history"] and s.state["history"][-1].get("head_reinit")))
-            metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar, s.grads)
-            metrics["head_reinit"] = 0.0
+            for start in hooks(callbacks, "on_epoch_start"):
+                start(epoch)
+            metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar, callbacks)
             if val_loader is not None:
                 metrics["val_acc"] = evaluate(s.model, val_loader, s.acc)
-            metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, s.grads.blocks)
-            end_epoch(s, epoch, metrics)
+            end_epoch(s, epoch, metrics, callbacks)
             bar.epoch_end(epoch, metrics)
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics)
+            for end in hooks(callbacks, "on_epoch_end"):
+                end(epoch, metrics)
         bar.close()
         final = test_and_log(s)
     except BaseException as e:

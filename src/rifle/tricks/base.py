@@ -1,7 +1,8 @@
-"""The hook interface every trick implements (any subset; the defaults do nothing)."""
+"""The hooks a trick may implement (any subset; the defaults do nothing)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable
 
 import torch
@@ -15,10 +16,8 @@ class FitContext:
     """What a trick may use once the model, optimizer and data are prepared."""
     model: nn.Module              # the unwrapped Classifier (backbone, pre_head, head)
     optimizer: torch.optim.Optimizer
-    accelerator: Any              # accelerate.Accelerator
-    cfg: Any                      # rifle.config.Config
+    accelerator: Any              # accelerate.Accelerator (None outside the trainer)
     num_classes: int
-    steps_per_epoch: int          # optimizer steps per epoch
     pretrained: dict[str, torch.Tensor]   # backbone parameters at the start of fine-tuning (CPU)
     build_source_model: Callable[[], nn.Module]  # a fresh frozen pretrained backbone, on demand
     train_loader: Any
@@ -26,39 +25,39 @@ class FitContext:
 
 
 class Trick:
-    """Base with no-op hooks. Order of calls in the trainer:
+    """Hooks, in the order the trainer calls them:
 
     prepare_model(model)                 before the optimizer exists: module surgery only
-    on_fit_start(ctx)                    after accelerate.prepare
+    on_fit_start(ctx)                    after accelerate.prepare (and before load_state_dict on resume)
     on_epoch_start(epoch)
     lr(lrs, progress) -> lrs             before every optimizer step; progress = epoch + fraction done
     before_loss(logits, labels) -> labels
     penalty(model, images) -> tensor     added to the loss (None: nothing)
-    after_step()
     on_epoch_end(epoch, metrics)         after validation and best-checkpoint selection; may add metrics
     state_dict() / load_state_dict(d)    JSON-able state for resuming
     artifacts() -> {name: text}          files logged with the run (main process), at the end of fit
 
-    Per-epoch metrics: name them in `metrics`, feed `self.meter` during the epoch; the default hooks keep
-    `ctx`, reset the meter at the epoch start and add its averages (over all processes) at the epoch end,
-    so an override calls super() to keep that.
+    Per-epoch averages: name them in `metrics` and feed `self.meter`; the trainer resets it at each epoch
+    start and adds its averages over all processes to the epoch's metrics after `on_epoch_end`.
     """
-    name = "trick"
     metrics: tuple[str, ...] = ()
 
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.ctx: FitContext | None = None
-        self.meter = EpochMeter(self.metrics)
+    @property
+    def name(self) -> str:
+        return type(self).__module__.rsplit(".", 1)[-1]
+
+    @cached_property
+    def meter(self) -> EpochMeter:
+        return EpochMeter(self.metrics)
 
     def prepare_model(self, model: nn.Module) -> None:
         pass
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        self.ctx = ctx
+        pass
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.meter.reset()
+        pass
 
     def lr(self, lrs: dict[str, float], progress: float) -> dict[str, float]:
         return lrs
@@ -69,11 +68,8 @@ class Trick:
     def penalty(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor | None:
         return None
 
-    def after_step(self) -> None:
-        pass
-
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        metrics.update(self.meter.pop(self.ctx.accelerator if self.ctx is not None else None))
+        pass
 
     def state_dict(self) -> dict:
         return {}

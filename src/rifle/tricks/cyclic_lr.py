@@ -12,7 +12,7 @@ the trainer's cosine for backbone and head alike. Defaults, stated: max_lr = `lr
 learning rate of the official recipe) and base_lr = max_lr / 4 (the paper's suggestion of 1/3-1/4 of
 max_lr); the paper's LR range test is not run. When `head_lr` differs from `lr`, the head's policy
 is scaled by head_lr/lr so that their ratio is kept. Cannot be combined with RIFLE's
-`head_lr_policy=cyclic` (two learning-rate policies for the head; rejected in `check_combination`).
+`head_lr_policy=cyclic` (two learning-rate policies for the head; rejected by `config.resolve`).
 """
 from __future__ import annotations
 
@@ -30,25 +30,10 @@ def triangular_lr(iteration: float, base_lr: float, max_lr: float, step_size: fl
     return base_lr + (max_lr - base_lr) * max(0.0, 1.0 - x)
 
 
-def clr_bounds(cfg) -> tuple[float, float]:
-    """(base_lr, max_lr) with the defaults resolved."""
-    t = cfg.tricks
-    max_lr = t.clr_max_lr if t.clr_max_lr is not None else cfg.optim.lr
-    base_lr = t.clr_base_lr if t.clr_base_lr is not None else max_lr / 4
-    return base_lr, max_lr
-
-
 class CyclicLR(Trick):
-    name = "cyclic_lr"
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.base_lr, self.max_lr = clr_bounds(cfg)
-        if not self.base_lr < self.max_lr:
-            raise ValueError(f"cyclic_lr: clr_base_lr ({self.base_lr}) must be below clr_max_lr ({self.max_lr})")
-        self.step_epochs = cfg.tricks.clr_step_epochs
-        head_lr = cfg.optim.head_lr if cfg.optim.head_lr is not None else cfg.optim.lr
-        self.head_ratio = head_lr / cfg.optim.lr
+    def __init__(self, bounds: tuple[float, float], step_epochs: float, head_ratio: float = 1.0):
+        """`bounds`: (base_lr, max_lr) of the backbone (config.clr_bounds); the head's are `head_ratio` times."""
+        (self.base_lr, self.max_lr), self.step_epochs, self.head_ratio = bounds, step_epochs, head_ratio
 
     def lr(self, lrs, progress):
         value = triangular_lr(progress, self.base_lr, self.max_lr, self.step_epochs)

@@ -5,68 +5,53 @@ for Convolutional Networks." ICLR 2019. Reference code: the authors' github.com/
 (train.py: the penalty; channel_eval.py: the attention) and TLlib's port (thuml/Transfer-Learning-Library,
 tllib/regularization/delta.py and examples/task_adaptation/image_classification/delta.py).
 
-The loss is CE + alpha * Omega' + beta * Omega'', weight decay off (the penalties replace it), with
+Loss CE + alpha * Omega' + beta * Omega'', weight decay off (the penalties replace it), with
     Omega'(w) = sum_layers 1/2 sum_batch sum_j C W_j ||FM_j(w, x) - FM_j(w*, x)||^2 / (HW)
-for a layer of C channels on an HxW grid (the authors' `reg_att_fea_map`: summed, not averaged, over the
-batch, so alpha is per batch of `batch_size`), FM_j the j-th channel of the layer's output in the network
-being fine-tuned (w, training mode) and in the frozen source network (w*, the weights fine-tuning starts
-from, in evaluation mode: BatchNorm on its running statistics, no dropout), and Omega'' = 1/2 ||w_head||^2.
-Defaults alpha = beta = 0.01 (run.sh; the authors use alpha = 0.1 on Stanford Dogs).
+for a layer of C channels on an HxW grid (the authors' `reg_att_fea_map`: summed over the batch, so alpha is
+per batch of `batch_size`), FM_j channel j of the layer's output in the network being fine-tuned (w, training
+mode) and in the frozen source (w*, the starting weights, in evaluation mode: running BatchNorm statistics,
+no dropout), and Omega'' = 1/2 ||w_head||^2. Defaults alpha = beta = 0.01 (run.sh; 0.1 on Stanford Dogs).
 
-Channel attention (channel_eval.py), measured once per dataset and cached (see below): a linear classifier
-is fitted on the frozen source's pooled features for `delta_attention_epochs` = 10 epochs (SGD, lr
-`delta_attention_lr` = 0.01, momentum 0.9, weight decay 1e-4, lr decayed 10x over 6 epochs, batches of
-`batch_size`, the training augmentation drawn anew every epoch); then, on the first
-`delta_attention_batches` = 4 batches of a further pass, in evaluation mode, each channel j of each layer is
-removed (the j-th filter of the convolution zeroed, so the channel's output is the filter's bias, 0 without
-one) and the rise of the batch-mean cross-entropy is averaged over the batches. Per layer the rises are
-z-scored (population std) and W = softmax(z / 5).
+Channel attention (channel_eval.py), measured once per dataset and cached: a linear classifier is fitted on
+the frozen source's pooled features for `delta_attention_epochs` = 10 epochs (SGD, lr `delta_attention_lr` =
+0.01, momentum 0.9, weight decay 1e-4, lr decayed 10x over 6 epochs, batches of `batch_size`, augmentation
+drawn anew every epoch); then, on the first `delta_attention_batches` = 4 batches of a further pass, in
+evaluation mode, each channel j of each layer is removed (its filter zeroed: the output is the filter's bias,
+0 without one) and the rise of the batch-mean cross-entropy is averaged over the batches. Per layer the rises
+are z-scored (population std) and W = softmax(z / 5).
 
-Layers (`delta_layers=auto`), as the authors hook them for ResNets: the last convolution of the last block of
-each stage, before its BatchNorm and the residual sum: layer1.2.conv3, layer2.3.conv3, layer3.5.conv3,
-layer4.2.conv3 on ResNet-50 and layer3.22.conv3 on ResNet-101 (TLlib's ResNet-101 list repeats ResNet-50's
-layer3.5.conv3; we follow the authors). The same rule serves every torchvision and timm ResNet (conv3 of a
-Bottleneck, conv2 of a BasicBlock, e.g. resnet18 or timm's resnet10t). torchvision's Inception-v3 gets the
-authors' list (Conv2d_2b_3x3, Conv2d_4a_3x3, Mixed_5d, Mixed_6e). Other timm models use the last four
-stages of their `feature_info` (one per resolution: strides 4, 8, 16, 32 as ResNet's layer1-4) and in the
-last block of each the 1x1 projection convolution that ends it before its BatchNorm and residual sum
-(`conv_pwl` of an inverted residual, `conv_pw` of a depthwise-separable block): the counterpart of a
-Bottleneck's conv3. For this repository's default, timm's tf_efficientnet_lite0, that is blocks.1.1.conv_pwl,
-blocks.2.1.conv_pwl, blocks.4.2.conv_pwl and blocks.6.0.conv_pwl (24, 40, 112, 320 channels). A timm stage
-whose last block has no such convolution (e.g. ConvNeXt) is compared at the stage output. Other backbones
-(torchvision's EfficientNet, MobileNet, ...) need explicit `delta_layers`: module names whose outputs are
-(batch, channels, H, W) feature maps.
+Layers (`delta_layers=auto`), as the authors hook ResNets: the last convolution of each stage's last block,
+before its BatchNorm and the residual sum (ResNet-50: layer1.2.conv3, layer2.3.conv3, layer3.5.conv3,
+layer4.2.conv3; ResNet-101: layer3.22.conv3, where TLlib repeats ResNet-50's list; conv2 of a BasicBlock).
+Inception-v3 gets the authors' list. Other timm models: the last four stages of `feature_info` (strides 4-32
+as ResNet's layer1-4), in each last block the 1x1 projection that ends it (`conv_pwl`, `conv_pw`), else the
+stage output (e.g. ConvNeXt); for the default tf_efficientnet_lite0: blocks.1.1, 2.1, 4.2 and 6.0 .conv_pwl
+(24, 40, 112, 320 channels). Other backbones need explicit `delta_layers` (outputs of shape (B, C, H, W)).
 
-Cache: the attention depends on the source network (model spec and a SHA-256 of its state dict), the layers,
-the training data (rifle.data.fingerprint, the split and subset options, image size, flip), the batch size,
-the attention options and the precision, and on nothing else: its random stream is seeded from `split_seed`,
-not from the training seed, so every seed, learning rate and alpha of a sweep shares one measurement, as the
-authors compute one file per dataset (run.sh) and reuse it. It is stored as JSON in `delta_cache_dir`
-(default $XDG_CACHE_HOME/rifle/delta, i.e. ~/.cache/rifle/delta), named by a hash of that key and checked
-against the full key when read, written atomically, and logged with each run as the artifact
-delta/channel_attention.json; the trick's checkpointed state keeps it too, so a resumed run needs neither.
-Without a dataset fingerprint (a trick used outside the trainer) nothing is cached.
+Cache: the attention depends on the source network (model spec, SHA-256 of its state dict), the layers, the
+training data (rifle.data.fingerprint, split and subset options, image size, flip), the batch size, the
+attention options and the precision (KEY_OPTIONS), and nothing else: its random stream comes from
+`split_seed`, not the training seed, so a sweep's seeds, learning rates and alphas share one measurement, as
+the authors reuse one file per dataset (run.sh). Stored as JSON in `delta_cache_dir` (default
+$XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta) under a hash of the key, checked against the full key
+when read, written atomically, logged with each run (delta/channel_attention.json) and kept in the trick's
+checkpointed state, so a resumed run needs neither. No dataset fingerprint (outside the trainer): no cache.
 
 Deviations, stated:
-- The attention classifier is fitted on the features of the frozen source in evaluation mode, the network
-  the penalty compares against. The authors' channel_eval.py trains it with the whole network in training
-  mode (BatchNorm normalises with batch statistics and its running statistics drift to the target data for
-  10 epochs before the channels are evaluated with them); TLlib's example also updates the backbone
-  (`backbone.requires_grad = False` is a no-op on a module) with Nesterov momentum and no weight decay.
+- The attention classifier is fitted on the frozen source in evaluation mode, the network the penalty
+  compares against; channel_eval.py trains it with the whole network in training mode (BatchNorm statistics
+  drift to the target data before the channels are evaluated), and TLlib's example also updates the backbone.
 - Removing a channel of a module that is not a convolution (a stage output, Inception's BasicConv2d) zeroes
-  that output channel; the authors' code zeroes `<layer>.weight` and handles convolutions only.
+  that output channel; the authors' code handles convolutions only.
 - Several channels are measured per forward pass (copies of the batch, one channel removed in each, made at
-  the innermost module whose input is not reused further on: the layer, else its residual block, ...): the
-  same numbers as one forward per channel, fewer passes through the layers before.
-- With several processes the main process measures on the whole training set and sends the attention to
-  the others. The global random state is left as it was, so training randomness does not depend on whether
-  the cache was hit.
-Scale, measured: on the offline default (EfficientNet-Lite0, digits at 64 px, batch 32, the default layers)
-the penalty is not 0 at the starting point: upstream of each hooked convolution the network in training mode
-normalises with the batch's statistics, the source with ImageNet's running ones, and the feature maps already
-differ by 55-65% of their norm. Omega' is then about 2.3e4 per batch (alpha * Omega' = 225 with alpha = 0.01,
-against a cross-entropy of 2.3; 83% of it from blocks.6.0.conv_pwl) and 6.5e4 after one SGD step at lr 0.01.
-alpha = 0.01 was set for ResNets on ImageNet-like photos at 224 px; on other data sweep `delta_alpha` down.
+  the innermost module whose input is not reused further on): the numbers of one forward per channel.
+- With several processes the main process measures on the whole training set and sends the result to the
+  others. The global random state is restored, so training randomness does not depend on a cache hit.
+Scale, measured on the offline default (EfficientNet-Lite0, digits at 64 px, batch 32, default layers): the
+penalty is not 0 at the start, as the network in training mode normalises with batch statistics and the
+source with ImageNet's running ones (feature maps differ by 55-65% of their norm): Omega' is about 2.3e4 per
+batch (alpha * Omega' = 225 against a cross-entropy of 2.3; 83% from blocks.6.0.conv_pwl), 6.5e4 after one
+SGD step at lr 0.01. alpha = 0.01 was set for ResNets on 224-px photos; on other data sweep `delta_alpha` down.
 """
 from __future__ import annotations
 
@@ -95,9 +80,12 @@ PROBE_LR_DECAY_EPOCHS = 6  # the classifier's learning rate falls 10x over this 
 PROBE_MOMENTUM, PROBE_WEIGHT_DECAY = 0.9, 1e-4
 SEED_SALT = 0xDE17A        # the attention's random stream: (this, split_seed), apart from every training stream
 ARTIFACT = "delta/channel_attention.json"
+# The options the measured attention depends on, besides the source weights, layers and data fingerprint:
+# the cache key (see the module docstring) and the measurement's own settings.
+KEY_OPTIONS = ("model", "pretrained", "dataset", "dataset_revision", "image_column", "label_column", "image_size",
+               "hflip", "val_fraction", "train_per_class", "label_rate", "split_seed", "bad_images", "batch_size",
+               "mixed_precision", "delta_attention_epochs", "delta_attention_batches", "delta_attention_lr")
 
-
-# ---------------------------------------------------------------- the math
 
 def channel_attention(loss_increase: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
     """softmax(z / T), z the loss increases of one layer's channels z-scored with the population std
@@ -118,8 +106,6 @@ def delta_feature_penalty(targets: list[torch.Tensor], sources: list[torch.Tenso
         total = total + 0.5 * (c * a.to(sq.device) * sq / (h * w)).sum()
     return total
 
-
-# ---------------------------------------------------------------- which feature maps
 
 PROJECTIONS = ("conv_pwl", "conv3", "conv_pw", "conv2")  # the conv that ends a block, most specific first
 
@@ -173,15 +159,11 @@ def resolve_layers(backbone: nn.Module, spec: str) -> list[str]:
     return names
 
 
-# ---------------------------------------------------------------- channel evaluation
-
 def _removed_value(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
     """Per channel, what a channel's output becomes when it is removed: a convolution with its filter
     zeroed outputs its bias (channel_eval.py zeroes `<layer>.weight` only); anything else, 0."""
     bias = getattr(module, "bias", None) if isinstance(module, nn.Conv2d) else None
-    if bias is None:
-        return out.new_zeros(out.shape[-3])
-    return bias.detach().to(out.dtype)
+    return out.new_zeros(out.shape[-3]) if bias is None else bias.detach().to(out.dtype)
 
 
 def _ancestors(name: str) -> list[str]:
@@ -239,9 +221,8 @@ def channel_loss_increase(backbone: nn.Module, head: nn.Module, layer: str, imag
         base = F.cross_entropy(logits_of(images), labels)
         c = state["num_channels"]
         anchors = _ancestors(layer)
-        at, pre = 0, None
+        at, pre, j = 0, None, 0
         out = torch.empty(c, dtype=torch.float64)
-        j = 0
         while j < c:
             state["anchor"] = anchors[at]
             if pre is None and anchors[at] not in (layer, ""):
@@ -325,8 +306,6 @@ def attention_seed(split_seed: int) -> int:
     return int(np.random.SeedSequence([SEED_SALT, split_seed]).generate_state(1, np.uint64)[0] >> 1)
 
 
-# ---------------------------------------------------------------- the cache
-
 def state_hash(module: nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes and bytes of every tensor)."""
     h = hashlib.sha256()
@@ -335,19 +314,6 @@ def state_hash(module: nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def cache_key(cfg, layers: list[str], source_sha256: str, data_fingerprint: str) -> dict:
-    """Everything the measured attention depends on (see the module docstring)."""
-    d, t = cfg.data, cfg.tricks
-    return {"format": FORMAT, "model": cfg.model.model, "pretrained": cfg.model.pretrained,
-            "source_sha256": source_sha256, "layers": list(layers), "data_fingerprint": data_fingerprint,
-            **{k: getattr(d, k) for k in ("dataset", "dataset_revision", "image_column", "label_column",
-                                          "image_size", "hflip", "val_fraction", "train_per_class",
-                                          "label_rate", "split_seed", "bad_images")},
-            "batch_size": cfg.optim.batch_size, "mixed_precision": cfg.optim.mixed_precision,
-            **{k: getattr(t, k) for k in ("delta_attention_epochs", "delta_attention_batches",
-                                          "delta_attention_lr")}}
 
 
 def key_digest(key: dict) -> str:
@@ -386,8 +352,6 @@ def write_cache(path: Path, record: dict) -> bool:
         return False
 
 
-# ---------------------------------------------------------------- the trick
-
 def _capture(store: dict, name: str, gate: dict | None, module, args, output):
     """Keep a hooked layer's output: the fine-tuned network's in training forwards only (gate None), the
     source's while the penalty runs it (gate["on"]), not during the attention measurement."""
@@ -396,29 +360,25 @@ def _capture(store: dict, name: str, gate: dict | None, module, args, output):
 
 
 class Delta(Trick):
-    name = "delta"
     metrics = ("penalty/delta", "penalty/delta_features", "penalty/delta_head")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        t = cfg.tricks
-        self.alpha, self.beta = t.delta_alpha, t.delta_beta
+    def __init__(self, alpha: float, beta: float, options: dict, layers: str = "auto", cache_dir: str = ""):
+        """`options`: the KEY_OPTIONS values; `layers`: delta_layers; `cache_dir` "": default_cache_dir()."""
+        self.alpha, self.beta, self.options, self.layer_spec, self.cache_dir = alpha, beta, options, layers, cache_dir
         self.attention: list[list[float]] | None = None
         self.record: dict | None = None      # key, layers, loss increases and attention (the cache entry)
         self.cache_file: Path | None = None
         self.cache_hit: bool | None = None   # None: not looked up (resumed from a checkpoint, or no cache)
         self._att: list[torch.Tensor] | None = None  # the attention on the device, built when first used
-        self._target: dict = {}
-        self._source: dict = {}
-        self._source_on = {"on": False}
+        self._target, self._source, self._source_on = {}, {}, {"on": False}
 
     def prepare_model(self, model: nn.Module) -> None:
-        self.layers = resolve_layers(model.backbone, self.cfg.tricks.delta_layers)
+        self.layers = resolve_layers(model.backbone, self.layer_spec)
         for n in self.layers:
             model.backbone.get_submodule(n).register_forward_hook(partial(_capture, self._target, n, None))
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        super().on_fit_start(ctx)
+        self.ctx = ctx
         self.device = next(ctx.model.parameters()).device
         self.head_params = list(ctx.model.head.parameters())
         disable_weight_decay(ctx.optimizer)
@@ -439,9 +399,9 @@ class Delta(Trick):
 
     def measure(self) -> list[torch.Tensor]:
         """Fit the classifier on the frozen source, then each channel's loss increase (channel_eval.py)."""
-        ctx, t = self.ctx, self.cfg.tricks
-        seed = attention_seed(self.cfg.data.split_seed)
-        passes = attention_passes(ctx.train_loader, self.cfg.optim.batch_size, seed)
+        ctx, o = self.ctx, self.options
+        seed = attention_seed(o["split_seed"])
+        passes = attention_passes(ctx.train_loader, o["batch_size"], seed)
         dev = self.device
 
         def features():
@@ -456,21 +416,18 @@ class Delta(Trick):
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
             width = ctx.model.head.in_features
-            probe = fit_probe(features, width, ctx.num_classes, t.delta_attention_epochs, t.delta_attention_lr,
-                              seed, dev)
+            probe = fit_probe(features, width, ctx.num_classes, o["delta_attention_epochs"],
+                              o["delta_attention_lr"], seed, dev)
             kept = ((images.to(dev), labels.to(dev)) for images, labels in
-                    (split_batch(b) for b in islice(passes(), t.delta_attention_batches)))
+                    (split_batch(b) for b in islice(passes(), o["delta_attention_batches"])))
             return measure_loss_increase(self.source, probe, self.layers, kept, self._autocast)
-
-    def _key(self) -> dict:
-        return cache_key(self.cfg, self.layers, state_hash(self.source), self.ctx.data_fingerprint)
 
     def load_or_measure(self) -> dict:
         """The record from the cache when it holds this key, else measured (and cached)."""
-        use_cache = bool(getattr(self.ctx, "data_fingerprint", ""))
-        key = self._key() if use_cache else None
-        if use_cache:
-            root = Path(self.cfg.run.delta_cache_dir) if self.cfg.run.delta_cache_dir else default_cache_dir()
+        key = {"format": FORMAT, "source_sha256": state_hash(self.source), "layers": list(self.layers),
+               "data_fingerprint": self.ctx.data_fingerprint, **self.options} if self.ctx.data_fingerprint else None
+        if key is not None:
+            root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
             self.cache_file = root / f"{key_digest(key)}.json"
             record = read_cache(self.cache_file, key)
             if record is not None and record.get("layers") == self.layers:
@@ -481,12 +438,11 @@ class Delta(Trick):
         record = {"key": key, "layers": self.layers, "loss_increase": [r.tolist() for r in rises],
                   "attention": [channel_attention(r).tolist() for r in rises],
                   "measured_with": {"torch": torch.__version__, "device": self.device.type}}
-        if use_cache:
+        if key is not None:
             write_cache(self.cache_file, record)
         return record
 
     def on_epoch_start(self, epoch):
-        super().on_epoch_start(epoch)
         if self.attention is not None:
             return
         acc = self.ctx.accelerator
@@ -495,8 +451,7 @@ class Delta(Trick):
         if several:  # the main process measured on the whole training set: one attention everywhere
             from accelerate.utils import broadcast_object_list
             record = broadcast_object_list([record], from_process=0)[0]
-        sizes = [len(a) for a in record["attention"]]
-        if record["layers"] != self.layers or len(sizes) != len(self.layers):
+        if record["layers"] != self.layers or len(record["attention"]) != len(self.layers):
             raise RuntimeError(f"delta: attention for layers {record['layers']}, this run hooks {self.layers}")
         self.record, self.attention, self._att = record, record["attention"], None
 
@@ -520,7 +475,7 @@ class Delta(Trick):
         features = self.alpha * delta_feature_penalty(targets, sources, self._att)
         head = 0.5 * self.beta * squared_norm(self.head_params)
         total = features + head
-        for name, v in (("penalty/delta", total), ("penalty/delta_features", features), ("penalty/delta_head", head)):
+        for name, v in zip(self.metrics, (total, features, head)):
             self.meter.add(name, v)
         return total
 

@@ -29,16 +29,17 @@ def disturb_labels(labels: torch.Tensor, num_classes: int, alpha: float,
 
 
 class DisturbLabel(Trick):
-    name = "disturb_label"
     metrics = ("disturb_label/flip_rate",)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.alpha = cfg.tricks.disturb_alpha
+    def __init__(self, alpha: float):
+        self.alpha = alpha
+
+    def on_fit_start(self, ctx):
+        self.model, self.num_classes = ctx.model, ctx.num_classes
 
     def before_loss(self, logits, labels):
-        if not self.ctx.model.training:
+        if not self.model.training:
             return labels
-        disturbed = disturb_labels(labels, self.ctx.num_classes, self.alpha)
+        disturbed = disturb_labels(labels, self.num_classes, self.alpha)
         self.meter.add("disturb_label/flip_rate", (disturbed != labels).sum(), labels.numel())
         return disturbed

@@ -82,23 +82,18 @@ class DropConnectLinear(nn.Linear):
 
 
 class DropConnect(Trick):
-    name = "dropconnect"
     metrics = ("dropconnect/drop_rate",)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.p = cfg.tricks.dropconnect_p
+    def __init__(self, p: float):
+        self.p = p
 
     def prepare_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, nn.Linear):
             raise TypeError(f"dropconnect needs an nn.Linear head, got {type(model.head).__name__}")
-        model.head = DropConnectLinear.from_linear(model.head, self.p)
+        model.head = self.head = DropConnectLinear.from_linear(model.head, self.p)
 
     def on_epoch_start(self, epoch):
-        super().on_epoch_start(epoch)
-        self.ctx.model.head.dropped, self.ctx.model.head.seen = 0.0, 0
+        self.head.dropped, self.head.seen = 0.0, 0
 
     def on_epoch_end(self, epoch, metrics):
-        head = self.ctx.model.head
-        self.meter.add("dropconnect/drop_rate", head.dropped, head.seen)
-        super().on_epoch_end(epoch, metrics)
+        self.meter.add("dropconnect/drop_rate", self.head.dropped, self.head.seen)

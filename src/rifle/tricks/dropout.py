@@ -52,12 +52,10 @@ class FeatureDropout(nn.Module):
 
 
 class Dropout(Trick):
-    name = "dropout"
     metrics = ("dropout/drop_rate",)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.p = cfg.tricks.dropout_p
+    def __init__(self, p: float):
+        self.p = p
 
     def prepare_model(self, model: nn.Module) -> None:
         self.module = FeatureDropout(self.p)
@@ -66,9 +64,7 @@ class Dropout(Trick):
             model.pre_head, self.module)
 
     def on_epoch_start(self, epoch):
-        super().on_epoch_start(epoch)
         self.module.dropped, self.module.seen = 0.0, 0
 
     def on_epoch_end(self, epoch, metrics):
         self.meter.add("dropout/drop_rate", self.module.dropped, self.module.seen)
-        super().on_epoch_end(epoch, metrics)

@@ -29,15 +29,12 @@ def l2_penalty(params: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
 
 
 class L2(Trick):
-    name = "l2"
     metrics = ("penalty/l2",)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.alpha = cfg.tricks.l2_alpha
+    def __init__(self, alpha: float):
+        self.alpha = alpha
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        super().on_fit_start(ctx)
         # The very set weight decay would act on.
         self.params = [p for g in ctx.optimizer.param_groups for p in g["params"]]
         disable_weight_decay(ctx.optimizer)

@@ -45,15 +45,12 @@ def matched_reference(backbone: torch.nn.Module, pretrained: dict[str, torch.Ten
 
 
 class L2SP(Trick):
-    name = "l2sp"
     metrics = ("penalty/l2sp", "penalty/l2sp_backbone", "penalty/l2sp_head")
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.alpha, self.beta = cfg.tricks.l2sp_alpha, cfg.tricks.l2sp_beta
+    def __init__(self, alpha: float, beta: float):
+        self.alpha, self.beta = alpha, beta
 
     def on_fit_start(self, ctx: FitContext) -> None:
-        super().on_fit_start(ctx)
         device = next(ctx.model.parameters()).device
         self.params, self.refs = matched_reference(ctx.model.backbone, ctx.pretrained, device)
         self.head_params = list(ctx.model.head.parameters())

@@ -5,7 +5,7 @@ Re-Initializing the Fully-connected LayEr." ICML 2020.
 
 Faithful to the official code (lixingjian/RIFLE, train.py):
 - K = `reinit_times` re-initializations split the run into K+1 equal periods; the run is truncated to a
-  multiple of K+1 epochs (done in `config.resolve`);
+  multiple of K+1 epochs (`config.resolve`, which also gives the re-init epochs);
 - after the validation pass of epoch e with (e+1) % period == 0, the head is reset in place with
   PyTorch's default `nn.Linear` initialization (weight and bias); backbone and BN statistics untouched;
 - SGD momentum buffers are kept (official), or zeroed with `reset_head_momentum`;
@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from ..schedules import rifle_cyclic_head_lr, rifle_reinit_epochs
+from ..schedules import rifle_cyclic_head_lr
 from .base import Trick
 
 
@@ -53,37 +53,36 @@ def params_checksum(module: nn.Module) -> torch.Tensor:
 
 
 class Rifle(Trick):
-    name = "rifle"
+    """Re-initializes the head after each epoch of `reinit_epochs` (config.reinit_epochs); with
+    `head_lr_policy="cyclic"` the head's cosine restarts every one of the reinit_times + 1 periods."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        t = cfg.tricks
-        self.epochs = cfg.optim.epochs
-        self.reinit_times = t.reinit_times
-        self.schedule = set(rifle_reinit_epochs(self.epochs, t.reinit_times, t.reinit_guard_epochs))
+    def __init__(self, reinit_epochs: list[int], seed: int, epochs: int, reinit_times: int, head_lr: float,
+                 head_lr_policy: str = "follow", reset_momentum: bool = False):
+        self.schedule, self.seed, self.reset_momentum = set(reinit_epochs), seed, reset_momentum
+        self.cyclic = (epochs, reinit_times, head_lr) if head_lr_policy == "cyclic" else None
         self.done = 0  # re-inits so far (part of the resumable state)
 
+    def on_fit_start(self, ctx):
+        self.model, self.optimizer, self.accelerator = ctx.model, ctx.optimizer, ctx.accelerator
+
     def lr(self, lrs, progress):
-        if self.cfg.tricks.head_lr_policy == "cyclic":
-            lrs = dict(lrs, head=rifle_cyclic_head_lr(math.floor(progress), self.epochs, self.reinit_times,
-                                                      self.cfg.optim.head_lr))
-        return lrs
+        return lrs if self.cyclic is None else dict(lrs, head=rifle_cyclic_head_lr(math.floor(progress), *self.cyclic))
 
     def on_epoch_end(self, epoch, metrics):
+        metrics["head_reinit"] = float(epoch in self.schedule)
         if epoch not in self.schedule:
             return
-        head = self.ctx.model.head
-        reinit_linear_(head, seed=reinit_seed(self.cfg.run.seed, self.done + 1))
-        if self.cfg.tricks.reset_head_momentum:
+        head = self.model.head
+        reinit_linear_(head, seed=reinit_seed(self.seed, self.done + 1))
+        if self.reset_momentum:
             for p in head.parameters():
-                buf = self.ctx.optimizer.state.get(p, {}).get("momentum_buffer")
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 if buf is not None:
                     buf.zero_()
         self.done += 1
-        metrics["head_reinit"] = 1.0
         # Prove the invariant every process relies on: identical weights after the reset.
-        acc = self.ctx.accelerator
-        sums = acc.gather(params_checksum(self.ctx.model).to(acc.device).unsqueeze(0)).cpu()
+        acc = self.accelerator
+        sums = acc.gather(params_checksum(self.model).to(acc.device).unsqueeze(0)).cpu()
         spread = float((sums - sums[0]).abs().max())
         if spread > 1e-6 * float(sums[0].abs().max().clamp(min=1.0)):
             raise RuntimeError(f"processes hold different weights after re-init {self.done} (epoch {epoch})")

@@ -141,26 +141,21 @@ def install_gates(backbone: nn.Module, p_last: float, per_sample: bool,
 
 
 class StochasticDepth(Trick):
-    name = "stochastic_depth"
     metrics = ("stochastic_depth/skip_rate",)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.p_last = cfg.tricks.sd_survival_last
-        self.per_sample = cfg.tricks.sd_mode == "sample"
+    def __init__(self, p_last: float, per_sample: bool, seed: int):
+        self.p_last, self.per_sample, self.seed = p_last, per_sample, seed
         self.generator = torch.Generator()  # batch-mode decisions (CPU: no device round trip to decide)
 
     def prepare_model(self, model: nn.Module) -> None:
         self.gates = install_gates(model.backbone, self.p_last, self.per_sample, self.generator)
 
     def on_epoch_start(self, epoch):
-        super().on_epoch_start(epoch)
         # Seeded per epoch, so a resumed run draws what the uninterrupted one drew.
-        self.generator.manual_seed(stream_seed(self.cfg.run.seed, epoch, purpose="depth"))
+        self.generator.manual_seed(stream_seed(self.seed, epoch, purpose="depth"))
         for g in self.gates:
             g.dropped, g.drawn = 0, 0
 
     def on_epoch_end(self, epoch, metrics):
         for g in self.gates:
             self.meter.add("stochastic_depth/skip_rate", g.dropped, g.drawn)
-        super().on_epoch_end(epoch, metrics)
