@@ -6,6 +6,7 @@ weight decay, per-epoch cosine.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,11 +87,6 @@ def collate_channels_last(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor
     return images.contiguous(memory_format=torch.channels_last), labels
 
 
-def base_lrs(cfg: Config, epoch: int) -> dict[str, float]:
-    o = cfg.optim
-    return {"backbone": cosine_lr(epoch, o.epochs, o.lr), "head": cosine_lr(epoch, o.epochs, o.head_lr)}
-
-
 @torch.no_grad()
 def evaluate(model, loader, acc: Accelerator) -> float:
     model.eval()
@@ -112,7 +108,8 @@ def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, cal
     model.train()
     losses, correct, seen = [], torch.zeros((), device=acc.device), 0
     for i, (images, labels) in enumerate(loader):
-        lrs = base_lrs(cfg, epoch)
+        lrs = {"backbone": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.lr),
+               "head": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.head_lr)}
         for t in tricks:
             lrs = t.lr(lrs, epoch + i / len(loader))
         for group in optimizer.param_groups:
@@ -325,16 +322,12 @@ def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
 
 def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
     """Train, then test at the checkpoint `selection` names and at the last epoch. `mlflow_run_id` (main
-    process) names an existing run to log into, e.g. a trial's child run, instead of `mlflow run`'s or a new one.
-
-    `callbacks` observe training; each has any of these methods (a plain function is an `on_epoch_end`):
-        on_epoch_start(epoch)              before the epoch's first step
-        after_backward(scale)              after each backward the optimizer steps with (scale: fp16 loss scale)
-        on_epoch_metrics(epoch, metrics)   after validation and the tricks' epoch end; may add metrics, which
-                                           are then checkpointed and logged
-        on_epoch_end(epoch, metrics)       on every process after the checkpoint and the logging; may raise to
-                                           stop training (the MLflow run ends FAILED, KILLED on Ctrl-C)
-    Every run has one: the block probe (probes.BlockProbe)."""
+    process): an existing run to log into (a trial's child run) instead of `mlflow run`'s or a new one.
+    `callbacks` observe; each has any of (a plain function is an on_epoch_end), besides the block probe:
+      on_epoch_start(epoch); after_backward(scale) before each optimizer step (scale: the fp16 loss scale);
+      on_epoch_metrics(epoch, metrics) after validation and the tricks' epoch end, may add metrics to log;
+      on_epoch_end(epoch, metrics) on every process after the checkpoint and logging, may raise to stop
+      (the MLflow run then ends FAILED, KILLED on Ctrl-C)."""
     done = checkpoint.finished(cfg.run.output_dir)
     if done is not None:
         return already_finished(cfg, done, mlflow_run_id)
@@ -405,15 +398,10 @@ def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> Non
     if not tracker.active:
         return
     from .report import plot_training
-    tracker.log_artifact_text(to_yaml(_redacted(cfg)), "config.yaml")
+    redacted = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
+    tracker.log_artifact_text(to_yaml(redacted), "config.yaml")  # no password of the tracking URI
     tracker.log_figure(plot_training(state["history"], f"{cfg.model.model} on {cfg.data.dataset}, "
                                      f"tricks: {','.join(cfg.trick_list) or 'none'}"), "training.png")
     if cfg.run.log_weights:  # weights/<file> and the MLflow model runs:/<run_id>/model (rifle/serving.py)
         from .serving import log_model
         log_model(tracker, cfg, out / state["best_file"])
-
-
-def _redacted(cfg: Config) -> Config:
-    """The config with any password in the tracking URI masked, for artifacts."""
-    import dataclasses
-    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
