@@ -24,7 +24,7 @@ from pathlib import Path
 
 from . import config as C
 from .methods import method_label
-from .report import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
+from .stats import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
 from .sweep import (STUDY_ATTR, SweepError, claim_parent, distributed_state, broadcast, find_runs,
                     open_storage, scrub, trainer_options)
 from .tracking import DEFAULT_URI

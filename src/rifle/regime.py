@@ -55,7 +55,7 @@ def collect(experiment: str, parents: dict, overrides: dict) -> "pd.DataFrame":
     import mlflow
     import pandas as pd
 
-    from .report import holm, paired_difference
+    from .stats import holm, paired_difference
 
     rows = []
     for (protocol, per_class), parent in parents.items():
