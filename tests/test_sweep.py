@@ -15,6 +15,9 @@ from optuna.trial import TrialState
 
 from conftest import ROOT, mlflow_runs, postgres_database, run_cli, subprocess_env
 from rifle import sweep as S
+from rifle.sweep.runs import origin
+from rifle.sweep.storage import STUDY_ATTR, StaleRetry, open_storage, open_study, resolve_url
+from rifle.sweep.worker import OVER_BUDGET_ATTR, TrialLost, TrialReporter, budget_slots, over_budget
 
 PASSWORD = "s3cret-pw"
 # Short enough that a killed worker's trial is retried within seconds.
@@ -82,7 +85,10 @@ def test_every_shipped_space_is_valid():
     assert methods["plain"] == "plain" and {"rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label",
                                             "cyclic_lr", "l2", "l2sp", "delta"} <= set(methods.values())
     rifle = S.load_space(str(ROOT / "sweeps" / "rifle.yaml"))
-    assert rifle.fixed["epochs"] == 24 and rifle.fixed["tricks"] == "rifle"  # from base.yaml and rifle.yaml
+    # from src/rifle/offline.yaml (via base.yaml), the study's own setting, and rifle.yaml
+    from rifle.study import BASE
+    assert rifle.fixed["epochs"] == BASE["epochs"] == 30 and rifle.fixed["tricks"] == "rifle"
+    assert S.load_space(str(ROOT / "sweeps" / "base.yaml")).fixed == BASE  # one base setting
     assert rifle.params["reset_head_momentum"].when == {"reinit_times": [2, 3]}
     # conditional: K=1 never suggests it, K=3 does
     study = optuna.create_study(direction="maximize")
@@ -155,7 +161,7 @@ def test_passwords_never_appear_in_errors(tmp_path, capsys):
     assert S.scrub(f"failed: password={PASSWORD}", f"postgresql://u:{PASSWORD}@h/db") == "failed: password=***"
     os.environ["RIFLE_TEST_STORAGE"] = "postgresql://u:pw@h/db"
     try:
-        assert S.resolve_storage_url("env:RIFLE_TEST_STORAGE") == "postgresql://u:pw@h/db"
+        assert resolve_url("env:RIFLE_TEST_STORAGE") == "postgresql://u:pw@h/db"
     finally:
         del os.environ["RIFLE_TEST_STORAGE"]
 
@@ -170,7 +176,7 @@ RIFLE = [.50, .60, .66, .70, .35, .62, .80, .86]
 BAD = [.20, .22, .25, .26, .27, .28, .29, .30]
 
 
-def play(study, curve, reinit_epoch=None, reporter_cls=S.TrialReporter):
+def play(study, curve, reinit_epoch=None, reporter_cls=TrialReporter):
     """Drive the sweep's per-epoch callback through a real trial and pruner; returns (state, last epoch)."""
     trial = study.ask()
     reporter = reporter_cls(trial, len(curve), [], "median")
@@ -184,14 +190,14 @@ def play(study, curve, reinit_epoch=None, reporter_cls=S.TrialReporter):
     return TrialState.COMPLETE, len(curve) - 1
 
 
-class EveryEpoch(S.TrialReporter):
+class EveryEpoch(TrialReporter):
     """Control: best-so-far reporting, but the pruner asked at every epoch."""
 
     def eligible(self, epoch, reinit_now):
         return epoch < self.epochs - 1
 
 
-class RawEveryEpoch(S.TrialReporter):
+class RawEveryEpoch(TrialReporter):
     """Control: the naive way, raw validation accuracy at every epoch."""
 
     def decide(self, epoch, metrics):
@@ -200,7 +206,7 @@ class RawEveryEpoch(S.TrialReporter):
 
 
 @pytest.mark.parametrize("reporter_cls,survives",
-                         [(S.TrialReporter, True), (EveryEpoch, False), (RawEveryEpoch, False)])
+                         [(TrialReporter, True), (EveryEpoch, False), (RawEveryEpoch, False)])
 def test_rifle_survives_the_median_pruner(reporter_cls, survives):
     study = optuna.create_study(direction="maximize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
@@ -228,60 +234,68 @@ def storage_url(request, tmp_path):
         yield request.getfixturevalue("pg_url")
 
 
+def wait_for(condition, timeout: float, step: float = 0.2):
+    """Poll `condition` until it is true (returns the seconds waited) or fail after `timeout` seconds."""
+    start = time.time()
+    while not condition():
+        assert time.time() - start < timeout, f"not true within {timeout} s"
+        time.sleep(step)
+    return time.time() - start
+
+
 def test_a_trial_without_heartbeat_is_retried_once_with_its_params(tmp_path, digits_folder, storage_url):
-    handle = S.open_storage(storage_url, heartbeat_interval=1, grace_period=2, max_retry=3)
-    assert PASSWORD not in handle.shown
+    storage = open_storage(resolve_url(storage_url), heartbeat_interval=1, grace_period=2, max_retry=3)
     space = S.load_space(str(tiny_space(tmp_path, digits_folder)))
     name = f"stale-{uuid.uuid4().hex[:8]}"
-    study = S.open_study(handle, name, space, S.make_sampler("tpe", space, 0), optuna.pruners.NopPruner())
+    study = open_study(storage, name, space, optuna.samplers.TPESampler(seed=0), optuna.pruners.NopPruner(), "x")
+    assert optuna.storages.RetryHeartbeatStaleTrialCallback in type(
+        study._storage.get_heartbeat_stale_trial_callback()).__mro__  # Optuna's retry, on every backend
     trial = study.ask()
     params = space.suggest(trial)
-    with S.HeartbeatThread(handle.heartbeat, trial._trial_id, 1):
-        time.sleep(3.5)  # longer than the grace period, but beating
-        handle.heartbeat.fail_stale(study)
-        assert S.frozen(study, 0).state == TrialState.RUNNING
-    time.sleep(3.5)  # silent: a killed worker
-    handle.heartbeat.fail_stale(study)
-    handle.heartbeat.fail_stale(study)  # a second look (another worker) must not retry it twice
+    for _ in range(4):  # 3 s, longer than the grace period, but beating
+        study._storage.record_heartbeat(trial._trial_id)
+        optuna.storages.fail_stale_trials(study)
+        assert study.trials[0].state == TrialState.RUNNING
+        time.sleep(1)
+    # silent: a killed worker. Optuna's own check fails it after the grace period, on journal storage too.
+    assert wait_for(lambda: optuna.storages.fail_stale_trials(study) or study.trials[0].state == TrialState.FAIL,
+                    20) >= 0
+    optuna.storages.fail_stale_trials(study)  # a second look (another worker) must not retry it twice
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
-    assert trials[1].params["lr"] == params["lr"] and S.origin(trials[1]) == 0
+    assert trials[1].params["lr"] == params["lr"] and origin(trials[1]) == 0
     retry = study.ask()
     assert retry.number == 1 and retry.suggest_float("lr", 0.001, 0.05, log=True) == params["lr"]
-    assert len(S.budget_slots(study.get_trials())) == 1  # the retry and its original are one trial
-    # The first worker was only paused, not dead: it learns that its trial was taken over and stops.
-    with S.HeartbeatThread(handle.heartbeat, trial._trial_id, 1) as hb:
-        assert hb.lost.wait(10)
-    reporter = S.TrialReporter(trial, 2, [], "median", lost=hb.lost.is_set)
-    with pytest.raises(S.TrialLost):
-        reporter(0, {"val_acc": 0.5, "head_reinit": 0.0})
-    with pytest.raises(S.TrialLost):  # also without the flag: the storage refuses the report
-        S.TrialReporter(trial, 2, [], "median")(0, {"val_acc": 0.5, "head_reinit": 0.0})
+    assert len(budget_slots(study.get_trials())) == 1  # the retry and its original are one trial
+    # The first worker was only paused, not dead: its heartbeat does not fail, its next report stops it.
+    study._storage.record_heartbeat(trial._trial_id)
+    with pytest.raises(TrialLost):
+        TrialReporter(trial, 2, [], "median")(0, {"val_acc": 0.5, "head_reinit": 0.0})
     # another worker joining with a different space is refused
     other = S.load_space(str(tiny_space(tmp_path, digits_folder, epochs=4)))
     with pytest.raises(S.SweepError, match="created with another search space: fixed.epochs was 2, now 4"):
-        S.open_study(handle, name, other, None, None)
+        open_study(storage, name, other, None, None, "x")
 
 
 def test_budget_counts_retry_chains_once_and_breaks_races_by_trial_number():
     study = optuna.create_study(direction="maximize")
-    retry = S.StaleTrialRetry(max_retry=3)
+    retry = StaleRetry(max_retry=3)
     study.tell(study.ask(), 0.5)                                   # 0: complete
     t1 = study.ask()
     t1.suggest_float("lr", 0.001, 0.1)
     study.tell(t1, state=TrialState.FAIL)                          # 1: its worker died ...
-    retry(study, S.frozen(study, 1))                               # 2: ... so it is retried (WAITING)
-    assert S.origin(S.frozen(study, 2)) == 1 and len(S.budget_slots(study.get_trials())) == 2
+    retry(study, study.trials[1])                               # 2: ... so it is retried (WAITING)
+    assert origin(study.trials[2]) == 1 and len(budget_slots(study.get_trials())) == 2
     # Two workers both saw 2 of 3 slots used and asked at once: the lower number keeps the last slot.
     a, b = study.ask(), study.ask()                                # the retry is popped first
     c = study.ask()
     assert (a.number, b.number, c.number) == (2, 3, 4)
     trials = study.get_trials()
-    assert not S.over_budget(trials, 2, 3)                         # a retry is never over budget
-    assert not S.over_budget(trials, 3, 3) and S.over_budget(trials, 4, 3)
-    study._storage.set_trial_system_attr(c._trial_id, S.OVER_BUDGET_ATTR, True)
+    assert not over_budget(trials, 2, 3)                         # a retry is never over budget
+    assert not over_budget(trials, 3, 3) and over_budget(trials, 4, 3)
+    study._storage.set_trial_system_attr(c._trial_id, OVER_BUDGET_ATTR, True)
     study.tell(c, state=TrialState.FAIL)
-    assert S.budget_slots(study.get_trials()) == {0, 1, 3}        # the given-back trial uses no slot
+    assert budget_slots(study.get_trials()) == {0, 1, 3}        # the given-back trial uses no slot
 
 
 # --------------------------------------------------------------------------------- parallel workers
@@ -305,13 +319,12 @@ def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, k
         assert PASSWORD not in out + err
     assert sum(out.count(" complete: ") + out.count(" pruned: ") for out, _ in outs) == n
 
-    handle = S.open_storage(str(storage), 30, 120, 3)
-    study = optuna.load_study(study_name="par", storage=handle.storage)
+    study = optuna.load_study(study_name="par", storage=open_storage(str(storage)))
     trials = study.get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == n
     # Anything else can only be a trial given back untrained after losing the race for the last slot.
-    assert all(t.system_attrs.get(S.OVER_BUDGET_ATTR) for t in trials if t not in finished)
+    assert all(t.system_attrs.get(OVER_BUDGET_ATTR) for t in trials if t not in finished)
     for t in finished:
         if t.state == TrialState.PRUNED:  # only before the first re-init or at a period's end (epochs 0, 1)
             assert max(t.intermediate_values) in (0, 1), t.intermediate_values
@@ -319,7 +332,7 @@ def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, k
         values = [t.intermediate_values[s] for s in steps]
         assert values == sorted(values)  # best-so-far: never dips
 
-    client, runs, parents, children = sweep_tree(uri, study.user_attrs[S.STUDY_ATTR]["uuid"])
+    client, runs, parents, children = sweep_tree(uri, study.user_attrs[STUDY_ATTR]["uuid"])
     assert len(parents) == 1 and len(runs) == 1 + n  # nothing else in the store
     parent = parents[0]
     assert sorted(int(c.data.tags["sweep.trial"]) for c in children) == sorted(t.number for t in finished)
@@ -336,6 +349,12 @@ def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, k
         assert float(parent.data.tags["best.lr"]) == pytest.approx(study.best_params["lr"])
         assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
         assert "optimization_history.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    for key in ("trials_complete", "trials_pruned"):  # one point per finished trial, at its number
+        steps = [m.step for m in client.get_metric_history(parent.info.run_id, key)]
+        assert sorted(steps) == sorted(t.number for t in finished), (key, steps)
+    from mlflow.entities import ViewType  # no run left RUNNING, deleted ones (a lost parent race) included
+    every = client.search_runs([parent.info.experiment_id], run_view_type=ViewType.ALL)
+    assert all(r.info.status != "RUNNING" for r in every)
     texts = [str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values())]
     assert not any(PASSWORD in v for v in texts)
     if kind == "postgresql":
@@ -366,17 +385,19 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, digits_folder
     assert second.returncode == 0, second.stderr[-3000:]
     assert "a retry of trial 0 resuming at epoch" in second.stdout
 
-    study = optuna.load_study(study_name="kill", storage=S.open_storage(str(storage), 30, 120, 3).storage)
+    study = optuna.load_study(study_name="kill", storage=open_storage(str(storage)))
     original, retry = study.get_trials()
     assert original.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.system_attrs["failed_trial"] == 0 and retry.params == original.params
     resumed = retry.user_attrs["resumed_from_epoch"]
     assert resumed >= 2  # the checkpoint of epoch 1 existed: not from scratch
 
-    client, runs, parents, children = sweep_tree(uri, study.user_attrs[S.STUDY_ATTR]["uuid"])
+    client, runs, parents, children = sweep_tree(uri, study.user_attrs[STUDY_ATTR]["uuid"])
     assert len(parents) == 1 and len(children) == 1 and len(runs) == 2  # the retry reused the trial's run
     child = children[0]
     assert child.info.status == "FINISHED" and child.data.tags["sweep.optuna_trials"] == "0,1"
+    # state and reason agree: the retry completed, so the stale attempt's reason is gone
+    assert child.data.tags["sweep.state"] == "complete" and "sweep.reason" not in child.data.tags
     assert child.data.tags["sweep.resumed_from_epoch"] == str(resumed)
     history = client.get_metric_history(child.info.run_id, "val_acc")
     assert sorted(m.step for m in history) == [0, 1, 2]  # every epoch once
@@ -427,7 +448,7 @@ def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder
     space_path = tiny_space(tmp_path, digits_folder, epochs=4,
                             lr="{type: float, low: 1.0e-7, high: 1.0e-6, log: true}")
     space = S.load_space(str(space_path))
-    study = S.open_study(S.open_storage(storage, 30, 120, 3), "ddp", space, None, None)
+    study = open_study(open_storage(storage), "ddp", space, None, None, storage)
     study.add_trial(optuna.trial.create_trial(  # a finished trial at 100% from the first epoch
         params={"lr": 1e-6}, distributions={"lr": optuna.distributions.FloatDistribution(1e-7, 1e-6, log=True)},
         value=1.0, intermediate_values={e: 1.0 for e in range(4)}))
@@ -442,7 +463,7 @@ def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder
         assert proc.stdout.count(f"[process {rank}] pruned at epoch 0 by the median pruner") == 2, proc.stdout
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]
-    client, runs, parents, children = sweep_tree(uri, study.user_attrs[S.STUDY_ATTR]["uuid"])
+    client, runs, parents, children = sweep_tree(uri, study.user_attrs[STUDY_ATTR]["uuid"])
     assert len(parents) == 1 and len(children) == 2 and len(runs) == 3  # the second process logged nothing
     for c in children:
         assert c.info.status == "KILLED" and c.data.tags["sweep.state"] == "pruned"
@@ -460,10 +481,10 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
     # in this process, a new experiment would put its artifacts under the working directory
     mlflow.tracking.MlflowClient(uri).create_experiment("rifle", artifact_location=str(tmp_path / "artifacts"))
     storage = str(tmp_path / "optuna.journal")
-    handle = S.open_storage(storage, 30, 120, 3)
+    handle = open_storage(storage)
     for method, tricks in (("plain", "none"), ("dropout", "dropout")):  # two tuned studies (tuning is tested above)
         space = S.load_space(str(tiny_space(tmp_path, digits_folder, name=f"s-{method}", tricks=tricks)))
-        study = S.open_study(handle, f"s-{method}", space, None, None)
+        study = open_study(handle, f"s-{method}", space, None, None, storage)
         dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
         for lr, value in ((0.002, 0.5), (0.01, 0.75)):
             study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=value))

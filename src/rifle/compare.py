@@ -19,28 +19,19 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+import time
 from pathlib import Path
 
 from . import config as C
 from .methods import method_label
 from .stats import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
-from .sweep import (STUDY_ATTR, SweepError, claim_parent, distributed_state, broadcast, find_runs,
-                    open_storage, scrub, trainer_options)
-from .tracking import DEFAULT_URI
+from .sweep import SweepError, scrub, trainer_options
+from .sweep.storage import STUDY_ATTR, open_storage, resolve_url
+from .tracking import DEFAULT_URI, redact
 
 # Options that must agree between the studies for the comparison to be "under the same settings".
 SAME_SETTINGS = tuple(n for n, (section, _) in C.all_fields().items() if section in ("data", "model")) + (
     "epochs", "batch_size", "grad_accum_steps", "mixed_precision", "momentum", "selection")
-
-
-@dataclass
-class Job:
-    label: str          # the method's name in the table
-    study: str
-    trial: int          # the best trial of the study
-    seed: int
-    values: dict        # trainer options
 
 
 def best_settings(study_name: str, storage) -> tuple[str, int, float, dict, str]:
@@ -123,105 +114,60 @@ def summarize(rows: list[dict], labels: list[str], metric: str = "test_acc") -> 
     return metrics, out.getvalue(), "\n".join(lines) + "\n"
 
 
-def plan(args) -> tuple[list[Job], dict]:
-    """Main process: read the studies, check the settings, list the (method, seed) runs."""
-    handle = open_storage(args.storage, 60, 120, None)
+def run(args) -> int:
+    """Read the studies, check the settings, train every (method, seed) as a child run (study.run_paired),
+    then log the table and the paired statistics on the comparison run."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from .study import run_paired
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    url = resolve_url(args.storage)
+    storage = open_storage(url)
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
-    if len(studies) < 1 or len(set(studies)) != len(studies):
+    if len(set(studies)) != len(studies):
         raise SweepError(f"--studies: expected distinct study names, got {args.studies!r}")
-    found = {s: best_settings(s, handle.storage) for s in studies}
+    found = {s: best_settings(s, storage) for s in studies}
     methods = [found[s][0] for s in studies]
     labels = dict(zip(studies, methods if len(set(methods)) == len(methods) else studies))
     check_same_settings({s: found[s][3] | args.overrides for s in studies})
-    jobs = []
+    options = {labels[s]: found[s][3] | args.overrides for s in studies}
+    for label, values in options.items():  # fail now, not after three methods have trained
+        C.build(values | {"output_dir": "unused"})
+    shown = redact(url)
+    parent, runs = run_paired(
+        options, args.seeds, args.name, uri, args.experiment, args.output_root,
+        tags={"compare.studies": ",".join(studies), "compare.storage": shown},
+        child_tags={labels[s]: {"compare.study": s, "compare.trial": str(found[s][1])} for s in studies})
+    if parent is None:  # another process of `accelerate launch`: the main one reports
+        return 0
+    client = MlflowClient(uri)
+    have = client.get_run(parent).data.params
+    params = {"studies": ",".join(studies), "seeds": ",".join(map(str, args.seeds)), "storage": shown,
+              **{f"override.{k}": v for k, v in args.overrides.items()}}
+    for k, v in params.items():
+        if k not in have:
+            client.log_param(parent, k, str(v))
     for s in studies:
-        method, number, _, values, _ = found[s]
-        for seed in args.seeds:
-            v = values | args.overrides | {"seed": seed, "output_dir": str(Path(args.output_root).resolve() / args.name
-                                                                         / labels[s] / f"seed-{seed}")}
-            C.build(v)  # fail now, not after three methods have trained
-            jobs.append(Job(labels[s], s, number, seed, v))
-    meta = {"storage": handle.shown, "studies": studies, "labels": [labels[s] for s in studies],
-            "best": {labels[s]: {"study": s, "trial": found[s][1], "val_acc": found[s][2]} for s in studies}}
-    return jobs, meta
-
-
-def run(args) -> int:
-    from mlflow.tracking import MlflowClient
-
-    from .trainer import fit
-    state = distributed_state()
-    main = state.is_main_process
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    setup = None
-    if main:
-        jobs, meta = plan(args)
-        client = MlflowClient(uri)
-        parent = claim_parent(client, {"compare.name": args.name}, "compare.role", args.experiment, args.name,
-                              {"compare.studies": ",".join(meta["studies"]), "compare.storage": meta["storage"]})
-        exp_id = client.get_run(parent).info.experiment_id
-        experiment = client.get_experiment(exp_id).name
-        have = client.get_run(parent).data.params
-        params = {"studies": ",".join(meta["studies"]), "seeds": ",".join(map(str, args.seeds)),
-                  "storage": meta["storage"], **{f"override.{k}": v for k, v in args.overrides.items()}}
-        for k, v in params.items():
-            if k not in have:
-                client.log_param(parent, k, str(v))
-        for lab, best in meta["best"].items():
-            client.set_tag(parent, f"best_trial.{mlflow_key(lab)}",
-                           f"{best['study']}#{best['trial']} (val_acc {best['val_acc']:.4f})")
-        setup = {"jobs": jobs, "experiment": experiment, "labels": meta["labels"]}
-    setup = broadcast(setup, state)
-    rows = []
-    for job in setup["jobs"]:
-        decision = None
-        if main:
-            decision = _child(client, exp_id, parent, args.name, job)
-        decision = broadcast(decision, state)
-        if decision["done"]:
-            rows.append(decision["row"])
-            continue
-        values = job.values | {"tracking_uri": uri, "experiment": setup["experiment"], "run_name": None}
-        result = fit(C.build(values), mlflow_run_id=decision["run_id"] if main else None)
-        if main:
-            client.set_tag(decision["run_id"], "compare.state", "complete")
-            rows.append(_row(job, client.get_run(decision["run_id"])))
-            print(f"rifle.compare: {job.label} seed {job.seed}: {args.metric} {result[args.metric]:.4f}", flush=True)
-    if main:
-        metrics, table_csv, table_md = summarize(rows, setup["labels"], args.metric)
-        for k, v in metrics.items():
-            if not math.isnan(v):
-                client.log_metric(parent, k, v)
-        client.log_text(parent, table_csv, "comparison.csv")
-        client.log_text(parent, table_md, "comparison.md")
-        if parent != os.environ.get("MLFLOW_RUN_ID"):
-            client.set_terminated(parent, "FINISHED")
-        print(table_md + f"rifle.compare: comparison run {parent}", flush=True)
+        client.set_tag(parent, f"best_trial.{mlflow_key(labels[s])}", f"{s}#{found[s][1]} (val_acc {found[s][2]:.4f})")
+    rows = [_row(label, run) for (label, _), run in runs.items()]
+    metrics, table_csv, table_md = summarize(rows, [labels[s] for s in studies], args.metric)
+    now = int(time.time() * 1000)
+    client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if not math.isnan(v)])
+    client.log_text(parent, table_csv, "comparison.csv")
+    client.log_text(parent, table_md, "comparison.md")
+    print(table_md + f"rifle.compare: comparison run {parent}", flush=True)
     return 0
 
 
-def _row(job: Job, run) -> dict:
+def _row(label: str, run) -> dict:
     """A finished (method, seed) run's row, read from what it logged (older runs have no test_acc_last and no
     selection param; without validation there is no best_val_acc)."""
-    m, p = run.data.metrics, run.data.params
-    return {"method": job.label, "study": job.study, "trial": job.trial, "seed": job.seed, "test_acc": m["test_acc"],
-            "test_acc_last": m.get("test_acc_last", math.nan), "selection": p.get("selection") or DEFAULT_SELECTION,
-            "best_val_acc": m.get("best_val_acc", math.nan), "run_id": run.info.run_id}
-
-
-def _child(client, exp_id: str, parent: str, name: str, job: Job) -> dict:
-    """The (method, seed) run: finished ones are read back, others (new or interrupted) are trained."""
-    found = find_runs(client, {"compare.name": name, "compare.role": "seed", "compare.method": job.label,
-                               "compare.seed": str(job.seed)})
-    if found:
-        run = found[0]
-        if run.info.status == "FINISHED" and "test_acc" in run.data.metrics:
-            return {"done": True, "row": _row(job, run)}
-        return {"done": False, "run_id": run.info.run_id}
-    run = client.create_run(exp_id, run_name=f"{job.label}-seed-{job.seed}", tags={
-        "mlflow.parentRunId": parent, "compare.name": name, "compare.role": "seed", "compare.method": job.label,
-        "compare.seed": str(job.seed), "compare.study": job.study, "compare.trial": str(job.trial)})
-    return {"done": False, "run_id": run.info.run_id}
+    m, p, t = run.data.metrics, run.data.params, run.data.tags
+    return {"method": label, "study": t.get("compare.study"), "trial": t.get("compare.trial"),
+            "seed": int(t["compare.seed"]), "test_acc": m["test_acc"], "test_acc_last": m.get("test_acc_last", math.nan),
+            "selection": p.get("selection") or DEFAULT_SELECTION, "best_val_acc": m.get("best_val_acc", math.nan),
+            "run_id": run.info.run_id}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -247,8 +193,7 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: list[str] | None = None):
     ns = parser().parse_args(argv)
-    own = {"studies", "storage", "seeds", "n_seeds", "name", "output_root", "metric"}
-    overrides = {k: v for k, v in vars(ns).items() if k not in own and v != ""}
+    overrides = {k: v for k, v in vars(ns).items() if k in C.all_fields() and v != ""}
     ns.tracking_uri = overrides.pop("tracking_uri", None)
     ns.experiment = overrides.pop("experiment", None) or "rifle"
     for k, v in overrides.items():

@@ -12,7 +12,7 @@ authors': all of train, last epoch). Every cell is paired with plain fine-tuning
 data, and each difference gets a 95% t interval: a cell where the interval lies above 0 is "helps",
 below 0 "hurts", otherwise "cannot be told apart"; p-values are also Holm-adjusted over all cells.
 
-Every (protocol, data size) is one parent run of the offline study's machinery (`study.run_study`): each
+Every (protocol, data size) is one parent run of the offline study's machinery (`study.run_paired`): each
 (method, seed) trains once, in its own output_dir, so an interrupted grid resumes where it stopped.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
-from .study import BASE, PROTOCOLS, run_study
+from .study import BASE, PROTOCOLS, run_paired
 
 DATA = {10: {"train_per_class": 10}, 30: {"train_per_class": 30}}  # images per class -> options
 CLASSES = 10  # digits
@@ -63,7 +63,7 @@ def collect(experiment: str, parents: dict, overrides: dict) -> "pd.DataFrame":
                                   f"'{parent}' and attributes.status = 'FINISHED'", output_format="list")
         acc = {}
         for r in runs:
-            acc.setdefault(r.data.tags["study_method"], {})[int(r.data.tags["study_seed"])] = r.data.metrics["test_acc"]
+            acc.setdefault(r.data.tags["compare.method"], {})[int(r.data.tags["compare.seed"])] = r.data.metrics["test_acc"]
         plain = acc.get("plain", {})
         for label, options in variants().items():
             if label == "plain" or label not in acc:
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="validated (best-validation checkpoint), authors (all of train, last epoch) or both")
     p.add_argument("--tracking_uri", default="sqlite:///mlflow.db", help="MLflow store")
     p.add_argument("--experiment", default="rifle-regime", help="MLflow experiment of the grid's runs")
-    p.add_argument("--output_root", default="outputs/regime", help="runs go to <root>/<cell>/<method>/seed<s>")
+    p.add_argument("--output_root", default="outputs/regime", help="runs go to <root>/<cell>/<method>/seed-<s>")
     p.add_argument("--report_dir", default="outputs/regime/report", help="where regime.md/.csv/.png go")
     p.add_argument("overrides", nargs="*", metavar="option=value", help="any trainer option, e.g. epochs=12")
     args = p.parse_args(argv)
@@ -149,10 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     for protocol in protocols:
         for per_class, data in DATA.items():
             print(f"rifle.regime: {protocol} protocol, {per_class} images per class", flush=True)
-            parents[protocol, per_class] = run_study(variants(), list(range(args.seeds)),
-                                                     data | PROTOCOLS[protocol] | overrides, args.tracking_uri,
-                                                     args.experiment, cell_name(protocol, per_class),
-                                                     args.output_root)
+            parents[protocol, per_class], _ = run_paired(
+                {label: BASE | data | options | PROTOCOLS[protocol] | overrides for label, options in variants().items()},
+                list(range(args.seeds)), cell_name(protocol, per_class), args.tracking_uri, args.experiment,
+                args.output_root)
     import mlflow
     mlflow.set_tracking_uri(args.tracking_uri)
     table = collect(args.experiment, parents, overrides)

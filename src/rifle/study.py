@@ -16,68 +16,73 @@ and the seeds. At the end the report module builds the table and figures from th
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from importlib import resources
 from pathlib import Path
+
+import yaml
 
 from . import config as C
 from .methods import method_tricks
+from .tracking import claim_parent, find_runs
 
 # method label (rifle.methods) -> options (the rest are the shared base below and each trick's defaults);
 # the tricks come from the label, so the study, sweeps, comparisons and reports share one name per method.
 METHODS = {label: {"tricks": ",".join(method_tricks(label))} for label in (
     "plain", "rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label", "cyclic_lr", "l2sp",
     "rifle+l2sp", "delta")}
-# Not saturated (plain reaches ~90%, DESIGN §5), 4 optimizer steps per epoch, RIFLE K=1: 15-epoch periods.
-# channels_last only changes the memory layout: ~1.3x faster per run on the CPU (benchmarks/run.py).
 # The two evaluation protocols (options over BASE): the validated one (the trainer's defaults) and the
 # official RIFLE code's.
 PROTOCOLS = {"validated": {"val_fraction": 0.2, "selection": "best_val"},
              "authors": {"val_fraction": 0, "selection": "last"}}
-BASE = {"dataset": "digits", "model": "efficientnet_lite0", "image_size": 48, "train_per_class": 10,
-        "epochs": 30, "batch_size": 32, "lr": 0.01, "reinit_times": 1, "log_weights": False,
-        "channels_last": True}
+# The offline setting the sweeps share too (sweeps/base.yaml extends it).
+BASE = yaml.safe_load(resources.files("rifle").joinpath("offline.yaml").read_text())["fixed"]
 
 
-def child_run(client, experiment_id: str, parent_id: str, method: str, seed: int) -> str:
-    """The child run of (method, seed), created once: a resumed study reuses it."""
-    found = client.search_runs([experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}' "
-                               f"and tags.study_method = '{method}' and tags.study_seed = '{seed}'")
-    if found:
-        return found[0].info.run_id
-    return client.create_run(experiment_id, run_name=f"{method}-seed{seed}", tags={
-        "mlflow.parentRunId": parent_id, "study_method": method, "study_seed": str(seed)}).info.run_id
+def run_paired(methods: dict[str, dict], seeds: list[int], name: str, tracking_uri: str, experiment: str,
+               output_root: str, tags: dict | None = None, child_tags: dict | None = None) -> tuple[str, dict]:
+    """Train every (method, seed) as a child run of one parent run, found again by `name` (rifle.study,
+    rifle.regime, rifle.compare): `methods` is label -> trainer options; each child trains in
+    <output_root>/<name>/<label>/seed-<s>, so an interrupted call resumes, and a finished child is read back,
+    not trained again. Seeds are the outer loop: a study cut short still holds complete pairs. Works under
+    `accelerate launch` (the main process tracks, every process trains). Returns (parent run id,
+    {(label, seed): finished child run})."""
+    from mlflow.tracking import MlflowClient
 
-
-def run_study(methods: dict[str, dict], seeds: list[int], overrides: dict, tracking_uri: str, experiment: str,
-              name: str, output_root: str) -> str:
-    """Train every (method, seed) as a child run of the parent run `name` (made once, found again on a
-    resume); `methods`: label -> options over BASE; finished children are not trained again."""
-    import mlflow
-
+    from .sweep.worker import broadcast, distributed_state
     from .trainer import fit
-
-    client = mlflow.tracking.MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-    parents = client.search_runs([exp_id], filter_string=f"tags.study = '{name}' and tags.study_parent = 'yes'")
-    if parents:
-        parent_id = parents[0].info.run_id
-    else:
-        parent_id = client.create_run(exp_id, run_name=name, tags={"study": name, "study_parent": "yes"}).info.run_id
-        client.log_param(parent_id, "methods", ",".join(methods))
-    for seed in seeds:  # seeds outside: a study cut short still holds complete pairs
-        for method in methods:
-            run_id = child_run(client, exp_id, parent_id, method, seed)
-            if client.get_run(run_id).info.status == "FINISHED":
-                continue
-            cfg = C.build(BASE | methods[method] | overrides | {
-                "seed": seed, "tracking_uri": tracking_uri, "experiment": experiment,
-                "output_dir": str(Path(output_root) / name / method / f"seed{seed}")})
-            result = fit(cfg, mlflow_run_id=run_id)
-            print(f"{method:>18} seed {seed}: test_acc={result['test_acc']:.4f} "
-                  f"test_acc_last={result['test_acc_last']:.4f}", flush=True)
-    client.set_terminated(parent_id)
-    return parent_id
+    state = distributed_state()
+    main = state.is_main_process
+    if main:
+        client = MlflowClient(tracking_uri)
+        parent = claim_parent(client, {"compare.name": name}, "compare.role", experiment, name, tags or {})
+        exp_id = client.get_run(parent).info.experiment_id
+        experiment = client.get_experiment(exp_id).name
+    runs = {}
+    for seed in seeds:
+        for label, options in methods.items():
+            run = None
+            if main:
+                found = find_runs(client, {"compare.name": name, "compare.role": "seed", "compare.method": label,
+                                           "compare.seed": str(seed)})
+                run = found[0] if found else client.create_run(exp_id, run_name=f"{label}-seed-{seed}", tags={
+                    "mlflow.parentRunId": parent, "compare.name": name, "compare.role": "seed",
+                    "compare.method": label, "compare.seed": str(seed)} | (child_tags or {}).get(label, {}))
+            todo = broadcast(None if run is None else (run.info.run_id, not (
+                run.info.status == "FINISHED" and "test_acc" in run.data.metrics)), state)
+            if todo[1]:
+                result = fit(C.build(options | {"seed": seed, "tracking_uri": tracking_uri, "experiment": experiment,
+                                                "run_name": None, "output_dir": str(Path(output_root) / name / label
+                                                                                    / f"seed-{seed}")}),
+                             mlflow_run_id=todo[0] if main else None)
+                print(f"{label:>18} seed {seed}: test_acc={result['test_acc']:.4f} "
+                      f"test_acc_last={result['test_acc_last']:.4f}", flush=True)
+            if main:
+                runs[label, seed] = client.get_run(todo[0])
+    if main and parent != os.environ.get("MLFLOW_RUN_ID"):
+        client.set_terminated(parent)
+    return (parent if main else None), runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tracking_uri", default="sqlite:///mlflow.db", help="MLflow store")
     p.add_argument("--experiment", default="rifle-offline-study", help="MLflow experiment of the study's runs")
     p.add_argument("--output_root", default="outputs/study", help="runs go to <root>/<name>-<protocol>/<method>/"
-                   "seed<s>; an interrupted study resumes from there")
+                   "seed-<s>; an interrupted study resumes from there")
     p.add_argument("--report_dir", default="outputs/study/report", help="where the table and figures go")
     p.add_argument("overrides", nargs="*", metavar="option=value", help="any trainer option, e.g. epochs=10")
     args = p.parse_args(argv)
@@ -113,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
     for protocol in protocols:
         name, report_dir = f"{args.name}-{protocol}", str(Path(args.report_dir) / protocol)
-        parent = run_study({m: METHODS[m] for m in methods}, list(range(args.seeds)), PROTOCOLS[protocol] | overrides,
-                           args.tracking_uri, args.experiment, name, args.output_root)
+        parent, _ = run_paired({m: BASE | METHODS[m] | PROTOCOLS[protocol] | overrides for m in methods},
+                               list(range(args.seeds)), name, args.tracking_uri, args.experiment, args.output_root)
         built = report.build_report(args.tracking_uri, args.experiment, parent_run_id=parent, output_dir=report_dir)
         print(f"protocol {protocol}:\n{built['markdown']}")
         print(f"table and figures: {report_dir} (also artifacts report/ of run {parent})")

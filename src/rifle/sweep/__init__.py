@@ -1,0 +1,139 @@
+"""Optuna studies over RIFLE and the baselines: `python -m rifle.sweep --space sweeps/<method>.yaml ...`.
+
+One worker runs trials one after another (`study.optimize`); start the same command several times, or on
+several machines sharing a journal file, PostgreSQL or Redis, for parallel workers. Under `accelerate
+launch` the main process owns each trial and every process trains it. The objective is the trial's best
+validation accuracy (the trainer's selection criterion), never test. `n_trials` counts the trials of the
+whole study; a trial whose worker died is retried from its last epoch checkpoint. The parts:
+
+- `space`: search-space files;
+- `storage`: the Optuna storages, with heartbeats on every backend;
+- `worker`: the objective, pruning fair to RIFLE, the exact budget, multi-process trials;
+- `runs`: the study's MLflow tree (a parent run, a child run per trial).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .. import config as C
+from ..tracking import DEFAULT_URI
+from .space import SpaceError, load_space
+from .storage import SweepError, load_study, open_storage, resolve_url, scrub
+
+__all__ = ["SpaceError", "SweepError", "load_space", "load_study", "main"]
+
+
+@dataclass
+class Options:
+    """The sweep's own options (every other `--name value` is a trainer option fixed for all trials)."""
+    space: str = C.opt("", "search-space YAML, e.g. sweeps/rifle.yaml (required)")
+    n_trials: int = C.opt(0, "trials of the study in total, across workers and restarts (required)", minimum=1)
+    storage: str = C.opt("", "journal file path (default optuna.journal), postgresql://..., redis://..., or "
+                         "env:VAR to read the URL from an environment variable")
+    study_name: str = C.opt("", "default: the space file's name, e.g. rifle")
+    sampler: str = C.opt("tpe", "tpe (seeded) or grid (small discrete spaces)", choices=("tpe", "grid"))
+    pruner: str = C.opt("median", "pruning fair to RIFLE with Optuna's pruner", choices=("median", "hyperband", "none"))
+    seed: int = C.opt(0, "sampler seed, reseeded from (seed, n) at trial n; the training seed is the space's "
+                      "`seed` option", minimum=0)
+    output_root: str = C.opt("outputs/sweeps", "trial checkpoints go to <root>/<study>-<id>/trial-<n>")
+    heartbeat_interval: int = C.opt(30, "seconds between heartbeats", minimum=1)
+    grace_period: int = C.opt(120, "seconds without a heartbeat before a trial is retried (> heartbeat_interval)",
+                              minimum=1)
+    max_retry: int = C.opt(3, "retries of a trial whose worker died", minimum=0)
+    pruner_startup_trials: int = C.opt(5, "median pruner: finished trials before it prunes", minimum=0)
+    pruner_warmup_epochs: int = C.opt(2, "no pruning before this epoch", minimum=0)
+    tracking_uri: str = ""        # trainer options the sweep uses itself (see parse)
+    experiment: str = ""
+    overrides: dict | None = None
+
+
+OWN = tuple(f.name for f in fields(Options) if f.metadata)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other error of the sweep
+        self.exit(2, f"rifle.sweep: error: {message}\n")
+
+
+def trainer_options(p: argparse.ArgumentParser, skip: tuple = (),
+                    what: str = "fixed for every trial; a searched option cannot be overridden") -> None:
+    """Every trainer option as --name VALUE (applied over the space's or study's values)."""
+    group = p.add_argument_group("trainer options", "any option of `python -m rifle.train --help` (except "
+                                 f"output_dir and run_name, which {p.prog} sets), {what}")
+    for name, (_, f) in C.all_fields().items():
+        if name not in ("output_dir", "run_name") and name not in skip:
+            group.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"]
+                               if name in ("tracking_uri", "experiment") else argparse.SUPPRESS)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m rifle.sweep", description="An Optuna study over one method's search space; run "
+                "the same command again, or several times, for more workers.")
+    for f in fields(Options):
+        if f.metadata:
+            help_text = f.metadata["help"] + ("" if "(required)" in f.metadata["help"] else f" (default: {f.default})")
+            # Empty means "not given": `mlflow run -P x=` passes it so.
+            p.add_argument(f"--{f.name}", default="", choices=f.metadata["choices"] and ("", *f.metadata["choices"]),
+                           help=help_text)
+    trainer_options(p, skip=("seed",))
+    return p
+
+
+def parse(argv: list[str] | None = None) -> Options:
+    args = vars(parser().parse_args(argv))
+    given = {k: v for k, v in args.items() if v != ""}
+    o = Options(**{f.name: _value(f, given[f.name]) for f in fields(Options) if f.name in given and f.metadata})
+    for name in ("space", "n_trials"):
+        if name not in given:
+            raise SweepError(f"--{name}: required")
+    if o.grace_period <= o.heartbeat_interval:
+        raise SweepError(f"--grace_period ({o.grace_period}) must exceed --heartbeat_interval ({o.heartbeat_interval})")
+    o.overrides = {k: v for k, v in given.items() if k not in OWN}
+    o.tracking_uri = o.overrides.pop("tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    o.experiment = o.overrides.pop("experiment", "") or "rifle"
+    o.study_name = o.study_name or Path(o.space).stem
+    return o
+
+
+def _value(f, raw: str):
+    if f.type in ("int", int):
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SweepError(f"--{f.name}: expected an integer, got {raw!r}") from None
+        if value < f.metadata["minimum"]:
+            raise SweepError(f"--{f.name}: must be >= {f.metadata['minimum']}, got {value}")
+        return value
+    return raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    url = None
+    try:
+        o = parse(argv)
+        space = load_space(o.space, o.overrides)  # fails in a second, before torch loads
+        rank = int(os.environ.get("RANK", "0"))
+        url = resolve_url(o.storage)
+        # The main process opens the storage first: a wrong URL fails in a second, before MLflow and torch load.
+        storage = open_storage(url, o.heartbeat_interval, o.grace_period, o.max_retry) if rank == 0 else None
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
+        from .worker import Worker, distributed_state, follow
+        worker = Worker(o, space, url, storage) if rank == 0 else None
+        state = distributed_state()
+        if worker is None:
+            follow(o, state)
+        else:
+            worker.run(state)
+        return 0
+    except (SpaceError, SweepError, C.ConfigError) as e:
+        print(f"rifle.sweep: error: {scrub(str(e), url)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rifle.sweep: interrupted; the next worker resumes the trial from its last checkpoint",
+              file=sys.stderr)
+        return 130

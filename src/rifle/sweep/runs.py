@@ -1,0 +1,149 @@
+"""The study's MLflow tree, written by the main process of each worker.
+
+One parent run per study, found again by the study's uuid tag (under `mlflow run` the run it made is the
+parent, or a worker run pointing to the parent when the study already has one); one child run per retry
+chain (a trial and its retries), with the state (complete / pruned / failed / retrying / interrupted) and
+its reason as tags. After each finished trial the parent gets one point per metric at step = trial number,
+the best trial's parameters (tags and best_params.json) and Optuna's plots.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from ..tracking import claim_parent, find_runs
+from .storage import STUDY_ATTR
+
+RETRY_ORIGIN_ATTR = "failed_trial"  # set by RetryHeartbeatStaleTrialCallback: the first trial of the chain
+STATUS = {"complete": "FINISHED", "pruned": "KILLED", "failed": "FAILED", "interrupted": "KILLED"}
+
+
+def origin(trial) -> int:
+    """The first trial of a retry chain (its output dir and MLflow run belong to the whole chain)."""
+    return int(trial.system_attrs.get(RETRY_ORIGIN_ATTR, trial.number))
+
+
+class SweepRuns:
+    def __init__(self, uri: str, experiment: str, study, shown_storage: str, params: dict):
+        self.client = c = MlflowClient(uri)
+        info = study.user_attrs[STUDY_ATTR]
+        self.study_name, self.uuid = study.study_name, info["uuid"]
+        self.parent = claim_parent(c, {"sweep.study_uuid": self.uuid}, "sweep.role", experiment, study.study_name,
+                                   {"sweep.study": study.study_name, "sweep.method": info["method"]})
+        run = c.get_run(self.parent)
+        self.experiment_id = run.info.experiment_id
+        self.experiment_name = c.get_experiment(self.experiment_id).name
+        new = [Param(k, str(v)) for k, v in params.items() if k not in run.data.params]
+        try:
+            c.log_batch(self.parent, params=new, tags=[RunTag("sweep.storage", shown_storage)])
+        except MlflowException:
+            pass  # a worker starting at the same moment logged them (params are write-once)
+
+    def _chain(self, number: int) -> list:
+        return find_runs(self.client, {"sweep.study_uuid": self.uuid, "sweep.role": "trial", "sweep.trial": str(number)})
+
+    def child(self, origin_number: int, trial_number: int) -> str:
+        """The trial's run: the one its first attempt made (a retry resumes it), else a new one."""
+        c = self.client
+        if self.parent != os.environ.get("MLFLOW_RUN_ID") and c.get_run(self.parent).info.status != "RUNNING":
+            c.update_run(self.parent, status="RUNNING")  # a finished study was extended or resumed
+        found = self._chain(origin_number)
+        if found:
+            run_id = found[0].info.run_id
+            numbers = found[0].data.tags.get("sweep.optuna_trials", "")
+            c.log_batch(run_id, tags=[RunTag("sweep.optuna_trials", f"{numbers},{trial_number}".strip(",")),
+                                      RunTag("sweep.state", "running")])
+            return run_id
+        return c.create_run(self.experiment_id, run_name=f"{self.study_name}-trial-{origin_number}", tags={
+            "mlflow.parentRunId": self.parent, "sweep.role": "trial", "sweep.study_uuid": self.uuid,
+            "sweep.study": self.study_name, "sweep.trial": str(origin_number),
+            "sweep.optuna_trials": str(trial_number), "sweep.state": "running"}).info.run_id
+
+    def trial_done(self, run_id: str, state: str, reason: str | None = None) -> None:
+        """State and reason always agree: a retry that completes drops the reason its stale attempt left."""
+        c = self.client
+        c.set_tag(run_id, "sweep.state", state)
+        if reason:
+            c.set_tag(run_id, "sweep.reason", reason[:4000])
+        elif "sweep.reason" in c.get_run(run_id).data.tags:
+            c.delete_tag(run_id, "sweep.reason")
+        if c.get_run(run_id).info.status != STATUS[state]:
+            c.set_terminated(run_id, STATUS[state])
+
+    def on_retry(self, trial, retried: bool) -> None:
+        """A worker stopped beating: the run waits for its retry, or fails when retries are used up."""
+        for run in self._chain(origin(trial)):
+            why = f"trial {trial.number}: its worker stopped sending heartbeats"
+            if retried:
+                self.client.set_tag(run.info.run_id, "sweep.state", "retrying")
+                self.client.set_tag(run.info.run_id, "sweep.reason", f"{why}; retried from the last epoch checkpoint")
+            else:
+                self.trial_done(run.info.run_id, "failed", f"{why} and the retries are used up")
+
+    def after_trial(self, study, trial, n_trials: int) -> None:
+        """One point per parent metric for this finished trial (step: its number), then the best trial."""
+        if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
+            return
+        trials = study.get_trials(deepcopy=False)
+        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        complete = [t for t in done if t.state == TrialState.COMPLETE]
+        metrics = {"trials_complete": len(complete), "trials_pruned": len(done) - len(complete)}
+        tags = {"sweep.n_trials": str(n_trials)}
+        if complete:
+            best = study.best_trial
+            metrics["best_value"] = best.value
+            tags |= {"sweep.best_trial": str(origin(best))} | {f"best.{k}": str(v) for k, v in best.params.items()}
+            best_runs = self._chain(origin(best))
+            if best_runs:
+                tags["sweep.best_run_id"] = best_runs[0].info.run_id
+        self.client.log_batch(self.parent, metrics=[_metric(k, v, trial.number) for k, v in metrics.items()])
+        self._set_tags(tags)
+        if complete:
+            self.client.log_dict(self.parent, {"trial": origin(best), "value": best.value, "params": best.params},
+                                 "best_params.json")
+            self._plots(study)
+
+    def _set_tags(self, tags: dict) -> None:
+        """Every worker writes the parent's summary tags: two inserting the same new tag at once make SQLite
+        refuse one (UNIQUE constraint failed); retried, the row exists and is updated."""
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        try:
+            self.client.log_batch(self.parent, tags=batch)
+        except MlflowException:
+            time.sleep(0.5)
+            self.client.log_batch(self.parent, tags=batch)
+
+    def _plots(self, study) -> None:
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
+        for name, plot in {"optimization_history.png": ovm.plot_optimization_history,
+                           "param_importances.png": ovm.plot_param_importances}.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+                try:
+                    ax = plot(study)
+                except (ValueError, RuntimeError, ZeroDivisionError) as e:
+                    # importances need two complete trials with different values: say why it is missing
+                    self.client.set_tag(self.parent, f"sweep.plot.{name}", f"not drawn: {e}"[:500])
+                    continue
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            self.client.log_figure(self.parent, fig, name)
+            plt.close(fig)
+            self.client.set_tag(self.parent, f"sweep.plot.{name}", "drawn")
+
+    def finish(self, complete: bool) -> None:
+        self.client.set_tag(self.parent, "sweep.state", "complete" if complete else "running")
+        if complete and self.parent != os.environ.get("MLFLOW_RUN_ID") and \
+                self.client.get_run(self.parent).info.status != "FINISHED":
+            self.client.set_terminated(self.parent, "FINISHED")
+
+
+def _metric(key: str, value: float, step: int):
+    from mlflow.entities import Metric
+    return Metric(key, float(value), int(time.time() * 1000), step)

@@ -1,0 +1,189 @@
+"""Optuna storages for sweeps: a journal file, Redis or an RDB, all with heartbeats and stale-trial retries.
+
+Optuna's heartbeat (a thread beating while `study.optimize` runs a trial, stale trials failed before each
+new one, `RetryHeartbeatStaleTrialCallback` re-enqueueing them) exists upstream for RDB storage only.
+`HeartbeatJournalStorage` gives journal storage (file and Redis) the same contract, so `study.optimize`
+drives every backend alike: the beat is a timestamp in the trial's system attrs, and the journal applies
+only the first FAIL of a stale trial, so exactly one worker retries it. Workers compare their clocks:
+keep them in sync (NTP) and the grace period well above the interval.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import uuid
+import warnings
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat  # the documented extension point (see RDBStorage)
+from optuna.trial import TrialState
+
+from ..tracking import redact
+
+STUDY_ATTR = "rifle_sweep"          # study user attr: uuid, method, space signature
+HEARTBEAT_ATTR = "rifle:heartbeat"  # trial system attr on journal storage (unix time of the last beat)
+
+
+class SweepError(RuntimeError):
+    """A study cannot be run as asked (storage, study mismatch); the message is safe to print."""
+
+
+def scrub(text: str, url: str | None) -> str:
+    """`text` with the URL's password removed wherever it appears (driver messages may quote it)."""
+    try:
+        password = urlsplit(url).password if url and "://" in url else None
+    except ValueError:
+        return text
+    for form in {password, unquote(password)} if password else ():
+        text = text.replace(form, "***")
+    return text
+
+
+def resolve_url(storage: str | None) -> str:
+    """`env:NAME` reads the URL from an environment variable (keeps a password out of command lines and out
+    of the params `mlflow run` records); a value without `://` is a journal file; "" is optuna.journal."""
+    storage = storage or "optuna.journal"
+    if storage.startswith("env:"):
+        if not os.environ.get(storage[4:]):
+            raise SweepError(f"--storage {storage}: environment variable {storage[4:]} is not set")
+        storage = os.environ[storage[4:]]
+    return storage
+
+
+class StaleRetry(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a stale trial (keeping its reported epochs), then `on_retry(trial, retried)` so the
+    sweep can mark the trial's MLflow run (set once the run tree exists)."""
+
+    def __init__(self, max_retry: int | None):
+        super().__init__(max_retry, inherit_intermediate_values=True)
+        self.on_retry = None
+
+    def __call__(self, study, trial) -> None:
+        super().__call__(study, trial)
+        if self.on_retry is not None:
+            retried = self._max_retry is None or len(trial.system_attrs.get("retry_history", [])) < self._max_retry
+            self.on_retry(trial, retried)
+
+
+class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
+    """JournalStorage with Optuna's heartbeat contract (see the module docstring)."""
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int, callback):
+        super().__init__(backend)
+        self._beat, self._grace, self._callback = heartbeat_interval, grace_period, callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker retried it; the trial's next report finds out (rifle.sweep.TrialLost)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+                # a retry inherits its original's last beat: its own start counts too
+                if now - max(t.system_attrs.get(HEARTBEAT_ATTR, 0), t.datetime_start.timestamp()) > self._grace]
+
+    def get_heartbeat_interval(self) -> int:
+        return self._beat
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self._callback
+
+
+def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120, max_retry: int | None = 3):
+    """The Optuna storage of a resolved URL (see `resolve_url`), heartbeat and retries on; SweepError (one line,
+    password removed) when it cannot be opened."""
+    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Redis backend, heartbeat
+            retry = StaleRetry(max_retry)
+            if "://" not in url:
+                Path(url).parent.mkdir(parents=True, exist_ok=True)
+                return HeartbeatJournalStorage(JournalFileBackend(os.path.abspath(url)), heartbeat_interval,
+                                               grace_period, retry)
+            if url.startswith(("redis://", "rediss://")):
+                return HeartbeatJournalStorage(JournalRedisBackend(url), heartbeat_interval, grace_period, retry)
+            if url.startswith("sqlite"):
+                print("rifle.sweep: warning: SQLite is not safe for parallel workers; use a journal file (the "
+                      "default) or PostgreSQL", file=sys.stderr)
+            if url.startswith("postgresql://"):  # psycopg 3, installed with the project (SQLAlchemy's default is 2)
+                url_rdb = "postgresql+psycopg://" + url[len("postgresql://"):]
+            else:
+                url_rdb = url
+            return _rdb(url_rdb, heartbeat_interval, grace_period, retry)
+    except SweepError:
+        raise
+    except Exception as e:
+        error = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error in several lines
+        text = " ".join(f"{type(error).__name__}: {error}".split())
+        raise SweepError(f"cannot open the storage {redact(url)}: {scrub(text, url)}") from None
+
+
+def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStorage:
+    import sqlalchemy.exc
+    for attempt in range(10):
+        try:
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period, heartbeat_stale_trial_callback=retry)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            # Workers started together on a fresh database race to create Optuna's tables; the loser finds
+            # them made once the winner commits.
+            if attempt == 9:
+                raise
+            time.sleep(0.5 + attempt * 0.5)
+
+
+def load_study(storage: str = "", study_name: str = ""):
+    """A study as `python -m rifle.sweep` wrote it, for notebooks: `storage` as its --storage (a journal file,
+    redis://..., an RDB URL or env:NAME); "" is the nearest optuna.journal above the working directory."""
+    from ..report import nearest
+    if not storage:
+        found = nearest("optuna.journal")
+        if found is None:
+            raise SweepError("no optuna.journal here or in a folder above: pass the sweep's --storage")
+        storage = str(found)
+    url = resolve_url(storage)
+    if "://" not in url and not Path(url).is_file():
+        raise SweepError(f"no journal file {url!r}")
+    return optuna.load_study(study_name=study_name, storage=open_storage(url))
+
+
+def open_study(storage, name: str, space, sampler, pruner, shown: str, wait_s: float = 30.0):
+    """Create the study, or join it; the creator records a uuid and the space, and joiners must match."""
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
+                                    pruner=pruner)
+        study.set_user_attr(STUDY_ATTR, {"uuid": uuid.uuid4().hex, "method": space.method,
+                                         "space_file": space.path, "space": space.signature()})
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise SweepError(f"study {name!r} in {shown} minimizes; a sweep maximizes validation accuracy")
+    deadline = time.time() + wait_s
+    while STUDY_ATTR not in study.user_attrs:  # the creator writes it right after creating the study
+        if time.time() > deadline:
+            raise SweepError(f"study {name!r} in {shown} was not made by rifle.sweep (no {STUDY_ATTR} "
+                             "attribute); choose another --study_name")
+        time.sleep(0.5)
+    mine, theirs = space.signature(), study.user_attrs[STUDY_ATTR]["space"]
+    if mine != theirs:
+        raise SweepError(f"study {name!r} was created with another search space: {_first_difference(theirs, mine)}; "
+                         "use another --study_name or the same space and options")
+    return study
+
+
+def _first_difference(theirs: dict, mine: dict, prefix: str = "") -> str:
+    for key in sorted(set(theirs) | set(mine)):
+        a, b = theirs.get(key, "<absent>"), mine.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a != b:
+                return _first_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            return f"{prefix}{key} was {a!r}, now {b!r}"
+    return "?"

@@ -1,0 +1,337 @@
+"""One sweep worker: Optuna's `study.optimize` over an objective that trains one trial with `fit`.
+
+What Optuna has is used as is: the heartbeat thread, failing stale trials and re-enqueueing them
+(rifle.sweep.storage), the samplers and pruners, the plots. What it lacks lives here, each in one place:
+- the pruning rule fair to RIFLE (`TrialReporter`);
+- the exact study-wide `n_trials` (`Budget`): one slot per retry chain, a lost race for the last slot gives
+  its trial back untrained, and a worker waits while another worker's trial may still need a retry;
+- resuming a retried trial from its checkpoint: a retry trains in its chain's output directory (the
+  trainer resumes there) and logs into the chain's MLflow run;
+- a trial taken over by another worker (this one paused past the grace period) stops at its next report
+  without touching the directory or the run (`TrialLost`);
+- multi-process trials: the main process owns the study and broadcasts each trial's options and every
+  pruning decision, so all processes train the same trial and stop at the same epoch.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .. import config as C
+from ..tracking import redact
+from .runs import SweepRuns, origin
+from .storage import open_study, scrub
+
+OVER_BUDGET_ATTR = "rifle:over_budget"
+
+
+class TrialLost(RuntimeError):
+    """Another worker declared this trial stale and retries it in the same directory and MLflow run."""
+
+
+class OverBudget(RuntimeError):
+    """Another worker took the study's last trial a moment before this one."""
+
+
+class TrialReporter:
+    """The trainer callback that reports a trial to Optuna and prunes it, fairly to RIFLE.
+
+    Reported value: the best validation accuracy so far (monotone, so the dip after a head re-initialization
+    never shows). The pruner is consulted only where trials are comparable: before the trial's first
+    re-initialization (until then RIFLE trains exactly as plain fine-tuning) and at epochs that end with one
+    (their validation pass precedes the reset), never while a new head catches up, never at the last epoch.
+    Only the main process (`trial` not None) talks to the study; the decision is broadcast to the others."""
+
+    def __init__(self, trial, epochs: int, history: list[dict], pruner_name: str, num_processes: int = 1,
+                 process_index: int = 0):
+        self.trial, self.epochs, self.pruner_name = trial, epochs, pruner_name
+        self.num_processes, self.process_index = num_processes, process_index
+        self.best, self.reinits = -math.inf, 0
+        if trial is not None:
+            reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+            for row in history:  # epochs the checkpoint holds (a kill can fall before their report)
+                self.best = max(self.best, row["val_acc"])
+                self.reinits += int(row.get("head_reinit", 0) == 1)
+                if row["epoch"] not in reported:
+                    trial.report(self.best, row["epoch"])
+
+    def eligible(self, epoch: int, reinit_now: bool) -> bool:
+        return epoch < self.epochs - 1 and (self.reinits == 0 or reinit_now)
+
+    def decide(self, epoch: int, metrics: dict) -> str | None:
+        self.best = max(self.best, float(metrics["val_acc"]))
+        self.trial.report(self.best, epoch)
+        reinit_now = metrics.get("head_reinit", 0) == 1
+        check = self.eligible(epoch, reinit_now)
+        self.reinits += int(reinit_now)
+        if not (check and self.trial.should_prune()):
+            return None
+        others = [t.intermediate_values[epoch] for t in self.trial.study.get_trials(deepcopy=False)
+                  if t.number != self.trial.number and epoch in t.intermediate_values]
+        context = f"; other trials at that epoch: median {statistics.median(others):.4f} of {len(others)}" \
+            if others else ""
+        return f"pruned at epoch {epoch} by the {self.pruner_name} pruner: best val_acc so far {self.best:.4f}{context}"
+
+    def on_epoch_end(self, epoch: int, metrics: dict) -> None:
+        decision = None
+        if self.trial is not None:
+            try:
+                reason = self.decide(epoch, metrics)
+                decision = ("pruned", reason) if reason else None
+            except optuna.exceptions.UpdateFinishedTrialError:  # the storage refuses a finished trial's report
+                decision = ("lost", f"trial {self.trial.number} was retried by another worker (no heartbeat "
+                                    "within the grace period)")
+        if self.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+            decision = broadcast_object_list([decision], from_process=0)[0]
+        if decision:
+            kind, reason = decision
+            print(f"rifle.sweep: [process {self.process_index}] {reason}", flush=True)
+            raise optuna.TrialPruned(reason) if kind == "pruned" else TrialLost(reason)
+
+    __call__ = on_epoch_end
+
+
+def budget_slots(trials, below: int | None = None) -> set[int]:
+    """Budget slots used: one per retry chain, trials given back over budget excluded; with `below`, only
+    chains that started before trial number `below`."""
+    return {origin(t) for t in trials if not t.system_attrs.get(OVER_BUDGET_ATTR)
+            and (below is None or origin(t) < below)}
+
+
+def over_budget(trials, number: int, n_trials: int) -> bool:
+    """Whether new trial `number` (not a retry) came after the budget was used up: when two workers race for
+    the last slot, the trial numbers (assigned atomically by the storage) decide who keeps it."""
+    t = next(t for t in trials if t.number == number)
+    return origin(t) == number and len(budget_slots(trials, below=number)) >= n_trials
+
+
+class Budget:
+    """Exactly `n_trials` per study, across workers and restarts (Optuna's n_trials counts per call)."""
+
+    def __init__(self, n_trials: int, poll: float):
+        self.n_trials, self.poll = n_trials, poll
+
+    def work_left(self, study) -> bool:
+        """True when a slot or a retry is free; waits while only other workers' trials run (one may go stale
+        and need a retry); False when the study is done."""
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if any(t.state == TrialState.WAITING for t in trials) or len(budget_slots(trials)) < self.n_trials:
+                return True
+            if not any(t.state == TrialState.RUNNING for t in trials):
+                return False
+            time.sleep(self.poll)
+
+    def __call__(self, study, trial) -> None:  # a study.optimize callback
+        if not self.work_left(study):
+            study.stop()
+
+    def check(self, study, trial) -> None:
+        if over_budget(study.get_trials(deepcopy=False), trial.number, self.n_trials):
+            study._storage.set_trial_system_attr(trial._trial_id, OVER_BUDGET_ATTR, True)
+            raise OverBudget(f"trial {trial.number} given back untrained: another worker took the last trial")
+
+
+class TrialSeededTPE(optuna.samplers.BaseSampler):
+    """TPE reseeded from (seed, trial number) at every trial: parallel workers never draw the same random
+    start-up point, and a one-worker study is reproducible. TPE keeps no state between trials but its random
+    streams (it reads the study), so a fresh one per trial changes nothing else."""
+
+    def __init__(self, seed: int):
+        self.seed, self.tpe = seed, optuna.samplers.TPESampler(seed=seed)
+
+    def before_trial(self, study, trial) -> None:
+        self.tpe = optuna.samplers.TPESampler(seed=self.seed * 1_000_003 + trial.number)
+        self.tpe.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):
+        return self.tpe.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self.tpe.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, name, distribution):
+        return self.tpe.sample_independent(study, trial, name, distribution)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.tpe.after_trial(study, trial, state, values)
+
+
+def make_sampler(kind: str, space, seed: int):
+    # The grid sampler gives each trial a grid point not yet taken, and stops the study when all are done.
+    return optuna.samplers.GridSampler(space.grid(), seed=seed) if kind == "grid" else TrialSeededTPE(seed)
+
+
+def make_pruner(kind: str, startup_trials: int, warmup_epochs: int, epochs: int):
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, warmup_epochs), max_resource=max(epochs, 2))
+    return optuna.pruners.NopPruner()
+
+
+def resume_point(output_dir: Path) -> tuple[int, list[dict]]:
+    """(next epoch, history) of the newest checkpoint in output_dir, or (0, [])."""
+    import json
+
+    from ..checkpoint import latest
+    last = latest(output_dir)
+    if last is None:
+        return 0, []
+    state = json.loads((last / "state.json").read_text())
+    return int(state["epoch"]), list(state["history"])
+
+
+def _fmt(params: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+class Worker:
+    """The main process's side: the study, the budget, the MLflow tree, and the objective."""
+
+    def __init__(self, o, space, url: str, storage):
+        self.o, self.space, self.url, self.storage = o, space, url, storage
+        self.shown = redact(url) if "://" in url else str(Path(url).resolve())
+        epochs = C.build(space.fixed | {"output_dir": "unused"}).optim.epochs
+        self.study = open_study(self.storage, o.study_name, space, make_sampler(o.sampler, space, o.seed),
+                                make_pruner(o.pruner, o.pruner_startup_trials, o.pruner_warmup_epochs, epochs),
+                                self.shown)
+        n_trials = o.n_trials
+        if o.sampler == "grid" and math.prod(len(v) for v in space.grid().values()) < n_trials:
+            n_trials = math.prod(len(v) for v in space.grid().values())
+            print(f"rifle.sweep: the grid has {n_trials} points: n_trials {o.n_trials} -> {n_trials}", flush=True)
+        self.budget = Budget(n_trials, poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
+        info = self.study.user_attrs["rifle_sweep"]
+        self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{info['uuid'][:8]}"
+        self.uri = o.tracking_uri
+        params = {"space": o.space, "method": space.method, "study_name": o.study_name, "storage": self.shown,
+                  "sampler": o.sampler, "pruner": o.pruner, "seed": o.seed, "searched": ",".join(space.params) or "none",
+                  **{f"fixed.{k}": v for k, v in space.fixed.items() if k not in C.RUN_ONLY}}
+        self.runs = SweepRuns(self.uri, o.experiment, self.study, self.shown, params)
+        self.storage.get_heartbeat_stale_trial_callback().on_retry = self.runs.on_retry
+        self.lost = False
+        print(f"rifle.sweep: study {o.study_name!r} in {self.shown}, {n_trials} trials in total, MLflow parent "
+              f"run {self.runs.parent} ({redact(self.uri)})", flush=True)
+
+    def values(self, suggested: dict, number: int) -> dict:
+        """The trial's options: the space's values, and a run directory that belongs to its retry chain."""
+        return {"log_weights": False} | suggested | {  # a weights file per trial is rarely wanted
+            "output_dir": str(self.out_root / f"trial-{number}"), "tracking_uri": self.uri,
+            "experiment": self.runs.experiment_name, "run_name": None}
+
+    def objective(self, trial) -> float:
+        from ..trainer import fit
+        chain = origin(self.study._storage.get_trial(trial._trial_id))
+        if chain == trial.number:
+            self.budget.check(self.study, trial)
+        values = self.values(self.space.suggest(trial), chain)
+        out = Path(values["output_dir"])
+        run_id = self.runs.child(chain, trial.number)
+        start, history = resume_point(out)
+        trial.set_user_attr("output_dir", str(out))
+        trial.set_user_attr("mlflow_run_id", run_id)
+        if start:
+            trial.set_user_attr("resumed_from_epoch", start)
+            self.runs.client.set_tag(run_id, "sweep.resumed_from_epoch", str(start))
+        print(f"rifle.sweep: trial {trial.number} ({_fmt(trial.params)})"
+              + (f", a retry of trial {chain} resuming at epoch {start}" if start else ""), flush=True)
+        broadcast(values, self.state)
+        outcome, reason = "failed", None
+        try:
+            cfg = C.build(values)
+            reporter = TrialReporter(trial, cfg.optim.epochs, history, self.o.pruner, self.state.num_processes)
+            value = fit(cfg, callbacks=[reporter], mlflow_run_id=run_id)["best_val_acc"]
+            outcome, reason = "complete", None
+            print(f"rifle.sweep: trial {trial.number} complete: val_acc {value:.4f}", flush=True)
+            return value
+        except optuna.TrialPruned as e:
+            outcome, reason = "pruned", str(e)
+            print(f"rifle.sweep: trial {trial.number} pruned: {reason}", flush=True)
+            raise
+        except TrialLost as e:
+            outcome, self.lost = "lost", True
+            print(f"rifle.sweep: {e}; moving on", flush=True)
+            raise
+        except KeyboardInterrupt:
+            # Retried at once by the next worker, from the last checkpoint (this trial is told FAIL).
+            outcome, reason = "interrupted", "the worker was interrupted; the next worker resumes the trial"
+            self.storage.get_heartbeat_stale_trial_callback()(self.study, self.study._storage.get_trial(trial._trial_id))
+            raise
+        except Exception as e:
+            reason = scrub(f"{type(e).__name__}: {e}", self.url)
+            print(f"rifle.sweep: trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+            raise
+        finally:
+            if outcome not in ("lost", "interrupted"):  # otherwise the retry owns the directory and the run
+                shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            if outcome != "lost":
+                self.runs.trial_done(run_id, outcome, reason)
+
+    def after_trial(self, study, trial) -> None:
+        self.runs.after_trial(study, trial, self.budget.n_trials)
+
+    def run(self, state) -> None:
+        self.state = state
+        while self.budget.work_left(self.study):
+            self.lost = False
+            try:
+                self.study.optimize(self.objective, callbacks=[self.after_trial, self.budget],
+                                    catch=(Exception,))
+            except ValueError:  # Optuna cannot tell a trial another worker has already failed and retried
+                if not self.lost:
+                    raise
+        broadcast(None, self.state)  # the other processes stop
+        trials = self.study.get_trials(deepcopy=False)
+        complete = len(budget_slots(trials)) >= self.budget.n_trials and not any(
+            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+        self.runs.finish(complete)
+        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        line = f"rifle.sweep: study {self.o.study_name!r}: {len(done)} trials finished"
+        if any(t.state == TrialState.COMPLETE for t in trials):
+            best = self.study.best_trial
+            line += f"; best trial {best.number}: val_acc {best.value:.4f} ({_fmt(best.params)})"
+        print(line + f"; MLflow parent run {self.runs.parent}", flush=True)
+
+
+def distributed_state():
+    """Accelerate's process state, made as the trainer's Accelerator will be (CPU processes need cpu=True for
+    gloo); a process-wide singleton, so the trainer then reuses it."""
+    import os
+
+    import torch
+    from accelerate import PartialState
+    return PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def broadcast(obj, state):
+    if state.num_processes == 1:
+        return obj
+    from accelerate.utils import broadcast_object_list
+    return broadcast_object_list([obj], from_process=0)[0]
+
+
+def follow(o, state) -> None:
+    """A non-main process: train each trial the main process broadcasts, until it sends None."""
+    from ..trainer import fit
+    while (values := broadcast(None, state)) is not None:
+        cfg = C.build(values)
+        try:
+            fit(cfg, callbacks=[TrialReporter(None, cfg.optim.epochs, [], o.pruner, state.num_processes,
+                                              state.process_index)])
+        except (optuna.TrialPruned, TrialLost):
+            pass
+        except Exception as e:
+            print(f"rifle.sweep: [process {state.process_index}] trial failed: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
