@@ -1,7 +1,7 @@
 """The report: statistics against scipy and hand-computed values, tables and figures from a real tiny MLflow
 store (plain and RIFLE, two seeds each, as child runs of one parent), the metric and selection every table
-names, the `report` entry point, one method label from sweep to comparison to report, and the three
-notebooks executed against real stores so they never rot."""
+names, the `report` entry point, one method label from sweep to comparison to report, and the results and
+mechanism notebooks executed against real stores so they never rot (the sweeps notebook: test_sweep.py)."""
 import json
 import math
 import subprocess
@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, mlflow_runs, subprocess_env
-from rifle import report
+from rifle import figures, report, stats
 from rifle.methods import method_label, method_sort_key, method_tricks
+from rifle.notebook import execute_notebook
 
 EXPERIMENT = "cmp"
 
@@ -22,11 +23,11 @@ EXPERIMENT = "cmp"
 # ------------------------------------------------------------------------------------------ pure functions
 
 def test_mean_std_and_paired_difference_by_hand():
-    assert report.mean_std([1, 2, 3, 4]) == pytest.approx((2.5, math.sqrt(5 / 3), 4))
-    mean, std, n = report.mean_std([0.7])
+    assert stats.mean_std([1, 2, 3, 4]) == pytest.approx((2.5, math.sqrt(5 / 3), 4))
+    mean, std, n = stats.mean_std([0.7])
     assert (mean, n) == (0.7, 1) and math.isnan(std)
     # d = (0.02, -0.01, 0.05, 0.02, 0.04): mean 0.024, sd sqrt(0.00212/4) = 0.0230217, t(0.975, 4) = 2.776445
-    r = report.paired_difference([0.80, 0.85, 0.90, 0.82, 0.88], [0.78, 0.86, 0.85, 0.80, 0.84])
+    r = stats.paired_difference([0.80, 0.85, 0.90, 0.82, 0.88], [0.78, 0.86, 0.85, 0.80, 0.84])
     assert r["n"] == 5 and r["mean_diff"] == pytest.approx(0.024)
     assert r["sd_diff"] == pytest.approx(0.0230217, rel=1e-5)
     half = 2.776445 * 0.0230217 / math.sqrt(5)
@@ -36,32 +37,32 @@ def test_mean_std_and_paired_difference_by_hand():
 
 
 def test_paired_difference_matches_scipy():
-    from scipy import stats
+    from scipy.stats import ttest_rel
     rng = np.random.default_rng(3)
     for n in (2, 3, 7):
         a, b = rng.uniform(0.6, 0.9, n), rng.uniform(0.6, 0.9, n)
-        r = report.paired_difference(a, b, confidence=0.9)
-        t = stats.ttest_rel(a, b)
+        r = stats.paired_difference(a, b, confidence=0.9)
+        t = ttest_rel(a, b)
         ci = t.confidence_interval(confidence_level=0.9)
         assert r["p_value"] == pytest.approx(t.pvalue, rel=1e-9)
         assert (r["ci_low"], r["ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
 
 
 def test_paired_difference_without_spread():
-    one = report.paired_difference([0.9], [0.8])
+    one = stats.paired_difference([0.9], [0.8])
     assert one["mean_diff"] == pytest.approx(0.1) and math.isnan(one["ci_low"]) and math.isnan(one["p_value"])
-    same = report.paired_difference([0.9, 0.8], [0.8, 0.7])  # every difference 0.1: nothing to test against
+    same = stats.paired_difference([0.9, 0.8], [0.8, 0.7])  # every difference 0.1: nothing to test against
     assert same["ci_low"] == same["ci_high"] == pytest.approx(0.1) and math.isnan(same["p_value"])
     with pytest.raises(ValueError):
-        report.paired_difference([0.9, 0.8], [0.8])
+        stats.paired_difference([0.9, 0.8], [0.8])
 
 
 def test_holm_by_hand():
     # sorted 0.01, 0.03, 0.04 (m = 3): 3 x 0.01 = 0.03, 2 x 0.03 = 0.06, 1 x 0.04 = 0.04 -> running max 0.06
-    assert report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    adjusted = report.holm([0.5, math.nan, 0.2])  # nan is no test: m = 2
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    adjusted = stats.holm([0.5, math.nan, 0.2])  # nan is no test: m = 2
     assert adjusted[0] == pytest.approx(0.5) and math.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.4)
-    assert report.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
 def test_method_labels_both_ways_and_comparisons():
@@ -81,10 +82,10 @@ def test_method_labels_both_ways_and_comparisons():
     assert "rifle+l2sp" in METHODS and all(method_label(v["tricks"]) == k for k, v in METHODS.items())
     methods = ["rifle+l2sp", "dropout", "plain", "rifle", "l2sp"]
     assert sorted(methods, key=method_sort_key) == ["plain", "rifle", "dropout", "l2sp", "rifle+l2sp"]
-    assert report.comparisons(methods) == [("rifle", "plain"), ("rifle", "dropout"), ("rifle", "l2sp"),
-                                           ("rifle+l2sp", "l2sp")]
-    assert report.comparisons(methods, reference="dropout") == [("dropout", "plain"), ("dropout", "rifle"),
-                                                                ("dropout", "l2sp"), ("dropout", "rifle+l2sp")]
+    assert stats.comparisons(methods) == [("rifle", "plain"), ("rifle", "dropout"), ("rifle", "l2sp"),
+                                          ("rifle+l2sp", "l2sp")]
+    assert stats.comparisons(methods, reference="dropout") == [("dropout", "plain"), ("dropout", "rifle"),
+                                                               ("dropout", "l2sp"), ("dropout", "rifle+l2sp")]
 
 
 def synthetic():
@@ -318,21 +319,20 @@ def test_report_from_runs(store):
     assert {"results.md", "results.csv", "paired.csv", f"mechanism_{label}.png"} <= logged
     # The figures' data is what the runs logged: the last weight_dist of each block, the re-init epoch.
     h = report.fetch_histories(runs, uri)
-    final = report.final_weight_dist(h)
+    final = figures.final_weight_dist(h)
     one = runs.iloc[0]
     logged_metrics = client.get_run(one.run_id).data.metrics
     got = final[final["run_id"] == one.run_id].set_index("block")["value"]
     assert got.to_dict() == pytest.approx({k[len("weight_dist/"):]: v for k, v in logged_metrics.items()
                                            if k.startswith("weight_dist/")})
-    assert report.reinit_epochs(h, "rifle") == [1] and report.reinit_epochs(h, "plain") == []
+    assert figures.reinit_epochs(h, "rifle") == [1] and figures.reinit_epochs(h, "plain") == []
     from rifle.models import block_names, build_backbone
-    assert report.block_order(one.model, sorted(got.index)) == block_names(build_backbone(one.model, False)[0])
+    assert figures.block_order(one.model, sorted(got.index)) == block_names(build_backbone(one.model, False)[0])
     # Gradient figures: per-block norms over epochs (rifle vs plain) and the post / pre ratio at the re-init.
     for name in (f"gradients_{label}.png", f"reinit_gradients_{label}.png"):
         image = imread(tmp / "rep" / name)
         assert image.shape[0] >= 400 and image.std() > 0.05, name
         assert name in logged
-    from rifle import figures
     ratios = figures.reinit_ratios(h, "rifle")
     rifle_runs = runs[runs["method"] == "rifle"]
     assert sorted(set(ratios["run_id"])) == sorted(rifle_runs["run_id"]) and set(ratios["epoch"]) == {1}
@@ -388,7 +388,15 @@ def test_notebooks_are_committed_without_outputs(name):
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
     source = "".join("".join(c["source"]) for c in code)
-    assert "report." in source and "def " not in source  # they call the report module, no logic of their own
+    assert "from rifle import" in source and "def " not in source  # they call the package, no logic of their own
+
+
+@pytest.mark.slow
+def test_figures_import_without_pandas():
+    """The trainer draws its training curve with rifle.figures, also where pandas is not installed."""
+    code = "import sys, rifle.figures; assert 'pandas' not in sys.modules, 'pandas imported'"
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def outputs(nb, kind):
@@ -404,46 +412,16 @@ def text_of(nb):
 def test_results_and_mechanism_notebooks_run(store, tmp_path):
     tmp, uri, parent = store
     params = {"tracking_uri": uri, "experiment": EXPERIMENT}
-    nb = report.execute_notebook(NOTEBOOKS / "results.ipynb", params | {"metric": "test_acc_last"},
-                                 tmp_path / "results.ipynb", cwd=tmp_path)
+    nb = execute_notebook(NOTEBOOKS / "results.ipynb", params | {"metric": "test_acc_last"},
+                          tmp_path / "results.ipynb", cwd=tmp_path)
     text = text_of(nb)
     runs = report.fetch_runs(uri, EXPERIMENT)
     mean = report.summarize(runs, "test_acc_last").set_index("method").loc["rifle", "mean"]
     assert f"{100 * mean:.1f} ±" in text and "rifle − plain" in text and "Metric: test_acc_last, " in text
     assert len(outputs(nb, "image/png")) == 1  # the paired-difference plot
-    nb = report.execute_notebook(NOTEBOOKS / "mechanism.ipynb", params | {"parent_run_id": parent}, cwd=tmp_path)
+    nb = execute_notebook(NOTEBOOKS / "mechanism.ipynb", params | {"parent_run_id": parent}, cwd=tmp_path)
     assert "4 runs of efficientnet_lite0" in text_of(nb) and "conv_stem" in text_of(nb)
     assert len(outputs(nb, "image/png")) == 2
-
-
-def test_sweeps_notebook_runs(tmp_path):
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-    journal = tmp_path / "optuna.journal"
-    study = optuna.create_study(study_name="tiny", direction="maximize",
-                                storage=JournalStorage(JournalFileBackend(str(journal))),
-                                sampler=optuna.samplers.TPESampler(seed=0),
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-
-    def objective(trial):  # a stand-in for training: a curve per trial, pruned when below the median
-        lr, k = trial.suggest_float("lr", 1e-3, 1e-1, log=True), trial.suggest_int("reinit_times", 1, 3)
-        for step in range(4):
-            value = (1 - abs(math.log10(lr) + 2) / 2) * (step + 1) / 4 - 0.02 * k
-            trial.report(value, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
-        return value
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=10)
-    states = report.trial_states(report.load_study(str(journal), "tiny"))
-    assert states.get("COMPLETE", 0) >= 2 and states.get("PRUNED", 0) >= 1, states
-    (tmp_path / "notebooks").mkdir()  # opened in Jupyter from a folder below the journal: "" finds it
-    nb = report.execute_notebook(NOTEBOOKS / "sweeps.ipynb", {"study_name": "tiny"}, cwd=tmp_path / "notebooks")
-    text = text_of(nb)
-    assert str(states) in text and "PRUNED" in text and "reinit_times" in text
-    assert len(outputs(nb, "image/png")) == 3  # history, importance, intermediate values
 
 
 def test_readme_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store, tmp_path):
@@ -464,6 +442,6 @@ def test_readme_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store
     text = (root / "results-executed.ipynb").read_text()
     assert "rifle − plain" in text and "Metric: test_acc, " in text
     assert not (root / "notebooks" / "mlflow.db").exists()
-    nb = report.execute_notebook(root / "notebooks" / "mechanism.ipynb", cwd=root / "notebooks")
+    nb = execute_notebook(root / "notebooks" / "mechanism.ipynb", cwd=root / "notebooks")
     assert "4 runs of efficientnet_lite0" in text_of(nb)
     assert not (root / "notebooks" / "mlflow.db").exists()

@@ -1,4 +1,4 @@
-"""Tables and figures from training histories and MLflow runs.
+"""Tables and figures from the finished runs in MLflow: the evidence for or against RIFLE.
 
     python -m rifle.report [--tracking_uri URI] [--experiment NAME] [--parent_run_id ID] [--output_dir DIR]
                            [--metric test_acc] [--reference rifle] [--baseline plain] [--group_by dataset]
@@ -7,18 +7,16 @@ From the finished runs of an experiment (default: of every experiment; or the ch
 run) it builds
 - the paper-style table: datasets x methods, the metric (test_acc: the checkpoint each run's `selection`
   chose; test_acc_last: the last epoch) mean ± std over seeds, best mean per dataset marked, and the paired
-  difference reference − other over the seeds both share (mean, 95% t-interval, paired t-test), where the
-  reference is the method with RIFLE and the other the same method without it; Markdown and CSV. Every
-  table says which metric and selection it shows, and how many RIFLE runs selected a checkpoint before
+  difference reference − other over the seeds both share (mean, 95% t-interval, paired t-test; rifle.stats),
+  where the reference is the method with RIFLE and the other the same method without it; Markdown and CSV.
+  Every table says which metric and selection it shows, and how many RIFLE runs selected a checkpoint before
   their first re-initialization;
-- the mechanism figure: per-block distance to the pretrained weights at the end of training, reference
-  versus baseline, input side first, and the same over epochs with the head re-initializations marked;
-- the training-dynamics figure: validation accuracy and head learning rate over epochs per method;
+- the figures of rifle.figures: mechanism (per-block distance to the pretrained weights), gradient flow,
+  training dynamics, paired differences;
 and logs them as MLflow artifacts under `report/` of a new `report` run (or of the parent run).
 
 A method is the label that rifle.compare / rifle.study tagged on the run, else the label of the `tricks`
-param (rifle.methods: canonical order joined by '+', "plain" for none). The statistics are pure functions;
-the notebooks in notebooks/ call the functions of this module.
+param (rifle.methods: canonical order joined by '+', "plain" for none).
 """
 from __future__ import annotations
 
@@ -27,123 +25,22 @@ import math
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
-import numpy as np
-
-from .methods import PLAIN, method_label, method_sort_key, method_tricks
+from . import figures
+from .methods import PLAIN, method_label, method_sort_key
+from .notebook import nearest
+from .stats import DEFAULT_SELECTION, METRICS, comparisons, holm, mean_std, metric_note, paired_difference
 
 REPORT_TAG = "rifle.report"
 # Run tags holding a method label chosen by the tool that made the run (rifle.compare, rifle.study): two
 # settings of one trick list (e.g. RIFLE K=1 and K=3) stay apart. Without one, the label comes from `tricks`.
 METHOD_TAGS = ("compare.method", "study_method")
-# Metrics fetched per epoch for the figures (weight_dist/<block> keys are found per run).
+# Metrics fetched per epoch for the figures (the probes' per-block keys are found per run).
 HISTORY_KEYS = ("val_acc", "train_acc", "lr_head", "head_reinit")
-PROBE_PREFIXES = ("weight_dist/", "grad_norm/", "grad_norm_pre_reinit/", "grad_norm_post_reinit/")
-# The numbers a table can show; every run logs both (test_acc_last may be missing in older runs).
-METRICS = {"test_acc": "test accuracy at the checkpoint the run's `selection` chose",
-           "test_acc_last": "test accuracy at the last epoch"}
-SELECTIONS = {"best_val": "the epoch with the best validation accuracy", "last": "the last epoch"}
-DEFAULT_SELECTION = "best_val"  # runs from before the `selection` param selected on validation
+PROBE_PREFIXES = (figures.WEIGHT, figures.GRAD, figures.PRE, figures.POST)
 # Tag of a RIFLE run whose selected checkpoint precedes its first head re-init ('true'/'false').
 BEFORE_REINIT_TAG = "selected_before_reinit"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Pure functions: statistics and what a table says about itself
-
-def metric_note(metric: str, selections: dict[str, set[str]]) -> str:
-    """The line every table carries: the metric it shows and, for test_acc, the selection that chose the
-    checkpoint (`selections`: method -> the `selection` values of its runs)."""
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
-    if metric != "test_acc":
-        return f"Metric: {metric}, {METRICS[metric]} (no checkpoint selection)."
-    used = sorted(set().union(*selections.values())) if selections else [DEFAULT_SELECTION]
-    if len(used) == 1:
-        return f"Metric: test_acc, test accuracy at the checkpoint selected by {used[0]} " \
-               f"({SELECTIONS.get(used[0], used[0])})."
-    per = "; ".join(f"{s}: {', '.join(sorted((m for m, v in selections.items() if s in v), key=method_sort_key))}"
-                    for s in used)
-    return f"Metric: test_acc, test accuracy at the checkpoint each run's selection chose, which differs " \
-           f"between runs ({per}): these numbers are not measured alike."
-
-
-def mean_std(values) -> tuple[float, float, int]:
-    """(mean, sample std with ddof=1, n); std is nan below two values, mean nan for none."""
-    x = np.asarray(list(values), dtype=float)
-    n = int(x.size)
-    return (float(x.mean()) if n else math.nan, float(x.std(ddof=1)) if n > 1 else math.nan, n)
-
-
-def paired_difference(a, b, confidence: float = 0.95) -> dict:
-    """Statistics of the paired differences a[i] - b[i] (the same seed in both).
-
-    mean, sd (ddof=1), the t-distribution confidence interval of the mean difference, and the two-sided
-    paired t-test p-value (scipy.stats.ttest_rel). Below two pairs the interval and p are nan; when every
-    difference is the same (no spread to test against) p is nan and the interval has zero width.
-    """
-    from scipy import stats
-
-    a, b = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples need equal lengths, got {a.size} and {b.size}")
-    d = a - b
-    n = int(d.size)
-    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "sd_diff": math.nan,
-           "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
-    if n < 2:
-        return out
-    sd = float(d.std(ddof=1))
-    out["sd_diff"] = sd
-    if float(np.ptp(d)) <= 1e-12:  # equal up to float rounding (0.9-0.8 vs 0.8-0.7): no spread to test against
-        out["sd_diff"] = 0.0
-        out["ci_low"] = out["ci_high"] = out["mean_diff"]
-        return out
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    out |= {"ci_low": out["mean_diff"] - half, "ci_high": out["mean_diff"] + half,
-            "p_value": float(stats.ttest_rel(a, b).pvalue)}
-    return out
-
-
-def holm(p_values) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (Holm 1979), in the input order; nan entries stay nan and do not
-    count as tests. A family of m comparisons: the k-th smallest p is multiplied by m-k+1, then made
-    monotone (running maximum) and capped at 1."""
-    p = [float(x) for x in p_values]
-    order = sorted((i for i, x in enumerate(p) if math.isfinite(x)), key=lambda i: p[i])
-    out, running = [math.nan] * len(p), 0.0
-    for k, i in enumerate(order):
-        running = max(running, min(1.0, (len(order) - k) * p[i]))
-        out[i] = running
-    return out
-
-
-def comparisons(methods, reference: str = "rifle") -> list[tuple[str, str]]:
-    """(with-reference, without) pairs: the reference alone against every method without it, and each
-    combination holding it against the same combination without it (RIFLE+L2-SP vs L2-SP, as in the paper)."""
-    ref = set(method_tricks(method_label(reference)))
-    have = sorted(set(methods), key=method_sort_key)
-    parts = {m: _trick_set(m) for m in have}
-    pairs = []
-    for r in have:
-        if not ref <= parts[r]:
-            continue
-        for m in have:
-            if ref <= parts[m]:
-                continue
-            if parts[r] == ref or parts[r] - ref == parts[m]:
-                pairs.append((r, m))
-    return pairs
-
-
-def _trick_set(label: str) -> set[str]:
-    """The tricks of a method label; a label a tool chose (a study name) counts as one opaque trick."""
-    try:
-        return set(method_tricks(label))
-    except ValueError:
-        return {label}
 
 
 def slug(text: str) -> str:
@@ -210,12 +107,9 @@ def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
     return pd.DataFrame(rows, columns=cols)
 
 
-def _pct(x: float, digits: int = 1) -> str:
-    return "–" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}"
-
-
-def _signed(x: float, digits: int = 2) -> str:
-    return "–" if not math.isfinite(x) else f"{100 * x:+.{digits}f}"
+def _pct(x: float, digits: int = 1, sign: str = "") -> str:
+    """Percent (sign="+": percentage points with their sign); "–" for no value."""
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:{sign}.{digits}f}"
 
 
 def _p(p: float) -> str:
@@ -257,9 +151,9 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
                   f"| dataset | comparison | n | mean diff | {level} CI (t) | p (paired t-test) | p (Holm) |",
                   "|---|---|---|---|---|---|---|"]
         for _, r in paired.iterrows():
-            ci = f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]" if math.isfinite(r["ci_low"]) else "–"
+            ci = f"[{_pct(r['ci_low'], 2, '+')}, {_pct(r['ci_high'], 2, '+')}]" if math.isfinite(r["ci_low"]) else "–"
             lines.append(f"| {r['dataset']} | {r['method']} − {r['versus']} | {r['n']} | "
-                         f"{_signed(r['mean_diff'])} | {ci} | {_p(r['p_value'])} | {_p(r['p_holm'])} |")
+                         f"{_pct(r['mean_diff'], 2, '+')} | {ci} | {_p(r['p_value'])} | {_p(r['p_holm'])} |")
         lines += ["", f"Reference − other: the method with the reference minus the same method without it "
                   f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
                   "the dataset (Holm-Bonferroni)."]
@@ -296,13 +190,6 @@ def varying_settings(runs, ignore=RUN_KEYS) -> dict:
 
 # ----------------------------------------------------------------------------------------------------
 # MLflow -> DataFrames
-
-def nearest(name: str) -> Path | None:
-    """`name` in the working directory or the nearest folder above it: a notebook opened in notebooks/
-    finds the mlflow.db (or optuna.journal) that the quick start wrote in the repository root."""
-    here = Path.cwd().resolve()
-    return next((d / name for d in (here, *here.parents) if (d / name).is_file()), None)
-
 
 def default_tracking_uri() -> str:
     """$MLFLOW_TRACKING_URI, else the nearest mlflow.db (see `nearest`), else sqlite:///mlflow.db."""
@@ -409,182 +296,6 @@ def _method_of(tags: dict, params: dict) -> str:
         return text
 
 
-def block_order(model_spec: str, blocks) -> list[str]:
-    """`blocks` (names from weight_dist/<block>) from the input side to the head: the order of
-    rifle.models.block_names on the model (built without weights), else a natural sort."""
-    blocks = list(blocks)
-    try:
-        from .models import block_names, build_backbone
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            order = block_names(build_backbone(model_spec, pretrained=False)[0])
-        known = [b for b in order if b in blocks]
-        return known + sorted(set(blocks) - set(known), key=_natural)
-    except Exception:  # unknown or unavailable model: the names alone
-        return sorted(blocks, key=_natural)
-
-
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def final_weight_dist(histories) -> "pd.DataFrame":
-    """Per run and block, weight_dist at the last logged epoch: run_id, dataset, method, seed, block, value."""
-    wd = histories[histories["key"].str.startswith("weight_dist/")]
-    last = wd.loc[wd.groupby(["run_id", "key"])["step"].idxmax()].copy()
-    last["block"] = last["key"].str.slice(len("weight_dist/"))
-    return last[["run_id", "dataset", "method", "seed", "block", "value"]].reset_index(drop=True)
-
-
-def reinit_epochs(histories, method: str) -> list[int]:
-    """Epochs that ended with a head re-initialization in any run of `method`."""
-    h = histories[(histories["method"] == method) & (histories["key"] == "head_reinit") & (histories["value"] > 0)]
-    return sorted(set(int(s) for s in h["step"]))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Figures (matplotlib's object API: no pyplot state, no backend switch inside notebooks)
-
-def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def plot_training(history: list[dict], title: str = ""):
-    """Validation accuracy (training accuracy in a run without validation) and head learning rate over
-    epochs; dashed lines mark head re-inits."""
-    fig = _figure(6.4, 3.6)
-    ax = fig.add_subplot()
-    epochs = [row["epoch"] for row in history]
-    key = "val_acc" if all("val_acc" in row for row in history) else "train_acc"
-    ax.plot(epochs, [row[key] for row in history], marker="o", color="tab:blue", label=key)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(key.replace("_acc", "") + " accuracy", color="tab:blue")
-    lr_ax = ax.twinx()
-    lr_ax.plot(epochs, [row["lr_head"] for row in history], color="tab:orange", label="lr_head")
-    lr_ax.set_ylabel("head learning rate", color="tab:orange")
-    for row in history:
-        if row.get("head_reinit"):
-            ax.axvline(row["epoch"] + 0.5, color="tab:red", linestyle="--", linewidth=1)
-    ax.set_title(title or "validation accuracy and head LR (dashed: head re-initialized)")
-    return fig
-
-
-def _mark_reinits(ax, epochs, color="tab:red", label=True):
-    for i, e in enumerate(epochs):  # a re-init happens after epoch e's evaluation, before epoch e+1
-        ax.axvline(e + 0.5, color=color, linestyle="--", linewidth=1, alpha=0.8,
-                   label="head re-initialized" if label and i == 0 else None)
-
-
-def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: str = PLAIN,
-                   model_spec: str = "", blocks_over_epochs=None):
-    """Top left: distance of each backbone block to its pretrained weights at the end of training, mean ±
-    std over seeds, reference vs baseline, input side first. Top right: the ratio reference / baseline per
-    block, per shared seed (dots) and mean (line). Bottom: the distance over epochs for a few blocks (input
-    side, middle, last), mean over seeds, with the reference's head re-initializations dashed."""
-    reference, baseline = method_label(reference), method_label(baseline)
-    h = histories[(histories["dataset"] == dataset) & histories["method"].isin([reference, baseline])]
-    final = final_weight_dist(h)
-    if final.empty or set(final["method"]) != {reference, baseline}:
-        raise ValueError(f"{dataset}: the mechanism figure needs weight_dist/* of both {reference} and {baseline}")
-    blocks = block_order(model_spec, final["block"].unique())
-    colors = {reference: "tab:red", baseline: "tab:blue"}
-    fig = _figure(14, 8.5)
-    axd = fig.subplot_mosaic([["bars", "bars", "ratio"], ["e0", "e1", "e2"]])
-    x = np.arange(len(blocks))
-    for i, m in enumerate((baseline, reference)):
-        g = final[final["method"] == m].groupby("block")["value"]
-        mean, std, n = g.mean().reindex(blocks), g.std(ddof=1).reindex(blocks), g.size().max()
-        axd["bars"].bar(x + (i - 0.5) * 0.4, mean, 0.4, yerr=std.fillna(0), capsize=2, color=colors[m],
-                        label=f"{m} (n={n})")
-    axd["bars"].set_xticks(x, blocks, rotation=45, ha="right")
-    axd["bars"].set_ylabel("L2 distance to pretrained weights")
-    axd["bars"].set_title(f"{dataset}: per-block distance at the end of training (input side → head)")
-    axd["bars"].legend()
-    wide = final.pivot_table(index=["seed", "block"], columns="method", values="value").dropna()
-    wide["ratio"] = wide[reference] / wide[baseline]
-    ratio = wide["ratio"].unstack("block").reindex(columns=blocks)
-    for _, row in ratio.iterrows():
-        axd["ratio"].plot(x, row.values, "o", color="gray", alpha=0.5, markersize=3)
-    axd["ratio"].plot(x, ratio.mean().values, "-o", color="tab:red", label=f"mean over seeds (n={len(ratio)})")
-    axd["ratio"].axhline(1.0, color="black", linewidth=0.8)
-    axd["ratio"].set_xticks(x, blocks, rotation=45, ha="right")
-    axd["ratio"].set_ylabel(f"distance ratio {reference} / {baseline}")
-    axd["ratio"].set_title("> 1: the block moved further under " + reference)
-    axd["ratio"].legend()
-    chosen = list(blocks_over_epochs or [blocks[0], blocks[len(blocks) // 2], blocks[-1]])
-    reinits = reinit_epochs(h, reference)
-    for k, block in enumerate(chosen[:3]):
-        ax = axd[f"e{k}"]
-        series = h[h["key"] == f"weight_dist/{block}"]
-        for m in (baseline, reference):
-            g = series[series["method"] == m].groupby("step")["value"]
-            mean, std = g.mean(), g.std(ddof=1).fillna(0)
-            ax.plot(mean.index, mean.values, color=colors[m], label=m)
-            ax.fill_between(mean.index, mean - std, mean + std, color=colors[m], alpha=0.15, linewidth=0)
-        _mark_reinits(ax, reinits, label=k == 0)
-        ax.set_title(f"weight_dist/{block}")
-        ax.set_xlabel("epoch")
-        if k == 0:
-            ax.set_ylabel("L2 distance (mean ± std over seeds)")
-            ax.legend(fontsize=8)
-    return fig
-
-
-def plot_paired(paired, confidence: float = 0.95, metric: str = "test_acc"):
-    """The paired differences reference − other with their confidence intervals (percentage points), one row
-    per comparison."""
-    rows = paired[paired["n"] > 0].reset_index(drop=True)
-    fig = _figure(7.5, 0.9 + 0.45 * max(len(rows), 1))
-    ax = fig.add_subplot()
-    y = np.arange(len(rows))[::-1]
-    for yi, (_, r) in zip(y, rows.iterrows()):
-        lo, hi = 100 * (r["mean_diff"] - r["ci_low"]), 100 * (r["ci_high"] - r["mean_diff"])
-        err = [[lo], [hi]] if math.isfinite(r["ci_low"]) else None
-        ax.errorbar(100 * r["mean_diff"], yi, xerr=err, fmt="o", color="tab:red", capsize=3)
-    ax.axvline(0, color="black", linewidth=0.8)
-    ax.set_yticks(y, [f"{r['dataset']}: {r['method']} − {r['versus']} (n={r['n']})" for _, r in rows.iterrows()])
-    ax.set_xlabel(f"{metric} difference (percentage points), {100 * confidence:g}% CI")
-    ax.set_title("reference − other, paired over shared seeds (> 0: the reference is better)")
-    return fig
-
-
-def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=None):
-    """Validation accuracy (training accuracy for runs without validation; mean ± std over seeds) and head
-    learning rate (mean) over epochs per method; dashed lines mark the re-initializations of methods that
-    contain the reference."""
-    h = histories[histories["dataset"] == dataset]
-    key = "val_acc" if (h["key"] == "val_acc").any() else "train_acc"
-    methods = sorted(methods or h["method"].unique(), key=method_sort_key)
-    ref = set(method_tricks(method_label(reference)))
-    fig = _figure(13, 4.5)
-    acc_ax, lr_ax = fig.subplots(1, 2)
-    from matplotlib import colormaps
-    cmap = colormaps["tab10"]
-    for i, m in enumerate(methods):
-        color = cmap(i % 10)
-        g = h[h["method"] == m]
-        acc = g[g["key"] == key].groupby("step")["value"]
-        mean, std = acc.mean(), acc.std(ddof=1).fillna(0)
-        n = g["run_id"].nunique()
-        acc_ax.plot(mean.index, mean.values, color=color, label=f"{m} (n={n})")
-        acc_ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=0.12, linewidth=0)
-        lr = g[g["key"] == "lr_head"].groupby("step")["value"].mean()
-        lr_ax.plot(lr.index, lr.values, color=color, label=m)
-        if m != PLAIN and ref <= _trick_set(m):
-            for ax in (acc_ax, lr_ax):
-                _mark_reinits(ax, reinit_epochs(h, m), color=color, label=False)
-    what = "validation" if key == "val_acc" else "training"
-    acc_ax.set_title(f"{dataset}: {what} accuracy (mean ± std over seeds)")
-    acc_ax.set_xlabel("epoch")
-    acc_ax.set_ylabel(f"{what} accuracy")
-    acc_ax.legend(fontsize=8)
-    lr_ax.set_title("head learning rate (dashed: head re-initialized)")
-    lr_ax.set_xlabel("epoch")
-    lr_ax.set_ylabel("lr_head")
-    return fig
-
-
 # ----------------------------------------------------------------------------------------------------
 # The whole report
 
@@ -622,9 +333,10 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
                  output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
                  group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95,
                  metric: str = "test_acc") -> dict:
-    """Fetch the runs, write results.md / results.csv / paired.csv / runs.csv (the tables show `metric`)
-    and per dataset mechanism_<dataset>.png and dynamics_<dataset>.png into `output_dir`, and (with `log`)
-    log them as MLflow artifacts. Returns {"runs", "summary", "paired", "markdown", "files", "run_id"}."""
+    """Fetch the runs, write results.md / results.csv / paired.csv / runs.csv (the tables show `metric`),
+    paired.png and per dataset the figures (dynamics_, mechanism_, gradients_, reinit_gradients_<dataset>.png)
+    into `output_dir`, and (with `log`) log them as MLflow artifacts.
+    Returns {"runs", "summary", "paired", "markdown", "files", "run_id"}."""
     runs = fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
     where = f"parent run {parent_run_id}" if parent_run_id else \
         f"experiment {experiment!r}" if experiment else "any experiment"
@@ -642,44 +354,25 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
     summary.to_csv(files["results.csv"], index=False)
     paired.to_csv(files["paired.csv"], index=False)
     runs.drop(columns=["params"]).to_csv(files["runs.csv"], index=False)
-    if len(paired):
-        _save(plot_paired(paired, confidence, metric), out / "paired.png")
-        files["paired.png"] = out / "paired.png"
+    figs = {"paired": figures.plot_paired(paired, confidence, metric)} if len(paired) else {}
     histories = fetch_histories(runs, tracking_uri)
     ref_name, base_name = method_label(reference), method_label(baseline)
     for dataset, g in runs.groupby("dataset"):
-        h = histories[histories["dataset"] == dataset]
-        name = f"dynamics_{slug(dataset)}.png"
-        _save(plot_dynamics(h, dataset, reference), out / name)
-        files[name] = out / name
-        if {ref_name, base_name} <= set(g["method"]) and h["key"].str.startswith("weight_dist/").any():
-            name = f"mechanism_{slug(dataset)}.png"
-            _save(plot_mechanism(h, dataset, reference, baseline, g["model"].iloc[0]), out / name)
-            files[name] = out / name
-        if {ref_name, base_name} <= set(g["method"]) and h["key"].str.startswith("grad_norm/").any():
-            for name, fig in gradient_figures(h, dataset, ref_name, base_name, g["model"].iloc[0]).items():
-                _save(fig, out / name)
-                files[name] = out / name
+        h, model, name = histories[histories["dataset"] == dataset], g["model"].iloc[0], slug(dataset)
+        figs[f"dynamics_{name}"] = figures.plot_dynamics(h, dataset, reference)
+        if not {ref_name, base_name} <= set(g["method"]):
+            continue
+        if h["key"].str.startswith(figures.WEIGHT).any():
+            figs[f"mechanism_{name}"] = figures.plot_mechanism(h, dataset, reference, baseline, model)
+        if h["key"].str.startswith(figures.GRAD).any():
+            for kind, fig in figures.gradient_figures(h, dataset, ref_name, base_name, model).items():
+                figs[f"{kind}_{name}"] = fig
+    for stem, fig in figs.items():
+        files[f"{stem}.png"] = out / f"{stem}.png"
+        fig.savefig(files[f"{stem}.png"], dpi=110)
     run_id = log_report(out, tracking_uri, experiment, parent_run_id, reference) if log else None
     return {"runs": runs, "summary": summary, "paired": paired, "markdown": markdown, "files": files,
             "run_id": run_id}
-
-
-def gradient_figures(histories, dataset: str, reference: str, baseline: str, model_spec: str) -> dict:
-    """gradients_<dataset>.png (per-block gradient norm over epochs, reference vs baseline) and, when the
-    reference re-initialized, reinit_gradients_<dataset>.png (post / pre ratio per block and seed)."""
-    from . import figures
-    blocks = block_order(model_spec, figures.grad_blocks(histories))
-    out = {f"gradients_{slug(dataset)}.png": figures.plot_gradient_flow(histories, dataset, reference, baseline,
-                                                                          blocks)}
-    ratios = figures.reinit_ratios(histories[histories["dataset"] == dataset], reference)
-    if len(ratios):
-        out[f"reinit_gradients_{slug(dataset)}.png"] = figures.plot_reinit_ratios(ratios, dataset, reference, blocks)
-    return out
-
-
-def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110)
 
 
 def log_report(folder: Path, tracking_uri: str | None, experiment: str | None, parent_run_id: str | None,
@@ -701,100 +394,6 @@ def log_report(folder: Path, tracking_uri: str | None, experiment: str | None, p
     if created:
         client.set_terminated(run_id)
     return run_id
-
-
-# ----------------------------------------------------------------------------------------------------
-# Optuna studies (the sweeps notebook)
-
-def load_study(storage: str, study_name: str):
-    """An Optuna study from the storage `python -m rifle.sweep` writes to: a journal file path (any value
-    without '://'), redis://..., an RDB URL (sqlite:///..., postgresql://...) or env:NAME (the URL in $NAME);
-    "" is the nearest optuna.journal (the sweep's default, see `nearest`)."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
-
-    if not storage:
-        found = nearest("optuna.journal")
-        if found is None:
-            raise ValueError("no optuna.journal here or in a folder above: pass the sweep's --storage")
-        storage = str(found)
-    if storage.startswith("env:"):
-        storage = os.environ[storage[4:]]
-    if "://" not in storage:
-        if not Path(storage).is_file():
-            raise ValueError(f"no journal file {storage!r}")
-        storage = JournalStorage(JournalFileBackend(storage))
-    elif storage.startswith(("redis://", "rediss://")):
-        storage = JournalStorage(JournalRedisBackend(storage))
-    return optuna.load_study(study_name=study_name, storage=storage)
-
-
-def trial_states(study) -> dict[str, int]:
-    """How many trials ended in each state (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
-    counts: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
-        counts[t.state.name] = counts.get(t.state.name, 0) + 1
-    return counts
-
-
-def trials_table(study) -> "pd.DataFrame":
-    """One row per trial: number, state, value, duration (s), last reported step, params."""
-    import pandas as pd
-
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() \
-            if t.datetime_complete and t.datetime_start else math.nan
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value, "duration_s": duration,
-                     "last_step": max(t.intermediate_values) if t.intermediate_values else None,
-                     **{f"param:{k}": v for k, v in t.params.items()}})
-    return pd.DataFrame(rows)
-
-
-def sweep_figures(study) -> dict:
-    """Optuna's matplotlib figures: optimization history, parameter importance (needs two completed trials
-    and a varied parameter), intermediate values (shows where pruned trials stopped). A figure that cannot be
-    drawn for this study is replaced by the reason, as a string."""
-    from optuna.visualization import matplotlib as ovm
-
-    figures = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
-        for name, plot in (("history", ovm.plot_optimization_history), ("importance", ovm.plot_param_importances),
-                           ("intermediate", ovm.plot_intermediate_values)):
-            try:
-                fig = plot(study).figure
-                import matplotlib.pyplot as plt
-                plt.close(fig)  # drawn through pyplot: close it there so only an explicit display shows it
-                figures[name] = fig
-            except (ValueError, RuntimeError) as e:
-                figures[name] = f"{name}: not available for this study ({e})"
-    return figures
-
-
-# ----------------------------------------------------------------------------------------------------
-# Notebooks
-
-def execute_notebook(path: str | Path, parameters: dict | None = None, output_path: str | Path | None = None,
-                     timeout: int = 600, cwd: str | Path | None = None):
-    """Run a notebook top to bottom with `parameters` injected after its cell tagged "parameters" (papermill's
-    convention); writes the executed notebook to `output_path` when given and returns it. Needs nbclient."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    nb = nbformat.read(str(path), as_version=4)
-    where = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
-    if parameters:
-        if where is None:
-            raise ValueError(f"{path}: no cell tagged 'parameters' to inject {sorted(parameters)} after")
-        source = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
-        nb.cells.insert(where + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
-    NotebookClient(nb, timeout=timeout, kernel_name="python3",  # relative paths mean what they mean here
-                   resources={"metadata": {"path": str(cwd or Path.cwd())}}).execute()
-    if output_path:
-        nbformat.write(nb, str(output_path))
-    return nb
 
 
 # ----------------------------------------------------------------------------------------------------

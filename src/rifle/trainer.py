@@ -397,7 +397,7 @@ def test_and_log(s: Session) -> dict:
 def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> None:
     if not tracker.active:
         return
-    from .report import plot_training
+    from .figures import plot_training
     redacted = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
     tracker.log_artifact_text(to_yaml(redacted), "config.yaml")  # no password of the tracking URI
     tracker.log_figure(plot_training(state["history"], f"{cfg.model.model} on {cfg.data.dataset}, "

@@ -1,0 +1,35 @@
+"""What the notebooks in notebooks/ need besides the report: finding the stores from the folder Jupyter opens
+them in, and running them headless with parameters (the README's recipe; the tests run them so they never rot).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def nearest(name: str) -> Path | None:
+    """`name` in the working directory or the nearest folder above it: a notebook opened in notebooks/
+    finds the mlflow.db (or optuna.journal) that the quick start wrote in the repository root."""
+    here = Path.cwd().resolve()
+    return next((d / name for d in (here, *here.parents) if (d / name).is_file()), None)
+
+
+def execute_notebook(path: str | Path, parameters: dict | None = None, output_path: str | Path | None = None,
+                     timeout: int = 600, cwd: str | Path | None = None):
+    """Run a notebook top to bottom in `cwd` (default: here) with `parameters` injected after its cell tagged
+    "parameters" (papermill's convention, without papermill); writes the executed notebook to `output_path`
+    when given and returns it. Needs the `notebooks` extra (nbclient, nbformat, ipykernel)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(str(path), as_version=4)
+    where = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    if parameters:
+        if where is None:
+            raise ValueError(f"{path}: no cell tagged 'parameters' to inject {sorted(parameters)} after")
+        source = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+        nb.cells.insert(where + 1, nbformat.v4.new_code_cell(source, metadata={"tags": ["injected-parameters"]}))
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(cwd or Path.cwd())}}).execute()
+    if output_path:
+        nbformat.write(nb, str(output_path))
+    return nb
