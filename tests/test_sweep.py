@@ -138,6 +138,7 @@ def test_search_space_errors_name_the_file_and_key(tmp_path, text, message):
     assert message in str(e.value), str(e.value)
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line_and_fast(tmp_path):
     space = tmp_path / "s.yaml"
     space.write_text("fixed:\n  tricks: rifle\nparams:\n  lr: {type: float, low: 0.001, high: 0.1, log: true}\n")
@@ -148,6 +149,14 @@ def test_command_line_errors_are_one_line_and_fast(tmp_path):
     proc = run_cli(["--space", space, "--n_trials", "2", "--sampler", "grid"], cwd=tmp_path, module="rifle.sweep")
     assert proc.returncode == 2 and "the grid sampler needs a step" in proc.stderr, proc.stderr
     assert time.time() - t < 60
+    # A storage that cannot be opened: one line, exit 2, before MLflow and torch are even imported.
+    code = ("import sys; from rifle.sweep import main; rc = main(['--space', sys.argv[1], '--n_trials', '2', "
+            "'--storage', 'postgresql://postgres@127.0.0.1:1/x']); print(rc, 'torch' in sys.modules, "
+            "'mlflow' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, str(space)], cwd=tmp_path, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "False", "False"], proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "cannot open the storage postgresql://postgres@127.0.0.1:1/x" in proc.stderr
 
 
 def test_passwords_never_appear_in_errors(tmp_path, capsys):
@@ -243,6 +252,7 @@ def wait_for(condition, timeout: float, step: float = 0.2):
     return time.time() - start
 
 
+@pytest.mark.slow
 def test_a_trial_without_heartbeat_is_retried_once_with_its_params(tmp_path, digits_folder, storage_url):
     storage = open_storage(resolve_url(storage_url), heartbeat_interval=1, grace_period=2, max_retry=3)
     space = S.load_space(str(tiny_space(tmp_path, digits_folder)))
@@ -300,6 +310,7 @@ def test_budget_counts_retry_chains_once_and_breaks_races_by_trial_number():
 
 # --------------------------------------------------------------------------------- parallel workers
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["postgresql", "journal"])
 def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, kind, request):
     storage = request.getfixturevalue("pg_url") if kind == "postgresql" else tmp_path / "optuna.journal"
@@ -363,6 +374,7 @@ def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, k
 
 # ------------------------------------------------------------------------------------ killed worker
 
+@pytest.mark.slow
 def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, digits_folder):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = tmp_path / "optuna.journal"
@@ -407,8 +419,30 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, digits_folder
     assert not (Path(retry.user_attrs["output_dir"]) / "checkpoints").exists()  # cleaned after the trial
 
 
+@pytest.mark.slow
+def test_an_interrupted_worker_enqueues_its_trial_at_once(tmp_path, digits_folder):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage, out = tmp_path / "optuna.journal", tmp_path / "out"
+    cmd = sweep_cmd(tiny_space(tmp_path, digits_folder, tricks="none", epochs=3), storage, "int", out,
+                    "--n_trials", 1, "--pruner", "none")
+    worker = subprocess.Popen(cmd, cwd=tmp_path, env=worker_env(uri), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: worker.poll() is not None or glob.glob(str(out / "int-*" / "trial-0" / "checkpoints" / "epoch-0000")),
+             400, step=0.05)
+    worker.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130, err[-3000:]
+    study = optuna.load_study(study_name="int", storage=open_storage(str(storage)))
+    first, retry = study.get_trials()  # retried at once, without waiting for the grace period
+    assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING and origin(retry) == 0
+    (child,) = sweep_tree(uri, study.user_attrs[STUDY_ATTR]["uuid"])[3]
+    assert child.info.status == "KILLED" and child.data.tags["sweep.state"] == "interrupted"
+    assert glob.glob(str(out / "int-*" / "trial-0" / "checkpoints" / "epoch-*"))  # kept for the retry
+
+
 # ------------------------------------------------------------------------------------------ mlflow run
 
+@pytest.mark.slow
 def test_mlflow_run_sweep_makes_its_run_the_parent(tmp_path, digits_folder):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     space = tiny_space(tmp_path, digits_folder, tricks="none", epochs=1,
@@ -441,6 +475,7 @@ def test_mlflow_run_sweep_makes_its_run_the_parent(tmp_path, digits_folder):
 
 # ---------------------------------------------------------------------------------------- two processes
 
+@pytest.mark.slow
 def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = str(tmp_path / "optuna.journal")
@@ -473,6 +508,7 @@ def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder
 
 # -------------------------------------------------------------------------------------------- compare
 
+@pytest.mark.slow
 def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder):
     import mlflow
 
