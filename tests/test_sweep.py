@@ -547,3 +547,36 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
     t = time.time()
     assert compare.main(argv) == 0
     assert len(mlflow_runs(uri)[1]) == len(runs) and time.time() - t < 60
+
+
+# ---------------------------------------------------------------------------------------- the notebook
+
+@pytest.mark.slow
+def test_sweeps_notebook_runs(tmp_path):
+    import math
+
+    from rifle.notebook import execute_notebook
+    from test_report import outputs, text_of
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="tiny", direction="maximize", storage=open_storage(str(journal)),
+                                sampler=optuna.samplers.TPESampler(seed=0),
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
+
+    def objective(trial):  # a stand-in for training: a curve per trial, pruned when below the median
+        lr, k = trial.suggest_float("lr", 1e-3, 1e-1, log=True), trial.suggest_int("reinit_times", 1, 3)
+        for step in range(4):
+            value = (1 - abs(math.log10(lr) + 2) / 2) * (step + 1) / 4 - 0.02 * k
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=10)
+    states = S.load_study(str(journal), "tiny").trials_dataframe()["state"].value_counts().to_dict()
+    assert states.get("COMPLETE", 0) >= 2 and states.get("PRUNED", 0) >= 1, states
+    (tmp_path / "notebooks").mkdir()  # opened in Jupyter from a folder below the journal: "" finds it
+    nb = execute_notebook(ROOT / "notebooks" / "sweeps.ipynb", {"study_name": "tiny"}, cwd=tmp_path / "notebooks")
+    text = text_of(nb)
+    assert str(states) in text and "PRUNED" in text and "reinit_times" in text
+    assert len(outputs(nb, "image/png")) == 3  # history, importance, intermediate values

@@ -142,7 +142,7 @@ def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStor
 def load_study(storage: str = "", study_name: str = ""):
     """A study as `python -m rifle.sweep` wrote it, for notebooks: `storage` as its --storage (a journal file,
     redis://..., an RDB URL or env:NAME); "" is the nearest optuna.journal above the working directory."""
-    from ..report import nearest
+    from ..notebook import nearest
     if not storage:
         found = nearest("optuna.journal")
         if found is None:
