@@ -1,11 +1,14 @@
 """Bad input fails before any training: one line naming the option, exit code 2."""
+import dataclasses
+import re
+
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from rifle import config as C
+from rifle import train
 
-
-@pytest.mark.parametrize("args,needle", [
+BAD_INPUT = [
     (["--model", "timm:no_such_net"], "--model: timm has no model 'no_such_net'"),
     (["--model", "resnet50"], "--model: unknown model 'resnet50'"),
     (["--dataset", "mnist"], "--dataset: unknown dataset 'mnist'"),
@@ -16,8 +19,32 @@ from rifle import config as C
     (["--tricks", "rifle,mixup"], "--tricks: unknown method 'mixup'"),
     (["--mixed_precision", "fp8"], "--mixed_precision: got 'fp8', allowed: no, fp16, bf16"),
     (["--epochs", "2.5"], "--epochs: expected an integer"),
-])
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_INPUT)
+def test_bad_input_returns_2_with_one_line(tmp_path, monkeypatch, capsys, args, needle):
+    """rifle.train.main in this process: the exit code and the one line, without starting an interpreter."""
+    monkeypatch.chdir(tmp_path)
+    assert train.main([*args, "--output_dir", str(tmp_path / "out")]) == 2
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()  # nothing was started
+
+
+def test_python_m_rifle_is_the_trainer(monkeypatch, capsys):
+    import runpy
+    import sys
+    monkeypatch.setattr(sys, "argv", ["rifle", "--lr", "fast"])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_module("rifle", run_name="__main__")
+    assert stop.value.code == 2 and "--lr: expected a number, got 'fast'" in capsys.readouterr().err
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,needle", BAD_INPUT)
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
+    """The same through `python -m rifle.train`: nothing else (warnings, a traceback) reaches stderr."""
     proc = run_cli([*args, "--output_dir", tmp_path / "out"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -25,11 +52,72 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     assert not (tmp_path / "mlflow.db").exists()  # nothing was started
 
 
-def test_help_documents_every_option(tmp_path):
-    proc = run_cli(["--help"], cwd=tmp_path, timeout=60)
-    assert proc.returncode == 0
-    for name in C.all_fields():
-        assert f"--{name}" in proc.stdout
+def help_entries(monkeypatch, capsys) -> dict[str, str]:
+    """`python -m rifle.train --help`, one entry per flag: {"--lr": "FLOAT <help> (default: 0.01)"}."""
+    monkeypatch.setenv("COLUMNS", "120")
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--help"])
+    assert stop.value.code == 0
+    entries, name = {}, None
+    for line in capsys.readouterr().out.split("options:", 1)[1].splitlines():
+        m = re.match(r"^  (--\w+)(.*)$", line)
+        if m:
+            name = m.group(1)
+            entries[name] = m.group(2)
+        elif line.startswith(" ") and name:
+            entries[name] += " " + line
+        else:  # a section title or a blank line
+            name = None
+    return {k: " ".join(v.split()) for k, v in entries.items()}
+
+
+def test_help_documents_every_option(monkeypatch, capsys):
+    """Every field of the config dataclasses is a flag of its type, with its own help text and its default."""
+    entries = help_entries(monkeypatch, capsys)
+    fields = [f for section in C.SECTIONS.values() for f in dataclasses.fields(section)]
+    assert len(fields) > 50 and set(entries) == {"--config"} | {f"--{f.name}" for f in fields}
+    for f in fields:
+        entry = entries[f"--{f.name}"]
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        metavar = re.match(r"\w+", kind).group().upper()  # "float | None" -> FLOAT
+        assert entry.startswith(metavar + " "), (f.name, entry)
+        assert " ".join(f.metadata["help"].split()) in entry, f.name
+        if f.metadata.get("choices"):
+            assert "[" + "|".join(f.metadata["choices"]) + "]" in entry, f.name
+        if "(default:" not in f.metadata["help"]:  # otherwise the help says in words what the default is
+            assert entry.endswith(f"(default: {f.default!r})"), (f.name, entry)
+
+
+def _default(entry: str) -> str:
+    return re.search(r"\(default: ([^()]*)\)", entry).group(1)
+
+
+def test_help_shows_the_defaults_the_readme_states(monkeypatch, capsys):
+    """Defaults written in README.md (its option table and its prose), checked against --help."""
+    entries = help_entries(monkeypatch, capsys)
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| `--tricks` | method | options (default) |", 1)[1].split("\n\n", 1)[0]
+    stated = dict(re.findall(r"`(\w+)` \(([\w.\-]+)[,:)]", table))  # `dropout_p` (0.5), `sd_mode` (batch, ...)
+    assert {"dropout_p", "dropconnect_p", "disturb_alpha", "l2sp_alpha", "sd_mode", "delta_layers"} <= set(stated)
+    for name, value in stated.items():
+        got = _default(entries[f"--{name}"])
+        try:
+            assert float(got) == float(value), name
+        except ValueError:  # a word: a string default (batch, auto) or what it follows (clr_max_lr: lr)
+            assert got.strip("'") == value, name
+    # the prose: "SGD with momentum 0.9, weight decay 1e-4, ... batch 32 per process", "`--tricks rifle` (the
+    # default) with `--reinit_times K`", "validated (default) | `--val_fraction 0.2 --selection best_val`",
+    # "`--probe_reinit_steps` steps, default 5", "The default run (64 px, 200 training images, 20 epochs)"
+    for phrase in ("SGD with momentum 0.9, weight decay 1e-4", "batch 32 per process", "`--tricks rifle` (the default)",
+                   "validated (default) | `--val_fraction 0.2 --selection best_val`",
+                   "`--probe_reinit_steps` steps, default 5", "(64 px, 200 training images, 20 epochs)"):
+        assert phrase in readme, phrase
+    want = {"momentum": "0.9", "weight_decay": "0.0001", "batch_size": "32", "tricks": "'rifle'",
+            "reinit_times": "1", "val_fraction": "0.2", "selection": "'best_val'", "probe_reinit_steps": "5",
+            "image_size": "64", "epochs": "20", "mixed_precision": "'no'", "model": "'efficientnet_lite0'",
+            "dataset": "'digits'"}
+    assert {name: _default(entries[f"--{name}"]) for name in want} == want
+    assert "[no|fp16|bf16]" in entries["--mixed_precision"] and "[follow|cyclic]" in entries["--head_lr_policy"]
 
 
 def test_yaml_config_and_overrides(tmp_path):
@@ -48,6 +136,7 @@ def test_default_output_dir_identifies_the_config():
     assert C.build({"experiment": "other"}).run.output_dir == a.run.output_dir  # tracking is not training
 
 
+@pytest.mark.slow
 def test_weights_that_cannot_be_fetched_exit_2_with_one_line(tmp_path, digits_folder):
     # An empty weights cache and a proxy that refuses every connection: offline, whatever the machine has.
     env = {"TORCH_HOME": str(tmp_path / "torch"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}

@@ -95,6 +95,7 @@ def test_accelerate_configs_read_as_accelerate_launch_reads_them(name, extra, ex
     assert (args.mixed_precision, args.dynamo_backend) == ("no", "no")
 
 
+@pytest.mark.slow
 def test_cpu_config_trains_with_two_processes(tmp_path, digits_folder):
     cmd = [ACCELERATE, "launch", "--config_file", str(CONFIGS / "accelerate" / "cpu_2proc.yaml"),
            "-m", "rifle.train", *tiny_train(tmp_path, digits_folder)]
@@ -107,6 +108,7 @@ def test_cpu_config_trains_with_two_processes(tmp_path, digits_folder):
     assert proc.stdout.count("test_acc=") == 1
 
 
+@pytest.mark.slow
 def test_readme_launch_without_multi_gpu_warns_that_one_process_trains(tmp_path, digits_folder):
     # What the README's `accelerate launch --num_processes 2 -m rifle.train` does without --multi_gpu on a
     # machine with fewer than two GPUs: accelerate's simple launcher starts one process.
@@ -142,6 +144,7 @@ def test_one_process_warning_only_under_the_simple_launcher(monkeypatch, capsys)
 
 # -------------------------------------------------------------------------------------- Slurm scripts
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nnodes, scontrol, want", [
     (2, True, "node001"),                 # the first host Slurm lists
     (1, False, socket.gethostname()),     # no scontrol, one node: this host
@@ -179,11 +182,13 @@ def test_train_script_launch_line(tmp_path, nnodes, scontrol, want):
         assert (args.nproc_per_node, args.nnodes, args.node_rank, args.rdzv_endpoint) == ("4", "2", 1, "node001:24242")
 
 
+@pytest.mark.slow
 def test_train_script_without_options_says_how(tmp_path):
     proc = run_script(TRAIN_SCRIPT, [], tmp_path, slurm_env(tmp_path, fake_bin(tmp_path)), timeout=60)
     assert proc.returncode == 2 and "usage: sbatch" in proc.stderr
 
 
+@pytest.mark.slow
 def test_train_script_trains_under_simulated_slurm(tmp_path, digits_folder):
     """The real script, accelerate and trainer: 1 node x 2 gloo CPU processes through multi_node.yaml."""
     port = free_port()
@@ -200,6 +205,7 @@ def test_train_script_trains_under_simulated_slurm(tmp_path, digits_folder):
     assert ONE_PROCESS_WARNING not in proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_array_task_runs_a_worker_on_postgres(tmp_path, digits_folder):
     import mlflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -226,6 +232,7 @@ def test_sweep_array_task_runs_a_worker_on_postgres(tmp_path, digits_folder):
     assert not any(PASSWORD in str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values()))
 
 
+@pytest.mark.slow
 def test_sweep_array_without_storage_names_the_variable(tmp_path):
     env = slurm_env(tmp_path, fake_bin(tmp_path), SLURM_ARRAY_TASK_ID="0")
     env.pop("RIFLE_STORAGE", None)

@@ -417,6 +417,7 @@ def cli_env(tmp_path):
     return {"HF_DATASETS_CACHE": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
 
 
+@pytest.mark.slow
 def test_cli_bad_images_and_bad_labels_exit_2_with_one_line(tmp_path, bad_folder, cli_env):
     line = _one_line(run_cli(["--dataset", f"imagefolder:{bad_folder}", "--output_dir", tmp_path / "o1"],
                              tmp_path, env=cli_env, timeout=120))
@@ -429,6 +430,7 @@ def test_cli_bad_images_and_bad_labels_exit_2_with_one_line(tmp_path, bad_folder
     assert f"dataset zoo (hub:{tmp_path / 'r'}), split test, column fine_label: class 'owl' has no training image" in line
 
 
+@pytest.mark.slow
 def test_cli_offline_hub_entry_and_unwritable_output_exit_2_with_one_line(tmp_path, cli_env):
     line = _one_line(run_cli(["--dataset", "cub200", "--output_dir", tmp_path / "o"], tmp_path, env=cli_env,
                              timeout=120))
@@ -439,6 +441,7 @@ def test_cli_offline_hub_entry_and_unwritable_output_exit_2_with_one_line(tmp_pa
     assert line.startswith("rifle.train: error: --output_dir: cannot write to")
 
 
+@pytest.mark.slow
 def test_cli_trains_on_a_registry_entry_skipping_bad_images(tmp_path, bad_folder, cli_env, sqlite_uri):
     """End to end, offline: a user registry entry names the folder, bad files are skipped and logged."""
     reg = _registry_file(tmp_path / "reg.yaml", "pets:\n  source: imagefolder:./pets\n  verified: true\n")

@@ -400,6 +400,7 @@ def test_resumed_trick_needs_neither_cache_nor_measurement(tmp_path, monkeypatch
     assert json.loads(resumed.artifacts()[D.ARTIFACT])["loss_increase"] == first.record["loss_increase"]
 
 
+@pytest.mark.slow
 def test_trainer_logs_the_attention_and_a_second_run_reuses_it(tmp_path, monkeypatch):
     """Two runs through the trainer (digits, the bundled EfficientNet-Lite0 at 48 px): the first measures and
     caches, the second (another training seed) only reads; both log the attention as an MLflow artifact."""

@@ -3,6 +3,7 @@ depth's batch-mode decisions are the same on every rank.
 
 This file is also the worker `accelerate launch` runs (see `__main__` at the bottom): two gloo CPU processes.
 """
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,7 @@ def reference():
     return net.state_dict(), losses
 
 
+@pytest.mark.slow
 def test_two_processes_sync_bn_equals_one_process_with_the_global_batch(tmp_path, digits_folder):
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     from conftest import subprocess_env
@@ -77,6 +79,25 @@ def test_two_processes_sync_bn_equals_one_process_with_the_global_batch(tmp_path
     assert torch.equal(decisions[0], decisions[1])
     assert 0 < int(decisions[0].sum()) < 8 * decisions[0].numel()  # 8 gated BasicBlocks per step
     assert trainer["loss_finite"]
+
+
+def test_cpu_conversion_keeps_the_tensors_and_is_batchnorm_in_one_process():
+    """The conversion --sync_bn does on the CPU: every BatchNorm replaced, holding the same tensors; without
+    other processes a training step normalizes and updates running statistics exactly as BatchNorm."""
+    from rifle.sync_bn import CpuSyncBatchNorm, convert_sync_batchnorm
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1), nn.BatchNorm2d(2))
+    with torch.no_grad():
+        plain[1].weight.uniform_(0.5, 2)
+    reference = copy.deepcopy(plain)
+    synced = convert_sync_batchnorm(plain, cpu=True)
+    assert [type(m) for m in synced if isinstance(m, nn.modules.batchnorm._BatchNorm)] == [CpuSyncBatchNorm] * 2
+    assert synced[1].weight is plain[1].weight and synced[1].running_mean is plain[1].running_mean
+    x = torch.randn(6, 3, 8, 8) * 3 + 1
+    assert torch.allclose(synced(x), reference(x), atol=1e-5)
+    assert torch.allclose(synced[1].running_var, reference[1].running_var, atol=1e-6)
+    synced.eval(), reference.eval()
+    assert torch.allclose(synced(x), reference(x), atol=1e-5)
 
 
 def test_stochastic_depth_batch_decisions_agree_across_ranks_and_resume():

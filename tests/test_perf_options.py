@@ -75,6 +75,7 @@ def test_first_step_matches_default(tmp_path, digits_folder, default_step, name)
     assert F.cosine_similarity(flat, want, dim=0) > 0.999
 
 
+@pytest.mark.slow
 def test_run_with_every_option_on(tmp_path, digits_folder):
     """channels_last + compile + pin_memory through a RIFLE run (the in-place head re-init under compile),
     against the default run."""
@@ -90,6 +91,7 @@ def test_run_with_every_option_on(tmp_path, digits_folder):
     assert abs(fast["test_acc"] - base["test_acc"]) <= 0.25
 
 
+@pytest.mark.slow
 def test_speed_options_are_run_only(tmp_path, digits_folder):
     """They change how, not what, is trained: same default output_dir, and a run resumes with them on."""
     from rifle.trainer import fit

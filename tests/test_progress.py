@@ -1,6 +1,8 @@
 """Progress a person can follow when output is piped, and a finished run that says so instead of retraining."""
 import re
 
+import pytest
+
 from conftest import run_cli
 from rifle.progress import epoch_line
 
@@ -14,6 +16,7 @@ def test_epoch_line():
     assert epoch_line(0, 4, {"train_loss": 1, "lr_backbone": 1, "lr_head": 1}, 1, 5000).endswith("~83 min left")
 
 
+@pytest.mark.slow
 def test_piped_run_prints_one_line_per_epoch_and_a_finished_run_is_not_retrained(tmp_path, digits_folder):
     out = tmp_path / "out"
     args = ["--dataset", f"imagefolder:{digits_folder}", "--image_size", "48", "--batch_size", "16",

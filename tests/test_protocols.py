@@ -28,6 +28,7 @@ def test_reinit_count_is_known_at_config_time(values, count):
     assert C.reinit_count(C.build(values)) == count
 
 
+@pytest.mark.slow
 def test_a_rifle_run_without_all_its_reinits_is_refused(tmp_path):
     start = time.monotonic()
     proc = run_cli(["--epochs", "4", "--reinit_times", "3", "--reinit_guard_epochs", "8"], tmp_path)
@@ -38,6 +39,7 @@ def test_a_rifle_run_without_all_its_reinits_is_refused(tmp_path):
         C.build({"epochs": 24, "reinit_times": 3, "reinit_guard_epochs": 8})
 
 
+@pytest.mark.slow
 def test_validation_free_runs_need_the_last_epoch_selection(tmp_path):
     start = time.monotonic()
     proc = run_cli(["--val_fraction", "0", "--selection", "best_val"], tmp_path)
@@ -55,6 +57,7 @@ def test_val_fraction_zero_keeps_all_of_train(digits_folder):
     assert authors["test"]["label"] == validated["test"]["label"]
 
 
+@pytest.mark.slow
 def test_the_authors_protocol_end_to_end(tmp_path, digits_folder):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     proc = run_cli(["--dataset", f"imagefolder:{digits_folder}", *TINY[:6], "--val_fraction", "0", "--selection",
@@ -119,6 +122,7 @@ def test_a_sweep_needs_validation(tmp_path, digits_folder):
         S.load_space(str(space))
 
 
+@pytest.mark.slow
 def test_the_offline_study_runs_both_protocols_and_resumes(tmp_path, digits_folder, capsys):
     from rifle import study
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -142,6 +146,7 @@ def test_the_offline_study_runs_both_protocols_and_resumes(tmp_path, digits_fold
     assert len(mlflow_runs(uri)[1]) == len(runs)
 
 
+@pytest.mark.slow
 def test_the_regime_grid_pairs_every_rifle_variant_with_plain(tmp_path, digits_folder, monkeypatch, capsys):
     from rifle import regime
     monkeypatch.setattr(regime, "DATA", {3: {"train_per_class": 3}})
@@ -173,6 +178,7 @@ def test_regime_verdicts():
     assert verdict(-0.01, 0.01) == "cannot be told apart"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_without_validation_logs_every_epoch_once(tmp_path, digits_folder):
     from rifle.trainer import fit
 

@@ -195,6 +195,7 @@ def test_report_names_metric_selection_and_runs_selected_before_reinit(tmp_path,
 
 # ------------------------------------------------------------------- sweep -> compare -> report, one name
 
+@pytest.mark.slow
 def test_sweep_compare_and_report_show_rifle_l2sp_minus_l2sp(tmp_path, digits_folder, capsys):
     """Two tiny studies made with rifle.sweep (files named like the shipped rifle_l2sp.yaml and l2sp.yaml),
     rifle.compare over them, and rifle.report on the comparison: the RIFLE+L2-SP row survives, is paired with
@@ -288,6 +289,7 @@ def store(tmp_path_factory, digits_folder):
     return tmp, uri, parent
 
 
+@pytest.mark.slow
 def test_report_from_runs(store):
     import mlflow
     from matplotlib.image import imread
@@ -342,6 +344,7 @@ def test_report_from_runs(store):
     assert row["ratio"] == pytest.approx(m["grad_norm_post_reinit/conv_stem"] / m["grad_norm_pre_reinit/conv_stem"])
 
 
+@pytest.mark.slow
 def test_experiment_report_run_and_cli(store, capsys):
     import mlflow
     tmp, uri, parent = store
@@ -360,6 +363,7 @@ def test_experiment_report_run_and_cli(store, capsys):
     assert "no experiment 'nope'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_mlflow_run_report_entry_point(store):
     import mlflow
     tmp, uri, parent = store
@@ -409,6 +413,7 @@ def text_of(nb):
                      for o in c.outputs)
 
 
+@pytest.mark.slow
 def test_results_and_mechanism_notebooks_run(store, tmp_path):
     tmp, uri, parent = store
     params = {"tracking_uri": uri, "experiment": EXPERIMENT}
@@ -424,6 +429,7 @@ def test_results_and_mechanism_notebooks_run(store, tmp_path):
     assert len(outputs(nb, "image/png")) == 2
 
 
+@pytest.mark.slow
 def test_readme_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store, tmp_path):
     """From the repository root with the README's exact code, and from notebooks/ (where Jupyter starts a
     notebook) with the default parameters: both find the mlflow.db the runs went to."""

@@ -110,6 +110,7 @@ def test_real_training_loader_orders_by_seed_and_epoch_and_shares_the_order_acro
         assert first + second == (base + base)[2 * k * b:(2 * k + 2) * b]  # padded from the start when short
 
 
+@pytest.mark.slow
 def test_resume_with_loader_workers_ends_with_the_uninterrupted_weights(tmp_path, digits_folder):
     """Workers restart each epoch from the epoch's seed: kept (persistent) workers would augment a resumed
     epoch differently. Dropout and stochastic depth draw from the process and depth streams."""

@@ -36,6 +36,7 @@ def readme_shell(tmp_path, mlflow_args, python_dir=None):
     return env, proc
 
 
+@pytest.mark.slow
 def test_mlflow_run_logs_the_official_reinit_epochs(tmp_path):
     env, proc = readme_shell(tmp_path, f"-P epochs=6 -P reinit_times=2 -P image_size=48 -P train_per_class=3 "
                                        f"-P batch_size=16 -P output_dir={tmp_path / 'out'}")
@@ -58,6 +59,7 @@ def test_mlflow_run_logs_the_official_reinit_epochs(tmp_path):
     assert f"run {run.info.run_id}: test_acc=" in proc.stdout
 
 
+@pytest.mark.slow
 def test_mlflow_run_without_the_environment_says_so(tmp_path):
     bare = tmp_path / "bare"  # a Python without the project's packages first on PATH
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True)
@@ -67,6 +69,7 @@ def test_mlflow_run_without_the_environment_says_so(tmp_path):
     assert ". .venv/bin/activate" in proc.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_to_the_same_result(tmp_path):
     from rifle.trainer import fit
 
@@ -100,6 +103,7 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path):
         fit(tiny(tmp_path, out="cut", epochs=4, reinit_times=1, lr=0.02))
 
 
+@pytest.mark.slow
 def test_two_processes_make_one_run_with_identical_weights(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     accelerate = str(Path(sys.executable).with_name("accelerate"))
@@ -119,6 +123,7 @@ def test_two_processes_make_one_run_with_identical_weights(tmp_path):
     assert proc.stdout.count("test_acc=") == 1
 
 
+@pytest.mark.slow
 def test_mlflow_server_on_postgres(tmp_path):
     with postgres_database("rifle_mlflow") as db, mlflow_server(db, tmp_path) as uri:
         proc = run_cli([*TINY, "--epochs", "2", "--tricks", "none", "--tracking_uri", uri,
@@ -131,6 +136,7 @@ def test_mlflow_server_on_postgres(tmp_path):
         assert any(p.suffix == ".png" for p in (tmp_path / "art").rglob("*"))  # artifacts went via the server
 
 
+@pytest.mark.slow
 def test_bf16_grad_accumulation_and_loader_workers(tmp_path, digits_folder):
     """The trainer options that change the step: bf16 autocast, accumulation, worker processes."""
     from rifle.trainer import fit

@@ -399,7 +399,8 @@ def test_delta_feature_penalty_by_hand():
     assert float(delta_feature_penalty([t], [s], [att])) == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("layer", ["layer1", "layer1.0.conv1", "layer2.1.conv2"])  # a stage output; in blocks
+@pytest.mark.parametrize("layer", ["layer1", "layer1.0.conv1",  # a stage output; in blocks
+                                   pytest.param("layer2.1.conv2", marks=pytest.mark.slow)])  # 128 channels
 def test_channel_loss_increase_matches_one_forward_per_channel(layer):
     import torchvision
     torch.manual_seed(0)

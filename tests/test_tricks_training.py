@@ -22,7 +22,9 @@ def small(tmp_path, folder, tricks, **values):
                     "log_weights": False} | options | values)
 
 
-@pytest.mark.parametrize("tricks", COMBOS, ids=lambda t: "+".join(t))
+# 17 runs of a few seconds each; the fast subset keeps one: RIFLE with L2-SP.
+@pytest.mark.parametrize("tricks", [t if t == ["rifle", "l2sp"] else pytest.param(t, marks=pytest.mark.slow)
+                                    for t in COMBOS], ids=lambda t: "+".join(t))
 def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
     from rifle.trainer import fit
 
@@ -46,6 +48,7 @@ def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
     assert 0.0 <= result["test_acc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_methods_under_two_processes_are_reproducible(tmp_path, digits_folder):
     """Masks and label noise differ per process but come from the seed: two identical launches agree."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
