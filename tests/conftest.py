@@ -81,6 +81,14 @@ def digits_folder(tmp_path_factory):
     return root
 
 
+def wait_for(condition, timeout: float, interval: float = 0.05):
+    """Poll condition() until it returns something true or timeout seconds pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(interval)
+    return value
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -100,17 +108,21 @@ def mlflow_server(backend_uri: str, folder: Path):
                               cwd=folder, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
                               env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))
     uri = f"http://127.0.0.1:{port}"
+
+    def answered():  # "exited" ends the wait at once: a server that died will not answer
+        if server.poll() is not None:
+            return "exited"
+        try:
+            return urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200
+        except OSError:
+            return False
+
     try:
-        for _ in range(180):
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(1)
-        else:
+        if wait_for(answered, timeout=180, interval=0.2) is not True:
             pytest.fail("mlflow server did not start: " + (folder / "server.log").read_text()[-2000:])
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # already gone if it died at start
+            os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
         log.close()

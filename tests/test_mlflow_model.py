@@ -6,13 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT, mlflow_runs, mlflow_server, postgres_database, run_cli, subprocess_env
+from conftest import ROOT, mlflow_runs, mlflow_server, postgres_database, run_cli, subprocess_env, wait_for
 from rifle import config as C
 
 
@@ -60,6 +59,7 @@ print(json.dumps({"truth": [f.parent.name for f in files], "label": out["label"]
 """
 
 
+@pytest.mark.slow
 def test_the_selected_model_serves_labels_and_names_and_is_registered(tmp_path, store, digits_folder):
     """DropConnect scales the head at test time: the served model must rebuild it to reproduce test_acc."""
     import mlflow
@@ -115,17 +115,14 @@ def test_the_selected_model_serves_labels_and_names_and_is_registered(tmp_path, 
 def _stop_after_first_checkpoint(cmd, out, cwd, env, stop):
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own process group, as a terminal's foreground job
-    deadline = time.time() + 400
-    while time.time() < deadline and proc.poll() is None:
-        if (out / "checkpoints").is_dir() and list((out / "checkpoints").glob("epoch-*")):
-            break
-        time.sleep(0.05)
+    wait_for(lambda: proc.poll() is not None or list(out.glob("checkpoints/epoch-*")), timeout=400)
     assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
     stop(proc)
     stdout, stderr = proc.communicate(timeout=120)
     return proc.returncode, stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("store, how", [("sqlite", "sigterm"), ("sqlite", "ctrl_c_on_mlflow_run"),
                                         ("postgres_server", "sigterm")], indirect=["store"])
 def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_path, store, digits_folder, how):
@@ -148,11 +145,9 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_pa
         rc, stderr = _stop_after_first_checkpoint(cmd, out, tmp_path, env, lambda p: os.killpg(p.pid, signal.SIGINT))
         assert rc != 0 and "rifle.train: stopped by Ctrl-C" in stderr, stderr[-3000:]
     assert "Traceback" not in stderr.split("rifle.train: stopped by")[0][-3000:]
-    for _ in range(60):  # under `mlflow run`, RIFLE puts KILLED back once `mlflow run` has marked it FAILED
-        client, (run,) = mlflow_runs(store, experiment)
-        if run.info.status == "KILLED":
-            break
-        time.sleep(0.5)
+    # under `mlflow run`, RIFLE puts KILLED back once `mlflow run` has marked it FAILED
+    wait_for(lambda: mlflow_runs(store, experiment)[1][0].info.status == "KILLED", timeout=30, interval=0.2)
+    client, (run,) = mlflow_runs(store, experiment)
     assert run.info.status == "KILLED"
     last = checkpoint.latest(out)
     state = json.loads((last / "state.json").read_text())
@@ -168,6 +163,7 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_pa
 
 # --------------------------------------------------------------------------- one path from first run to report
 
+@pytest.mark.slow
 def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder):
     """The README's path with nothing configured: the default store in the working directory, `mlflow run .`
     (MLflow's Default experiment) and `python -m rifle.train` (experiment rifle), then the report commands
