@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from . import figures
+from .config import RUN_ONLY, all_fields
 from .methods import PLAIN, method_label, method_sort_key
 from .notebook import nearest
 from .stats import DEFAULT_SELECTION, METRICS, comparisons, holm, mean_std, metric_note, paired_difference
@@ -162,11 +163,10 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
     return "\n".join(lines) + "\n"
 
 
-RUN_KEYS = ("seed", "tricks", "output_dir", "run_name", "tracking_uri", "experiment", "log_weights",
-            "register_model", "system_metrics", "keep_checkpoints", "channels_last", "compile", "compile_backend",
-            "pin_memory", "num_workers", "num_proc")
-TRICK_OPTIONS = ("reinit_times", "reinit_count", "head_lr_policy", "reinit_guard_epochs", "reset_head_momentum",
-                 "dropout_", "dropconnect_", "sd_", "disturb_", "clr_", "l2_", "l2sp_", "delta_")
+# Params that may differ between paired runs: where and how a run is stored and computed (config.RUN_ONLY),
+# its seed and its loader workers; and a method's own options (the tricks section), which differ by design.
+RUN_KEYS = (*RUN_ONLY, "seed", "tricks", "num_workers")
+TRICK_OPTIONS = (*(name for name, (section, _) in all_fields().items() if section == "tricks"), "reinit_count")
 
 
 def varying_settings(runs, ignore=RUN_KEYS) -> dict:
@@ -181,7 +181,7 @@ def varying_settings(runs, ignore=RUN_KEYS) -> dict:
         differs = lambda rows, k: len({p.get(k) for p in rows}) > 1  # noqa: E731
         within = {m: [k for k in keys if differs(gm["params"], k)] for m, gm in g.groupby("method")}
         within = {m: ks for m, ks in within.items() if ks}
-        between = [k for k in keys if differs(g["params"], k) and not k.startswith(TRICK_OPTIONS)
+        between = [k for k in keys if differs(g["params"], k) and k not in TRICK_OPTIONS
                    and not any(k in ks for ks in within.values())]
         if within or between:
             out[dataset] = {"within": within, "between": between}
