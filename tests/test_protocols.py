@@ -131,7 +131,7 @@ def test_the_offline_study_runs_both_protocols_and_resumes(tmp_path, digits_fold
             "train_per_class=0", "epochs=2", "batch_size=16", "channels_last=false"]
     assert study.main(argv) == 0
     client, runs = mlflow_runs(uri)
-    parents = {r.data.tags["study"]: r for r in runs if r.data.tags.get("study_parent") == "yes"}
+    parents = {r.data.tags["compare.name"]: r for r in runs if r.data.tags.get("compare.role") == "parent"}
     assert set(parents) == {"offline-study-validated", "offline-study-authors"}
     for name, selection in (("offline-study-validated", "best_val"), ("offline-study-authors", "last")):
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[name].info.run_id]
