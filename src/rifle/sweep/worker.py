@@ -15,6 +15,7 @@ What Optuna has is used as is: the heartbeat thread, failing stale trials and re
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -204,14 +205,18 @@ class Worker:
     def __init__(self, o, space, url: str, storage):
         self.o, self.space, self.url, self.storage = o, space, url, storage
         self.shown = redact(url) if "://" in url else str(Path(url).resolve())
+        if os.environ.get("MLFLOW_RUN_ID") and not o.storage.startswith("env:") and redact(url) != url:
+            print("rifle.sweep: warning: `mlflow run` records its -P parameters, so the run's 'storage' param holds "
+                  "the password; pass -P storage=env:VAR (the URL in an environment variable) instead",
+                  file=sys.stderr, flush=True)
         epochs = C.build(space.fixed | {"output_dir": "unused"}).optim.epochs
         self.study = open_study(self.storage, o.study_name, space, make_sampler(o.sampler, space, o.seed),
                                 make_pruner(o.pruner, o.pruner_startup_trials, o.pruner_warmup_epochs, epochs),
                                 self.shown)
         n_trials = o.n_trials
-        if o.sampler == "grid" and math.prod(len(v) for v in space.grid().values()) < n_trials:
-            n_trials = math.prod(len(v) for v in space.grid().values())
-            print(f"rifle.sweep: the grid has {n_trials} points: n_trials {o.n_trials} -> {n_trials}", flush=True)
+        if o.sampler == "grid" and (points := math.prod(len(v) for v in space.grid().values())) < n_trials:
+            print(f"rifle.sweep: the grid has {points} points: n_trials {n_trials} -> {points}", flush=True)
+            n_trials = points
         self.budget = Budget(n_trials, poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
         info = self.study.user_attrs["rifle_sweep"]
         self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{info['uuid'][:8]}"
