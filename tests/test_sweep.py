@@ -191,7 +191,7 @@ def play(study, curve, reinit_epoch=None, reporter_cls=TrialReporter):
     reporter = reporter_cls(trial, len(curve), [], "median")
     for epoch, val in enumerate(curve):
         try:
-            reporter(epoch, {"val_acc": val, "head_reinit": float(epoch == reinit_epoch)})
+            reporter.on_epoch_end(epoch, {"val_acc": val, "head_reinit": float(epoch == reinit_epoch)})
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             return TrialState.PRUNED, epoch
@@ -280,7 +280,7 @@ def test_a_trial_without_heartbeat_is_retried_once_with_its_params(tmp_path, dig
     # The first worker was only paused, not dead: its heartbeat does not fail, its next report stops it.
     study._storage.record_heartbeat(trial._trial_id)
     with pytest.raises(TrialLost):
-        TrialReporter(trial, 2, [], "median")(0, {"val_acc": 0.5, "head_reinit": 0.0})
+        TrialReporter(trial, 2, [], "median").on_epoch_end(0, {"val_acc": 0.5, "head_reinit": 0.0})
     # another worker joining with a different space is refused
     other = S.load_space(str(tiny_space(tmp_path, digits_folder, epochs=4)))
     with pytest.raises(S.SweepError, match="created with another search space: fixed.epochs was 2, now 4"):

@@ -132,7 +132,7 @@ def run(args) -> int:
     labels = dict(zip(studies, methods if len(set(methods)) == len(methods) else studies))
     check_same_settings({s: found[s][3] | args.overrides for s in studies})
     options = {labels[s]: found[s][3] | args.overrides for s in studies}
-    for label, values in options.items():  # fail now, not after three methods have trained
+    for values in options.values():  # fail now, not after three methods have trained
         C.build(values | {"output_dir": "unused"})
     shown = redact(url)
     parent, runs = run_paired(

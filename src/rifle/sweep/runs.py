@@ -12,7 +12,7 @@ import os
 import time
 import warnings
 
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
@@ -144,6 +144,5 @@ class SweepRuns:
             self.client.set_terminated(self.parent, "FINISHED")
 
 
-def _metric(key: str, value: float, step: int):
-    from mlflow.entities import Metric
+def _metric(key: str, value: float, step: int) -> Metric:
     return Metric(key, float(value), int(time.time() * 1000), step)

@@ -98,7 +98,6 @@ class TrialReporter:
             print(f"rifle.sweep: [process {self.process_index}] {reason}", flush=True)
             raise optuna.TrialPruned(reason) if kind == "pruned" else TrialLost(reason)
 
-    __call__ = on_epoch_end
 
 
 def budget_slots(trials, below: int | None = None) -> set[int]:
