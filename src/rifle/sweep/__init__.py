@@ -1,15 +1,11 @@
 """Optuna studies over RIFLE and the baselines: `python -m rifle.sweep --space sweeps/<method>.yaml ...`.
 
-One worker runs trials one after another (`study.optimize`); start the same command several times, or on
-several machines sharing a journal file, PostgreSQL or Redis, for parallel workers. Under `accelerate
-launch` the main process owns each trial and every process trains it. The objective is the trial's best
-validation accuracy (the trainer's selection criterion), never test. `n_trials` counts the trials of the
-whole study; a trial whose worker died is retried from its last epoch checkpoint. The parts:
-
-- `space`: search-space files;
-- `storage`: the Optuna storages, with heartbeats on every backend;
-- `worker`: the objective, pruning fair to RIFLE, the exact budget, multi-process trials;
-- `runs`: the study's MLflow tree (a parent run, a child run per trial).
+Start the same command several times, or on several machines sharing a journal file, PostgreSQL or Redis,
+for parallel workers; under `accelerate launch` the main process owns each trial and every process trains
+it. The objective is the trial's best validation accuracy, never test. `n_trials` counts the whole study's
+trials; a trial whose worker died is retried from its last epoch checkpoint. Modules: `space` (search-space
+files), `storage` (storages with heartbeats on every backend), `worker` (objective, pruning fair to RIFLE,
+exact budget, multi-process trials), `runs` (the MLflow tree: a parent run, a child run per trial).
 """
 from __future__ import annotations
 
@@ -100,15 +96,14 @@ def parse(argv: list[str] | None = None) -> Options:
 
 
 def _value(f, raw: str):
-    if f.type in ("int", int):
-        try:
-            value = int(raw)
-        except ValueError:
-            raise SweepError(f"--{f.name}: expected an integer, got {raw!r}") from None
-        if value < f.metadata["minimum"]:
-            raise SweepError(f"--{f.name}: must be >= {f.metadata['minimum']}, got {value}")
-        return value
-    return raw
+    if f.type not in ("int", int):
+        return raw
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SweepError(f"--{f.name}: expected an integer, got {raw!r}") from None
+    C._check(f.name, f, value)  # the trainer's minimum check and message
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:

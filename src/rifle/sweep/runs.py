@@ -30,8 +30,9 @@ def origin(trial) -> int:
 
 
 class SweepRuns:
-    def __init__(self, uri: str, experiment: str, study, shown_storage: str, params: dict):
+    def __init__(self, uri: str, experiment: str, study, shown_storage: str, params: dict, n_trials: int):
         self.client = c = MlflowClient(uri)
+        self.n_trials = n_trials
         info = study.user_attrs[STUDY_ATTR]
         self.study_name, self.uuid = study.study_name, info["uuid"]
         self.parent = claim_parent(c, {"sweep.study_uuid": self.uuid}, "sweep.role", experiment, study.study_name,
@@ -46,7 +47,8 @@ class SweepRuns:
             pass  # a worker starting at the same moment logged them (params are write-once)
 
     def _chain(self, number: int) -> list:
-        return find_runs(self.client, {"sweep.study_uuid": self.uuid, "sweep.role": "trial", "sweep.trial": str(number)})
+        return find_runs(self.client, {"sweep.study_uuid": self.uuid, "sweep.role": "trial",
+                                       "sweep.trial": str(number)})
 
     def child(self, origin_number: int, trial_number: int) -> str:
         """The trial's run: the one its first attempt made (a retry resumes it), else a new one."""
@@ -86,15 +88,15 @@ class SweepRuns:
             else:
                 self.trial_done(run.info.run_id, "failed", f"{why} and the retries are used up")
 
-    def after_trial(self, study, trial, n_trials: int) -> None:
-        """One point per parent metric for this finished trial (step: its number), then the best trial."""
+    def after_trial(self, study, trial) -> None:
+        """A study.optimize callback: one point per parent metric for this finished trial (step: its number),
+        then the best trial."""
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
-        trials = study.get_trials(deepcopy=False)
-        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        complete = [t for t in done if t.state == TrialState.COMPLETE]
-        metrics = {"trials_complete": len(complete), "trials_pruned": len(done) - len(complete)}
-        tags = {"sweep.n_trials": str(n_trials)}
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        complete = states.count(TrialState.COMPLETE)
+        metrics = {"trials_complete": complete, "trials_pruned": states.count(TrialState.PRUNED)}
+        tags = {"sweep.n_trials": str(self.n_trials)}
         if complete:
             best = study.best_trial
             metrics["best_value"] = best.value
@@ -102,7 +104,8 @@ class SweepRuns:
             best_runs = self._chain(origin(best))
             if best_runs:
                 tags["sweep.best_run_id"] = best_runs[0].info.run_id
-        self.client.log_batch(self.parent, metrics=[_metric(k, v, trial.number) for k, v in metrics.items()])
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, trial.number) for k, v in metrics.items()])
         self._set_tags(tags)
         if complete:
             self.client.log_dict(self.parent, {"trial": origin(best), "value": best.value, "params": best.params},
@@ -142,7 +145,3 @@ class SweepRuns:
         if complete and self.parent != os.environ.get("MLFLOW_RUN_ID") and \
                 self.client.get_run(self.parent).info.status != "FINISHED":
             self.client.set_terminated(self.parent, "FINISHED")
-
-
-def _metric(key: str, value: float, step: int) -> Metric:
-    return Metric(key, float(value), int(time.time() * 1000), step)

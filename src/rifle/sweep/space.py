@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ class Param:
         return [round(self.low + i * self.step, 12) for i in range(n + 1)]
 
     def signature(self) -> dict:
-        return {k: getattr(self, k) for k in ("kind", "low", "high", "log", "step", "choices", "when")}
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "source")}
 
 
 @dataclass
@@ -120,18 +120,16 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
-_NAME_ONLY = object()
-
-
-def _option_error(source: str, where: str, name: str, value: Any = _NAME_ONLY) -> None:
-    """SpaceError for an unknown option or a value the option refuses (the trainer's own message)."""
+def _option_error(source: str, where: str, name: str, *value: Any) -> None:
+    """SpaceError for an unknown option or a value (if given) the option refuses (the trainer's own message)."""
     if name in MANAGED:
         raise SpaceError(f"{source}: {where}: set by the sweep for each trial (use --output_root, "
                          "--tracking_uri or --experiment)")
-    if value is _NAME_ONLY and name in C.all_fields():
-        return
     try:
-        C.convert(name, None if value is _NAME_ONLY else value)
+        if value:
+            C.convert(name, value[0])
+        elif name not in C.all_fields():
+            C.convert(name, None)  # "unknown option", with the trainer's did-you-mean hint
     except C.ConfigError as e:
         raise SpaceError(f"{source}: {where}: {str(e).removeprefix(f'--{name}: ')}") from None
 
@@ -140,12 +138,11 @@ def _number(source: str, where: str, value: Any, integer: bool) -> float | int:
     """YAML reads 1e-3 (no dot) as a string: accept numeric strings, refuse booleans and words."""
     try:
         number = float("nan" if isinstance(value, bool) else value)
-        if not math.isfinite(number) or (integer and not number.is_integer()):
-            raise ValueError
-        return int(number) if integer else number
     except (TypeError, ValueError):
-        raise SpaceError(f"{source}: {where}: expected {'an integer' if integer else 'a number'}, "
-                         f"got {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number) or (integer and not number.is_integer()):
+        raise SpaceError(f"{source}: {where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+    return int(number) if integer else number
 
 
 def _parse_param(source: str, name: str, spec: Any) -> Param:
@@ -169,22 +166,20 @@ def _parse_param(source: str, name: str, spec: Any) -> Param:
         extra = sorted({"low", "high", "log", "step"} & set(spec))
         if extra:
             fail(f".{extra[0]}", "not used by a categorical parameter (use choices)")
-        choices = spec.get("choices")
-        if not isinstance(choices, list) or not choices:
+        p.choices = spec.get("choices")
+        if not isinstance(p.choices, list) or not p.choices:
             fail(".choices", "expected a non-empty list")
-        if any(isinstance(c, (dict, list)) for c in choices):
+        if any(isinstance(c, (dict, list)) for c in p.choices):
             fail(".choices", "each choice must be a single value")
-        if len({json.dumps(c) for c in choices}) != len(choices):
+        if len({json.dumps(c) for c in p.choices}) != len(p.choices):
             fail(".choices", "a value is listed twice")
-        p.choices = choices
     else:
         if "choices" in spec:
             fail(".choices", "only for type categorical")
         for key in ("low", "high"):
             if key not in spec:
                 fail(f".{key}", f"required for type {kind}")
-        integer = kind == "int"
-        p.low, p.high = (_number(source, f"{where}.{k}", spec[k], integer) for k in ("low", "high"))
+        p.low, p.high = (_number(source, f"{where}.{k}", spec[k], kind == "int") for k in ("low", "high"))
         if not p.low < p.high:
             fail("", f"malformed range, low must be below high (got low={spec['low']}, high={spec['high']})")
         p.log = spec.get("log", False)
@@ -193,7 +188,7 @@ def _parse_param(source: str, name: str, spec: Any) -> Param:
         if p.log and p.low <= 0:
             fail("", f"a log range needs low > 0, got {spec['low']}")
         if "step" in spec:
-            p.step = _number(source, f"{where}.step", spec["step"], integer)
+            p.step = _number(source, f"{where}.step", spec["step"], kind == "int")
             if p.step <= 0:
                 fail(".step", f"must be > 0, got {spec['step']}")
             if p.log and (kind == "float" or p.step != 1):

@@ -112,13 +112,7 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
             if url.startswith("sqlite"):
                 print("rifle.sweep: warning: SQLite is not safe for parallel workers; use a journal file (the "
                       "default) or PostgreSQL", file=sys.stderr)
-            if url.startswith("postgresql://"):  # psycopg 3, installed with the project (SQLAlchemy's default is 2)
-                url_rdb = "postgresql+psycopg://" + url[len("postgresql://"):]
-            else:
-                url_rdb = url
-            return _rdb(url_rdb, heartbeat_interval, grace_period, retry)
-    except SweepError:
-        raise
+            return _rdb(url, heartbeat_interval, grace_period, retry)
     except Exception as e:
         error = getattr(e, "orig", None) or e  # SQLAlchemy wraps the driver's error in several lines
         text = " ".join(f"{type(error).__name__}: {error}".split())
@@ -127,6 +121,8 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
 
 def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStorage:
     import sqlalchemy.exc
+    if url.startswith("postgresql://"):  # psycopg 3, installed with the project (SQLAlchemy's default is 2)
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     for attempt in range(10):
         try:
             return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
@@ -179,11 +175,8 @@ def open_study(storage, name: str, space, sampler, pruner, shown: str, wait_s: f
 
 
 def _first_difference(theirs: dict, mine: dict, prefix: str = "") -> str:
-    for key in sorted(set(theirs) | set(mine)):
-        a, b = theirs.get(key, "<absent>"), mine.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            if a != b:
-                return _first_difference(a, b, f"{prefix}{key}.")
-        elif a != b:
-            return f"{prefix}{key} was {a!r}, now {b!r}"
-    return "?"
+    key = min(k for k in set(theirs) | set(mine) if theirs.get(k, "<absent>") != mine.get(k, "<absent>"))
+    a, b = theirs.get(key, "<absent>"), mine.get(key, "<absent>")
+    if isinstance(a, dict) and isinstance(b, dict):
+        return _first_difference(a, b, f"{prefix}{key}.")
+    return f"{prefix}{key} was {a!r}, now {b!r}"

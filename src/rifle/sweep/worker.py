@@ -1,19 +1,16 @@
 """One sweep worker: Optuna's `study.optimize` over an objective that trains one trial with `fit`.
 
-What Optuna has is used as is: the heartbeat thread, failing stale trials and re-enqueueing them
-(rifle.sweep.storage), the samplers and pruners, the plots. What it lacks lives here, each in one place:
-- the pruning rule fair to RIFLE (`TrialReporter`);
-- the exact study-wide `n_trials` (`Budget`): one slot per retry chain, a lost race for the last slot gives
-  its trial back untrained, and a worker waits while another worker's trial may still need a retry;
-- resuming a retried trial from its checkpoint: a retry trains in its chain's output directory (the
-  trainer resumes there) and logs into the chain's MLflow run;
-- a trial taken over by another worker (this one paused past the grace period) stops at its next report
-  without touching the directory or the run (`TrialLost`);
-- multi-process trials: the main process owns the study and broadcasts each trial's options and every
-  pruning decision, so all processes train the same trial and stop at the same epoch.
+Optuna's heartbeat, stale-trial retries (rifle.sweep.storage), samplers, pruners and plots are used as is.
+What it lacks lives here: the pruning rule fair to RIFLE (`TrialReporter`); the exact study-wide `n_trials`
+(`Budget`: one slot per retry chain, a lost race for the last slot gives its trial back untrained, a worker
+waits while another's trial may still need a retry); a retry resumes in its chain's output directory and
+MLflow run; a trial taken over by another worker stops at its next report without touching either
+(`TrialLost`); multi-process trials, where the main process broadcasts each trial's options and every
+pruning decision so all processes train the same trial and stop at the same epoch.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -29,7 +26,7 @@ from optuna.trial import TrialState
 from .. import config as C
 from ..tracking import redact
 from .runs import SweepRuns, origin
-from .storage import open_study, scrub
+from .storage import STUDY_ATTR, open_study, scrub
 
 OVER_BUDGET_ATTR = "rifle:over_budget"
 
@@ -99,7 +96,6 @@ class TrialReporter:
             raise optuna.TrialPruned(reason) if kind == "pruned" else TrialLost(reason)
 
 
-
 def budget_slots(trials, below: int | None = None) -> set[int]:
     """Budget slots used: one per retry chain, trials given back over budget excluded; with `below`, only
     chains that started before trial number `below`."""
@@ -144,29 +140,18 @@ class Budget:
             raise OverBudget(f"trial {trial.number} given back untrained: another worker took the last trial")
 
 
-class TrialSeededTPE(optuna.samplers.BaseSampler):
-    """TPE reseeded from (seed, trial number) at every trial: parallel workers never draw the same random
-    start-up point, and a one-worker study is reproducible. TPE keeps no state between trials but its random
-    streams (it reads the study), so a fresh one per trial changes nothing else."""
+class TrialSeededTPE(optuna.samplers.TPESampler):
+    """TPE seeded from (seed, trial number) at every trial: parallel workers never draw the same random
+    start-up point, and a one-worker study is reproducible."""
 
     def __init__(self, seed: int):
-        self.seed, self.tpe = seed, optuna.samplers.TPESampler(seed=seed)
+        super().__init__(seed=seed)
+        self.base_seed = seed
 
     def before_trial(self, study, trial) -> None:
-        self.tpe = optuna.samplers.TPESampler(seed=self.seed * 1_000_003 + trial.number)
-        self.tpe.before_trial(study, trial)
-
-    def infer_relative_search_space(self, study, trial):
-        return self.tpe.infer_relative_search_space(study, trial)
-
-    def sample_relative(self, study, trial, search_space):
-        return self.tpe.sample_relative(study, trial, search_space)
-
-    def sample_independent(self, study, trial, name, distribution):
-        return self.tpe.sample_independent(study, trial, name, distribution)
-
-    def after_trial(self, study, trial, state, values) -> None:
-        self.tpe.after_trial(study, trial, state, values)
+        # Made afresh with the trial's seed: TPE keeps no state between trials but its random streams.
+        super().__init__(seed=self.base_seed * 1_000_003 + trial.number)
+        super().before_trial(study, trial)
 
 
 def make_sampler(kind: str, space, seed: int):
@@ -184,8 +169,6 @@ def make_pruner(kind: str, startup_trials: int, warmup_epochs: int, epochs: int)
 
 def resume_point(output_dir: Path) -> tuple[int, list[dict]]:
     """(next epoch, history) of the newest checkpoint in output_dir, or (0, [])."""
-    import json
-
     from ..checkpoint import latest
     last = latest(output_dir)
     if last is None:
@@ -217,31 +200,28 @@ class Worker:
             print(f"rifle.sweep: the grid has {points} points: n_trials {n_trials} -> {points}", flush=True)
             n_trials = points
         self.budget = Budget(n_trials, poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
-        info = self.study.user_attrs["rifle_sweep"]
-        self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{info['uuid'][:8]}"
+        study_uuid = self.study.user_attrs[STUDY_ATTR]["uuid"]
+        self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{study_uuid[:8]}"
         self.uri = o.tracking_uri
         params = {"space": o.space, "method": space.method, "study_name": o.study_name, "storage": self.shown,
-                  "sampler": o.sampler, "pruner": o.pruner, "seed": o.seed, "searched": ",".join(space.params) or "none",
+                  "sampler": o.sampler, "pruner": o.pruner, "seed": o.seed,
+                  "searched": ",".join(space.params) or "none",
                   **{f"fixed.{k}": v for k, v in space.fixed.items() if k not in C.RUN_ONLY}}
-        self.runs = SweepRuns(self.uri, o.experiment, self.study, self.shown, params)
+        self.runs = SweepRuns(self.uri, o.experiment, self.study, self.shown, params, n_trials)
         self.storage.get_heartbeat_stale_trial_callback().on_retry = self.runs.on_retry
         self.lost = False
         print(f"rifle.sweep: study {o.study_name!r} in {self.shown}, {n_trials} trials in total, MLflow parent "
               f"run {self.runs.parent} ({redact(self.uri)})", flush=True)
-
-    def values(self, suggested: dict, number: int) -> dict:
-        """The trial's options: the space's values, and a run directory that belongs to its retry chain."""
-        return {"log_weights": False} | suggested | {  # a weights file per trial is rarely wanted
-            "output_dir": str(self.out_root / f"trial-{number}"), "tracking_uri": self.uri,
-            "experiment": self.runs.experiment_name, "run_name": None}
 
     def objective(self, trial) -> float:
         from ..trainer import fit
         chain = origin(self.study._storage.get_trial(trial._trial_id))
         if chain == trial.number:
             self.budget.check(self.study, trial)
-        values = self.values(self.space.suggest(trial), chain)
-        out = Path(values["output_dir"])
+        out = self.out_root / f"trial-{chain}"  # a retry trains (resumes) in its chain's directory
+        values = {"log_weights": False} | self.space.suggest(trial) | {  # a weights file per trial is rarely wanted
+            "output_dir": str(out), "tracking_uri": self.uri, "experiment": self.runs.experiment_name,
+            "run_name": None}
         run_id = self.runs.child(chain, trial.number)
         start, history = resume_point(out)
         trial.set_user_attr("output_dir", str(out))
@@ -257,7 +237,7 @@ class Worker:
             cfg = C.build(values)
             reporter = TrialReporter(trial, cfg.optim.epochs, history, self.o.pruner, self.state.num_processes)
             value = fit(cfg, callbacks=[reporter], mlflow_run_id=run_id)["best_val_acc"]
-            outcome, reason = "complete", None
+            outcome = "complete"
             print(f"rifle.sweep: trial {trial.number} complete: val_acc {value:.4f}", flush=True)
             return value
         except optuna.TrialPruned as e:
@@ -271,7 +251,8 @@ class Worker:
         except KeyboardInterrupt:
             # Retried at once by the next worker, from the last checkpoint (this trial is told FAIL).
             outcome, reason = "interrupted", "the worker was interrupted; the next worker resumes the trial"
-            self.storage.get_heartbeat_stale_trial_callback()(self.study, self.study._storage.get_trial(trial._trial_id))
+            retry = self.storage.get_heartbeat_stale_trial_callback()
+            retry(self.study, self.study._storage.get_trial(trial._trial_id))
             raise
         except Exception as e:
             reason = scrub(f"{type(e).__name__}: {e}", self.url)
@@ -283,16 +264,12 @@ class Worker:
             if outcome != "lost":
                 self.runs.trial_done(run_id, outcome, reason)
 
-    def after_trial(self, study, trial) -> None:
-        self.runs.after_trial(study, trial, self.budget.n_trials)
-
     def run(self, state) -> None:
         self.state = state
         while self.budget.work_left(self.study):
             self.lost = False
             try:
-                self.study.optimize(self.objective, callbacks=[self.after_trial, self.budget],
-                                    catch=(Exception,))
+                self.study.optimize(self.objective, callbacks=[self.runs.after_trial, self.budget], catch=(Exception,))
             except ValueError:  # Optuna cannot tell a trial another worker has already failed and retried
                 if not self.lost:
                     raise
@@ -312,8 +289,6 @@ class Worker:
 def distributed_state():
     """Accelerate's process state, made as the trainer's Accelerator will be (CPU processes need cpu=True for
     gloo); a process-wide singleton, so the trainer then reuses it."""
-    import os
-
     import torch
     from accelerate import PartialState
     return PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
