@@ -1,12 +1,7 @@
-"""Every figure: the per-run training curve the trainer logs, and the report's figures from training
-histories in long form (`report.fetch_histories`: run_id, dataset, method, seed, key, step, value).
-
-The paper's claim is about what a fresh head does to the backbone, so the figures show it per block, input
-side first: distance to the pretrained weights (mechanism), the gradient reaching each block and what each
-re-initialization does to it (post / pre window ratio), plus accuracy and head LR over epochs (dynamics).
-
-matplotlib's object API (Figure, no pyplot state or backend switch inside notebooks). No pandas import here:
-the trainer draws its curve in environments without it; the histories arrive as DataFrames.
+"""Every figure: the trainer's training curve, and the report's from `report.fetch_histories`. The paper's claim
+is about what a fresh head does to the backbone, so they show it per block, input side first: distance to the
+pretrained weights, gradient norms and what each re-init does to them. matplotlib's object API (no pyplot
+state); no pandas import, as the trainer draws its curve where pandas may be missing.
 """
 from __future__ import annotations
 
@@ -23,9 +18,11 @@ WEIGHT, GRAD = "weight_dist/", "grad_norm/"
 PRE, POST = "grad_norm_pre_reinit/", "grad_norm_post_reinit/"
 
 
-def _figure(width: float, height: float):
+def _figure(width: float, height: float, mosaic=None, **grid):
+    """A figure and its axes: `fig.subplot_mosaic(mosaic)`, else `fig.subplots(**grid)`."""
     from matplotlib.figure import Figure
-    return Figure(figsize=(width, height), layout="constrained")
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.subplot_mosaic(mosaic) if mosaic else fig.subplots(**grid)
 
 
 def _mark_reinits(ax, epochs, color="tab:red", label=True):
@@ -34,11 +31,27 @@ def _mark_reinits(ax, epochs, color="tab:red", label=True):
                    label="head re-initialized" if label and i == 0 else None)
 
 
-def _band(ax, g, color, label=None, alpha=0.15):
-    """Mean ± std over seeds of one grouped-by-step series."""
+def _band(ax, series, color, label=None, alpha=0.15):
+    """Mean ± std over seeds of one metric's rows of a history, per step."""
+    g = series.groupby("step")["value"]
     mean, std = g.mean(), g.std(ddof=1).fillna(0)
     ax.plot(mean.index, mean.values, color=color, label=label)
     ax.fill_between(mean.index, mean - std, mean + std, color=color, alpha=alpha, linewidth=0)
+
+
+def _versus(histories, dataset: str, reference: str, baseline: str):
+    """The dataset's rows of the two methods, their colors (baseline first) and the reference's re-inits."""
+    h = histories[(histories["dataset"] == dataset) & histories["method"].isin([reference, baseline])]
+    return h, {baseline: "tab:blue", reference: "tab:red"}, reinit_epochs(h, reference)
+
+
+def _block_axis(ax, blocks, ylabel: str, title: str, ratio: bool = False, legend_size=None):
+    """Labels, legend and one tick per block of a finished per-block panel (`ratio`: a line at 1)."""
+    ax.set_xticks(np.arange(len(blocks)), blocks, rotation=45, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    if ratio:
+        ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.legend(fontsize=legend_size)
 
 
 def reinit_epochs(histories, method: str) -> list[int]:
@@ -60,25 +73,22 @@ def _natural(name: str) -> list:
 
 
 def block_order(model_spec: str, blocks) -> list[str]:
-    """`blocks` from the input side to the head: the order of rifle.models.block_names on the model (built
-    without weights), else a natural sort (an unknown or unavailable model)."""
-    blocks = list(blocks)
+    """`blocks` from the input side to the head: rifle.models.block_names on the model (built without
+    weights); a natural sort for the blocks it lacks (all of them for an unknown or unavailable model)."""
+    blocks = set(blocks)
     try:
         from .models import block_names, build_backbone
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            order = block_names(build_backbone(model_spec, pretrained=False)[0])
+            known = [b for b in block_names(build_backbone(model_spec, pretrained=False)[0]) if b in blocks]
     except Exception:
-        return sorted(blocks, key=_natural)
-    known = [b for b in order if b in blocks]
-    return known + sorted(set(blocks) - set(known), key=_natural)
+        known = []
+    return known + sorted(blocks - set(known), key=_natural)
 
 
 def plot_training(history: list[dict], title: str = ""):
-    """One run: validation accuracy (training accuracy without validation) and head learning rate over
-    epochs; dashed lines mark head re-inits."""
-    fig = _figure(6.4, 3.6)
-    ax = fig.add_subplot()
+    """One run: validation (else training) accuracy and head learning rate over epochs, re-inits dashed."""
+    fig, ax = _figure(6.4, 3.6)
     epochs = [row["epoch"] for row in history]
     key = "val_acc" if all("val_acc" in row for row in history) else "train_acc"
     ax.plot(epochs, [row[key] for row in history], marker="o", color="tab:blue", label=key)
@@ -92,50 +102,36 @@ def plot_training(history: list[dict], title: str = ""):
     return fig
 
 
-def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: str = PLAIN,
-                   model_spec: str = "", blocks_over_epochs=None):
-    """Top left: each block's distance to its pretrained weights at the end of training, mean ± std over
-    seeds, reference vs baseline. Top right: the ratio reference / baseline per block, per shared seed (dots)
-    and mean (line). Bottom: the distance over epochs for the input side, a middle and the last block, with
-    the reference's head re-initializations dashed."""
+def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: str = PLAIN, model_spec: str = ""):
+    """Top: each block's final distance to its pretrained weights (mean ± std over seeds) and the ratio
+    reference / baseline per shared seed and mean. Bottom: the distance over epochs of three blocks."""
     reference, baseline = method_label(reference), method_label(baseline)
-    h = histories[(histories["dataset"] == dataset) & histories["method"].isin([reference, baseline])]
+    h, colors, reinits = _versus(histories, dataset, reference, baseline)
     final = final_weight_dist(h)
     if final.empty or set(final["method"]) != {reference, baseline}:
         raise ValueError(f"{dataset}: the mechanism figure needs weight_dist/* of both {reference} and {baseline}")
     blocks = block_order(model_spec, final["block"].unique())
-    colors = {reference: "tab:red", baseline: "tab:blue"}
-    fig = _figure(14, 8.5)
-    axd = fig.subplot_mosaic([["bars", "bars", "ratio"], ["e0", "e1", "e2"]])
+    fig, axd = _figure(14, 8.5, [["bars", "bars", "ratio"], ["e0", "e1", "e2"]])
     x = np.arange(len(blocks))
-    for i, m in enumerate((baseline, reference)):
+    for i, (m, color) in enumerate(colors.items()):
         g = final[final["method"] == m].groupby("block")["value"]
-        mean, std, n = g.mean().reindex(blocks), g.std(ddof=1).reindex(blocks), g.size().max()
-        axd["bars"].bar(x + (i - 0.5) * 0.4, mean, 0.4, yerr=std.fillna(0), capsize=2, color=colors[m],
-                        label=f"{m} (n={n})")
-    axd["bars"].set_ylabel("L2 distance to pretrained weights")
-    axd["bars"].set_title(f"{dataset}: per-block distance at the end of training (input side → head)")
+        axd["bars"].bar(x + (i - 0.5) * 0.4, g.mean().reindex(blocks), 0.4, capsize=2, color=color,
+                        yerr=g.std(ddof=1).reindex(blocks).fillna(0), label=f"{m} (n={g.size().max()})")
+    _block_axis(axd["bars"], blocks, "L2 distance to pretrained weights",
+                f"{dataset}: per-block distance at the end of training (input side → head)")
     wide = final.pivot_table(index=["seed", "block"], columns="method", values="value").dropna()
     ratio = (wide[reference] / wide[baseline]).unstack("block").reindex(columns=blocks)
     for _, row in ratio.iterrows():
         axd["ratio"].plot(x, row.values, "o", color="gray", alpha=0.5, markersize=3)
     axd["ratio"].plot(x, ratio.mean().values, "-o", color="tab:red", label=f"mean over seeds (n={len(ratio)})")
-    axd["ratio"].axhline(1.0, color="black", linewidth=0.8)
-    axd["ratio"].set_ylabel(f"distance ratio {reference} / {baseline}")
-    axd["ratio"].set_title("> 1: the block moved further under " + reference)
-    for ax in (axd["bars"], axd["ratio"]):
-        ax.set_xticks(x, blocks, rotation=45, ha="right")
-        ax.legend()
-    chosen = list(blocks_over_epochs or [blocks[0], blocks[len(blocks) // 2], blocks[-1]])
-    reinits = reinit_epochs(h, reference)
-    for k, block in enumerate(chosen[:3]):
+    _block_axis(axd["ratio"], blocks, f"distance ratio {reference} / {baseline}",
+                "> 1: the block moved further under " + reference, ratio=True)
+    for k, block in enumerate([blocks[0], blocks[len(blocks) // 2], blocks[-1]]):
         ax = axd[f"e{k}"]
-        series = h[h["key"] == WEIGHT + block]
-        for m in (baseline, reference):
-            _band(ax, series[series["method"] == m].groupby("step")["value"], colors[m], m)
+        for m, color in colors.items():
+            _band(ax, h[(h["key"] == WEIGHT + block) & (h["method"] == m)], color, m)
         _mark_reinits(ax, reinits, label=k == 0)
-        ax.set_title(WEIGHT + block)
-        ax.set_xlabel("epoch")
+        ax.set(title=WEIGHT + block, xlabel="epoch")
         if k == 0:
             ax.set_ylabel("L2 distance (mean ± std over seeds)")
             ax.legend(fontsize=8)
@@ -143,38 +139,33 @@ def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: 
 
 
 def plot_paired(paired, confidence: float = 0.95, metric: str = "test_acc"):
-    """The paired differences reference − other with their confidence intervals (percentage points), one row
-    per comparison (`report.paired_differences`)."""
+    """`report.paired_differences` with their confidence intervals, in percentage points."""
     rows = paired[paired["n"] > 0].reset_index(drop=True)
-    fig = _figure(7.5, 0.9 + 0.45 * max(len(rows), 1))
-    ax = fig.add_subplot()
+    fig, ax = _figure(7.5, 0.9 + 0.45 * max(len(rows), 1))
     y = np.arange(len(rows))[::-1]
     for yi, r in zip(y, rows.itertuples()):
         err = [[100 * (r.mean_diff - r.ci_low)], [100 * (r.ci_high - r.mean_diff)]] if math.isfinite(r.ci_low) else None
         ax.errorbar(100 * r.mean_diff, yi, xerr=err, fmt="o", color="tab:red", capsize=3)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_yticks(y, [f"{r.dataset}: {r.method} − {r.versus} (n={r.n})" for r in rows.itertuples()])
-    ax.set_xlabel(f"{metric} difference (percentage points), {100 * confidence:g}% CI")
-    ax.set_title("reference − other, paired over shared seeds (> 0: the reference is better)")
+    ax.set(xlabel=f"{metric} difference (percentage points), {100 * confidence:g}% CI",
+           title="reference − other, paired over shared seeds (> 0: the reference is better)")
     return fig
 
 
 def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=None):
-    """Validation accuracy (training accuracy for runs without validation; mean ± std over seeds) and head
-    learning rate (mean) over epochs per method; dashed lines mark the re-initializations of methods that
-    contain the reference."""
+    """Validation (else training) accuracy, mean ± std over seeds, and mean head learning rate over epochs per
+    method; dashed lines mark the re-inits of methods with the reference."""
     from matplotlib import colormaps
 
     h = histories[histories["dataset"] == dataset]
     key = "val_acc" if (h["key"] == "val_acc").any() else "train_acc"
-    methods = sorted(methods or h["method"].unique(), key=method_sort_key)
     ref = set(method_tricks(method_label(reference)))
-    fig = _figure(13, 4.5)
-    acc_ax, lr_ax = fig.subplots(1, 2)
-    for i, m in enumerate(methods):
+    fig, (acc_ax, lr_ax) = _figure(13, 4.5, ncols=2)
+    for i, m in enumerate(sorted(methods or h["method"].unique(), key=method_sort_key)):
         color = colormaps["tab10"](i % 10)
         g = h[h["method"] == m]
-        _band(acc_ax, g[g["key"] == key].groupby("step")["value"], color, f"{m} (n={g['run_id'].nunique()})", 0.12)
+        _band(acc_ax, g[g["key"] == key], color, f"{m} (n={g['run_id'].nunique()})", 0.12)
         lr = g[g["key"] == "lr_head"].groupby("step")["value"].mean()
         lr_ax.plot(lr.index, lr.values, color=color, label=m)
         if m != PLAIN and ref <= trick_set(m):
@@ -187,51 +178,34 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
     return fig
 
 
-# ----------------------------------------------------------------------------------------------------
-# Gradient flow: does a fresh head send larger gradients into the backbone?
-
-def grad_blocks(histories, order: list[str] | None = None) -> list[str]:
-    """Blocks that have grad_norm/<block>, in `order` (input side first) where given."""
-    names = sorted({k[len(GRAD):] for k in histories["key"].unique() if k.startswith(GRAD)})
-    if order:
-        names = [b for b in order if b in names] + [b for b in names if b not in order]
-    return names
-
-
 def reinit_ratios(histories, method: str):
     """Per run, re-init and block: post / pre gradient norm (first steps after the re-init over the last
     steps before it). Columns: run_id, seed, reinit (1-based), epoch (that ended with it), block, ratio."""
-    import pandas as pd
     h = histories[histories["method"] == method]
-    rows = []
-    for run_id, g in h.groupby("run_id"):
-        pre = g[g["key"].str.startswith(PRE)]
-        post = g[g["key"].str.startswith(POST)].assign(
-            block=lambda d: d["key"].str.slice(len(POST)), step=lambda d: d["step"] - 1)  # logged an epoch later
-        pre = pre.assign(block=pre["key"].str.slice(len(PRE)))
-        both = pre.merge(post[["block", "step", "value"]], on=["block", "step"], suffixes=("_pre", "_post"))
-        epochs = sorted(both["step"].unique())
-        for r in both.itertuples(index=False):
-            rows.append((run_id, r.seed, epochs.index(r.step) + 1, int(r.step), r.block, r.value_post / r.value_pre))
-    return pd.DataFrame(rows, columns=["run_id", "seed", "reinit", "epoch", "block", "ratio"])
+    pre = h[h["key"].str.startswith(PRE)].assign(block=lambda d: d["key"].str.slice(len(PRE)))
+    post = h[h["key"].str.startswith(POST)].assign(  # logged an epoch later
+        block=lambda d: d["key"].str.slice(len(POST)), step=lambda d: d["step"] - 1)
+    both = pre.merge(post[["run_id", "block", "step", "value"]], on=["run_id", "block", "step"],
+                     suffixes=("_pre", "_post")).sort_values("run_id", kind="stable")
+    both["reinit"] = both.groupby("run_id")["step"].rank(method="dense").astype(int)
+    both["epoch"] = both["step"].astype(int)
+    both["ratio"] = both["value_post"] / both["value_pre"]
+    return both[["run_id", "seed", "reinit", "epoch", "block", "ratio"]].reset_index(drop=True)
 
 
 def plot_gradient_flow(histories, dataset: str, reference: str, baseline: str, blocks: list[str]):
-    """One panel per backbone block (input side first): the block's gradient norm averaged over each
-    epoch's steps, mean ± std over seeds, reference vs baseline, the reference's re-inits dashed."""
-    h = histories[(histories["dataset"] == dataset) & histories["method"].isin([reference, baseline])]
+    """Does a fresh head send larger gradients into the backbone? One panel per block (input side first): its
+    gradient norm averaged over each epoch's steps, mean ± std over seeds, reference vs baseline."""
+    h, colors, reinits = _versus(histories, dataset, reference, baseline)
     cols = min(4, len(blocks))
     rows = math.ceil(len(blocks) / cols)
-    fig = _figure(3.4 * cols, 2.6 * rows)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    colors = {reference: "tab:red", baseline: "tab:blue"}
-    reinits = reinit_epochs(h, reference)
+    fig, axes = _figure(3.4 * cols, 2.6 * rows, nrows=rows, ncols=cols, squeeze=False)
+    axes = axes.ravel()
     for ax, block in zip(axes, blocks):
-        series = h[h["key"] == GRAD + block]
-        for m in (baseline, reference):
-            g = series[series["method"] == m].groupby("step")["value"]
-            if len(g):
-                _band(ax, g, colors[m], f"{m} (n={g.size().max()})")
+        for m, color in colors.items():
+            series = h[(h["key"] == GRAD + block) & (h["method"] == m)]
+            if len(series):
+                _band(ax, series, color, f"{m} (n={series.groupby('step').size().max()})")
         _mark_reinits(ax, reinits)
         ax.set_title(block, fontsize=9)
         ax.set_yscale("log")
@@ -245,11 +219,9 @@ def plot_gradient_flow(histories, dataset: str, reference: str, baseline: str, b
     return fig
 
 
-def plot_reinit_ratios(ratios, dataset: str, reference: str, blocks: list[str], window: str = ""):
-    """Per block: post / pre gradient norm at every re-init, one dot per (seed, re-init), the median as a
-    line; above 1 the fresh head sends larger gradients into that block than the trained head did."""
-    fig = _figure(max(6.0, 0.6 * len(blocks) + 2), 4.0)
-    ax = fig.add_subplot()
+def plot_reinit_ratios(ratios, dataset: str, reference: str, blocks: list[str]):
+    """Per block: post / pre gradient norm at every re-init, one dot per (seed, re-init), the median as a line."""
+    fig, ax = _figure(max(6.0, 0.6 * len(blocks) + 2), 4.0)
     x = np.arange(len(blocks))
     markers = "os^Dv<>"
     for k, (reinit, g) in enumerate(ratios.groupby("reinit")):
@@ -259,19 +231,16 @@ def plot_reinit_ratios(ratios, dataset: str, reference: str, blocks: list[str], 
                     markersize=4, label=f"re-init {reinit} (one dot per seed)" if seed == g["seed"].min() else None)
     median = ratios.groupby("block")["ratio"].median().reindex(blocks)
     ax.plot(x, median.values, "-o", color="tab:red", label=f"median ({ratios['run_id'].nunique()} runs)")
-    ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
-    ax.set_xticks(x, blocks, rotation=45, ha="right")
-    ax.set_ylabel("gradient norm after / before the re-init")
-    ax.set_title(f"{dataset}: {reference}'s re-inits, per block{window} (> 1: larger gradients after)")
-    ax.legend(fontsize=8)
+    _block_axis(ax, blocks, "gradient norm after / before the re-init",
+                f"{dataset}: {reference}'s re-inits, per block (> 1: larger gradients after)", True, 8)
     return fig
 
 
 def gradient_figures(histories, dataset: str, reference: str, baseline: str, model_spec: str) -> dict:
-    """{"gradients": per-block gradient norm over epochs, reference vs baseline} and, when the reference
-    re-initialized, {"reinit_gradients": the post / pre ratios per block and seed}."""
-    blocks = block_order(model_spec, grad_blocks(histories))
+    """{"gradients": plot_gradient_flow} and, when the reference re-initialized, {"reinit_gradients":
+    plot_reinit_ratios}."""
+    blocks = block_order(model_spec, {k[len(GRAD):] for k in histories["key"].unique() if k.startswith(GRAD)})
     out = {"gradients": plot_gradient_flow(histories, dataset, reference, baseline, blocks)}
     ratios = reinit_ratios(histories[histories["dataset"] == dataset], reference)
     if len(ratios):

@@ -1,29 +1,27 @@
-"""What the notebooks in notebooks/ need besides the report: finding the stores from the folder Jupyter opens
-them in, and running them headless with parameters (the README's recipe; the tests run them so they never rot).
-"""
+"""For notebooks/: finding the stores from the folder Jupyter opens them in, and running them headless with
+parameters (the README's recipe; the tests run them so they never rot)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 
 def nearest(name: str) -> Path | None:
-    """`name` in the working directory or the nearest folder above it: a notebook opened in notebooks/
-    finds the mlflow.db (or optuna.journal) that the quick start wrote in the repository root."""
+    """`name` in the working directory or the nearest folder above it (a notebook opened in notebooks/ finds
+    the mlflow.db or optuna.journal the quick start wrote in the repository root)."""
     here = Path.cwd().resolve()
     return next((d / name for d in (here, *here.parents) if (d / name).is_file()), None)
 
 
 def execute_notebook(path: str | Path, parameters: dict | None = None, output_path: str | Path | None = None,
                      timeout: int = 600, cwd: str | Path | None = None):
-    """Run a notebook top to bottom in `cwd` (default: here) with `parameters` injected after its cell tagged
-    "parameters" (papermill's convention, without papermill); writes the executed notebook to `output_path`
-    when given and returns it. Needs the `notebooks` extra (nbclient, nbformat, ipykernel)."""
+    """Run a notebook in `cwd` (default: here) with `parameters` injected after its cell tagged "parameters"
+    (papermill's convention); written to `output_path` when given, and returned. Needs the `notebooks` extra."""
     import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(str(path), as_version=4)
-    where = next((i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])), None)
     if parameters:
+        where = next((i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])), None)
         if where is None:
             raise ValueError(f"{path}: no cell tagged 'parameters' to inject {sorted(parameters)} after")
         source = "# Injected parameters\n" + "\n".join(f"{k} = {v!r}" for k, v in parameters.items())

@@ -1,7 +1,5 @@
-"""The statistics of reports and comparisons: mean ± std over seeds, the paired difference of two methods over
-shared seeds (scipy's paired t-test and its t-interval), Holm's adjustment, which methods pair up, and the
-line saying what a table measures. Pure functions, no pandas: rifle.compare and rifle.regime use them too.
-"""
+"""Statistics of rifle.report, rifle.compare and rifle.regime: mean ± std over seeds, paired differences
+(scipy's paired t-test), Holm's adjustment, which methods pair up, the line saying what a table measures."""
 from __future__ import annotations
 
 import math
@@ -18,8 +16,8 @@ DEFAULT_SELECTION = "best_val"  # runs from before the `selection` param selecte
 
 
 def metric_note(metric: str, selections: dict[str, set[str]]) -> str:
-    """The line every table carries: the metric and, for test_acc, the selection that chose the checkpoint
-    (`selections`: method -> the `selection` values of its runs), so unlike numbers are never read alike."""
+    """The line every table carries, so unlike numbers are never read alike (`selections`: method -> the
+    `selection` values of its runs)."""
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
     if metric != "test_acc":
@@ -35,30 +33,27 @@ def metric_note(metric: str, selections: dict[str, set[str]]) -> str:
 
 
 def mean_std(values) -> tuple[float, float, int]:
-    """(mean, sample std with ddof=1, n); std is nan below two values, mean nan for none."""
+    """(mean, sample std, n); std is nan below two values, mean nan for none."""
     x = np.asarray(list(values), dtype=float)
-    n = int(x.size)
-    return (float(x.mean()) if n else math.nan, float(x.std(ddof=1)) if n > 1 else math.nan, n)
+    return (float(x.mean()) if x.size else math.nan, float(x.std(ddof=1)) if x.size > 1 else math.nan, x.size)
 
 
 def paired_difference(a, b, confidence: float = 0.95) -> dict:
-    """n, mean_diff, sd_diff (ddof=1), ci_low, ci_high (t-interval of the mean difference) and p_value
-    (two-sided) of scipy.stats.ttest_rel(a, b), a[i] and b[i] being the same seed. Below two pairs all but the
-    mean are nan; when every difference is equal there is no spread to test against: p is nan and the
-    interval has zero width (scipy would report rounding noise as a tiny p)."""
+    """n, mean_diff, sd_diff, ci_low, ci_high and p_value of scipy.stats.ttest_rel(a, b) (a[i], b[i]: one seed);
+    nan below two pairs. Equal differences: p nan, zero-width interval (scipy would test rounding noise)."""
     from scipy import stats
 
     a, b = np.asarray(list(a), dtype=float), np.asarray(list(b), dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"paired samples need equal lengths, got {a.size} and {b.size}")
     d = a - b
-    n = int(d.size)
-    out = {"n": n, "mean_diff": float(d.mean()) if n else math.nan, "sd_diff": math.nan,
-           "ci_low": math.nan, "ci_high": math.nan, "p_value": math.nan}
-    if n < 2:
+    mean = float(d.mean()) if d.size else math.nan
+    out = {"n": d.size, "mean_diff": mean, "sd_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+           "p_value": math.nan}
+    if d.size < 2:
         return out
     if float(np.ptp(d)) <= 1e-12:  # equal up to float rounding (0.9-0.8 vs 0.8-0.7)
-        return out | {"sd_diff": 0.0, "ci_low": out["mean_diff"], "ci_high": out["mean_diff"]}
+        return out | {"sd_diff": 0.0, "ci_low": mean, "ci_high": mean}
     test = stats.ttest_rel(a, b)
     ci = test.confidence_interval(confidence_level=confidence)
     return out | {"sd_diff": float(d.std(ddof=1)), "ci_low": float(ci.low), "ci_high": float(ci.high),
@@ -66,9 +61,8 @@ def paired_difference(a, b, confidence: float = 0.95) -> dict:
 
 
 def holm(p_values) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (Holm 1979; scipy has only FDR control), in the input order; nan
-    entries stay nan and are no tests. The k-th smallest of m p is multiplied by m-k+1, then made monotone
-    (running maximum) and capped at 1."""
+    """Holm-Bonferroni adjusted p-values (Holm 1979; scipy has only FDR control) in input order; nan is no test.
+    The k-th smallest of m is multiplied by m-k+1, then made monotone and capped at 1."""
     p = [float(x) for x in p_values]
     order = sorted((i for i, x in enumerate(p) if math.isfinite(x)), key=lambda i: p[i])
     out, running = [math.nan] * len(p), 0.0
@@ -87,8 +81,8 @@ def trick_set(label: str) -> set[str]:
 
 
 def comparisons(methods, reference: str = "rifle") -> list[tuple[str, str]]:
-    """(with-reference, without) pairs: the reference alone against every method without it, and each
-    combination holding it against the same combination without it (RIFLE+L2-SP vs L2-SP, as in the paper)."""
+    """(with-reference, without) pairs: the reference alone against every method without it, and X+reference
+    against X (RIFLE+L2-SP vs L2-SP, as in the paper)."""
     ref = set(method_tricks(method_label(reference)))
     have = sorted(set(methods), key=method_sort_key)
     parts = {m: trick_set(m) for m in have}
