@@ -1,14 +1,10 @@
 """The paper's "same settings" comparison: `python -m rifle.compare --studies rifle,plain,dropout ...`.
 
-For each study (one per method, made by `python -m rifle.sweep`), take the best trial's parameters (chosen
-on validation accuracy), re-train them with N seeds, the same seeds for every method (paired), and record
-each seed's test accuracy in a child run of one comparison run. The comparison run carries, for the metric
-asked (`--metric`: test_acc, the checkpoint the runs' `selection` chose, or test_acc_last), mean and
-standard deviation per method and the paired difference reference − method, where the reference is the
-first study listed (95% t interval, paired t-test; the sign convention of rifle.report), and a table
-(`comparison.csv`, `comparison.md`). A method's label is rifle.methods' label of its study's `tricks`.
-Every (method, seed) trains in its own output directory and MLflow run, so the same command resumes an
-interrupted comparison and skips what is finished.
+Each study's (`python -m rifle.sweep`, one per method) best trial, chosen on validation accuracy, is
+re-trained with the same N seeds for every method (`study.run_paired`, so the same command resumes). The
+comparison run carries, for `--metric`, mean and std per method and the paired difference reference −
+method, the reference being the first study listed (95% t interval, paired t-test; the sign convention of
+rifle.report), and `comparison.csv` / `comparison.md`. A method's label is that of its study's `tricks`.
 """
 from __future__ import annotations
 
@@ -20,7 +16,6 @@ import os
 import re
 import sys
 import time
-from pathlib import Path
 
 from . import config as C
 from .methods import method_label
@@ -34,8 +29,8 @@ SAME_SETTINGS = tuple(n for n, (section, _) in C.all_fields().items() if section
     "epochs", "batch_size", "grad_accum_steps", "mixed_precision", "momentum", "selection")
 
 
-def best_settings(study_name: str, storage) -> tuple[str, int, float, dict, str]:
-    """(method, best trial number, its validation accuracy, trainer options, study uuid) of one study."""
+def best_settings(study_name: str, storage) -> tuple[str, int, float, dict]:
+    """(method, best trial number, its validation accuracy, trainer options) of one study."""
     import optuna
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -52,7 +47,7 @@ def best_settings(study_name: str, storage) -> tuple[str, int, float, dict, str]
     values = dict(info["space"]["fixed"]) | best.params
     # The label of what trains, not the name the study recorded (older studies wrote e.g. rifle_l2sp).
     method = method_label(values.get("tricks", C.TricksConfig.tricks))
-    return method, best.number, best.value, values, info["uuid"]
+    return method, best.number, best.value, values
 
 
 def check_same_settings(settings: dict[str, dict]) -> None:
@@ -69,15 +64,14 @@ def check_same_settings(settings: dict[str, dict]) -> None:
 
 
 def mlflow_key(label: str) -> str:
-    """A method label inside an MLflow metric or tag key, where '+' is not allowed: rifle+l2sp -> rifle.l2sp
-    (not '-', which would read as a difference). Tag values, run names and tables keep the label."""
+    """A label in an MLflow key, where '+' is not allowed: rifle+l2sp -> rifle.l2sp ('-' would read as a
+    difference)."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", ".", label)
 
 
 def summarize(rows: list[dict], labels: list[str], metric: str = "test_acc") -> tuple[dict, str, str]:
-    """Metrics of `metric` (mean, std, and the paired difference reference − method, the reference being
-    labels[0], with a 95% t interval and the paired t-test, from rifle.report), CSV and Markdown tables.
-    The difference metrics are named <metric>_paired_diff_*/<method> (method: its `mlflow_key`)."""
+    """Metrics of `metric` (mean, std, and the paired difference labels[0] − method with a 95% t interval and
+    the paired t-test, named <metric>_paired_diff_*/<mlflow_key(method)>), CSV and Markdown tables."""
     ref = labels[0]
     by = {lab: {r["seed"]: r[metric] for r in rows if r["method"] == lab and not math.isnan(r[metric])}
           for lab in labels}
@@ -107,17 +101,14 @@ def summarize(rows: list[dict], labels: list[str], metric: str = "test_acc") -> 
               f"seeds both ran (> 0: {ref} is better). {metric_note(metric, selections)}"]
     out = io.StringIO()
     w = csv.DictWriter(out, fieldnames=["method", "study", "trial", "seed", "test_acc", "test_acc_last", "selection",
-                                        "best_val_acc", "run_id"])
+                                        "best_val_acc", "run_id"], extrasaction="ignore")
     w.writeheader()
-    for r in sorted(rows, key=lambda r: (labels.index(r["method"]), r["seed"])):
-        w.writerow({k: r[k] for k in w.fieldnames})
+    w.writerows(sorted(rows, key=lambda r: (labels.index(r["method"]), r["seed"])))
     return metrics, out.getvalue(), "\n".join(lines) + "\n"
 
 
 def run(args) -> int:
-    """Read the studies, check the settings, train every (method, seed) as a child run (study.run_paired),
-    then log the table and the paired statistics on the comparison run."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
     from .study import run_paired
@@ -130,30 +121,28 @@ def run(args) -> int:
     found = {s: best_settings(s, storage) for s in studies}
     methods = [found[s][0] for s in studies]
     labels = dict(zip(studies, methods if len(set(methods)) == len(methods) else studies))
-    check_same_settings({s: found[s][3] | args.overrides for s in studies})
-    options = {labels[s]: found[s][3] | args.overrides for s in studies}
-    for values in options.values():  # fail now, not after three methods have trained
+    settings = {s: found[s][3] | args.overrides for s in studies}
+    check_same_settings(settings)
+    for values in settings.values():  # fail now, not after three methods have trained
         C.build(values | {"output_dir": "unused"})
     shown = redact(url)
     parent, runs = run_paired(
-        options, args.seeds, args.name, uri, args.experiment, args.output_root,
+        {labels[s]: settings[s] for s in studies}, args.seeds, args.name, uri, args.experiment, args.output_root,
         tags={"compare.studies": ",".join(studies), "compare.storage": shown},
         child_tags={labels[s]: {"compare.study": s, "compare.trial": str(found[s][1])} for s in studies})
     if parent is None:  # another process of `accelerate launch`: the main one reports
         return 0
     client = MlflowClient(uri)
-    have = client.get_run(parent).data.params
+    have = client.get_run(parent).data.params  # a resumed comparison logs its params once
     params = {"studies": ",".join(studies), "seeds": ",".join(map(str, args.seeds)), "storage": shown,
               **{f"override.{k}": v for k, v in args.overrides.items()}}
-    for k, v in params.items():
-        if k not in have:
-            client.log_param(parent, k, str(v))
-    for s in studies:
-        client.set_tag(parent, f"best_trial.{mlflow_key(labels[s])}", f"{s}#{found[s][1]} (val_acc {found[s][2]:.4f})")
     rows = [_row(label, run) for (label, _), run in runs.items()]
     metrics, table_csv, table_md = summarize(rows, [labels[s] for s in studies], args.metric)
     now = int(time.time() * 1000)
-    client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if not math.isnan(v)])
+    best = {f"best_trial.{mlflow_key(labels[s])}": f"{s}#{found[s][1]} (val_acc {found[s][2]:.4f})" for s in studies}
+    client.log_batch(parent, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if not math.isnan(v)],
+                     params=[Param(k, str(v)) for k, v in params.items() if k not in have],
+                     tags=[RunTag(k, v) for k, v in best.items()])
     client.log_text(parent, table_csv, "comparison.csv")
     client.log_text(parent, table_md, "comparison.md")
     print(table_md + f"rifle.compare: comparison run {parent}", flush=True)
@@ -161,13 +150,13 @@ def run(args) -> int:
 
 
 def _row(label: str, run) -> dict:
-    """A finished (method, seed) run's row, read from what it logged (older runs have no test_acc_last and no
-    selection param; without validation there is no best_val_acc)."""
+    """A finished (method, seed) run's row (older runs have no test_acc_last nor selection; without validation
+    there is no best_val_acc)."""
     m, p, t = run.data.metrics, run.data.params, run.data.tags
     return {"method": label, "study": t.get("compare.study"), "trial": t.get("compare.trial"),
-            "seed": int(t["compare.seed"]), "test_acc": m["test_acc"], "test_acc_last": m.get("test_acc_last", math.nan),
-            "selection": p.get("selection") or DEFAULT_SELECTION, "best_val_acc": m.get("best_val_acc", math.nan),
-            "run_id": run.info.run_id}
+            "seed": int(t["compare.seed"]), "test_acc": m["test_acc"],
+            "test_acc_last": m.get("test_acc_last", math.nan), "selection": p.get("selection") or DEFAULT_SELECTION,
+            "best_val_acc": m.get("best_val_acc", math.nan), "run_id": run.info.run_id}
 
 
 def parser() -> argparse.ArgumentParser:

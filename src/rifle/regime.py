@@ -11,19 +11,16 @@ a fresh cosine each period), under both evaluation protocols (validated: best-va
 authors': all of train, last epoch). Every cell is paired with plain fine-tuning on the same seeds and
 data, and each difference gets a 95% t interval: a cell where the interval lies above 0 is "helps",
 below 0 "hurts", otherwise "cannot be told apart"; p-values are also Holm-adjusted over all cells.
-
-Every (protocol, data size) is one parent run of the offline study's machinery (`study.run_paired`): each
-(method, seed) trains once, in its own output_dir, so an interrupted grid resumes where it stopped.
+Every (protocol, data size) is one parent run of `study.run_paired`, so an interrupted grid resumes.
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
 
 from . import config as C
-from .study import BASE, PROTOCOLS, run_paired
+from .study import paired_parser, paired_plan, run_paired
 
 DATA = {10: {"train_per_class": 10}, 30: {"train_per_class": 30}}  # images per class -> options
 CLASSES = 10  # digits
@@ -33,23 +30,12 @@ POLICIES = ("follow", "cyclic")
 
 def variants() -> dict[str, dict]:
     """label -> options: plain and every (K, head-LR policy) of RIFLE."""
-    out = {"plain": {"tricks": ""}}
-    for k in REINITS:
-        for policy in POLICIES:
-            out[f"rifle-K{k}-{policy}"] = {"tricks": "rifle", "reinit_times": k, "head_lr_policy": policy}
-    return out
+    return {"plain": {"tricks": ""}} | {f"rifle-K{k}-{policy}": {"tricks": "rifle", "reinit_times": k,
+                                                                 "head_lr_policy": policy}
+                                        for k in REINITS for policy in POLICIES}
 
 
-def steps_per_epoch(cfg: C.Config) -> int:
-    """Optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size."""
-    return math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
-
-
-def cell_name(protocol: str, per_class: int) -> str:
-    return f"regime-{protocol}-{per_class}pc"
-
-
-def collect(experiment: str, parents: dict, overrides: dict) -> "pd.DataFrame":
+def collect(experiment: str, parents: dict, plan: dict) -> "pd.DataFrame":
     """One row per (protocol, data, K, policy): plain and RIFLE mean test_acc over the shared seeds and the
     paired difference RIFLE − plain with its 95% t interval, p, Holm-adjusted p and the verdict."""
     import mlflow
@@ -61,16 +47,18 @@ def collect(experiment: str, parents: dict, overrides: dict) -> "pd.DataFrame":
     for (protocol, per_class), parent in parents.items():
         runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`mlflow.parentRunId` = "
                                   f"'{parent}' and attributes.status = 'FINISHED'", output_format="list")
-        acc = {}
+        acc = {}  # label -> seed -> test_acc
         for r in runs:
-            acc.setdefault(r.data.tags["compare.method"], {})[int(r.data.tags["compare.seed"])] = r.data.metrics["test_acc"]
+            tags = r.data.tags
+            acc.setdefault(tags["compare.method"], {})[int(tags["compare.seed"])] = r.data.metrics["test_acc"]
         plain = acc.get("plain", {})
         for label, options in variants().items():
             if label == "plain" or label not in acc:
                 continue
             seeds = sorted(set(plain) & set(acc[label]))
-            cfg = C.build(BASE | DATA[per_class] | options | PROTOCOLS[protocol] | overrides)
-            spe = steps_per_epoch(cfg)
+            cfg = C.build(plan[protocol, per_class][label])
+            # optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size
+            spe = math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
             stats = paired_difference([acc[label][s] for s in seeds], [plain[s] for s in seeds])
             rows.append({"protocol": protocol, "images_per_class": per_class, "steps_per_epoch": spe,
                          "K": options["reinit_times"], "head_lr": options["head_lr_policy"],
@@ -111,11 +99,11 @@ def plot(table):
     colors = {"validated": "tab:blue", "authors": "tab:orange"}
     labels = []
     for i, r in enumerate(table.itertuples(index=False)):
-        y = len(table) - 1 - i
-        ax.errorbar(100 * r.mean_diff, y, xerr=[[100 * (r.mean_diff - r.ci_low)], [100 * (r.ci_high - r.mean_diff)]],
-                    fmt="o", color=colors.get(r.protocol, "gray"), capsize=3,
+        ax.errorbar(100 * r.mean_diff, len(table) - 1 - i, fmt="o", color=colors.get(r.protocol, "gray"), capsize=3,
+                    xerr=[[100 * (r.mean_diff - r.ci_low)], [100 * (r.ci_high - r.mean_diff)]],
                     label=r.protocol if r.protocol not in [lab[0] for lab in labels] else None)
-        labels.append((r.protocol, f"{r.images_per_class}/class, K={r.K}, {r.head_lr} ({r.steps_per_period} steps/period)"))
+        labels.append((r.protocol, f"{r.images_per_class}/class, K={r.K}, {r.head_lr} "
+                                   f"({r.steps_per_period} steps/period)"))
     ax.set_yticks(range(len(table)), [text for _, text in reversed(labels)], fontsize=8)
     ax.axvline(0, color="black", linewidth=0.8)
     ax.set_xlabel("RIFLE − plain test accuracy (points), mean and 95% t interval over paired seeds")
@@ -125,37 +113,24 @@ def plot(table):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rifle.regime", description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1")
-    p.add_argument("--protocol", default="both", choices=(*PROTOCOLS, "both"),
-                   help="validated (best-validation checkpoint), authors (all of train, last epoch) or both")
-    p.add_argument("--tracking_uri", default="sqlite:///mlflow.db", help="MLflow store")
-    p.add_argument("--experiment", default="rifle-regime", help="MLflow experiment of the grid's runs")
-    p.add_argument("--output_root", default="outputs/regime", help="runs go to <root>/<cell>/<method>/seed-<s>")
-    p.add_argument("--report_dir", default="outputs/regime/report", help="where regime.md/.csv/.png go")
-    p.add_argument("overrides", nargs="*", metavar="option=value", help="any trainer option, e.g. epochs=12")
-    args = p.parse_args(argv)
-    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
-    try:
-        overrides = dict(item.split("=", 1) for item in args.overrides)
-        for protocol in protocols:  # every configuration is valid before the first of ~100 runs starts
-            for data in DATA.values():
-                for options in variants().values():
-                    C.build(BASE | data | options | PROTOCOLS[protocol] | overrides)
-    except (C.ConfigError, ValueError) as e:
-        print(f"rifle.regime: error: {e}", file=sys.stderr)
+    args = paired_parser("regime", __doc__, experiment="rifle-regime", runs="grid's", example="epochs=12",
+                         output_help="runs go to <root>/<cell>/<method>/seed-<s>",
+                         report_help="where regime.md/.csv/.png go").parse_args(argv)
+    # every configuration is valid before the first of ~100 runs starts
+    plan = paired_plan(args, "regime", lambda: {per_class: {label: data | options
+                                                            for label, options in variants().items()}
+                                                for per_class, data in DATA.items()})
+    if plan is None:
         return 2
     parents = {}
-    for protocol in protocols:
-        for per_class, data in DATA.items():
-            print(f"rifle.regime: {protocol} protocol, {per_class} images per class", flush=True)
-            parents[protocol, per_class], _ = run_paired(
-                {label: BASE | data | options | PROTOCOLS[protocol] | overrides for label, options in variants().items()},
-                list(range(args.seeds)), cell_name(protocol, per_class), args.tracking_uri, args.experiment,
-                args.output_root)
+    for (protocol, per_class), methods in plan.items():
+        print(f"rifle.regime: {protocol} protocol, {per_class} images per class", flush=True)
+        parents[protocol, per_class], _ = run_paired(methods, list(range(args.seeds)),
+                                                     f"regime-{protocol}-{per_class}pc", args.tracking_uri,
+                                                     args.experiment, args.output_root)
     import mlflow
     mlflow.set_tracking_uri(args.tracking_uri)
-    table = collect(args.experiment, parents, overrides)
+    table = collect(args.experiment, parents, plan)
     out = Path(args.report_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "regime.csv", index=False)

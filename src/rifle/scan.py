@@ -5,10 +5,10 @@ transforms alike: EXIF orientation applied; 16-bit and 32-bit grayscale scaled (
 them to white); transparency composited on white (PIL's convert keeps whatever colour hides under
 alpha 0); palette, 1-bit, grayscale and CMYK through PIL.
 
-`scan` reads every image's raw bytes (Hugging Face image columns decode lazily, so bad files surface only
-when read), tries to decode and convert each, and returns the files that fail: empty, not an image,
-truncated or corrupt, larger than PIL's decompression-bomb limit, or in a mode with no RGB conversion.
-The verdict is cached as JSON by the datasets' fingerprints, so each dataset is scanned once.
+`scan` decodes every image's raw bytes (Hugging Face image columns decode lazily, so bad files surface only
+when read) and returns the files that fail: empty, not an image, truncated or corrupt, larger than PIL's
+decompression-bomb limit, or with no RGB conversion; the verdict is cached as JSON by the datasets'
+fingerprints, so each dataset is scanned once.
 """
 from __future__ import annotations
 
@@ -24,16 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import PIL
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 SCAN_VERSION = 1
-ORIENTATION = 0x0112
 WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
     """An RGB image as a viewer shows it (orientation, full grey range, transparency on white)."""
-    if im.getexif().get(ORIENTATION, 1) != 1:
+    if im.getexif().get(ExifTags.Base.Orientation, 1) != 1:
         im = ImageOps.exif_transpose(im)
     if im.mode == "RGB":
         return im
@@ -54,27 +53,20 @@ def to_rgb(im: Image.Image) -> Image.Image:
 
 def check_image(data: bytes | None, path: str | None) -> tuple[str | None, str | None]:
     """(reason it cannot be used or None, the mode it was stored in)."""
+    if data is None and not path:
+        return "no image in this row", None
+    if data is None and not os.path.isfile(path):
+        return "file not found", None
     try:
-        if data is None:
-            if not path:
-                return "no image in this row", None
-            if not os.path.isfile(path):
-                return "file not found", None
-            empty = os.path.getsize(path) == 0
-        else:
-            empty = len(data) == 0
-        if empty:
+        if (len(data) if data is not None else os.path.getsize(path)) == 0:
             return "empty file (0 bytes)", None
         with Image.open(io.BytesIO(data) if data is not None else path) as im:
-            width, height = im.size
-            limit = Image.MAX_IMAGE_PIXELS
+            mode, limit = im.mode, Image.MAX_IMAGE_PIXELS
             # PIL only warns between 1x and 2x its limit; such an image would still be decoded in training.
-            if limit and width * height > limit:
-                return f"decompression bomb: {width}x{height} pixels exceeds PIL's limit of {limit}", im.mode
-            mode = im.mode
+            if limit and im.width * im.height > limit:
+                return f"decompression bomb: {im.width}x{im.height} pixels exceeds PIL's limit of {limit}", mode
             im.load()
-            rgb = to_rgb(im)
-            if rgb.mode != "RGB":
+            if to_rgb(im).mode != "RGB":
                 return f"no RGB conversion from mode {mode}", mode
             return None, mode
     except Image.DecompressionBombError as e:
@@ -115,12 +107,6 @@ class ScanReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
-    @classmethod
-    def from_json(cls, text: str) -> "ScanReport":
-        data = json.loads(text)
-        data["bad"] = [BadImage(**b) for b in data["bad"]]
-        return cls(**data)
-
 
 def scan_key(ds) -> str | None:
     """Identity of a DatasetDict's content: its splits' datasets fingerprints (they change with the
@@ -134,11 +120,6 @@ def scan_key(ds) -> str | None:
     return h.hexdigest()[:24]
 
 
-def default_cache_dir() -> Path:
-    import datasets
-    return Path(datasets.config.HF_DATASETS_CACHE) / "rifle_image_scan"
-
-
 def _file_name(split: str, index: int, cell: dict) -> str:
     if cell.get("bytes") is None and cell.get("path"):
         return cell["path"]
@@ -149,42 +130,38 @@ def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | N
          progress: bool | None = None, batch_size: int = 256) -> ScanReport:
     """Decode every image of every split of `ds` (a DatasetDict with an `image` column) once."""
     import datasets
+    from tqdm.auto import tqdm
 
     key = scan_key(ds)
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    default_root = Path(datasets.config.HF_DATASETS_CACHE) / "rifle_image_scan"
+    cache_root = Path(cache_dir) if cache_dir is not None else default_root
     cache_file = cache_root / f"{key}.json" if key else None
     if cache_file is not None and cache_file.is_file():
         try:
-            report = ScanReport.from_json(cache_file.read_text())
-            return ScanReport(**{**asdict(report), "bad": report.bad, "dataset": name, "cached": True,
-                                 "cache_file": str(cache_file)})
+            data = json.loads(cache_file.read_text())
+            return ScanReport(**data | {"bad": [BadImage(**b) for b in data["bad"]], "dataset": name, "cached": True,
+                                        "cache_file": str(cache_file)})
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable cache entry is rescanned and rewritten
-    total = sum(len(part) for part in ds.values())
-    report = ScanReport(dataset=name, key=key, total=total)
-    threads = threads or min(8, os.cpu_count() or 1)
+    report = ScanReport(dataset=name, key=key, total=sum(len(part) for part in ds.values()))
     show = sys.stderr.isatty() if progress is None else progress
-    from tqdm.auto import tqdm
-    bar = tqdm(total=total, desc=f"checking images of {name}", unit="img", disable=not show, dynamic_ncols=True)
+    bar = tqdm(total=report.total, desc=f"checking images of {name}", unit="img", disable=not show, dynamic_ncols=True)
     # PIL decoders release the GIL, so threads decode in parallel without copying the data to processes.
-    with ThreadPoolExecutor(max_workers=threads) as pool, warnings.catch_warnings():
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool, warnings.catch_warnings(), bar:
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # check_image reports it instead
         for split in sorted(ds):
             raw = ds[split].select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
-            start = 0
+            index = 0
             for batch in raw.iter(batch_size=batch_size):
-                cells = batch["image"]
-                results = pool.map(lambda c: check_image(c.get("bytes"), c.get("path")) if c else
-                                   ("no image in this row", None), cells)
-                for offset, (cell, (reason, mode)) in enumerate(zip(cells, results)):
+                cells = [cell or {} for cell in batch["image"]]
+                results = pool.map(lambda c: check_image(c.get("bytes"), c.get("path")), cells)
+                for cell, (reason, mode) in zip(cells, results):
                     if reason is None:
                         report.modes[mode] = report.modes.get(mode, 0) + 1
                     else:
-                        report.bad.append(BadImage(split, start + offset, _file_name(split, start + offset, cell or {}),
-                                                   reason))
-                start += len(cells)
+                        report.bad.append(BadImage(split, index, _file_name(split, index, cell), reason))
+                    index += 1
                 bar.update(len(cells))
-    bar.close()
     if cache_file is not None:
         try:
             cache_root.mkdir(parents=True, exist_ok=True)
