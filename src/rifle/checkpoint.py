@@ -1,10 +1,7 @@
-"""Atomic epoch checkpoints: `<output_dir>/checkpoints/epoch-NNNN/` holds model.safetensors,
-optimizer.pt (tensors only, loaded with weights_only=True) and state.json (counters, best record,
-history, trick states, MLflow run id). A directory appears under its final name only once complete
-(written under a temporary name, then renamed), so a kill at any moment leaves the last good one.
-
-RNG states are not stored: the trainer reseeds every process at each epoch start from (seed, epoch,
-rank), so an epoch's randomness does not depend on what ran before it.
+"""Atomic epoch checkpoints: `<output_dir>/checkpoints/epoch-NNNN/` holds model.safetensors, optimizer.pt
+(tensors only, loaded with weights_only=True) and state.json (counters, best record, history, trick states,
+MLflow run id). A directory gets its final name only once complete, so a kill at any moment leaves the last
+good one. No RNG state: the trainer reseeds every process at each epoch start from (seed, epoch, rank).
 """
 from __future__ import annotations
 
@@ -20,17 +17,16 @@ PREFIX = "epoch-"
 FINISHED = "finished.json"  # a finished run's record: options, history, result, MLflow run id
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+def _write_atomically(path: Path, write) -> None:
+    """`write(tmp)`, then rename tmp to `path`: a kill leaves the old file or none, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
     os.replace(tmp, path)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """safetensors file, written atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _write_atomically(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -38,8 +34,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def latest(output_dir: str | Path) -> Path | None:
-    root = Path(output_dir) / "checkpoints"
-    done = sorted(p for p in root.glob(f"{PREFIX}*") if (p / "state.json").is_file()) if root.is_dir() else []
+    done = sorted(p.parent for p in (Path(output_dir) / "checkpoints").glob(f"{PREFIX}*/state.json"))
     return done[-1] if done else None
 
 
@@ -54,11 +49,11 @@ def save(output_dir: str | Path, epoch: int, model, optimizer, state: dict, keep
     tmp.mkdir()
     save_weights(model, tmp / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    _atomic_json(tmp / "state.json", state)
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
     if final.exists():  # a re-run of the same epoch after a crash between rename and cleanup
         shutil.rmtree(final)
     os.rename(tmp, final)
-    for old in sorted(p for p in root.glob(f"{PREFIX}*"))[:-keep]:
+    for old in sorted(root.glob(f"{PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -72,12 +67,11 @@ def load(path: Path, model, optimizer) -> dict:
 def save_finished(output_dir: str | Path, record: dict, keep_checkpoints: bool) -> None:
     """Mark the run finished (finished.json, atomic), then remove its epoch checkpoints unless kept: a
     finished run needs only its record and the selected weights."""
-    _atomic_json(Path(output_dir) / FINISHED, record)
+    _write_atomically(Path(output_dir) / FINISHED, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
     if not keep_checkpoints:
         shutil.rmtree(Path(output_dir) / "checkpoints", ignore_errors=True)
 
 
 def finished(output_dir: str | Path) -> dict | None:
-    """The record of a finished run in output_dir, else None."""
     path = Path(output_dir) / FINISHED
     return json.loads(path.read_text()) if path.is_file() else None

@@ -3,7 +3,6 @@ in sweeps, in cluster logs, whenever stderr is not a terminal). Main process onl
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 from tqdm.auto import tqdm
@@ -18,16 +17,9 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, seconds: float, left: flo
     parts.append(f"lr {metrics['lr_backbone']:.3g}/{metrics['lr_head']:.3g} (backbone/head)")
     if metrics.get("head_reinit"):
         parts.append("head re-initialized")
-    parts.append(f"{seconds:.1f} s/epoch, ~{_duration(left)} left")
+    duration = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
+    parts.append(f"{seconds:.1f} s/epoch, ~{duration} left")
     return f"epoch {epoch + 1}/{epochs}: " + ", ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 class Progress:
@@ -35,25 +27,19 @@ class Progress:
 
     def __init__(self, main: bool, first_epoch: int, epochs: int, steps_per_epoch: int, terminal: bool | None = None):
         terminal = os.isatty(2) if terminal is None else terminal
-        self.main, self.epochs, self.first = main, epochs, first_epoch
+        self.epochs, self.first = epochs, first_epoch
         self.bar = tqdm(total=(epochs - first_epoch) * steps_per_epoch, desc="train", dynamic_ncols=True,
                         disable=not (main and terminal))
         self.lines = main and not terminal
         self.start = self.last = time.perf_counter()
-
-    def update(self, n: int = 1) -> None:
-        self.bar.update(n)
+        self.update, self.close = self.bar.update, self.bar.close  # per optimizer step, at the end
 
     def epoch_end(self, epoch: int, metrics: dict) -> None:
-        now = time.perf_counter()
-        seconds, self.last = now - self.last, now
         if self.lines:
-            per_epoch = (now - self.start) / (epoch + 1 - self.first)
-            print(epoch_line(epoch, self.epochs, metrics, seconds, per_epoch * (self.epochs - epoch - 1)),
-                  file=sys.stdout, flush=True)
+            now = time.perf_counter()
+            seconds, self.last = now - self.last, now
+            left = (now - self.start) / (epoch + 1 - self.first) * (self.epochs - epoch - 1)
+            print(epoch_line(epoch, self.epochs, metrics, seconds, left), flush=True)
         else:
             self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
                                  val=f"{metrics.get('val_acc', float('nan')):.3f}")
-
-    def close(self) -> None:
-        self.bar.close()

@@ -1,5 +1,4 @@
-"""The model rifle.serving logs, as MLflow loads it ("models from code": this file is run, nothing is
-unpickled; the weights are read with safetensors)."""
+"""The model rifle.serving logs, as MLflow loads it ("models from code": this file is run, nothing unpickled)."""
 import mlflow
 
 from rifle.serving import ImageClassifier

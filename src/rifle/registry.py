@@ -1,16 +1,14 @@
 """Named target datasets (`--dataset cub200`): where each lives and how its splits are formed.
 
-The entries ship in `datasets.yaml` next to this module. A user adds or overrides entries, without
-touching code, with a YAML file of the same form named by `--dataset_registry` or, failing that,
-`$RIFLE_DATASET_REGISTRY`; an entry there replaces a built-in entry of the same name as a whole.
-
+Built-in entries: `datasets.yaml` next to this module (its header documents the fields). A YAML file of the
+same form named by `--dataset_registry`, else `$RIFLE_DATASET_REGISTRY`, adds entries or replaces them whole.
 Light on purpose (yaml only): `config.resolve` validates dataset names with it before torch loads.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -37,8 +35,6 @@ class Entry:
     splits: dict = field(default_factory=dict)   # our split name -> the source's; empty: detect by name
     test_fraction: float | None = None           # held out of train when the source has no test split
     verified: bool = False
-    title: str = ""
-    origin: str = ""              # the file the entry came from
 
     @property
     def hub_id(self) -> str | None:
@@ -55,46 +51,38 @@ def _parse(text: str, origin: str) -> dict[str, Entry]:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise RegistryError(f"{origin}: not valid YAML ({e})".replace("\n", " ")) from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise RegistryError(f"{origin}: expected a mapping of dataset name -> entry")
-    entries = {}
-    for name, raw in data.items():
-        where = f"{origin}, entry {name!r}"
-        if not isinstance(name, str) or not NAME.match(name):
-            raise RegistryError(f"{where}: a name is lower-case letters, digits, '_', '-' or '.'")
-        if not isinstance(raw, dict):
-            raise RegistryError(f"{where}: expected a mapping of fields ({', '.join(FIELDS)})")
-        unknown = sorted(set(raw) - set(FIELDS))
-        if unknown:
-            raise RegistryError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
-        if ("hub" in raw) == ("source" in raw):
-            raise RegistryError(f"{where}: give exactly one of 'hub' (a Hub id or a Hub-style folder) and "
-                                "'source' (imagefolder:<root>, disk:<path> or digits)")
-        if "hub" in raw:
-            source = f"hub:{_text(raw['hub'], where, 'hub')}"
-        else:
-            source = _text(raw["source"], where, "source")
-            if not (source == "digits" or source.startswith(("imagefolder:", "disk:", "hub:"))):
-                raise RegistryError(f"{where}: source {source!r} is not digits, imagefolder:<root>, "
-                                    "disk:<path> or hub:<id>")
-        splits = raw.get("splits") or {}
-        if not isinstance(splits, dict) or not set(splits) <= set(SPLITS) or (splits and "train" not in splits):
-            raise RegistryError(f"{where}: 'splits' maps train (required), val and test to the source's "
-                                "split names, e.g. {train: train, test: validation}")
-        test_fraction = raw.get("test_fraction")
-        if test_fraction is not None and not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
-            raise RegistryError(f"{where}: test_fraction must be a number in (0, 1), got {test_fraction!r}")
-        revision = raw.get("revision")
-        entries[name] = Entry(
-            name=name, source=source, revision=None if revision is None else _text(revision, where, "revision"),
-            image_column=_text(raw.get("image_column", "image"), where, "image_column"),
-            label_column=_text(raw.get("label_column", "label"), where, "label_column"),
-            splits={k: _text(v, where, f"splits.{k}") for k, v in splits.items()},
-            test_fraction=test_fraction, verified=bool(raw.get("verified", False)),
-            title=str(raw.get("title", "")), origin=origin)
-    return entries
+    return {name: _entry(name, raw, f"{origin}, entry {name!r}") for name, raw in (data or {}).items()}
+
+
+def _entry(name, raw, where: str) -> Entry:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise RegistryError(f"{where}: a name is lower-case letters, digits, '_', '-' or '.'")
+    if not isinstance(raw, dict):
+        raise RegistryError(f"{where}: expected a mapping of fields ({', '.join(FIELDS)})")
+    unknown = sorted(set(raw) - set(FIELDS))
+    if unknown:
+        raise RegistryError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(FIELDS)})")
+    if ("hub" in raw) == ("source" in raw):
+        raise RegistryError(f"{where}: give exactly one of 'hub' (a Hub id or a Hub-style folder) and "
+                            "'source' (imagefolder:<root>, disk:<path> or digits)")
+    source = f"hub:{_text(raw['hub'], where, 'hub')}" if "hub" in raw else _text(raw["source"], where, "source")
+    if not (source == "digits" or source.startswith(("imagefolder:", "disk:", "hub:"))):
+        raise RegistryError(f"{where}: source {source!r} is not digits, imagefolder:<root>, disk:<path> or hub:<id>")
+    splits = raw.get("splits") or {}
+    if not isinstance(splits, dict) or not set(splits) <= set(SPLITS) or (splits and "train" not in splits):
+        raise RegistryError(f"{where}: 'splits' maps train (required), val and test to the source's "
+                            "split names, e.g. {train: train, test: validation}")
+    test_fraction = raw.get("test_fraction")
+    if test_fraction is not None and not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
+        raise RegistryError(f"{where}: test_fraction must be a number in (0, 1), got {test_fraction!r}")
+    revision = raw.get("revision")
+    return Entry(name=name, source=source, revision=None if revision is None else _text(revision, where, "revision"),
+                 image_column=_text(raw.get("image_column", "image"), where, "image_column"),
+                 label_column=_text(raw.get("label_column", "label"), where, "label_column"),
+                 splits={k: _text(v, where, f"splits.{k}") for k, v in splits.items()},
+                 test_fraction=test_fraction, verified=bool(raw.get("verified", False)))
 
 
 def _text(value, where: str, key: str) -> str:
@@ -103,34 +91,22 @@ def _text(value, where: str, key: str) -> str:
     return str(value)
 
 
-def builtin() -> dict[str, Entry]:
-    text = resources.files("rifle").joinpath("datasets.yaml").read_text()
-    return _parse(text, "rifle/datasets.yaml")
-
-
 def load(user_file: str | None = None) -> dict[str, Entry]:
     """Built-in entries, then the user's (`user_file`, else $RIFLE_DATASET_REGISTRY) on top."""
-    entries = builtin()
+    entries = _parse(resources.files("rifle").joinpath("datasets.yaml").read_text(), "rifle/datasets.yaml")
     path = registry_path(user_file)
     if path:
         p = Path(path)
         if not p.is_file():
             raise RegistryError(f"dataset registry file not found: {path}")
         user = _parse(p.read_text(), str(p))
-        base = p.resolve().parent
         # A relative folder in a user's file is relative to that file, not to the working directory.
         for name, e in user.items():
-            for prefix in ("imagefolder:", "disk:", "hub:"):
-                rest = e.source[len(prefix):]
-                if e.source.startswith(prefix) and rest.startswith(("./", "../")):
-                    user[name] = _replace(e, source=prefix + str((base / rest).resolve()))
+            prefix, _, rest = e.source.partition(":")
+            if rest.startswith(("./", "../")):
+                user[name] = replace(e, source=f"{prefix}:{(p.resolve().parent / rest).resolve()}")
         entries.update(user)
     return entries
-
-
-def _replace(entry: Entry, **changes) -> Entry:
-    from dataclasses import replace
-    return replace(entry, **changes)
 
 
 def is_name(spec: str) -> bool:

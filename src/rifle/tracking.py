@@ -1,13 +1,10 @@
 """MLflow tracking, on the main process only (other processes get a tracker that does nothing).
 
-Under `mlflow run` the run MLflow created (MLFLOW_RUN_ID) is used; standalone a run is made in
-`--experiment` (default: $MLFLOW_EXPERIMENT_NAME, else `rifle`), or the run recorded in the checkpoint is
-re-opened when a run resumes. Default store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the
-working directory.
-
-Every experiment that receives a training run is tagged as a model-training experiment
-(`mlflow.experimentKind`), and while a run is open SIGTERM raises `Terminated` (a KeyboardInterrupt) in the
-main thread, so a run stopped by a scheduler, `kill` or `mlflow run`'s Ctrl-C ends as KILLED, like Ctrl-C.
+The run: under `mlflow run` the one MLflow made (MLFLOW_RUN_ID), on resume the one in the checkpoint, else
+a new one in `--experiment` (else $MLFLOW_EXPERIMENT_NAME, else `rifle`), tagged as model training
+(`mlflow.experimentKind`). Store: $MLFLOW_TRACKING_URI, else `sqlite:///mlflow.db` in the working directory.
+While a run is open SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread, so a run stopped by
+a scheduler, `kill` or `mlflow run`'s Ctrl-C ends as KILLED, like Ctrl-C.
 """
 from __future__ import annotations
 
@@ -15,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -33,13 +29,10 @@ class Terminated(KeyboardInterrupt):
 
 def redact(url: str | None) -> str | None:
     """The URL with any password replaced by ***, for logs and params."""
-    if not url or "://" not in url:
-        return url
-    parts = urlsplit(url)
+    parts = urlsplit(url or "")
     if parts.password is None:
         return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def git_commit() -> str | None:
@@ -51,8 +44,7 @@ def git_commit() -> str | None:
 
 
 def mark_training(client, experiment_id: str) -> None:
-    """Tag the experiment as model training, unless it already has a kind (someone chose it). Best effort: a
-    store that refuses experiment tags (permissions) does not stop training."""
+    """Tag the experiment as model training unless it has a kind (someone chose it). Best effort."""
     try:
         if KIND_TAG not in client.get_experiment(experiment_id).tags:
             client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
@@ -63,46 +55,37 @@ def mark_training(client, experiment_id: str) -> None:
 def param_text(value) -> str | None:
     """How an option is logged: None (unset, resolved elsewhere) is not logged, an empty string (no tricks,
     the default cache folder...) is `none`, which the options read back as the same value."""
-    if value is None:
-        return None
-    text = str(value)
-    return text if text != "" else "none"
+    return None if value is None else str(value) or "none"
+
+
+def _all_pages(search, **kwargs) -> list:
+    """Every result of a paged MlflowClient search."""
+    from mlflow.utils import get_results_from_paginated_fn
+    return get_results_from_paginated_fn(lambda n, token: search(max_results=n, page_token=token, **kwargs), 1000)
 
 
 def all_experiment_ids(client) -> list[str]:
-    """Every experiment of the store (all pages)."""
-    ids, token = [], None
-    while True:
-        page = client.search_experiments(max_results=1000, page_token=token)
-        ids += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            return ids
+    return [e.experiment_id for e in _all_pages(client.search_experiments)]
 
 
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created if missing (another process may create it at the same moment)."""
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return client.create_experiment(name)
-    except Exception:  # lost the race: it exists now
-        found = client.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(name)
+        except Exception:  # lost the race: it exists now (else the error stands)
+            found = client.get_experiment_by_name(name)
+            if found is None:
+                raise
+    return found.experiment_id
 
 
 class Tracker:
     def __init__(self, active: bool, tracking_uri: str | None, experiment: str | None, system_metrics: bool = True):
-        self.active = active
-        self.run_id: str | None = None
-        self.experiment_name: str | None = None
-        self.class_names: list[str] | None = None
+        self.active, self.system_metrics, self._requested = active, system_metrics, experiment
+        self.run_id = self.experiment_name = self.class_names = None
         self.under_mlflow_run = False
-        self.system_metrics = system_metrics
-        self._requested = experiment
         self._previous_signals: dict = {}
         if not active:
             return
@@ -121,10 +104,11 @@ class Tracker:
         # a later run in this process (sweeps, tests, `mlflow run`'s MLFLOW_RUN_ID) must not inherit it.
         self.experiment_id = None
         if "MLFLOW_RUN_ID" not in os.environ:
-            self.experiment_id = experiment_id(mlflow.tracking.MlflowClient(self.uri), experiment or os.environ.get(
-                "MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+            name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            self.experiment_id = experiment_id(mlflow.tracking.MlflowClient(self.uri), name)
 
-    def start(self, run_id: str | None = None, run_name: str | None = None, forced_run_id: str | None = None) -> str | None:
+    def start(self, run_id: str | None = None, run_name: str | None = None,
+              forced_run_id: str | None = None) -> str | None:
         """Log into `forced_run_id` (a sweep's child run), else the `mlflow run` run, else re-open `run_id`
         (resume), else make a new run."""
         if not self.active:
@@ -154,22 +138,16 @@ class Tracker:
         return self.run_id
 
     def log_params(self, params: dict) -> None:
-        """Log params as resolved values (`param_text`), with `experiment` and `tracking_uri` as really used
-        (the URI without its password). One already set to another value (by `mlflow run -P epochs=7` before
-        RIFLE truncated it to 6, or `-P experiment=x`) is kept and the resolved value goes to `<name>_resolved`."""
+        """Resolved values (`param_text`), `experiment` and `tracking_uri` (redacted) as really used. A param set
+        already to another value (`mlflow run -P epochs=7`, truncated to 6) is kept; ours goes to `<name>_resolved`."""
         if not self.active:
             return
         params = dict(params) | {"experiment": self.experiment_name, "tracking_uri": redact(self.uri)}
         existing = self.mlflow.get_run(self.run_id).data.params
-        out = {}
-        for key, value in params.items():
-            text = param_text(value)
-            if text is None:
-                continue
-            if key not in existing:
-                out[key] = text
-            elif existing[key] != text and f"{key}_resolved" not in existing:
-                out[f"{key}_resolved"] = text
+        texts = {key: text for key, value in params.items() if (text := param_text(value)) is not None}
+        out = {key: text for key, text in texts.items() if key not in existing}
+        out |= {f"{key}_resolved": text for key, text in texts.items()
+                if key in existing and existing[key] != text and f"{key}_resolved" not in existing}
         if out:
             self.mlflow.log_params(out)
 
@@ -198,9 +176,8 @@ class Tracker:
         the checkpoint and the metric logging), never one twice."""
         if not self.active or not history:
             return
-        client = self.mlflow.tracking.MlflowClient()
         # train_loss: every epoch logs it (val_acc is absent without validation, val_fraction=0)
-        logged = {m.step for m in client.get_metric_history(self.run_id, "train_loss")}
+        logged = {m.step for m in self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, "train_loss")}
         for row in history:
             if row["epoch"] not in logged:
                 self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
@@ -215,9 +192,7 @@ class Tracker:
 
     def log_figure(self, fig, name: str) -> None:
         if self.active:
-            with tempfile.TemporaryDirectory() as tmp:
-                fig.savefig(Path(tmp) / name, dpi=110, bbox_inches="tight")
-                self.mlflow.log_artifact(str(Path(tmp) / name))
+            self.mlflow.log_figure(fig, name, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
 
     def end(self, status: str = "FINISHED") -> None:
         try:
@@ -238,21 +213,19 @@ class Tracker:
             return
         owner = os.getpid()
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-        mine = [s for s, h in previous.items() if h in (signal.SIG_DFL, signal.default_int_handler)]
 
         def on_signal(signum, frame):
             if os.getpid() != owner:  # a forked DataLoader worker: as without this handler
                 signal.signal(signum, previous[signum])
-                if signum == signal.SIGTERM:
-                    os.kill(os.getpid(), signum)
-                    return
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signum)
+                return
             self._hold_signals()
             raise Terminated("SIGTERM") if signum == signal.SIGTERM else KeyboardInterrupt()
 
-        for s in mine:
+        defaults = (signal.SIG_DFL, signal.default_int_handler)
+        self._previous_signals = {s: h for s, h in previous.items() if h in defaults}
+        for s in self._previous_signals:
             signal.signal(s, on_signal)
-        self._previous_signals = {s: previous[s] for s in mine}
 
     def _hold_signals(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -300,12 +273,8 @@ def _restore_status_after_mlflow_run(uri: str, run_id: str, status: str) -> None
 def find_runs(client, tags: dict[str, str]) -> list:
     """Active runs of any experiment carrying all `tags`, oldest first (the one every worker agrees on)."""
     where = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
-    runs, token, ids = [], None, all_experiment_ids(client)
-    while True:
-        page = client.search_runs(ids, filter_string=where, max_results=1000, page_token=token)
-        runs, token = runs + list(page), page.token
-        if not token:
-            return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+    runs = _all_pages(client.search_runs, experiment_ids=all_experiment_ids(client), filter_string=where)
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 def claim_parent(client, identity: dict[str, str], role_key: str, experiment: str, run_name: str,
