@@ -20,27 +20,23 @@ def block_of(name: str, blocks: list[str]) -> str | None:
 def weight_distances(backbone: nn.Module, reference: dict[str, torch.Tensor], blocks: list[str]) -> dict[str, float]:
     """`weight_dist/<block>`: L2 distance of the block's parameters to the reference, per block."""
     sq = dict.fromkeys(blocks, 0.0)
-    with torch.no_grad():
-        for name, p in backbone.named_parameters():
-            block = block_of(name, blocks)
-            if block is not None:
-                sq[block] += float((p.detach().float().cpu() - reference[name].float()).pow(2).sum())
+    for name, p in backbone.named_parameters():
+        block = block_of(name, blocks)
+        if block is not None:
+            sq[block] += float((p.detach().float().cpu() - reference[name].float()).pow(2).sum())
     return {f"weight_dist/{b}": v ** 0.5 for b, v in sq.items()}
 
 
 class BlockProbe:
     """An observe-only callback of `trainer.fit`. Per epoch: `weight_dist/<block>` (weight_distances) and
     `grad_norm/<block>`, the L2 norm of each backbone block's gradient averaged over the epoch's optimizer
-    steps; around each head re-initialization (after the epochs in `reinit_epochs`) the same over short
-    windows: `grad_norm_pre_reinit/<block>` over the last `window` steps of the epoch that ends with a re-init
-    (logged at that epoch) and `grad_norm_post_reinit/<block>` over the first `window` steps of the next
-    epoch (logged at it), so the spike or dip a fresh head causes is visible as post / pre.
+    steps; around each head re-initialization (after the epochs in `reinit_epochs`) the same over the last
+    `window` steps of the epoch that ends with it (`grad_norm_pre_reinit/<block>`) and the first `window`
+    steps of the next (`grad_norm_post_reinit/<block>`), so the effect of a fresh head shows as post / pre.
 
-    Gradients are read after backward, before the optimizer step, on the gradient the optimizer steps with
-    (with accumulation, the summed micro-batches). Under several processes DDP has already averaged them, so
-    every process measures the same global-batch gradient and nothing more is reduced; the main process's
-    values are logged. Under fp16 the loss scale is divided out. Kept on the device, one `_foreach_norm` per
-    step: no host sync until the epoch ends.
+    Gradients are read after backward, before the optimizer step (with accumulation, the summed micro-batches;
+    under DDP already averaged, so every process measures the same global-batch gradient; under fp16 the loss
+    scale is divided out). Kept on the device, one `_foreach_norm` per step: no host sync until the epoch ends.
     """
 
     def __init__(self, backbone: nn.Module, blocks: list[str], reference: dict[str, torch.Tensor],

@@ -18,14 +18,12 @@ class EpochMeter:
         self.reset()
 
     def reset(self) -> None:
-        self.sums: dict[str, Any] = {n: 0.0 for n in self.names}
-        self.counts: dict[str, Any] = {n: 0.0 for n in self.names}
+        self.totals: dict[str, list[Any]] = {n: [0.0, 0.0] for n in self.names}  # [sum, count]
 
     def add(self, name: str, value, count=1) -> None:
-        v = value.detach().double() if torch.is_tensor(value) else float(value)
-        c = count.detach().double() if torch.is_tensor(count) else float(count)
-        self.sums[name] = self.sums[name] + v
-        self.counts[name] = self.counts[name] + c
+        total = self.totals[name]
+        for i, x in enumerate((value, count)):
+            total[i] = total[i] + (x.detach().double() if torch.is_tensor(x) else float(x))
 
     def pop(self, accelerator=None) -> dict[str, float]:
         """sum / count per name over all processes (names never fed are left out); then reset."""
@@ -33,7 +31,7 @@ class EpochMeter:
             return {}
         device = accelerator.device if accelerator is not None else "cpu"
         flat = torch.stack([torch.as_tensor(x, dtype=torch.float64).to(device).reshape(())
-                            for n in self.names for x in (self.sums[n], self.counts[n])])
+                            for n in self.names for x in self.totals[n]])
         if accelerator is not None and accelerator.num_processes > 1:
             flat = accelerator.reduce(flat, reduction="sum")
         flat = flat.cpu().tolist()
@@ -52,9 +50,3 @@ def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     terms = [t.float().pow(2).sum() for t in tensors]
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
-
-def split_batch(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) from a training batch: the trainer's tuple, or a dict from another collate."""
-    if isinstance(batch, dict):
-        return batch["pixel_values"], batch.get("labels", batch.get("label"))
-    return batch[0], batch[1]

@@ -2,17 +2,15 @@
 
 Smith. "Cyclical Learning Rates for Training Neural Networks." WACV 2017.
 
-As in the paper (Section 3.1): the learning rate rises linearly from `clr_base_lr` to `clr_max_lr` over
-`stepsize` iterations and falls back over the next `stepsize`, cycle after cycle:
+As in the paper (Section 3.1): the learning rate rises linearly from `clr_base_lr` to `clr_max_lr` over `stepsize`
+iterations and falls back over the next `stepsize`, cycle after cycle:
     cycle = floor(1 + it / (2 stepsize)),  x = |it / stepsize - 2 cycle + 1|,
     lr = base_lr + (max_lr - base_lr) max(0, 1 - x).
-The stepsize is given in epochs (`clr_step_epochs`, default 2; the paper advises 2-10 epochs'
-iterations) and evaluated at every optimizer step (the trainer passes the fractional epoch). It replaces
-the trainer's cosine for backbone and head alike. Defaults, stated: max_lr = `lr` (the fine-tuning
-learning rate of the official recipe) and base_lr = max_lr / 4 (the paper's suggestion of 1/3-1/4 of
-max_lr); the paper's LR range test is not run. When `head_lr` differs from `lr`, the head's policy
-is scaled by head_lr/lr so that their ratio is kept. Cannot be combined with RIFLE's
-`head_lr_policy=cyclic` (two learning-rate policies for the head; rejected by `config.resolve`).
+The stepsize is in epochs (`clr_step_epochs`, default 2; the paper advises 2-10 epochs' iterations), evaluated at
+every optimizer step (at the fractional epoch); it replaces the trainer's cosine for backbone and head. Defaults,
+stated: max_lr = `lr` and base_lr = max_lr / 4 (the paper suggests 1/3-1/4 of max_lr); the paper's LR range test is
+not run. The head's policy is scaled by head_lr/lr. Cannot be combined with RIFLE's `head_lr_policy=cyclic`
+(rejected by `config.resolve`).
 """
 from __future__ import annotations
 

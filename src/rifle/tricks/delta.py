@@ -1,57 +1,43 @@
 """DELTA: feature maps kept close to the pretrained network's, weighted by channel attention.
 
-Li, Xiong, Wang, Rao, Liu, Chen, Huan. "DELTA: DEep Learning Transfer using Feature Map with Attention
-for Convolutional Networks." ICLR 2019. Reference code: the authors' github.com/lixingjian/DELTA
-(train.py: the penalty; channel_eval.py: the attention) and TLlib's port (thuml/Transfer-Learning-Library,
-tllib/regularization/delta.py and examples/task_adaptation/image_classification/delta.py).
+Li, Xiong, Wang, Rao, Liu, Chen, Huan. "DELTA: DEep Learning Transfer using Feature Map with Attention for
+Convolutional Networks." ICLR 2019. Reference code: the authors' github.com/lixingjian/DELTA (train.py: the penalty;
+channel_eval.py: the attention) and TLlib's port (thuml/Transfer-Learning-Library, tllib/regularization/delta.py and
+examples/task_adaptation/image_classification/delta.py).
 
 Loss CE + alpha * Omega' + beta * Omega'', weight decay off (the penalties replace it), with
     Omega'(w) = sum_layers 1/2 sum_batch sum_j C W_j ||FM_j(w, x) - FM_j(w*, x)||^2 / (HW)
-for a layer of C channels on an HxW grid (the authors' `reg_att_fea_map`: summed over the batch, so alpha is
-per batch of `batch_size`), FM_j channel j of the layer's output in the network being fine-tuned (w, training
-mode) and in the frozen source (w*, the starting weights, in evaluation mode: running BatchNorm statistics,
-no dropout), and Omega'' = 1/2 ||w_head||^2. Defaults alpha = beta = 0.01 (run.sh; 0.1 on Stanford Dogs).
+for a layer of C channels on an HxW grid (the authors' `reg_att_fea_map`: summed over the batch, so alpha is per
+batch of `batch_size`), FM_j channel j of the layer's output in the network being fine-tuned (w, training mode) and
+in the frozen source (w*, the starting weights, in evaluation mode), and Omega'' = 1/2 ||w_head||^2.
+Defaults alpha = beta = 0.01 (run.sh; 0.1 on Stanford Dogs).
 
-Channel attention (channel_eval.py), measured once per dataset and cached: a linear classifier is fitted on
-the frozen source's pooled features for `delta_attention_epochs` = 10 epochs (SGD, lr `delta_attention_lr` =
-0.01, momentum 0.9, weight decay 1e-4, lr decayed 10x over 6 epochs, batches of `batch_size`, augmentation
-drawn anew every epoch); then, on the first `delta_attention_batches` = 4 batches of a further pass, in
-evaluation mode, each channel j of each layer is removed (its filter zeroed: the output is the filter's bias,
-0 without one) and the rise of the batch-mean cross-entropy is averaged over the batches. Per layer the rises
-are z-scored (population std) and W = softmax(z / 5).
+Channel attention (channel_eval.py): a linear classifier is fitted on the frozen source's pooled features
+(`delta_attention_epochs` = 10 epochs of SGD, lr `delta_attention_lr` = 0.01 decayed 10x over 6 epochs); then, on
+`delta_attention_batches` = 4 batches in evaluation mode, each channel j of each layer is removed (its filter
+zeroed: the output is the filter's bias, 0 without one) and the rise of the batch-mean cross-entropy is averaged
+over the batches. Per layer the rises are z-scored (population std) and W = softmax(z / 5).
+Layers (`delta_layers=auto`): see `default_layers`; ResNet-101 gets its own last blocks (layer3.22.conv3), where
+TLlib repeats ResNet-50's list.
 
-Layers (`delta_layers=auto`), as the authors hook ResNets: the last convolution of each stage's last block,
-before its BatchNorm and the residual sum (ResNet-50: layer1.2.conv3, layer2.3.conv3, layer3.5.conv3,
-layer4.2.conv3; ResNet-101: layer3.22.conv3, where TLlib repeats ResNet-50's list; conv2 of a BasicBlock).
-Inception-v3 gets the authors' list. Other timm models: the last four stages of `feature_info` (strides 4-32
-as ResNet's layer1-4), in each last block the 1x1 projection that ends it (`conv_pwl`, `conv_pw`), else the
-stage output (e.g. ConvNeXt); for the default tf_efficientnet_lite0: blocks.1.1, 2.1, 4.2 and 6.0 .conv_pwl
-(24, 40, 112, 320 channels). Other backbones need explicit `delta_layers` (outputs of shape (B, C, H, W)).
-
-Cache: the attention depends on the source network (model spec, SHA-256 of its state dict), the layers, the
-training data (rifle.data.fingerprint, split and subset options, image size, flip), the batch size, the
-attention options and the precision (KEY_OPTIONS), and nothing else: its random stream comes from
-`split_seed`, not the training seed, so a sweep's seeds, learning rates and alphas share one measurement, as
-the authors reuse one file per dataset (run.sh). Stored as JSON in `delta_cache_dir` (default
-$XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta) under a hash of the key, checked against the full key
-when read, written atomically, logged with each run (delta/channel_attention.json) and kept in the trick's
-checkpointed state, so a resumed run needs neither. No dataset fingerprint (outside the trainer): no cache.
+Cache: the attention depends on the source weights, the layers, the training data (rifle.data.fingerprint) and
+KEY_OPTIONS only; its random stream comes from `split_seed`, not the training seed, so a sweep's seeds, learning
+rates and alphas share one measurement, as the authors reuse one file per dataset (run.sh). It is stored as JSON in
+`delta_cache_dir` (default $XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta) under a hash of the key, checked
+against the full key when read, written atomically, logged with each run (ARTIFACT) and kept in the checkpointed
+state, so a resumed run needs neither. No dataset fingerprint (outside the trainer): no cache.
 
 Deviations, stated:
-- The attention classifier is fitted on the frozen source in evaluation mode, the network the penalty
-  compares against; channel_eval.py trains it with the whole network in training mode (BatchNorm statistics
-  drift to the target data before the channels are evaluated), and TLlib's example also updates the backbone.
-- Removing a channel of a module that is not a convolution (a stage output, Inception's BasicConv2d) zeroes
-  that output channel; the authors' code handles convolutions only.
-- Several channels are measured per forward pass (copies of the batch, one channel removed in each, made at
-  the innermost module whose input is not reused further on): the numbers of one forward per channel.
-- With several processes the main process measures on the whole training set and sends the result to the
-  others. The global random state is restored, so training randomness does not depend on a cache hit.
-Scale, measured on the offline default (EfficientNet-Lite0, digits at 64 px, batch 32, default layers): the
-penalty is not 0 at the start, as the network in training mode normalises with batch statistics and the
-source with ImageNet's running ones (feature maps differ by 55-65% of their norm): Omega' is about 2.3e4 per
-batch (alpha * Omega' = 225 against a cross-entropy of 2.3; 83% from blocks.6.0.conv_pwl), 6.5e4 after one
-SGD step at lr 0.01. alpha = 0.01 was set for ResNets on 224-px photos; on other data sweep `delta_alpha` down.
+- The attention classifier is fitted on the frozen source in evaluation mode, the network the penalty compares
+  against; channel_eval.py trains it with the whole network in training mode (BatchNorm statistics drift to the
+  target data), and TLlib's example also updates the backbone.
+- Removing a channel of a module that is not a convolution (a stage output, Inception's BasicConv2d) zeroes that
+  output channel; the authors' code handles convolutions only.
+- With several processes the main process measures on the whole training set and sends the result to the others.
+  The global random state is restored, so training randomness does not depend on a cache hit.
+Scale: on EfficientNet-Lite0 (digits at 64 px, batch 32) alpha * Omega' starts near 225 against a cross-entropy of
+2.3, as the network in training mode normalises with batch statistics and the source with running ones;
+alpha = 0.01 was set for ResNets on 224-px photos, on other data sweep `delta_alpha` down.
 """
 from __future__ import annotations
 
@@ -71,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
-from ._common import disable_weight_decay, split_batch, squared_norm
+from ._common import disable_weight_decay, squared_norm
 from .base import FitContext, Trick
 
 FORMAT = 1                 # of a cached measurement: bump when the measurement changes, so old entries miss
@@ -85,6 +71,7 @@ ARTIFACT = "delta/channel_attention.json"
 KEY_OPTIONS = ("model", "pretrained", "dataset", "dataset_revision", "image_column", "label_column", "image_size",
                "hflip", "val_fraction", "train_per_class", "label_rate", "split_seed", "bad_images", "batch_size",
                "mixed_precision", "delta_attention_epochs", "delta_attention_batches", "delta_attention_lr")
+PROJECTIONS = ("conv_pwl", "conv3", "conv_pw", "conv2")  # the conv that ends a block, most specific first
 
 
 def channel_attention(loss_increase: torch.Tensor, temperature: float = TEMPERATURE) -> torch.Tensor:
@@ -107,16 +94,6 @@ def delta_feature_penalty(targets: list[torch.Tensor], sources: list[torch.Tenso
     return total
 
 
-PROJECTIONS = ("conv_pwl", "conv3", "conv_pw", "conv2")  # the conv that ends a block, most specific first
-
-
-def _find(module: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return module.get_submodule(name)
-    except AttributeError:
-        return None
-
-
 def _last_conv_of_stage(backbone: nn.Module, stage: str) -> str:
     """`<stage>.<last block>.<projection conv>`, or the stage itself when its last block has none."""
     module = backbone.get_submodule(stage)
@@ -131,17 +108,19 @@ def _last_conv_of_stage(backbone: nn.Module, stage: str) -> str:
 
 
 def default_layers(backbone: nn.Module) -> list[str]:
-    """The authors' layers: a ResNet's last conv per stage, Inception-v3's list, else timm's four last stages'
-    projection convs (see the module docstring)."""
-    if all(isinstance(_find(backbone, f"layer{i}"), nn.Sequential) for i in range(1, 5)):
+    """The authors' layers: a ResNet's last conv per stage (ResNet-50: layer1.2.conv3, layer2.3.conv3,
+    layer3.5.conv3, layer4.2.conv3; conv2 of a BasicBlock), Inception-v3's list, else per timm stage the
+    projection conv (tf_efficientnet_lite0: blocks.1.1, 2.1, 4.2 and 6.0 .conv_pwl) or the output (ConvNeXt)."""
+    modules = dict(backbone.named_modules(remove_duplicate=False))
+    if all(isinstance(modules.get(f"layer{i}"), nn.Sequential) for i in range(1, 5)):
         return [_last_conv_of_stage(backbone, f"layer{i}") for i in range(1, 5)]
     inception = ["Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e"]
-    if all(_find(backbone, n) is not None for n in inception):
+    if all(n in modules for n in inception):
         return inception
     info = getattr(backbone, "feature_info", None)
     if info is not None:
         dicts = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-        stages = [d["module"] for d in dicts if d.get("module") and _find(backbone, d["module"]) is not None]
+        stages = [d["module"] for d in dicts if d.get("module") and d["module"] in modules]
         if stages:
             return [_last_conv_of_stage(backbone, s) for s in stages[-4:]]
     raise ConfigError("delta_layers", f"no default layers for {type(backbone).__name__}: give "
@@ -152,24 +131,12 @@ def default_layers(backbone: nn.Module) -> list[str]:
 def resolve_layers(backbone: nn.Module, spec: str) -> list[str]:
     names = default_layers(backbone) if spec.strip() in ("", "auto") else [
         n.strip() for n in spec.split(",") if n.strip()]
+    modules = dict(backbone.named_modules(remove_duplicate=False))
     for n in names:
-        if _find(backbone, n) is None:
+        if n not in modules:
             raise ConfigError("delta_layers", f"the backbone has no module {n!r}; top-level modules: "
                               f"{', '.join(n for n, _ in backbone.named_children())}")
     return names
-
-
-def _removed_value(module: nn.Module, out: torch.Tensor) -> torch.Tensor:
-    """Per channel, what a channel's output becomes when it is removed: a convolution with its filter
-    zeroed outputs its bias (channel_eval.py zeroes `<layer>.weight` only); anything else, 0."""
-    bias = getattr(module, "bias", None) if isinstance(module, nn.Conv2d) else None
-    return out.new_zeros(out.shape[-3]) if bias is None else bias.detach().to(out.dtype)
-
-
-def _ancestors(name: str) -> list[str]:
-    """'a.b.c' -> ['a.b.c', 'a.b', 'a', '']: the layer, then every module around it up to the root."""
-    parts = name.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
 
 
 @torch.no_grad()
@@ -184,73 +151,66 @@ def channel_loss_increase(backbone: nn.Module, head: nn.Module, layer: str, imag
     an earlier activation; otherwise (the layer sits in a residual block, whose shortcut would meet a k
     times larger batch) at the input of the innermost module around it that works, up to the images.
     """
-    module = backbone.get_submodule(layer)
     b = images.shape[0]
-    state: dict = {"chans": None, "anchor": layer}
+    chans: list[int] = []  # the channels removed in this forward, one per copy of the batch
+    width = 0
+    anchor = layer         # where the copies are made: the layer's output, an enclosing module's input, "": images
 
-    def remove(mod, args, out):
+    def remove(module, args, out):
+        nonlocal width
         if out.dim() != 4:
             raise ValueError(f"DELTA compares convolutional feature maps (batch, channels, H, W); {layer!r} "
                              f"gives shape {tuple(out.shape)}")
-        state["num_channels"] = out.shape[1]
-        chans = state["chans"]
-        if chans is None:
+        width = out.shape[1]
+        if not chans:
             return out
         k = len(chans)
-        if state["anchor"] == layer:
-            out = out.unsqueeze(0).repeat(k, 1, 1, 1, 1)
-        else:
-            out = out.reshape(k, b, *out.shape[1:]).clone()
+        out = out.unsqueeze(0).repeat(k, 1, 1, 1, 1) if anchor == layer else out.reshape(k, b, *out.shape[1:]).clone()
+        # A removed channel: a convolution with its filter zeroed outputs its bias (channel_eval.py zeroes
+        # `<layer>.weight` only); anything else, 0.
+        bias = module.bias if isinstance(module, nn.Conv2d) else None
+        removed = out.new_zeros(out.shape[2]) if bias is None else bias.detach().to(out.dtype)
         idx = torch.as_tensor(chans, device=out.device)
-        out[torch.arange(k, device=out.device), :, idx] = _removed_value(mod, out)[idx].view(k, 1, 1, 1)
+        out[torch.arange(k, device=out.device), :, idx] = removed[idx].view(k, 1, 1, 1)
         return out.reshape(k * b, *out.shape[2:])
 
-    def repeat_input(mod, args):
-        if state["chans"] is None or state["anchor"] != state["hooked"]:
-            return None
-        x = args[0]
-        return (x.repeat(len(state["chans"]), *[1] * (x.dim() - 1)), *args[1:])
+    def repeat_input(module, args):
+        return (args[0].repeat(len(chans), *[1] * (args[0].dim() - 1)), *args[1:])
 
     def logits_of(x):
         with autocast():
             out = head(backbone(x))
         return out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
 
-    handles = [module.register_forward_hook(remove)]
+    hook = backbone.get_submodule(layer).register_forward_hook(remove)
     try:
         base = F.cross_entropy(logits_of(images), labels)
-        c = state["num_channels"]
-        anchors = _ancestors(layer)
-        at, pre, j = 0, None, 0
-        out = torch.empty(c, dtype=torch.float64)
-        while j < c:
-            state["anchor"] = anchors[at]
-            if pre is None and anchors[at] not in (layer, ""):
-                state["hooked"] = anchors[at]
-                pre = backbone.get_submodule(anchors[at]).register_forward_pre_hook(repeat_input)
-            chans = list(range(j, min(c, j + max(1, max_batch // b))))
-            state["chans"] = chans
-            x = images.repeat(len(chans), 1, 1, 1) if anchors[at] == "" else images
+        out, j = torch.empty(width, dtype=torch.float64), 0
+        parts = layer.split(".")
+        for anchor in [".".join(parts[:i]) for i in range(len(parts), -1, -1)]:  # the layer, then out to the root
+            pre = None
+            if anchor not in (layer, ""):
+                pre = backbone.get_submodule(anchor).register_forward_pre_hook(repeat_input)
             try:
-                logits = logits_of(x)
-                if logits.shape[0] != len(chans) * b:
-                    raise RuntimeError("the copies did not reach the output")
-            except RuntimeError:
-                if at == len(anchors) - 1:
+                while j < width:
+                    chans[:] = range(j, min(width, j + max(1, max_batch // b)))
+                    k = len(chans)
+                    logits = logits_of(images.repeat(k, 1, 1, 1) if anchor == "" else images)
+                    if logits.shape[0] != k * b:
+                        raise RuntimeError("the copies did not reach the output")
+                    per_copy = F.cross_entropy(logits, labels.repeat(k), reduction="none").view(k, b)
+                    out[chans] = (per_copy.mean(1) - base).double().cpu()
+                    j += k
+                return out
+            except RuntimeError:  # an activation from before the copies met them (a shortcut): copy further out
+                if anchor == "":
                     raise
-                at += 1  # an activation from before the copies met them (a shortcut): copy further out
+            finally:
                 if pre is not None:
                     pre.remove()
-                    pre = None
-                continue
-            per_copy = F.cross_entropy(logits, labels.repeat(len(chans)), reduction="none").view(len(chans), b)
-            out[chans] = (per_copy.mean(1) - base).double().cpu()
-            j += len(chans)
-        return out
     finally:
-        state["chans"] = None
-        for h in handles + ([pre] if pre is not None else []):
-            h.remove()
+        chans.clear()
+        hook.remove()
 
 
 def fit_probe(epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], num_features: int,
@@ -279,14 +239,11 @@ def measure_loss_increase(source: nn.Module, probe: nn.Module, layers: list[str]
                           batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                           autocast=contextlib.nullcontext) -> list[torch.Tensor]:
     """Per layer, each channel's loss increase averaged over `batches` (channel_eval.py's running mean)."""
-    sums, n = None, 0
-    for images, labels in batches:
-        rises = [channel_loss_increase(source, probe, name, images, labels, autocast=autocast) for name in layers]
-        sums = rises if sums is None else [s + r for s, r in zip(sums, rises)]
-        n += 1
-    if n == 0:
+    rises = [[channel_loss_increase(source, probe, name, images, labels, autocast=autocast) for name in layers]
+             for images, labels in batches]
+    if not rises:
         raise RuntimeError("delta: the training loader gave no batch to measure the channel attention on")
-    return [s / n for s in sums]
+    return [sum(per_batch) / len(rises) for per_batch in zip(*rises)]
 
 
 def attention_passes(loader, batch_size: int, seed: int) -> Callable[[], Iterator]:
@@ -302,10 +259,6 @@ def attention_passes(loader, batch_size: int, seed: int) -> Callable[[], Iterato
     return lambda: iter(fresh)
 
 
-def attention_seed(split_seed: int) -> int:
-    return int(np.random.SeedSequence([SEED_SALT, split_seed]).generate_state(1, np.uint64)[0] >> 1)
-
-
 def state_hash(module: nn.Module) -> str:
     """SHA-256 of a module's state dict (names, dtypes, shapes and bytes of every tensor)."""
     h = hashlib.sha256()
@@ -316,13 +269,8 @@ def state_hash(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def key_digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def default_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "rifle" / "delta"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rifle" / "delta"
 
 
 def read_cache(path: Path, key: dict) -> dict | None:
@@ -331,25 +279,21 @@ def read_cache(path: Path, key: dict) -> dict | None:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("key") != json.loads(json.dumps(key)):
-        return None
-    return record
+    return record if isinstance(record, dict) and record.get("key") == json.loads(json.dumps(key)) else None
 
 
-def write_cache(path: Path, record: dict) -> bool:
+def write_cache(path: Path, record: dict) -> None:
     """Write atomically (a temporary file renamed over the target): readers see all of it or nothing."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(record))
         os.replace(tmp, path)
-        return True
     except OSError as e:
         warnings.warn(f"delta: could not cache the channel attention in {path.parent} ({e.strerror or e}); "
                       "the next run measures it again", stacklevel=2)
         with contextlib.suppress(OSError):
             tmp.unlink()
-        return False
 
 
 def _capture(store: dict, name: str, gate: dict | None, module, args, output):
@@ -399,41 +343,37 @@ class Delta(Trick):
 
     def measure(self) -> list[torch.Tensor]:
         """Fit the classifier on the frozen source, then each channel's loss increase (channel_eval.py)."""
-        ctx, o = self.ctx, self.options
-        seed = attention_seed(o["split_seed"])
+        ctx, o, dev = self.ctx, self.options, self.device
+        seed = int(np.random.SeedSequence([SEED_SALT, o["split_seed"]]).generate_state(1, np.uint64)[0] >> 1)
         passes = attention_passes(ctx.train_loader, o["batch_size"], seed)
-        dev = self.device
 
         def features():
-            for batch in passes():
-                images, labels = (v.to(dev) for v in split_batch(batch))
+            for images, labels in passes():
                 with torch.no_grad(), self._autocast():
-                    f = self.source(images).float()
-                yield f, labels  # outside the no_grad block: the classifier's step runs in between
+                    f = self.source(images.to(dev)).float()
+                yield f, labels.to(dev)  # outside the no_grad block: the classifier's step runs in between
 
         # Training randomness must not depend on a cache hit: the CPU generator (augmentation in this process)
         # is restored afterwards; nothing here draws on the GPU's (evaluation mode throughout).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            width = ctx.model.head.in_features
-            probe = fit_probe(features, width, ctx.num_classes, o["delta_attention_epochs"],
+            probe = fit_probe(features, ctx.model.head.in_features, ctx.num_classes, o["delta_attention_epochs"],
                               o["delta_attention_lr"], seed, dev)
-            kept = ((images.to(dev), labels.to(dev)) for images, labels in
-                    (split_batch(b) for b in islice(passes(), o["delta_attention_batches"])))
-            return measure_loss_increase(self.source, probe, self.layers, kept, self._autocast)
+            kept = islice(passes(), o["delta_attention_batches"])
+            return measure_loss_increase(self.source, probe, self.layers,
+                                         ((x.to(dev), y.to(dev)) for x, y in kept), self._autocast)
 
     def load_or_measure(self) -> dict:
         """The record from the cache when it holds this key, else measured (and cached)."""
         key = {"format": FORMAT, "source_sha256": state_hash(self.source), "layers": list(self.layers),
                "data_fingerprint": self.ctx.data_fingerprint, **self.options} if self.ctx.data_fingerprint else None
         if key is not None:
-            root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
-            self.cache_file = root / f"{key_digest(key)}.json"
+            digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+            self.cache_file = (Path(self.cache_dir) if self.cache_dir else default_cache_dir()) / f"{digest}.json"
             record = read_cache(self.cache_file, key)
-            if record is not None and record.get("layers") == self.layers:
-                self.cache_hit = True
+            self.cache_hit = record is not None and record.get("layers") == self.layers
+            if self.cache_hit:
                 return record
-            self.cache_hit = False
         rises = self.measure()
         record = {"key": key, "layers": self.layers, "loss_increase": [r.tolist() for r in rises],
                   "attention": [channel_attention(r).tolist() for r in rises],

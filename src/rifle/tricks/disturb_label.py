@@ -2,13 +2,10 @@
 
 Xie, Wang, Wang, Tian. "DisturbLabel: Regularizing CNN on the Loss Layer." CVPR 2016.
 
-As in the paper: at every iteration each training label is, with probability alpha = `disturb_alpha`
-(the paper's 10% is the default), replaced by a label drawn uniformly from all C classes, the true one
-included; equivalently the label is drawn from the Multinoulli with 1 - (C-1)/C alpha on the true class
-and alpha/C on each other. So the fraction of labels that actually change is alpha (C-1)/C, logged as
-`disturb_label/flip_rate`. Only the loss sees the disturbed labels: training accuracy is measured
-against the true labels, and validation and test labels are never touched (the hook acts only while
-the model is in training mode). The noise comes from each process's seeded global generator.
+As in the paper: at every iteration each training label is, with probability alpha = `disturb_alpha` (the paper's
+10% is the default), replaced by a label drawn uniformly from all C classes, the true one included, so a fraction
+alpha (C-1)/C of labels change (logged as `disturb_label/flip_rate`). Only the training loss sees the disturbed
+labels (accuracy and evaluation use the true ones). The noise comes from each process's seeded global generator.
 """
 from __future__ import annotations
 

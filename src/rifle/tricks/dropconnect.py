@@ -2,19 +2,18 @@
 
 Wan, Zeiler, Zhang, LeCun, Fergus. "Regularization of Neural Networks using DropConnect." ICML 2013.
 
-As in the paper, each weight (and bias) of the fully-connected head is kept with probability
-1 - p (p = `dropconnect_p`, the paper uses 0.5) during training, r = (M * W) v + m * b, and the mask is
-drawn anew for every example (the paper stresses that one mask per mini-batch does not regularize
-enough). Nothing is rescaled in training, as in the paper.
-Deviation, stated: at evaluation we use the expected weights, (1 - p) W and (1 - p) b (the paper's
-"mean inference"), not the paper's inference that samples from a moment-matched Gaussian per unit and
-averages: for a linear head followed by softmax, the mean is exact for the logits and deterministic.
-The head stays an `nn.Linear` (a subclass holding the same parameters), so RIFLE's in-place
-re-initialization, the optimizer's head group and the state-dict keys are unchanged.
-Memory: one mask of batch x classes x features per step (32 x 200 x 2048 floats, 52 MB, for CUB on a
-ResNet-50).
-Not to be confused with timm's `drop_connect`/`drop_path`: per-sample dropping of residual paths, a
-different method (see `stochastic_depth`).
+As in the paper, each weight (and bias) of the fully-connected head is kept with probability 1 - p
+(p = `dropconnect_p`, the paper uses 0.5) during training, r = (M * W) v + m * b, and the mask is drawn anew for
+every example (the paper stresses that one mask per mini-batch does not regularize enough). Nothing is rescaled in
+training, as in the paper.
+Deviation, stated: at evaluation we use the expected weights, (1 - p) W and (1 - p) b (the paper's "mean
+inference"), not the paper's inference that samples from a moment-matched Gaussian per unit and averages: for a
+linear head followed by softmax, the mean is exact for the logits and deterministic. The head stays an `nn.Linear`
+(a subclass holding the same parameters), so RIFLE's in-place re-initialization, the optimizer's head group and the
+state-dict keys are unchanged.
+Memory: one mask of batch x classes x features per step (52 MB for CUB on a ResNet-50, batch 32).
+Not to be confused with timm's `drop_connect`/`drop_path`: per-sample dropping of residual paths, a different method
+(see `stochastic_depth`).
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Trick
+from .dropout import Dropout
 
 
 def dropconnect_mask(shape, p: float, device=None, dtype=torch.float32,
@@ -34,7 +33,7 @@ def dropconnect_mask(shape, p: float, device=None, dtype=torch.float32,
 
 
 def dropconnect_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       weight_mask: torch.Tensor, bias_mask: torch.Tensor | None) -> torch.Tensor:
+                       weight_mask: torch.Tensor, bias_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example masked linear map: out[n] = (M[n] * W) x[n] + m[n] * b.
 
     x: (N, in); weight: (out, in); weight_mask: (N, out, in); bias_mask: (N, out).
@@ -67,33 +66,22 @@ class DropConnectLinear(nn.Linear):
         if not self.training or self.p == 0.0:
             keep = 1.0 - self.p
             return F.linear(x, self.weight * keep, None if self.bias is None else self.bias * keep)
-        lead, flat = x.shape[:-1], x.reshape(-1, self.in_features)
-        n = flat.shape[0]
-        w_mask = dropconnect_mask((n, *self.weight.shape), self.p, device=x.device, dtype=self.weight.dtype)
-        b_mask = None if self.bias is None else dropconnect_mask((n, self.out_features), self.p,
-                                                                 device=x.device, dtype=self.weight.dtype)
-        self.dropped = self.dropped + (w_mask == 0).sum() + (0 if b_mask is None else (b_mask == 0).sum())
-        self.seen += w_mask.numel() + (0 if b_mask is None else b_mask.numel())
-        out = dropconnect_linear(flat, self.weight, self.bias, w_mask, b_mask)
-        return out.reshape(*lead, self.out_features)
+        flat = x.reshape(-1, self.in_features)
+        params = [self.weight] if self.bias is None else [self.weight, self.bias]
+        masks = [dropconnect_mask((len(flat), *t.shape), self.p, device=x.device, dtype=self.weight.dtype)
+                 for t in params]  # weight mask, then bias mask
+        self.dropped = self.dropped + sum((m == 0).sum() for m in masks)
+        self.seen += sum(m.numel() for m in masks)
+        return dropconnect_linear(flat, self.weight, self.bias, *masks).reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", p={self.p}"
 
 
-class DropConnect(Trick):
+class DropConnect(Dropout):
     metrics = ("dropconnect/drop_rate",)
-
-    def __init__(self, p: float):
-        self.p = p
 
     def prepare_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, nn.Linear):
             raise TypeError(f"dropconnect needs an nn.Linear head, got {type(model.head).__name__}")
-        model.head = self.head = DropConnectLinear.from_linear(model.head, self.p)
-
-    def on_epoch_start(self, epoch):
-        self.head.dropped, self.head.seen = 0.0, 0
-
-    def on_epoch_end(self, epoch, metrics):
-        self.meter.add("dropconnect/drop_rate", self.head.dropped, self.head.seen)
+        model.head = self.module = DropConnectLinear.from_linear(model.head, self.p)

@@ -1,17 +1,16 @@
 """Dropout on the features entering the classifier head.
 
-Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov. "Dropout: A Simple Way to Prevent Neural
-Networks from Overfitting." JMLR 15(56):1929-1958, 2014.
+Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov. "Dropout: A Simple Way to Prevent Neural Networks from
+Overfitting." JMLR 15(56):1929-1958, 2014.
 
-During training each pooled backbone feature (the head's input) is zeroed independently with
-probability p = `dropout_p`, a new mask per example and step; evaluation uses every feature.
-Deviation, stated: the paper keeps units unscaled in training and multiplies the outgoing weights by the
-retention probability (1 - p) at test time; we use the equivalent "inverted" form (kept features scaled
-by 1/(1-p) in training, nothing at evaluation). Both give the head the same expected input; ours leaves
-the evaluated network a plain model, so the saved weights load without this trick and RIFLE's re-init
-of the head needs no rescaling. Only the head's input is dropped, the
-placement a dropout baseline for fine-tuning usually takes (the RIFLE paper does not say where its
-dropout baseline acts); the backbone is left as pretrained.
+During training each pooled backbone feature (the head's input) is zeroed independently with probability
+p = `dropout_p`, a new mask per example and step; evaluation uses every feature.
+Deviation, stated: the paper keeps units unscaled in training and multiplies the outgoing weights by the retention
+probability (1 - p) at test time; we use the equivalent "inverted" form (kept features scaled by 1/(1-p) in
+training, nothing at evaluation): the evaluated network stays a plain model, so the saved weights load without this
+trick and RIFLE's re-init of the head needs no rescaling. Only the head's input is dropped, the usual placement of a
+dropout baseline for fine-tuning (the RIFLE paper does not say where its dropout baseline acts); the backbone is
+left as pretrained.
 """
 from __future__ import annotations
 
@@ -30,14 +29,10 @@ def dropout_mask(shape, p: float, device=None, dtype=torch.float32, generator: t
     return keep.to(dtype) / (1.0 - p)
 
 
-class FeatureDropout(nn.Module):
-    """Dropout of whole feature values (no parameters), counting what it dropped."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
-        self.dropped: torch.Tensor | float = 0.0
-        self.seen = 0
+class FeatureDropout(nn.Dropout):
+    """nn.Dropout drawing its mask with `dropout_mask`, counting what it dropped."""
+    dropped: torch.Tensor | float = 0.0
+    seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
@@ -47,11 +42,9 @@ class FeatureDropout(nn.Module):
         self.seen += mask.numel()
         return x * mask
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
-
 
 class Dropout(Trick):
+    """Feature dropout; DropConnect reuses its drop-rate bookkeeping on `self.module`."""
     metrics = ("dropout/drop_rate",)
 
     def __init__(self, p: float):
@@ -67,4 +60,4 @@ class Dropout(Trick):
         self.module.dropped, self.module.seen = 0.0, 0
 
     def on_epoch_end(self, epoch, metrics):
-        self.meter.add("dropout/drop_rate", self.module.dropped, self.module.seen)
+        self.meter.add(self.metrics[0], self.module.dropped, self.module.seen)

@@ -1,17 +1,14 @@
 """L2 regularization (weight decay) as an explicit, logged penalty.
 
-The "L2" baseline of the RIFLE, L2-SP and DELTA papers: alpha/2 ||w||^2 on every trained parameter,
-pulling the weights towards zero (see Li, Grandvalet, Davoine, ICML 2018, for its role in fine-tuning).
+The "L2" baseline of the RIFLE, L2-SP and DELTA papers: alpha/2 ||w||^2 on every trained parameter, pulling the
+weights towards zero (see Li, Grandvalet, Davoine, ICML 2018, for its role in fine-tuning).
 
-Choice, stated: the trainer already applies SGD `weight_decay` (default 1e-4, the official RIFLE
-setting) to all parameters, which *is* this L2 penalty: SGD adds weight_decay * w to the gradient
-before momentum, the gradient of weight_decay/2 ||w||^2. So `tricks=l2` does not stack a second
-decay on top. It sets `weight_decay` to 0 in every optimizer group and adds alpha/2 ||w||^2 over
-exactly the parameters the optimizer trains (backbone and head, BatchNorm and biases included, as
-weight decay would), with alpha = `l2_alpha` (default 1e-4 = the official weight decay). With the
-defaults the optimization is the official L2 baseline; what `l2` adds is an explicit coefficient
-that the sweeps can tune apart from `weight_decay`, the penalty's value per epoch (`penalty/l2`), and
-mutual exclusion with the other explicit regularizers (`l2sp`, `delta`).
+Choice, stated: the trainer's SGD `weight_decay` (default 1e-4, the official RIFLE setting) already *is* this
+penalty (SGD adds weight_decay * w to the gradient before momentum), so `tricks=l2` does not stack a second decay:
+it sets `weight_decay` to 0 in every optimizer group and adds alpha/2 ||w||^2 over exactly the parameters the
+optimizer trains, alpha = `l2_alpha` (default 1e-4). With the defaults this is the official L2 baseline, plus a
+coefficient the sweeps can tune apart from `weight_decay`, the logged `penalty/l2`, and mutual exclusion with the
+other explicit regularizers (`l2sp`, `delta`).
 """
 from __future__ import annotations
 

@@ -1,18 +1,14 @@
 """L2-SP: L2 penalty towards the pretrained starting point.
 
-Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer Learning with Convolutional Networks."
-ICML 2018.
+Li, Grandvalet, Davoine. "Explicit Inductive Bias for Transfer Learning with Convolutional Networks." ICML 2018.
 
-As in the paper (Eq. 3): Omega(w) = alpha/2 ||w_S - w0_S||^2 + beta/2 ||w_new||^2, where w_S are the
-backbone parameters shared with the source network, w0_S their pretrained values, and w_new the new
-classifier head; weight decay is switched off in every optimizer group (the penalty replaces it).
-As in the official RIFLE code's `reg_type=l2_sp` (lixingjian/RIFLE, train.py): every backbone
-parameter (BatchNorm affine parameters included) is pulled to its pretrained value, and the defaults
-are alpha = `l2sp_alpha` = 0.01, beta = `l2sp_beta` = 1e-4 (the L2-SP paper tunes both per task).
-The pretrained values are the trainer's snapshot taken before fine-tuning (CPU), moved once to the
-device. Logged per epoch: `penalty/l2sp` (the total added to the loss, mean over steps) and its two
-parts `penalty/l2sp_backbone`, `penalty/l2sp_head`. With RIFLE the head penalty acts on the freshly
-re-initialized head as on any head.
+As in the paper (Eq. 3): Omega(w) = alpha/2 ||w_S - w0_S||^2 + beta/2 ||w_new||^2, where w_S are the backbone
+parameters shared with the source network, w0_S their pretrained values, and w_new the new classifier head; weight
+decay is switched off in every optimizer group (the penalty replaces it). As in the official RIFLE code's
+`reg_type=l2_sp` (lixingjian/RIFLE, train.py): every backbone parameter (BatchNorm affine parameters included) is
+pulled to its pretrained value (the trainer's snapshot), with alpha = `l2sp_alpha` = 0.01, beta = `l2sp_beta` = 1e-4
+(the L2-SP paper tunes both per task). Logged per epoch: `penalty/l2sp` (the total, mean over steps) and its parts
+`penalty/l2sp_backbone`, `penalty/l2sp_head`.
 """
 from __future__ import annotations
 
@@ -60,6 +56,6 @@ class L2SP(Trick):
         backbone = l2sp_penalty(self.params, self.refs, self.alpha)
         head = 0.5 * self.beta * squared_norm(self.head_params)
         total = backbone + head
-        for name, v in (("penalty/l2sp", total), ("penalty/l2sp_backbone", backbone), ("penalty/l2sp_head", head)):
+        for name, v in zip(self.metrics, (total, backbone, head)):
             self.meter.add(name, v)
         return total

@@ -1,19 +1,19 @@
 """RIFLE: periodic re-initialization of the fully-connected head.
 
-Li, Xiong, An, Xu, Dou. "RIFLE: Backpropagation in Depth for Deep Transfer Learning through
-Re-Initializing the Fully-connected LayEr." ICML 2020.
+Li, Xiong, An, Xu, Dou. "RIFLE: Backpropagation in Depth for Deep Transfer Learning through Re-Initializing the
+Fully-connected LayEr." ICML 2020.
 
 Faithful to the official code (lixingjian/RIFLE, train.py):
-- K = `reinit_times` re-initializations split the run into K+1 equal periods; the run is truncated to a
-  multiple of K+1 epochs (`config.resolve`, which also gives the re-init epochs);
-- after the validation pass of epoch e with (e+1) % period == 0, the head is reset in place with
-  PyTorch's default `nn.Linear` initialization (weight and bias); backbone and BN statistics untouched;
+- K = `reinit_times` re-initializations split the run into K+1 equal periods; the run is truncated to a multiple
+  of K+1 epochs (`config.resolve`, which also gives the re-init epochs);
+- after the validation pass of epoch e with (e+1) % period == 0, the head is reset in place with PyTorch's default
+  `nn.Linear` initialization (weight and bias); backbone and BN statistics untouched;
 - SGD momentum buffers are kept (official), or zeroed with `reset_head_momentum`;
 - head learning rate `follow` (the backbone's cosine) or `cyclic` (a cosine restarted every period).
-Deviations, each stated: no reset after the final epoch (it cannot affect the result); an optional guard
-against re-initializing in the last N epochs (the Paddle port's rule); the new weights are drawn from a
-generator seeded by (seed, re-init index) so that every process draws identical weights (the official
-code is single-GPU; under DDP a per-process draw would silently diverge, as DDP never re-broadcasts).
+Deviations, each stated: no reset after the final epoch (it cannot affect the result); an optional guard against
+re-initializing in the last N epochs (the Paddle port's rule); the new weights are drawn from a generator seeded by
+(seed, re-init index), identical on every process (the official code is single-GPU; under DDP a per-process draw
+would silently diverge, as DDP never re-broadcasts).
 """
 from __future__ import annotations
 
@@ -43,13 +43,9 @@ def reinit_seed(run_seed: int, index: int) -> int:
 
 
 def params_checksum(module: nn.Module) -> torch.Tensor:
-    """Two float64 numbers that differ if any parameter differs (sum and weighted sum)."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for i, p in enumerate(module.parameters()):
-        flat = p.detach().double().flatten().cpu()
-        total += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)
-                                           ).sum() * (i + 1) * 1e-6])
-    return total
+    """Two float64 numbers that differ if any parameter differs (sum and position-weighted sum)."""
+    flat = torch.cat([p.detach().cpu().reshape(-1) for p in module.parameters()]).double()
+    return torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum() * 1e-6])
 
 
 class Rifle(Trick):

@@ -2,30 +2,24 @@
 
 Huang, Sun, Liu, Sedra, Weinberger. "Deep Networks with Stochastic Depth." ECCV 2016.
 
-As in the paper: the residual blocks l = 1..L (input side first) get survival probabilities decaying
-linearly with depth, p_l = 1 - (l / L)(1 - p_L) (p_L = `sd_survival_last`, the paper's 0.5), and
-in training each block's residual branch f_l is kept or removed by a Bernoulli(p_l) draw, leaving the
-block's shortcut (identity or projection) alone. `sd_mode=batch` (default) draws once per block and
-mini-batch, as the paper does; `sd_mode=sample` draws per example (what timm and torchvision call
-drop path / StochasticDepth "row"), a variant offered for comparison.
-Under several processes the mini-batch is the global batch, so a batch-mode decision must be the same on
-every process: those draws come from a generator of the trick, seeded each epoch from (seed, epoch)
-without the rank (rifle.seeds, stream "depth") and advanced in lockstep (every process runs the same
-forward passes through the same gates in the same order). Per-sample draws use each process's own stream.
+As in the paper: the residual blocks l = 1..L (input side first) get survival probabilities decaying linearly with
+depth, p_l = 1 - (l / L)(1 - p_L) (p_L = `sd_survival_last`, the paper's 0.5), and in training each block's residual
+branch f_l is kept or removed by a Bernoulli(p_l) draw, leaving the block's shortcut (identity or projection) alone.
+`sd_mode=batch` (default) draws once per block and mini-batch, as the paper does; `sd_mode=sample` draws per example
+(timm's and torchvision's drop path / StochasticDepth "row"), a variant offered for comparison. Under several
+processes the mini-batch is the global batch, so batch-mode draws come from a generator of the trick seeded each
+epoch from (seed, epoch) without the rank (rifle.seeds, stream "depth") and advanced in lockstep (every process runs
+the same gates in the same order). Per-sample draws use each process's own stream.
 Deviations, stated:
-- Scaling: a kept branch is multiplied by 1/p_l in training and the block is left unchanged at
-  evaluation, instead of the paper's unscaled training and p_l f_l at test time. Both give the same
-  expected branch; ours keeps the evaluated network the plain pretrained architecture (the saved weights
-  load without this trick) and makes evaluation the identity of the unmodified blocks.
-- A dropped branch is still computed and multiplied by 0, so its parameters get zero gradients (SGD's
-  momentum and weight decay still act on them) and every parameter takes part in every step, which
-  distributed data parallel requires. The paper's training speed-up is therefore not reproduced.
-- A block counts as residual when it has a shortcut that bypasses the gated branch: torchvision
-  BasicBlock/Bottleneck (gated after their last BatchNorm, before the addition), torchvision
-  MBConv/ConvNeXt blocks and timm blocks through their own drop-path slot (`drop_path`, `drop_path1/2`,
-  `stochastic_depth`), skipping blocks without a skip connection (timm's `has_skip`, torchvision's
-  `use_res_connect`), e.g. the 9 of 16 blocks of EfficientNet-Lite0 that have one. A drop-path rate the
-  model was built with is replaced. Blocks with two branches (transformers) gate each with p_l.
+- Scaling: a kept branch is multiplied by 1/p_l in training and the block is left unchanged at evaluation, instead
+  of the paper's unscaled training and p_l f_l at test time: the same expected branch, and the evaluated network
+  stays the plain pretrained architecture (the saved weights load without this trick).
+- A dropped branch is still computed and multiplied by 0, so its parameters get zero gradients (SGD's momentum and
+  weight decay still act on them) and every parameter takes part in every step, as distributed data parallel
+  requires. The paper's training speed-up is therefore not reproduced.
+- Only blocks with a shortcut that bypasses the gated branch count (`residual_blocks`; e.g. 9 of the 16 blocks of
+  EfficientNet-Lite0). A drop-path rate the model was built with is replaced. Blocks with two branches
+  (transformers) gate each with p_l.
 """
 from __future__ import annotations
 
@@ -92,17 +86,16 @@ def _gate_output(gate: BranchGate, module, args, output):
 def residual_blocks(backbone: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """(name, block, where to gate) for every residual block, input side first.
 
-    Where to gate: a timm/torchvision drop-path slot attribute, or "bn2"/"bn3" for torchvision ResNet
-    blocks (their branch ends in that BatchNorm, before the addition).
+    Where to gate: "bn2"/"bn3" for torchvision ResNet blocks (their branch ends in that BatchNorm, before the
+    addition), else the drop-path slots (SLOTS) of torchvision MBConv/ConvNeXt and timm blocks, skipping blocks
+    without a skip connection (timm's `has_skip`, torchvision's `use_res_connect`).
     """
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     found = []
     for name, module in backbone.named_modules():
-        if isinstance(module, BasicBlock):
-            found.append((name, module, ["bn2"]))
-        elif isinstance(module, Bottleneck):
-            found.append((name, module, ["bn3"]))
+        if isinstance(module, (BasicBlock, Bottleneck)):
+            found.append((name, module, ["bn2" if isinstance(module, BasicBlock) else "bn3"]))
         else:
             slots = [s for s in SLOTS if hasattr(module, s) and _is_slot(getattr(module, s))]
             has_skip = getattr(module, "has_skip", getattr(module, "use_res_connect", True))
