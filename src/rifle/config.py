@@ -226,19 +226,12 @@ def parse_tricks(text: str) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
-def _base_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(SECTIONS[_section_of(f)])[f.name]
+def option_type(name: str) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of an option, from its annotation."""
+    section, _ = all_fields()[name]
+    hint = typing.get_type_hints(SECTIONS[section])[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args else hint
-
-
-def _section_of(f: dataclasses.Field) -> str:
-    return all_fields()[f.name][0]
-
-
-def _optional(f: dataclasses.Field) -> bool:
-    hint = typing.get_type_hints(SECTIONS[_section_of(f)])[f.name]
-    return type(None) in typing.get_args(hint)
+    return (args[0] if args else hint), type(None) in typing.get_args(hint)
 
 
 def convert(name: str, value: Any) -> Any:
@@ -248,10 +241,9 @@ def convert(name: str, value: Any) -> Any:
         close = [n for n in fields if n.startswith(name[:3])]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(name, f"unknown option{hint}")
-    f = fields[name][1]
-    typ = _base_type(f)
+    typ, optional = option_type(name)
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        if _optional(f):
+        if optional:
             return None
         if typ is str:
             return ""

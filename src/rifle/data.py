@@ -311,15 +311,9 @@ def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, lab
     return Loaded(ds, report)
 
 
-def load_splits(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, label_rate: float = 100.0,
-                split_seed: int = 0, revision: str | None = None, image_column: str | None = None,
-                label_column: str | None = None, registry_file: str | None = None, bad_images: str | None = None,
-                num_proc: int | None = None, scan_cache_dir: str | None = None) -> DatasetDict:
+def load_splits(spec: str, **options) -> DatasetDict:
     """The DatasetDict of `load` (no image scan unless `bad_images` is given)."""
-    return load(spec, val_fraction=val_fraction, train_per_class=train_per_class, label_rate=label_rate,
-                split_seed=split_seed, revision=revision, image_column=image_column, label_column=label_column,
-                registry_file=registry_file, bad_images=bad_images, num_proc=num_proc,
-                scan_cache_dir=scan_cache_dir).data
+    return load(spec, **{"bad_images": None} | options).data
 
 
 def load_data(d) -> Loaded:

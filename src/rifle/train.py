@@ -6,6 +6,7 @@ resumes an interrupted run. Works as is under `accelerate launch` and `mlflow ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from . import config as C
@@ -17,16 +18,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (flat, or under data/model/optim/tricks/run)")
     for section, cls in C.SECTIONS.items():
         group = p.add_argument_group(section)
-        defaults = cls()
-        for name, (sec, f) in C.all_fields().items():
-            if sec != section:
-                continue
-            meta = f.metadata
-            help_text = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta.get("choices") else "")
+        for f in dataclasses.fields(cls):
+            help_text = f.metadata["help"] + (f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
             if "(default:" not in help_text:  # options whose default depends on others say so themselves
-                help_text += f" (default: {getattr(defaults, name)!r})"
-            group.add_argument(f"--{name}", metavar=C._base_type(f).__name__.upper(), default=argparse.SUPPRESS,
-                               help=help_text)
+                help_text += f" (default: {f.default!r})"
+            group.add_argument(f"--{f.name}", metavar=C.option_type(f.name)[0].__name__.upper(),
+                               default=argparse.SUPPRESS, help=help_text)
     return p
 
 
