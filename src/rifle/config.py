@@ -278,7 +278,8 @@ def _integer(value: Any) -> int:
     return int(number)
 
 
-def _check(name: str, f: dataclasses.Field, value: Any) -> None:
+def check_bounds(name: str, f: dataclasses.Field, value: Any) -> None:
+    """ConfigError when `value` is outside the choices or below the minimum in the field's `opt` metadata."""
     if value is None:
         return
     meta = f.metadata
@@ -331,7 +332,7 @@ def build(values: dict[str, Any] | None = None, config_file: str | None = None) 
                 raise ConfigError(name, f"{str(e).removeprefix(f'--{name}: ')} (in {config_file})") from None
             raise
         section, f = fields[name]
-        _check(name, f, value)
+        check_bounds(name, f, value)
         setattr(getattr(cfg, section), name, value)
     return resolve(cfg)
 

@@ -102,7 +102,7 @@ def _value(f, raw: str):
         value = int(raw)
     except ValueError:
         raise SweepError(f"--{f.name}: expected an integer, got {raw!r}") from None
-    C._check(f.name, f, value)  # the trainer's minimum check and message
+    C.check_bounds(f.name, f, value)  # the trainer's check and message
     return value
 
 
