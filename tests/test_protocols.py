@@ -142,7 +142,8 @@ def test_the_offline_study_runs_both_protocols_and_resumes(tmp_path, digits_fold
     assert len(authors) == 4 and all(r.data.metrics["test_acc"] == r.data.metrics["test_acc_last"] for r in authors)
     capsys.readouterr()
     assert study.main(argv) == 0  # finished runs are read back, not trained again
-    assert "seed" not in capsys.readouterr().out.split("protocol validated")[0]
+    out = capsys.readouterr().out.split("protocol validated")[0]
+    assert out.count("finished earlier in run") == 8 and " complete: test_acc" not in out
     assert len(mlflow_runs(uri)[1]) == len(runs)
 
 
@@ -155,20 +156,24 @@ def test_the_regime_grid_pairs_every_rifle_variant_with_plain(tmp_path, digits_f
     argv = ["--protocol", "authors", "--seeds", "2", "--tracking_uri", uri, "--output_root", str(tmp_path / "out"),
             "--report_dir", str(tmp_path / "report"), f"dataset=imagefolder:{digits_folder}", "epochs=3",
             "batch_size=16", "channels_last=false"]
+    # One budget per comparison: RIFLE K=1 would train 2 of the 3 epochs, so the grid is refused before it runs.
+    assert regime.main(argv) == 2
+    assert "choose epochs that every K+1 divides, e.g. epochs=6" in capsys.readouterr().err
+    argv[argv.index("epochs=3")] = "epochs=6"
     assert regime.main(argv) == 0
     table = __import__("pandas").read_csv(tmp_path / "report" / "regime.csv")
     assert len(table) == 4 and set(zip(table["K"], table["head_lr"])) == {(1, "follow"), (1, "cyclic"),
                                                                          (2, "follow"), (2, "cyclic")}
     assert (table["n"] == 2).all() and set(table["verdict"]) <= {"helps", "hurts", "cannot be told apart"}
     assert (table["steps_per_epoch"] == 1).all()  # 4 classes x 3 images at batch 16
-    assert list(table["steps_per_period"]) == [1, 1, 1, 1]  # 3 epochs: K=1 truncates to 2, K=2 keeps 3
+    assert list(table["steps_per_period"]) == [3, 3, 2, 2]  # 6 epochs: periods of 3 (K=1) and 2 (K=2)
     assert (tmp_path / "report" / "regime.png").stat().st_size > 10_000
     assert "RIFLE − plain" in (tmp_path / "report" / "regime.md").read_text()
     _, runs = mlflow_runs(uri)
     assert len(runs) == 1 + 5 * 2  # a parent, 5 methods x 2 seeds
     capsys.readouterr()
     assert regime.main(argv) == 0  # resumed: nothing is trained again
-    assert "seed 0: test_acc" not in capsys.readouterr().out
+    assert " complete: test_acc" not in capsys.readouterr().out
     assert len(mlflow_runs(uri)[1]) == len(runs)
 
 

@@ -1,7 +1,8 @@
 """The paper's "same settings" comparison: `python -m rifle.compare --studies rifle,plain,dropout ...`.
 
 Each study's (`python -m rifle.sweep`, one per method) best trial, chosen on validation accuracy, is
-re-trained with the same N seeds for every method (`study.run_paired`, so the same command resumes). The
+re-trained with the same N seeds for every method (rifle.paired: every (method, seed) a cell in the studies'
+storage, so the same command resumes, and started N times runs N workers). The
 comparison run carries, for `--metric`, mean and std per method and the paired difference reference −
 method, the reference being the first study listed (95% t interval, paired t-test; the sign convention of
 rifle.report), and `comparison.csv` / `comparison.md`. A method's label is that of its study's `tricks`.
@@ -111,7 +112,8 @@ def run(args) -> int:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
-    from .study import run_paired
+    from . import paired
+    from .sweep.cells import Cell, finished_runs, run_cells
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     url = resolve_url(args.storage)
     storage = open_storage(url)
@@ -123,20 +125,24 @@ def run(args) -> int:
     labels = dict(zip(studies, methods if len(set(methods)) == len(methods) else studies))
     settings = {s: found[s][3] | args.overrides for s in studies}
     check_same_settings(settings)
-    for values in settings.values():  # fail now, not after three methods have trained
-        C.build(values | {"output_dir": "unused"})
+    # fail now, not after three methods have trained; and one budget for every method
+    paired.check_budget(args.name, {labels[s]: C.build(settings[s] | {"output_dir": "unused"}) for s in studies})
     shown = redact(url)
-    parent, runs = run_paired(
-        {labels[s]: settings[s] for s in studies}, args.seeds, args.name, uri, args.experiment, args.output_root,
-        tags={"compare.studies": ",".join(studies), "compare.storage": shown},
-        child_tags={labels[s]: {"compare.study": s, "compare.trial": str(found[s][1])} for s in studies})
-    if parent is None:  # another process of `accelerate launch`: the main one reports
-        return 0
+    cells = [Cell(args.name, labels[s], seed, settings[s], {"compare.study": s, "compare.trial": str(found[s][1])})
+             for seed in args.seeds for s in studies]
+    status, parents = run_cells("rifle.compare", args.name, cells, tracking_uri=uri, experiment=args.experiment,
+                                output_root=args.output_root, storage=args.storage or url, heartbeat_interval=
+                                args.heartbeat_interval, grace_period=args.grace_period,
+                                group_tags={args.name: {"compare.studies": ",".join(studies), "compare.storage": shown}})
+    code = paired.exit_code("compare", status)
+    if code is not None:
+        return code
+    parent = parents[args.name]
     client = MlflowClient(uri)
     have = client.get_run(parent).data.params  # a resumed comparison logs its params once
     params = {"studies": ",".join(studies), "seeds": ",".join(map(str, args.seeds)), "storage": shown,
               **{f"override.{k}": v for k, v in args.overrides.items()}}
-    rows = [_row(label, run) for (label, _), run in runs.items()]
+    rows = [_row(run) for run in finished_runs(uri, parent)]
     metrics, table_csv, table_md = summarize(rows, [labels[s] for s in studies], args.metric)
     now = int(time.time() * 1000)
     best = {f"best_trial.{mlflow_key(labels[s])}": f"{s}#{found[s][1]} (val_acc {found[s][2]:.4f})" for s in studies}
@@ -149,11 +155,11 @@ def run(args) -> int:
     return 0
 
 
-def _row(label: str, run) -> dict:
+def _row(run) -> dict:
     """A finished (method, seed) run's row (older runs have no test_acc_last nor selection; without validation
     there is no best_val_acc)."""
     m, p, t = run.data.metrics, run.data.params, run.data.tags
-    return {"method": label, "study": t.get("compare.study"), "trial": t.get("compare.trial"),
+    return {"method": t["compare.method"], "study": t.get("compare.study"), "trial": t.get("compare.trial"),
             "seed": int(t["compare.seed"]), "test_acc": m["test_acc"],
             "test_acc_last": m.get("test_acc_last", math.nan), "selection": p.get("selection") or DEFAULT_SELECTION,
             "best_val_acc": m.get("best_val_acc", math.nan), "run_id": run.info.run_id}
@@ -168,7 +174,8 @@ def parser() -> argparse.ArgumentParser:
                    "reference − method), e.g. rifle,plain,dropout")
     p.add_argument("--metric", default="test_acc", choices=tuple(METRICS), help="the number the table and the "
                    "parent's metrics show: " + "; ".join(f"{k}: {v}" for k, v in METRICS.items()))
-    p.add_argument("--storage", default="", help="the studies' storage (as for rifle.sweep; default optuna.journal)")
+    p.add_argument("--storage", default="", help="the studies' storage (as for rifle.sweep; default optuna.journal); "
+                   "the comparison's cells go there too, so the same command started N times runs N workers")
     p.add_argument("--seeds", default="", help="comma-separated training seeds (default: 1..n_seeds; the studies "
                    "tuned with the space's seed, 0 in sweeps/base.yaml)")
     p.add_argument("--n_seeds", default="", help="number of seeds when --seeds is not given (default 5)")
@@ -176,6 +183,9 @@ def parser() -> argparse.ArgumentParser:
                    "(default: compare-<studies>)")
     p.add_argument("--output_root", default="", help="runs go to <root>/<name>/<method>/seed-<s> "
                    "(default outputs/compare)")
+    p.add_argument("--heartbeat_interval", type=int, default=30, help="seconds between a worker's heartbeats")
+    p.add_argument("--grace_period", type=int, default=120, help="seconds without a heartbeat before another "
+                   "worker retries the cell from its last checkpoint")
     trainer_options(p, skip=("seed",), what="applied to every method's best parameters (e.g. --epochs 40)")
     return p
 

@@ -178,6 +178,10 @@ class RunConfig:
     probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each head re-init "
                                   "averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/<block> "
                                   "(0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
+    threads: int = opt(0, "torch intra-op threads (0: torch's default, one per core); results differ at float "
+                       "level between thread counts, so paired tools fix it (tag env.threads)", minimum=0)
+    deterministic: bool = opt(False, "torch's deterministic algorithms, cuDNN's deterministic convolutions and a "
+                              "fixed cuBLAS workspace: repeatable GPU runs, slower (tag env.deterministic)")
     # Speed only (listed in RUN_ONLY: they change how, not what, is trained, so a run may resume with them).
     channels_last: bool = opt(False, "model and input batches in channels-last memory format (faster "
                               "convolutions on GPUs with tensor cores)")
@@ -456,7 +460,7 @@ def _check_dataset(cfg: Config) -> str:
 RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "register_model",
             "system_metrics", "keep_checkpoints", "keep_finished_checkpoints",
             "probe_reinit_steps", "channels_last", "compile", "compile_backend", "pin_memory", "num_proc",
-            "delta_cache_dir")
+            "delta_cache_dir", "threads", "deterministic")
 
 
 def config_digest(cfg: Config) -> str:

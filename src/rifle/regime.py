@@ -11,7 +11,8 @@ a fresh cosine each period), under both evaluation protocols (validated: best-va
 authors': all of train, last epoch). Every cell is paired with plain fine-tuning on the same seeds and
 data, and each difference gets a 95% t interval: a cell where the interval lies above 0 is "helps",
 below 0 "hurts", otherwise "cannot be told apart"; p-values are also Holm-adjusted over all cells.
-Every (protocol, data size) is one parent run of `study.run_paired`, so an interrupted grid resumes.
+Every (protocol, data size) is one parent run of rifle.paired, so an interrupted grid resumes, and
+`--storage` shares its cells between workers.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 from pathlib import Path
 
 from . import config as C
-from .study import paired_parser, paired_plan, run_paired
+from . import paired
 
 DATA = {10: {"train_per_class": 10}, 30: {"train_per_class": 30}}  # images per class -> options
 CLASSES = 10  # digits
@@ -35,36 +36,37 @@ def variants() -> dict[str, dict]:
                                         for k in REINITS for policy in POLICIES}
 
 
-def collect(experiment: str, parents: dict, plan: dict) -> "pd.DataFrame":
+def group_name(protocol: str, per_class: int) -> str:
+    return f"regime-{protocol}-{per_class}pc"
+
+
+def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool = False) -> "pd.DataFrame":
     """One row per (protocol, data, K, policy): plain and RIFLE mean test_acc over the shared seeds and the
     paired difference RIFLE − plain with its 95% t interval, p, Holm-adjusted p and the verdict."""
-    import mlflow
     import pandas as pd
 
+    from .report import check_environments, fetch_runs
     from .stats import holm, paired_difference
 
     rows = []
     for (protocol, per_class), parent in parents.items():
-        runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.`mlflow.parentRunId` = "
-                                  f"'{parent}' and attributes.status = 'FINISHED'", output_format="list")
-        acc = {}  # label -> seed -> test_acc
-        for r in runs:
-            tags = r.data.tags
-            acc.setdefault(tags["compare.method"], {})[int(tags["compare.seed"])] = r.data.metrics["test_acc"]
-        plain = acc.get("plain", {})
+        runs = fetch_runs(tracking_uri, parent_run_id=parent)
+        check_environments(runs, allow_mixed_env)
+        acc = runs.pivot_table(index="seed", columns="method", values="test_acc", aggfunc="last")
+        methods = plan[group_name(protocol, per_class)]
         for label, options in variants().items():
-            if label == "plain" or label not in acc:
+            if label == "plain" or label not in acc or "plain" not in acc:
                 continue
-            seeds = sorted(set(plain) & set(acc[label]))
-            cfg = C.build(plan[protocol, per_class][label])
+            both = acc[[label, "plain"]].dropna()
+            cfg = C.build(methods[label])
             # optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size
             spe = math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
-            stats = paired_difference([acc[label][s] for s in seeds], [plain[s] for s in seeds])
+            stats = paired_difference(both[label], both["plain"])
             rows.append({"protocol": protocol, "images_per_class": per_class, "steps_per_epoch": spe,
                          "K": options["reinit_times"], "head_lr": options["head_lr_policy"],
                          "steps_per_period": spe * cfg.optim.epochs // (options["reinit_times"] + 1),
-                         "plain": sum(plain[s] for s in seeds) / max(len(seeds), 1),
-                         "rifle": sum(acc[label][s] for s in seeds) / max(len(seeds), 1), **stats})
+                         "plain": both["plain"].mean() if len(both) else math.nan,
+                         "rifle": both[label].mean() if len(both) else math.nan, **stats})
     table = pd.DataFrame(rows)
     if len(table):
         table["p_holm"] = holm(table["p_value"])
@@ -113,24 +115,25 @@ def plot(table):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = paired_parser("regime", __doc__, experiment="rifle-regime", runs="grid's", example="epochs=12",
-                         output_help="runs go to <root>/<cell>/<method>/seed-<s>",
-                         report_help="where regime.md/.csv/.png go").parse_args(argv)
+    p = paired.paired_parser("regime", __doc__, experiment="rifle-regime", runs="grid's", example="epochs=12",
+                             output_help="runs go to <root>/<cell>/<method>/seed-<s>",
+                             report_help="where regime.md/.csv/.png go")
+    p.add_argument("--allow_mixed_env", action="store_true", help="pair runs measured in different environments")
+    args = p.parse_args(argv)
     # every configuration is valid before the first of ~100 runs starts
-    plan = paired_plan(args, "regime", lambda: {per_class: {label: data | options
-                                                            for label, options in variants().items()}
-                                                for per_class, data in DATA.items()})
+    plan = paired.paired_plan(args, "regime", lambda protocol, shared: {
+        group_name(protocol, per_class): {label: shared | data | options for label, options in variants().items()}
+        for per_class, data in DATA.items()})
     if plan is None:
         return 2
-    parents = {}
-    for (protocol, per_class), methods in plan.items():
-        print(f"rifle.regime: {protocol} protocol, {per_class} images per class", flush=True)
-        parents[protocol, per_class], _ = run_paired(methods, list(range(args.seeds)),
-                                                     f"regime-{protocol}-{per_class}pc", args.tracking_uri,
-                                                     args.experiment, args.output_root)
-    import mlflow
-    mlflow.set_tracking_uri(args.tracking_uri)
-    table = collect(args.experiment, parents, plan)
+    status, parents = paired.run("regime", "regime", plan, list(range(args.seeds)), args)
+    code = paired.exit_code("regime", status)
+    if code is not None:
+        return code
+    cells = {group_name(protocol, per_class): (protocol, per_class) for protocol in paired.PROTOCOLS
+             for per_class in DATA}
+    table = collect(args.tracking_uri, {cells[g]: parent for g, parent in parents.items()}, plan,
+                    args.allow_mixed_env)
     out = Path(args.report_dir)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "regime.csv", index=False)

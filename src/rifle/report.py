@@ -13,11 +13,11 @@ import re
 import sys
 from pathlib import Path
 
-from . import figures
+from . import env, figures
 from .config import RUN_ONLY, all_fields
-from .methods import PLAIN, method_label, method_sort_key
+from .methods import PLAIN, method_label, method_sort_key, method_tricks
 from .notebook import nearest
-from .stats import DEFAULT_SELECTION, METRICS, comparisons, holm, mean_std, metric_note, paired_difference
+from .stats import DEFAULT_SELECTION, METRICS, comparisons, holm, mean_std, metric_note, paired_difference, trick_set
 
 REPORT_TAG = "rifle.report"
 # The method label that rifle.compare / rifle.study chose: two settings of one trick list stay apart.
@@ -28,6 +28,8 @@ BEFORE_REINIT_TAG = "selected_before_reinit"  # 'true': a RIFLE run selected a c
 # Params that may differ between paired runs (storage, speed, seed, method) and a trick's own options.
 RUN_KEYS = (*RUN_ONLY, "seed", "tricks", "num_workers")
 TRICK_OPTIONS = (*(name for name, (section, _) in all_fields().items() if section == "tricks"), "reinit_count")
+# What sets a run's budget (RIFLE truncates epochs to a multiple of K+1): equal within a fair pair.
+BUDGET_KEYS = ("epochs_trained", "optimizer_steps")
 
 
 def slug(text: str) -> str:
@@ -59,11 +61,20 @@ def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
         rows.append({"dataset": dataset, "method": method, "n": n, "mean": mean, "std": std,
                      "seeds": " ".join(str(s) for s in sorted(g["seed"])),
                      "selection": ",".join(sorted(set(g["selection"] if "selection" in g else [DEFAULT_SELECTION]))),
-                     "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged)})
-    cols = ["dataset", "method", "n", "mean", "std", "seeds", "selection", "before_reinit", "reinit_tagged"]
+                     "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged),
+                     "epochs_trained": _values(g, "epochs_trained")})
+    cols = ["dataset", "method", "n", "mean", "std", "seeds", "selection", "before_reinit", "reinit_tagged",
+            "epochs_trained"]
     table = pd.DataFrame(rows, columns=cols)
     table["best"] = table["mean"] == table.groupby("dataset")["mean"].transform("max")
     return table.sort_values(["dataset", "method"], key=_method_order, kind="stable").reset_index(drop=True)
+
+
+def _values(g, column: str) -> str:
+    """The distinct values of a column ("28,30"; "" when absent), for tables and budget checks."""
+    if column not in g:
+        return ""
+    return ",".join(sorted({f"{v:g}" for v in g[column] if isinstance(v, float) and math.isfinite(v)}, key=float))
 
 
 def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
@@ -97,8 +108,9 @@ def _p(p: float) -> str:
 
 
 def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[str] | None = None,
-                   metric: str = "test_acc") -> str:
-    """The paper-style table (percent) and the paired differences (percentage points) as Markdown."""
+                   metric: str = "test_acc", environments: list[str] | None = None) -> str:
+    """The paper-style table (percent) and the paired differences (percentage points) as Markdown, each with
+    the line saying what it measures and, given `environments`, where it was measured."""
     methods = sorted(summary["method"].unique(), key=method_sort_key)
     selections = {m: set(",".join(g["selection"]).split(",")) for m, g in summary.groupby("method")} \
         if "selection" in summary else {}
@@ -106,9 +118,13 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
     text = [f"{_pct(r.mean)} ± {_pct(r.std)} ({r.n})" for r in summary.itertuples()]
     cells = summary.assign(cell=[f"**{t}**" if best else t for t, best in zip(text, summary["best"])]).pivot(
         index="dataset", columns="method", values="cell").reindex(columns=methods).fillna("")
+    where = f" Environment: {'; '.join(environments)}." if environments else ""
     lines = [f"### {metric} (%), mean ± std over seeds (n)", "", "| dataset | " + " | ".join(methods) + " |",
              "|---" * (len(methods) + 1) + "|", *(f"| {d} | " + " | ".join(row) + " |" for d, row in cells.iterrows()),
-             "", f"Bold: the best mean of the dataset. {what}"]
+             "", f"Bold: the best mean of the dataset. {what}{where}"]
+    if "epochs_trained" in summary and (summary["epochs_trained"] != "").any():
+        per = summary.groupby("dataset")["epochs_trained"].agg(lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
+        lines += ["", "Epochs trained: " + "; ".join(f"{d}: {e}" for d, e in per.items()) + "."]
     tagged = summary[summary["reinit_tagged"] > 0] if "reinit_tagged" in summary else summary.iloc[:0]
     if metric == "test_acc" and len(tagged):  # test_acc_last always follows every re-init
         counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_reinit} of {r.reinit_tagged}"
@@ -125,7 +141,7 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
                          f"{_p(r.p_value)} | {_p(r.p_holm)} |")
         lines += ["", f"Reference − other: the method with the reference minus the same method without it "
                   f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
-                  "the dataset (Holm-Bonferroni)."]
+                  f"the dataset (Holm-Bonferroni).{where}"]
     return "\n".join(lines + [f"\nNote: {note}" for note in notes or []]) + "\n"
 
 
@@ -158,15 +174,6 @@ def _client(tracking_uri: str | None):
     return MlflowClient(tracking_uri or default_tracking_uri())  # never the process-wide tracking URI
 
 
-def _search_all(client, experiment_ids: list[str], filter_string: str) -> list:
-    runs, token = [], None
-    while True:
-        page = client.search_runs(experiment_ids, filter_string=filter_string, max_results=1000, page_token=token)
-        runs, token = runs + list(page), page.token
-        if not token:
-            return runs
-
-
 def _method_of(tags: dict, params: dict) -> str:
     """The label a tool tagged, else the label of `tricks`; canonical when it names a trick list, else as
     written (a study name, a trick of another version)."""
@@ -177,13 +184,22 @@ def _method_of(tags: dict, params: dict) -> str:
         return text
 
 
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
                group_by: tuple[str, ...] = ("dataset",)) -> "pd.DataFrame":
     """One row per finished run with a test_acc (of `experiment`, of every experiment, or the children of
-    `parent_run_id`), the row label `dataset` made of the `group_by` params. Of runs sharing (dataset, method,
-    seed) the newest is kept, the others listed in `df.attrs["duplicates"]`."""
+    `parent_run_id`), read in one paged search (params, tags and final metrics come with it), the row label
+    `dataset` made of the `group_by` params. Of runs sharing (dataset, method, seed) the newest is kept, the
+    others listed in `df.attrs["duplicates"]`."""
     import pandas as pd
 
+    from .tracking import _all_pages, all_experiment_ids
     client = _client(tracking_uri)
     filt = "attributes.status = 'FINISHED'"
     if parent_run_id:
@@ -196,10 +212,9 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
             raise ValueError(f"no experiment {experiment!r} in the store (experiments: {names or 'none'})")
         exp_ids = [exp.experiment_id]
     else:  # every experiment: `mlflow run .` logs into MLflow's Default, `python -m rifle.train` into rifle
-        from .tracking import all_experiment_ids
         exp_ids = all_experiment_ids(client)
     rows = []
-    for run in _search_all(client, exp_ids, filt):
+    for run in _all_pages(client.search_runs, experiment_ids=exp_ids, filter_string=filt):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
         if "test_acc" not in m or tags.get(REPORT_TAG) or "seed" not in p:
             continue
@@ -211,10 +226,16 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
                      **{k: m.get(k, math.nan) for k in ("test_acc_last", "best_val_acc", "best_epoch")},
                      "selection": p.get("selection") or DEFAULT_SELECTION,
                      BEFORE_REINIT_TAG: None if before is None else before.strip().lower() == "true",
-                     "reinit_count": float(p["reinit_count"]) if p.get("reinit_count") else math.nan,
-                     "model": p.get("model", ""), "start_time": run.info.start_time, "params": dict(p)})
+                     "reinit_count": _number(p.get("reinit_count")),
+                     # runs from before the param: `epochs` is the resolved (truncated) value
+                     "epochs_trained": _number(p.get("epochs_trained") or p.get("epochs_resolved") or p.get("epochs")),
+                     "optimizer_steps": _number(p.get("optimizer_steps")),
+                     **{k: tags.get(k) for k in env.KEYS},
+                     "model": p.get("model", ""), "start_time": run.info.start_time, "params": dict(p),
+                     "metric_keys": frozenset(m)})
     cols = ["run_id", "run_name", "dataset", "method", "seed", "test_acc", "test_acc_last", "best_val_acc",
-            "best_epoch", "selection", BEFORE_REINIT_TAG, "reinit_count", "model", "start_time", "params"]
+            "best_epoch", "selection", BEFORE_REINIT_TAG, "reinit_count", "epochs_trained", "optimizer_steps",
+            *env.KEYS, "model", "start_time", "params", "metric_keys"]
     df = pd.DataFrame(rows, columns=cols).sort_values("start_time", ascending=False, kind="stable")
     dup = df.duplicated(["dataset", "method", "seed"], keep="first")
     kept = df.loc[~dup].sort_values(["dataset", "method", "seed"], key=_method_order, kind="stable")
@@ -223,25 +244,94 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
     return kept
 
 
-def fetch_histories(runs, tracking_uri: str | None = None) -> "pd.DataFrame":
-    """Per-epoch metrics of `runs` (HISTORY_KEYS and every probe metric a run has) in long form: run_id,
-    dataset, method, seed, key, step, value."""
+def history_keys(runs, reference: str = "rifle", baseline: str = PLAIN) -> dict[str, list[str]]:
+    """key -> run ids: the per-epoch metrics the report's figures draw, and for which runs. Per dataset:
+    validation accuracy (training accuracy where no run has it) and lr_head of every run, head_reinit of the
+    runs with the reference's tricks, and the probes (figures.WEIGHT, GRAD: the reference's and the
+    baseline's runs; PRE and POST: the reference's)."""
+    ref, ref_name, base_name = set(method_tricks(method_label(reference))), method_label(reference), method_label(baseline)
+    wanted: dict[str, list[str]] = {}
+
+    def want(rows, keys=None, prefixes=()):
+        for r in rows.itertuples(index=False):
+            for key in r.metric_keys:
+                if key in (keys or ()) or key.startswith(prefixes):
+                    wanted.setdefault(key, []).append(r.run_id)
+
+    for _, g in runs.groupby("dataset"):
+        accuracy = "val_acc" if any("val_acc" in k for k in g["metric_keys"]) else "train_acc"
+        want(g, {accuracy, "lr_head"})
+        want(g[[m != PLAIN and ref <= trick_set(m) for m in g["method"]]], {"head_reinit"})
+        want(g[g["method"].isin([ref_name, base_name])], prefixes=(figures.WEIGHT, figures.GRAD))
+        want(g[g["method"] == ref_name], prefixes=(figures.PRE, figures.POST))
+    return wanted
+
+
+def fetch_histories(runs, tracking_uri: str | None = None, reference: str = "rifle", baseline: str = PLAIN,
+                    keys: dict[str, list[str]] | None = None) -> "pd.DataFrame":
+    """Per-epoch metrics of `runs` in long form (run_id, dataset, method, seed, key, step, value): `keys`
+    (key -> run ids; default `history_keys`, what the figures draw), read in bulk (rifle.bulk). Rows are
+    ordered by run (as in `runs`), key, then as MLflow returns a history."""
     import pandas as pd
 
-    client = _client(tracking_uri)
-    rows = []
-    for r in runs.itertuples(index=False):
-        probes = sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(PROBE_PREFIXES))
-        rows += [(r.run_id, r.dataset, r.method, r.seed, key, point.step, point.value)
-                 for key in (*HISTORY_KEYS, *probes) for point in client.get_metric_history(r.run_id, key)]
-    return pd.DataFrame(rows, columns=["run_id", "dataset", "method", "seed", "key", "step", "value"])
+    from .bulk import histories
+    keys = history_keys(runs, reference, baseline) if keys is None else keys
+    h = pd.DataFrame(histories(_client(tracking_uri), keys), columns=["run_id", "key", "step", "value", "timestamp"])
+    position = {run_id: i for i, run_id in enumerate(runs["run_id"])}
+    order = {k: i for i, k in enumerate((*HISTORY_KEYS, *sorted(set(keys) - set(HISTORY_KEYS))))}
+    # stable: within a (run, key) the history's own order stays
+    h = h.assign(pos=h["run_id"].map(position), rank=h["key"].map(order)).sort_values(["pos", "rank"], kind="stable")
+    h = h.merge(runs[["run_id", "dataset", "method", "seed"]], on="run_id", how="left")
+    return h[["run_id", "dataset", "method", "seed", "key", "step", "value"]].reset_index(drop=True)
 
 
-def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95) -> dict:
+def environments(runs) -> dict[str, list[str]]:
+    """dataset -> the environments (rifle.env.describe) its runs were measured in, with their counts."""
+    out = {}
+    for dataset, g in runs.groupby("dataset"):
+        lines = g.reindex(columns=list(env.KEYS)).apply(lambda r: env.describe(r.dropna().to_dict()), axis=1)
+        counts = lines.value_counts(sort=False)
+        out[dataset] = [line if len(counts) == 1 else f"{line} ({n} runs)" for line, n in counts.items()]
+    return out
+
+
+def check_environments(runs, allow_mixed: bool = False) -> None:
+    """ValueError naming the dataset and the first differing env.* tag when its runs were measured in
+    different environments: the same options then give other numbers, so pairs are not like for like."""
+    if allow_mixed:
+        return
+    for dataset, g in runs.groupby("dataset"):
+        for key in env.KEYS:
+            values = sorted({"not recorded" if v is None else str(v) for v in g.get(key, [None])})
+            if len(values) > 1:
+                raise ValueError(f"{dataset}: runs were measured in different environments ({key}: "
+                                 f"{' vs '.join(values)}), which changes their numbers; rerun them in one, or pass "
+                                 "--allow_mixed_env to pair them anyway")
+
+
+def budget_notes(runs, paired) -> list[str]:
+    """A note per compared pair whose runs trained different numbers of epochs or optimizer steps."""
+    notes = []
+    for r in paired.itertuples():
+        g = runs[(runs["dataset"] == r.dataset) & runs["method"].isin([r.method, r.versus])]
+        for key in BUDGET_KEYS:
+            per = {m: _values(gm, key) for m, gm in g.groupby("method")}
+            if len(set(",".join(per.values()).split(",")) - {""}) > 1:
+                notes.append(f"{r.dataset}, {r.method} − {r.versus}: the runs trained different budgets ({key}: "
+                             + ", ".join(f"{m} {v}" for m, v in per.items()) + "), so the difference mixes the "
+                             "method with the budget")
+                break
+    return notes
+
+
+def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
+             allow_mixed_env: bool = False) -> dict:
     """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, the Markdown with notes on
-    runs left out (no value of the metric, repeated (dataset, method, seed)) and on settings that differ."""
+    runs left out (no value of the metric, repeated (dataset, method, seed)), on settings and budgets that
+    differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
     metric_note(metric, {})  # an unknown metric or trick fails here, with its message
     method_label(reference)
+    check_environments(runs, allow_mixed_env)
     missing = runs.loc[runs[metric].isna(), "run_id"].tolist()
     notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out (e.g. "
              f"{', '.join(missing[:5])})"] if missing else []
@@ -258,14 +348,16 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
                          f"same-settings comparison): {', '.join(v['between'])}")
     summary = summarize(runs, metric)
     paired = paired_differences(runs, reference, confidence, metric)
+    notes += budget_notes(runs, paired)
+    where = sorted({line for lines in environments(runs).values() for line in lines})
     return {"summary": summary, "paired": paired,
-            "markdown": table_markdown(summary, paired, confidence, notes, metric)}
+            "markdown": table_markdown(summary, paired, confidence, notes, metric, where)}
 
 
 def build_report(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
                  output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
                  group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95,
-                 metric: str = "test_acc") -> dict:
+                 metric: str = "test_acc", allow_mixed_env: bool = False) -> dict:
     """Write the tables (results.md / .csv, paired.csv, runs.csv) and figures (paired.png and per dataset
     dynamics_, mechanism_, gradients_, reinit_gradients_<dataset>.png) into `output_dir`; with `log`, log them."""
     runs = fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
@@ -273,7 +365,7 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
         f"experiment {experiment!r}" if experiment else "any experiment"
     if runs.empty:
         raise ValueError(f"no finished training runs with a test_acc in {where}")
-    tables = evidence(runs, reference, metric, confidence)
+    tables = evidence(runs, reference, metric, confidence, allow_mixed_env)
     if tables["summary"].empty:
         raise ValueError(f"no finished training run in {where} has {metric}")
     out = Path(output_dir)
@@ -282,9 +374,9 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
     files["results.md"].write_text(tables["markdown"])
     tables["summary"].to_csv(files["results.csv"], index=False)
     tables["paired"].to_csv(files["paired.csv"], index=False)
-    runs.drop(columns=["params"]).to_csv(files["runs.csv"], index=False)
+    runs.drop(columns=["params", "metric_keys"]).to_csv(files["runs.csv"], index=False)
     figs = {"paired": figures.plot_paired(tables["paired"], confidence, metric)} if len(tables["paired"]) else {}
-    histories = fetch_histories(runs, tracking_uri)
+    histories = fetch_histories(runs, tracking_uri, reference, baseline)
     ref_name, base_name = method_label(reference), method_label(baseline)
     for dataset, g in runs.groupby("dataset"):
         h, model, name = histories[histories["dataset"] == dataset], g["model"].iloc[0], slug(dataset)
@@ -341,12 +433,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline", default=PLAIN, help="the method the mechanism figure compares with")
     p.add_argument("--group_by", default="dataset", help="comma-separated params forming the table's rows")
     p.add_argument("--no_log", action="store_true", help="write the files only, log nothing to MLflow")
+    p.add_argument("--allow_mixed_env", action="store_true", help="pair runs measured in different environments "
+                   "(env.* tags: torch, CUDA, device, threads, deterministic); refused by default")
     args = p.parse_args(argv)
     output_dir = args.output_dir or Path("outputs") / "reports" / slug(args.parent_run_id or args.experiment or "all")
     group_by = tuple(k.strip() for k in args.group_by.split(",") if k.strip())
     try:
         result = build_report(args.tracking_uri or None, args.experiment or None, args.parent_run_id or None,
-                              output_dir, args.reference, args.baseline, group_by, not args.no_log, metric=args.metric)
+                              output_dir, args.reference, args.baseline, group_by, not args.no_log, metric=args.metric,
+                              allow_mixed_env=args.allow_mixed_env)
     except ValueError as e:
         print(f"rifle.report: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ a scheduler, `kill` or `mlflow run`'s Ctrl-C ends as KILLED, like Ctrl-C.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -25,6 +26,25 @@ KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread while a run is open: handled as Ctrl-C is (run KILLED)."""
+
+
+@contextlib.contextmanager
+def raise_on_sigterm():
+    """For a long-lived worker (sweep, campaign): SIGTERM raises `Terminated` in the main thread wherever it
+    arrives, so the trial in hand is handed back at once and the process exits 143, as a standalone run does.
+    The trainer's own handler then stays out of the way (it only replaces default handlers)."""
+    def on_sigterm(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the shutdown that follows is not interrupted
+        raise Terminated("SIGTERM")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def redact(url: str | None) -> str | None:
@@ -161,9 +181,17 @@ class Tracker:
         if self.active:
             self.mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
 
-    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+    def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:
+        """`synchronous=False` (the per-epoch metrics): queued and sent by MLflow's logging thread, so training
+        does not wait for the store (a round trip per epoch on a server); `flush` sends what is queued."""
         if self.active:
-            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=synchronous)
+
+    def flush(self) -> None:
+        """Wait until every queued metric is stored. The trainer flushes before each checkpoint, so only the
+        newest checkpointed epoch can be unlogged when the process dies, and `sync_history` logs it once."""
+        if self.active:
+            self.mlflow.flush_async_logging()
 
     def log_final(self, metrics: dict) -> None:
         """Final metrics, once: a re-run of a finished output_dir does not log them twice."""
@@ -198,6 +226,7 @@ class Tracker:
         try:
             self._hold_signals()  # closing the run is not interrupted (e.g. by the SIGTERM `mlflow run` sends)
             if self.active and self.mlflow.active_run() is not None:
+                self.flush()
                 self.mlflow.end_run(status=status)
                 if status == "KILLED" and self.under_mlflow_run:
                     _restore_status_after_mlflow_run(self.uri, self.run_id, status)
@@ -278,12 +307,13 @@ def find_runs(client, tags: dict[str, str]) -> list:
 
 
 def claim_parent(client, identity: dict[str, str], role_key: str, experiment: str, run_name: str,
-                 tags: dict[str, str]) -> str:
-    """The one parent run for `identity` tags (a sweep's study, a comparison). Under `mlflow run` that run
-    claims the role, else a run is created; when another worker's run got there first (the oldest wins), the
-    created run is closed and deleted, or the `mlflow run` run becomes a worker run pointing to the parent."""
+                 tags: dict[str, str], adopt: bool = True) -> str:
+    """The one parent run for `identity` tags (a sweep's study, a comparison). Under `mlflow run` (with
+    `adopt`) that run claims the role, else a run is created; when another worker's run got there first (the
+    oldest wins), the created run is closed and deleted, or the `mlflow run` run becomes a worker run
+    pointing to the parent."""
     query = identity | {role_key: "parent"}
-    own = os.environ.get("MLFLOW_RUN_ID")
+    own = os.environ.get("MLFLOW_RUN_ID") if adopt else None
     found = find_runs(client, query)
     if not found:
         if own:

@@ -7,6 +7,7 @@ weight decay, per-epoch cosine.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, probes
+from . import checkpoint, env, probes
 from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
 from .data import fingerprint, load_data
 from .models import block_names, build_model, param_groups
@@ -190,6 +191,7 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
     warn_one_process_launch()
+    env.apply(cfg.run.threads, cfg.run.deterministic)
     # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
     # otherwise each one trains alone as rank 0.
     cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -245,9 +247,11 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
             t.load_state_dict(state["tricks"].get(t.name, {}))
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
     state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
-    tracker.log_params(run_params(cfg))
+    tracker.log_params(run_params(cfg) | {"optimizer_steps": cfg.optim.epochs * math.ceil(
+        len(loaders[0]) / o.grad_accum_steps)})  # per process, with Accelerate's sync at each epoch's end
     tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": ctx.data_fingerprint,
-                      "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes})
+                      "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes}
+                     | env.environment(acc.device))
     tracker.sync_history(state["history"])
     tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
@@ -259,9 +263,10 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
 
 
 def run_params(cfg: Config) -> dict:
-    """A run's MLflow params: every resolved option (the tracking URI without its password) and the number of
-    re-inits RIFLE really makes."""
-    return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg)}
+    """A run's MLflow params: every resolved option (the tracking URI without its password), the number of
+    re-inits RIFLE really makes and the epochs it really trains (after RIFLE's truncation to a multiple of K+1)."""
+    return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg),
+                         "epochs_trained": cfg.optim.epochs}
 
 
 def check_same_run(cfg: Config, recorded: dict) -> None:
@@ -296,7 +301,8 @@ def already_finished(cfg: Config, done: dict, mlflow_run_id: str | None) -> dict
 
 def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
     """Track the best validation epoch (before any re-init; its weights kept when selection is best_val), run
-    the tricks' epoch end and the callbacks' `on_epoch_metrics`, checkpoint, then log."""
+    the tricks' epoch end and the callbacks' `on_epoch_metrics`, checkpoint, then log (asynchronously: the
+    queue is flushed before the next checkpoint, so a kill leaves at most that one epoch to log on resume)."""
     state, main = s.state, s.acc.is_main_process
     if "val_acc" in metrics and metrics["val_acc"] > state["best_val_acc"]:
         state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch}
@@ -312,12 +318,13 @@ def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
     state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
               "tricks": {t.name: t.state_dict() for t in s.tricks}}
     if main:
+        s.tracker.flush()  # the previous epoch is stored before this one is checkpointed (see Tracker.flush)
         checkpoint.save(s.out, epoch, s.raw, s.optimizer, state, s.cfg.run.keep_checkpoints)
         for stale in s.out.glob("best-*.safetensors"):
             if stale.name != state["best_file"]:
                 stale.unlink()
     s.acc.wait_for_everyone()
-    s.tracker.log_metrics(metrics, step=epoch)
+    s.tracker.log_metrics(metrics, step=epoch, synchronous=False)
 
 
 def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:

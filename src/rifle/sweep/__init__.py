@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .. import config as C
-from ..tracking import DEFAULT_URI
+from ..tracking import DEFAULT_URI, Terminated, raise_on_sigterm
 from .space import SpaceError, load_space
 from .storage import SweepError, load_study, open_storage, resolve_url, scrub
 
@@ -107,6 +107,11 @@ def _value(f, raw: str):
 
 
 def main(argv: list[str] | None = None) -> int:
+    with raise_on_sigterm():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     url = None
     try:
         o = parse(argv)
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     except (SpaceError, SweepError, C.ConfigError) as e:
         print(f"rifle.sweep: error: {scrub(str(e), url)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C: 130; SIGTERM (a scheduler's preemption): 143
         print("rifle.sweep: interrupted; the next worker resumes the trial from its last checkpoint",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130

@@ -3,8 +3,8 @@
 One parent run per study, found again by the study's uuid tag (under `mlflow run` the run it made is the
 parent, or a worker run pointing to the parent when the study already has one); one child run per retry
 chain (a trial and its retries), with the state (complete / pruned / failed / retrying / interrupted) and
-its reason as tags. After each finished trial the parent gets one point per metric at step = trial number,
-the best trial's parameters (tags and best_params.json) and Optuna's plots.
+its reason as tags. After each finished trial the parent gets one point per metric at step = the number of
+finished trials (it only grows), the best trial's parameters (tags and best_params.json) and Optuna's plots.
 """
 from __future__ import annotations
 
@@ -29,7 +29,32 @@ def origin(trial) -> int:
     return int(trial.system_attrs.get(RETRY_ORIGIN_ATTR, trial.number))
 
 
+def trial_done(client, prefix: str, run_id: str, state: str, reason: str | None = None) -> None:
+    """<prefix>.state and .reason always agree (a retry that completes drops the reason its stale attempt
+    left); the run ends with the state's status."""
+    client.set_tag(run_id, f"{prefix}.state", state)
+    if reason:
+        client.set_tag(run_id, f"{prefix}.reason", reason[:4000])
+    elif f"{prefix}.reason" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, f"{prefix}.reason")
+    if client.get_run(run_id).info.status != STATUS[state]:
+        client.set_terminated(run_id, STATUS[state])
+
+
+def on_retry(tree, runs: list, trial, retried: bool) -> None:
+    """A worker stopped beating: the trial's runs wait for its retry, or fail when retries are used up."""
+    why = f"trial {trial.number}: its worker stopped sending heartbeats"
+    for run in runs:
+        if retried:
+            tree.client.set_tag(run.info.run_id, f"{tree.prefix}.state", "retrying")
+            tree.client.set_tag(run.info.run_id, f"{tree.prefix}.reason", f"{why}; retried from the last epoch checkpoint")
+        else:
+            tree.trial_done(run.info.run_id, "failed", f"{why} and the retries are used up")
+
+
 class SweepRuns:
+    prefix = "sweep"  # of the run tags this tree writes
+
     def __init__(self, uri: str, experiment: str, study, shown_storage: str, params: dict, n_trials: int):
         self.client = c = MlflowClient(uri)
         self.n_trials = n_trials
@@ -50,9 +75,9 @@ class SweepRuns:
         return find_runs(self.client, {"sweep.study_uuid": self.uuid, "sweep.role": "trial",
                                        "sweep.trial": str(number)})
 
-    def child(self, origin_number: int, trial_number: int) -> str:
+    def child(self, trial, origin_number: int) -> str:
         """The trial's run: the one its first attempt made (a retry resumes it), else a new one."""
-        c = self.client
+        c, trial_number = self.client, trial.number
         if self.parent != os.environ.get("MLFLOW_RUN_ID") and c.get_run(self.parent).info.status != "RUNNING":
             c.update_run(self.parent, status="RUNNING")  # a finished study was extended or resumed
         found = self._chain(origin_number)
@@ -67,35 +92,24 @@ class SweepRuns:
             "sweep.study": self.study_name, "sweep.trial": str(origin_number),
             "sweep.optuna_trials": str(trial_number), "sweep.state": "running"}).info.run_id
 
+    def finished(self, run_id: str) -> float | None:
+        return None  # a trial's run is its own: never finished before the trial
+
     def trial_done(self, run_id: str, state: str, reason: str | None = None) -> None:
-        """State and reason always agree: a retry that completes drops the reason its stale attempt left."""
-        c = self.client
-        c.set_tag(run_id, "sweep.state", state)
-        if reason:
-            c.set_tag(run_id, "sweep.reason", reason[:4000])
-        elif "sweep.reason" in c.get_run(run_id).data.tags:
-            c.delete_tag(run_id, "sweep.reason")
-        if c.get_run(run_id).info.status != STATUS[state]:
-            c.set_terminated(run_id, STATUS[state])
+        trial_done(self.client, self.prefix, run_id, state, reason)
 
     def on_retry(self, trial, retried: bool) -> None:
-        """A worker stopped beating: the run waits for its retry, or fails when retries are used up."""
-        for run in self._chain(origin(trial)):
-            why = f"trial {trial.number}: its worker stopped sending heartbeats"
-            if retried:
-                self.client.set_tag(run.info.run_id, "sweep.state", "retrying")
-                self.client.set_tag(run.info.run_id, "sweep.reason", f"{why}; retried from the last epoch checkpoint")
-            else:
-                self.trial_done(run.info.run_id, "failed", f"{why} and the retries are used up")
+        on_retry(self, self._chain(origin(trial)), trial, retried)
 
     def after_trial(self, study, trial) -> None:
-        """A study.optimize callback: one point per parent metric for this finished trial (step: its number),
-        then the best trial."""
+        """A study.optimize callback: one point per parent metric for this finished trial, then the best trial.
+        The step is the number of finished trials, which only grows (MLflow shows the value at the highest
+        step: with the trial's number a retry finishing after a later trial would show a stale count)."""
         if trial.state not in (TrialState.COMPLETE, TrialState.PRUNED):
             return
         states = [t.state for t in study.get_trials(deepcopy=False)]
-        complete = states.count(TrialState.COMPLETE)
-        metrics = {"trials_complete": complete, "trials_pruned": states.count(TrialState.PRUNED)}
+        complete, pruned = states.count(TrialState.COMPLETE), states.count(TrialState.PRUNED)
+        metrics = {"trials_complete": complete, "trials_pruned": pruned}
         tags = {"sweep.n_trials": str(self.n_trials)}
         if complete:
             best = study.best_trial
@@ -105,7 +119,8 @@ class SweepRuns:
             if best_runs:
                 tags["sweep.best_run_id"] = best_runs[0].info.run_id
         now = int(time.time() * 1000)
-        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, trial.number) for k, v in metrics.items()])
+        self.client.log_batch(self.parent, metrics=[Metric(k, float(v), now, complete + pruned)
+                                                    for k, v in metrics.items()])
         self._set_tags(tags)
         if complete:
             self.client.log_dict(self.parent, {"trial": origin(best), "value": best.value, "params": best.params},

@@ -20,12 +20,14 @@ from urllib.parse import unquote, urlsplit
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat  # the documented extension point (see RDBStorage)
+from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
 from ..tracking import redact
 
 STUDY_ATTR = "rifle_sweep"          # study user attr: uuid, method, space signature
 HEARTBEAT_ATTR = "rifle:heartbeat"  # trial system attr on journal storage (unix time of the last beat)
+MEMORY = ":memory:"                 # a journal in this process only: one worker, nothing kept
 
 
 class SweepError(RuntimeError):
@@ -69,6 +71,19 @@ class StaleRetry(RetryHeartbeatStaleTrialCallback):
             self.on_retry(trial, retried)
 
 
+class MemoryJournal(BaseJournalBackend):
+    """A journal kept in this process (`--storage :memory:`): the paired tools' default, one local worker."""
+
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def read_logs(self, log_number_from: int) -> list[dict]:
+        return self.logs[log_number_from:]
+
+    def append_logs(self, logs: list[dict]) -> None:
+        self.logs.extend(logs)
+
+
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """JournalStorage with Optuna's heartbeat contract (see the module docstring)."""
 
@@ -103,6 +118,8 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # Redis backend, heartbeat
             retry = StaleRetry(max_retry)
+            if url == MEMORY:
+                return HeartbeatJournalStorage(MemoryJournal(), heartbeat_interval, grace_period, retry)
             if "://" not in url:
                 Path(url).parent.mkdir(parents=True, exist_ok=True)
                 return HeartbeatJournalStorage(JournalFileBackend(os.path.abspath(url)), heartbeat_interval,

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from .. import config as C
 from ..tracking import redact
 from .runs import SweepRuns, origin
-from .storage import STUDY_ATTR, open_study, scrub
+from .storage import MEMORY, STUDY_ATTR, open_study, scrub
 
 OVER_BUDGET_ATTR = "rifle:over_budget"
 
@@ -46,17 +46,19 @@ class TrialReporter:
     never shows). The pruner is consulted only where trials are comparable: before the trial's first
     re-initialization (until then RIFLE trains exactly as plain fine-tuning) and at epochs that end with one
     (their validation pass precedes the reset), never while a new head catches up, never at the last epoch.
-    Only the main process (`trial` not None) talks to the study; the decision is broadcast to the others."""
+    Only the main process (`trial` not None) talks to the study; the decision is broadcast to the others.
+    `key`: the metric reported (a campaign cell without validation reports train_acc; it is never pruned).
+    A report the storage refuses means another worker retried the trial: `TrialLost`."""
 
     def __init__(self, trial, epochs: int, history: list[dict], pruner_name: str, num_processes: int = 1,
-                 process_index: int = 0):
-        self.trial, self.epochs, self.pruner_name = trial, epochs, pruner_name
+                 process_index: int = 0, key: str = "val_acc"):
+        self.trial, self.epochs, self.pruner_name, self.key = trial, epochs, pruner_name, key
         self.num_processes, self.process_index = num_processes, process_index
         self.best, self.reinits = -math.inf, 0
         if trial is not None:
             reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
             for row in history:  # epochs the checkpoint holds (a kill can fall before their report)
-                self.best = max(self.best, row["val_acc"])
+                self.best = max(self.best, row[key])
                 self.reinits += int(row.get("head_reinit", 0) == 1)
                 if row["epoch"] not in reported:
                     trial.report(self.best, row["epoch"])
@@ -65,7 +67,7 @@ class TrialReporter:
         return epoch < self.epochs - 1 and (self.reinits == 0 or reinit_now)
 
     def decide(self, epoch: int, metrics: dict) -> str | None:
-        self.best = max(self.best, float(metrics["val_acc"]))
+        self.best = max(self.best, float(metrics[self.key]))
         self.trial.report(self.best, epoch)
         reinit_now = metrics.get("head_reinit", 0) == 1
         check = self.eligible(epoch, reinit_now)
@@ -76,7 +78,7 @@ class TrialReporter:
                   if t.number != self.trial.number and epoch in t.intermediate_values]
         context = f"; other trials at that epoch: median {statistics.median(others):.4f} of {len(others)}" \
             if others else ""
-        return f"pruned at epoch {epoch} by the {self.pruner_name} pruner: best val_acc so far {self.best:.4f}{context}"
+        return f"pruned at epoch {epoch} by the {self.pruner_name} pruner: best {self.key} so far {self.best:.4f}{context}"
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         decision = None
@@ -104,10 +106,11 @@ def budget_slots(trials, below: int | None = None) -> set[int]:
 
 
 def over_budget(trials, number: int, n_trials: int) -> bool:
-    """Whether new trial `number` (not a retry) came after the budget was used up: when two workers race for
-    the last slot, the trial numbers (assigned atomically by the storage) decide who keeps it."""
-    t = next(t for t in trials if t.number == number)
-    return origin(t) == number and len(budget_slots(trials, below=number)) >= n_trials
+    """Whether trial `number`'s retry chain came after the budget was used up: when two workers race for the
+    last slot, the trial numbers (assigned atomically by the storage) decide who keeps it. A retry of a chain
+    that holds a slot is never over budget."""
+    chain = origin(next(t for t in trials if t.number == number))
+    return len(budget_slots(trials, below=chain)) >= n_trials
 
 
 class Budget:
@@ -182,81 +185,121 @@ def _fmt(params: dict) -> str:
 
 
 class Worker:
-    """The main process's side: the study, the budget, the MLflow tree, and the objective."""
+    """The main process's side: the study, the budget, the MLflow tree, and the objective. A campaign
+    (`rifle.sweep.cells`) is this worker with the cells of a plan as its trials: it overrides the hooks
+    `make_sampler`, `make_pruner`, `trial_budget`, `make_runs`, `trial_options`, `describe` and `value`."""
+
+    value_name = "val_acc"  # what the objective returns (`value`)
+    tool = "rifle.sweep"    # the prefix of its lines
 
     def __init__(self, o, space, url: str, storage):
         self.o, self.space, self.url, self.storage = o, space, url, storage
-        self.shown = redact(url) if "://" in url else str(Path(url).resolve())
+        self.shown = redact(url) if "://" in url else url if url == MEMORY else str(Path(url).resolve())
         if os.environ.get("MLFLOW_RUN_ID") and not o.storage.startswith("env:") and redact(url) != url:
             print("rifle.sweep: warning: `mlflow run` records its -P parameters, so the run's 'storage' param holds "
                   "the password; pass -P storage=env:VAR (the URL in an environment variable) instead",
                   file=sys.stderr, flush=True)
-        epochs = C.build(space.fixed | {"output_dir": "unused"}).optim.epochs
-        self.study = open_study(self.storage, o.study_name, space, make_sampler(o.sampler, space, o.seed),
-                                make_pruner(o.pruner, o.pruner_startup_trials, o.pruner_warmup_epochs, epochs),
+        self.study = open_study(self.storage, o.study_name, space, self.make_sampler(), self.make_pruner(),
                                 self.shown)
-        n_trials = o.n_trials
-        if o.sampler == "grid" and (points := math.prod(len(v) for v in space.grid().values())) < n_trials:
-            print(f"rifle.sweep: the grid has {points} points: n_trials {n_trials} -> {points}", flush=True)
-            n_trials = points
-        self.budget = Budget(n_trials, poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
+        self.budget = Budget(self.trial_budget(), poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
         study_uuid = self.study.user_attrs[STUDY_ATTR]["uuid"]
         self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{study_uuid[:8]}"
         self.uri = o.tracking_uri
+        self.runs = self.make_runs()
+        self.storage.get_heartbeat_stale_trial_callback().on_retry = self.runs.on_retry
+        self.lost = False
+
+    # ---- hooks (a sweep's; rifle.sweep.cells.CellWorker overrides them)
+    def make_sampler(self):
+        return make_sampler(self.o.sampler, self.space, self.o.seed)
+
+    def make_pruner(self):
+        epochs = C.build(self.space.fixed | {"output_dir": "unused"}).optim.epochs
+        return make_pruner(self.o.pruner, self.o.pruner_startup_trials, self.o.pruner_warmup_epochs, epochs)
+
+    def trial_budget(self) -> int:
+        n_trials = self.o.n_trials
+        if self.o.sampler == "grid" and (points := math.prod(len(v) for v in self.space.grid().values())) < n_trials:
+            print(f"rifle.sweep: the grid has {points} points: n_trials {n_trials} -> {points}", flush=True)
+            n_trials = points
+        return n_trials
+
+    def make_runs(self):
+        o, space = self.o, self.space
         params = {"space": o.space, "method": space.method, "study_name": o.study_name, "storage": self.shown,
                   "sampler": o.sampler, "pruner": o.pruner, "seed": o.seed,
                   "searched": ",".join(space.params) or "none",
                   **{f"fixed.{k}": v for k, v in space.fixed.items() if k not in C.RUN_ONLY}}
-        self.runs = SweepRuns(self.uri, o.experiment, self.study, self.shown, params, n_trials)
-        self.storage.get_heartbeat_stale_trial_callback().on_retry = self.runs.on_retry
-        self.lost = False
-        print(f"rifle.sweep: study {o.study_name!r} in {self.shown}, {n_trials} trials in total, MLflow parent "
-              f"run {self.runs.parent} ({redact(self.uri)})", flush=True)
+        runs = SweepRuns(self.uri, o.experiment, self.study, self.shown, params, self.budget.n_trials)
+        print(f"rifle.sweep: study {o.study_name!r} in {self.shown}, {self.budget.n_trials} trials in total, MLflow "
+              f"parent run {runs.parent} ({redact(self.uri)})", flush=True)
+        return runs
 
+    def trial_options(self, trial, chain: int) -> tuple[dict, Path]:
+        """(trainer options, output directory) of a trial; a retry trains (resumes) in its chain's directory."""
+        return {"log_weights": False} | self.space.suggest(trial), self.out_root / f"trial-{chain}"
+
+    def describe(self, trial, chain: int) -> str:
+        return f"trial {trial.number} ({_fmt(trial.params)})"
+
+    def value(self, result: dict) -> float:
+        return result["best_val_acc"]  # the objective: validation, never test
+
+    # ---- the objective and the loop
     def objective(self, trial) -> float:
         from ..trainer import fit
         chain = origin(self.study._storage.get_trial(trial._trial_id))
-        if chain == trial.number:
+        retry = self.storage.get_heartbeat_stale_trial_callback()
+        try:
             self.budget.check(self.study, trial)
-        out = self.out_root / f"trial-{chain}"  # a retry trains (resumes) in its chain's directory
-        values = {"log_weights": False} | self.space.suggest(trial) | {  # a weights file per trial is rarely wanted
-            "output_dir": str(out), "tracking_uri": self.uri, "experiment": self.runs.experiment_name,
-            "run_name": None}
-        run_id = self.runs.child(chain, trial.number)
+            values, out = self.trial_options(trial, chain)
+        except OverBudget:
+            raise
+        except Exception:  # the storage failed before the trial knew its options: retried as the same trial
+            retry(self.study, self.study._storage.get_trial(trial._trial_id))
+            raise
+        values |= {"output_dir": str(out), "tracking_uri": self.uri, "experiment": self.runs.experiment_name,
+                   "run_name": None}
+        run_id = self.runs.child(trial, chain)
         start, history = resume_point(out)
         trial.set_user_attr("output_dir", str(out))
         trial.set_user_attr("mlflow_run_id", run_id)
         if start:
             trial.set_user_attr("resumed_from_epoch", start)
-            self.runs.client.set_tag(run_id, "sweep.resumed_from_epoch", str(start))
-        print(f"rifle.sweep: trial {trial.number} ({_fmt(trial.params)})"
+            self.runs.client.set_tag(run_id, f"{self.runs.prefix}.resumed_from_epoch", str(start))
+        print(f"{self.tool}: {self.describe(trial, chain)}"
               + (f", a retry of trial {chain} resuming at epoch {start}" if start else ""), flush=True)
+        finished = self.runs.finished(run_id)
+        if finished is not None:  # trained earlier (e.g. without a shared storage): read back
+            print(f"{self.tool}: {self.describe(trial, chain)}: finished earlier in run {run_id}", flush=True)
+            self.runs.trial_done(run_id, "complete")
+            return finished
         broadcast(values, self.state)
         outcome, reason = "failed", None
         try:
             cfg = C.build(values)
-            reporter = TrialReporter(trial, cfg.optim.epochs, history, self.o.pruner, self.state.num_processes)
-            value = fit(cfg, callbacks=[reporter], mlflow_run_id=run_id)["best_val_acc"]
+            reporter = TrialReporter(trial, cfg.optim.epochs, history, self.o.pruner, self.state.num_processes,
+                                     key="val_acc" if cfg.data.val_fraction > 0 else "train_acc")
+            value = self.value(fit(cfg, callbacks=[reporter], mlflow_run_id=run_id))
             outcome = "complete"
-            print(f"rifle.sweep: trial {trial.number} complete: val_acc {value:.4f}", flush=True)
+            print(f"{self.tool}: trial {trial.number} complete: {self.value_name} {value:.4f}", flush=True)
             return value
         except optuna.TrialPruned as e:
             outcome, reason = "pruned", str(e)
-            print(f"rifle.sweep: trial {trial.number} pruned: {reason}", flush=True)
+            print(f"{self.tool}: trial {trial.number} pruned: {reason}", flush=True)
             raise
         except TrialLost as e:
             outcome, self.lost = "lost", True
-            print(f"rifle.sweep: {e}; moving on", flush=True)
+            print(f"{self.tool}: {e}; moving on", flush=True)
             raise
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (tracking.Terminated)
             # Retried at once by the next worker, from the last checkpoint (this trial is told FAIL).
             outcome, reason = "interrupted", "the worker was interrupted; the next worker resumes the trial"
-            retry = self.storage.get_heartbeat_stale_trial_callback()
             retry(self.study, self.study._storage.get_trial(trial._trial_id))
             raise
         except Exception as e:
             reason = scrub(f"{type(e).__name__}: {e}", self.url)
-            print(f"rifle.sweep: trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+            print(f"{self.tool}: trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
             raise
         finally:
             if outcome not in ("lost", "interrupted"):  # otherwise the retry owns the directory and the run
@@ -264,7 +307,8 @@ class Worker:
             if outcome != "lost":
                 self.runs.trial_done(run_id, outcome, reason)
 
-    def run(self, state) -> None:
+    def run(self, state) -> bool:
+        """Train trials until the study's budget is used and no trial may need a retry; True when complete."""
         self.state = state
         while self.budget.work_left(self.study):
             self.lost = False
@@ -278,6 +322,10 @@ class Worker:
         complete = len(budget_slots(trials)) >= self.budget.n_trials and not any(
             t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
         self.runs.finish(complete)
+        self.summary(trials)
+        return complete
+
+    def summary(self, trials) -> None:
         done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         line = f"rifle.sweep: study {self.o.study_name!r}: {len(done)} trials finished"
         if any(t.state == TrialState.COMPLETE for t in trials):

@@ -1,0 +1,178 @@
+"""A campaign: the paper's table, every method on paired seeds, per dataset and protocol, on many workers.
+
+    python -m rifle.campaign --datasets digits,imagefolder:/data/x --methods plain,rifle --seeds 5
+    python -m rifle.campaign --config configs/campaign/table1.yaml --storage env:RIFLE_STORAGE  # N workers
+
+Each (dataset, protocol) is one group: a parent run and a table (rifle.report), its (method, seed) cells
+trained by the workers started with the same command (rifle.paired: a journal file, PostgreSQL or Redis as
+`--storage`; Slurm: configs/slurm/campaign_array.sbatch). The settings are the config file's `fixed`
+options (the offline setting of rifle.study without a file), a dataset's own options from the file's
+`datasets`, the protocol's, then the command line's option=value. When every cell is complete, one worker
+writes a report per group and the summary across datasets: methods as rows, datasets as columns (the
+paper's layout), with the paired difference reference − other per dataset.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import config as C
+from . import paired
+from .methods import method_label, method_sort_key
+from .stats import metric_note
+
+CONFIG_KEYS = {"fixed", "datasets", "methods", "seeds", "protocol", "name"}
+
+
+def load_config(path: str) -> dict:
+    """The campaign file: `fixed` options, `datasets` (name or spec -> its own options), `methods`, `seeds`,
+    `protocol`, `name`; every option name checked here (ConfigError naming the file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise C.ConfigError("config", f"file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise C.ConfigError("config", f"{path}: not valid YAML ({e})") from None
+    unknown = sorted(set(data) - CONFIG_KEYS) if isinstance(data, dict) else ["(not a mapping)"]
+    if unknown:
+        raise C.ConfigError("config", f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(sorted(CONFIG_KEYS))})")
+    datasets = data.get("datasets") or {}
+    if isinstance(datasets, list):
+        datasets = {d: {} for d in datasets}
+    for where, options in [("fixed", data.get("fixed") or {})] + [(f"datasets.{d}", o or {}) for d, o in datasets.items()]:
+        for name, value in options.items():
+            try:
+                C.convert(name, value)
+            except C.ConfigError as e:
+                raise C.ConfigError("config", f"{path}: {where}.{name}: {str(e).removeprefix(f'--{name}: ')}") from None
+    data["datasets"] = {d: dict(o or {}) for d, o in datasets.items()}
+    return data
+
+
+def slug(spec: str) -> str:
+    from .report import dataset_label, slug
+    return slug(dataset_label(spec))
+
+
+def summary_tables(runs_by_protocol: dict, reference: str) -> tuple[str, "pd.DataFrame"]:
+    """Markdown and long-form CSV of the campaign: per protocol, test_acc mean ± std (n) of each method (rows)
+    on each dataset (columns), the best in bold, and the paired difference reference − other per dataset."""
+    import pandas as pd
+
+    from . import report
+    lines, frames = [], []
+    for protocol, runs in runs_by_protocol.items():
+        tables = report.evidence(runs, reference)
+        s, p = tables["summary"], tables["paired"]
+        datasets = list(dict.fromkeys(s["dataset"]))
+        methods = sorted(s["method"].unique(), key=method_sort_key)
+        cell = {(r.dataset, r.method): (f"**{report._pct(r.mean)} ± {report._pct(r.std)} ({r.n})**" if r.best
+                                        else f"{report._pct(r.mean)} ± {report._pct(r.std)} ({r.n})")
+                for r in s.itertuples()}
+        lines += [f"### {protocol}: test_acc (%), mean ± std over seeds (n)", "",
+                  "| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
+                  *(f"| {m} | " + " | ".join(cell.get((d, m), "") for d in datasets) + " |" for m in methods), ""]
+        if len(p):
+            pairs = list(dict.fromkeys(zip(p["method"], p["versus"])))
+            diff = {(r.dataset, r.method, r.versus): f"{report._pct(r.mean_diff, 2, '+')} "
+                    f"[{report._pct(r.ci_low, 2, '+')}, {report._pct(r.ci_high, 2, '+')}]" for r in p.itertuples()}
+            lines += ["Paired difference, reference − other (points, 95% CI over shared seeds):", "",
+                      "| comparison | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
+                      *(f"| {a} − {b} | " + " | ".join(diff.get((d, a, b), "") for d in datasets) + " |"
+                        for a, b in pairs), ""]
+        selections = {m: set(g["selection"]) for m, g in runs.groupby("method")}
+        where = sorted({line for found in report.environments(runs).values() for line in found})
+        lines += [f"{metric_note('test_acc', selections)} Environment: {'; '.join(where)}.",
+                  *(line for line in tables["markdown"].splitlines() if line.startswith("Note: ")), ""]
+        frames.append(s.assign(protocol=protocol))
+    return "\n".join(lines), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = paired.paired_parser("campaign", __doc__, experiment="rifle-campaign", runs="campaign's", example="epochs=40",
+                             output_help="runs go to <root>/<name>-<dataset>-<protocol>/<method>/seed-<s>",
+                             report_help="per group <dir>/<dataset>/<protocol>/, and summary.md / summary.csv")
+    p.add_argument("--config", default="", help="campaign YAML: fixed options, datasets with their own options, "
+                   "methods, seeds, protocol, name (see configs/campaign/table1.yaml); the command line wins")
+    p.add_argument("--datasets", default="", help="comma-separated datasets (registered names, imagefolder:<root>, "
+                   "disk:<path>, Hub ids); default: the config's, else digits")
+    p.add_argument("--methods", default="", help="comma-separated method labels, e.g. plain,rifle,l2sp,rifle+l2sp "
+                   "(default: the config's, else plain,rifle)")
+    p.add_argument("--name", default="", help="campaign name (default: the config's, else campaign); groups are "
+                   "<name>-<dataset>-<protocol>")
+    p.add_argument("--reference", default="rifle", help="the method whose paired differences the tables show")
+    p.set_defaults(seeds=None, protocol=None)
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config) if args.config else {}
+        datasets = ({d: {} for d in args.datasets.split(",") if d} if args.datasets else cfg.get("datasets")) \
+            or {"digits": {}}
+        datasets = {d: cfg.get("datasets", {}).get(d, {}) | own for d, own in datasets.items()}
+        labels = [method_label(m) for m in (args.methods.split(",") if args.methods else cfg.get("methods")
+                                            or ["plain", "rifle"])]
+        methods = paired.method_options(labels)
+    except (C.ConfigError, ValueError) as e:
+        print(f"rifle.campaign: error: {e}", file=sys.stderr)
+        return 2
+    args.seeds = args.seeds if args.seeds is not None else int(cfg.get("seeds", 5))
+    args.protocol = args.protocol or cfg.get("protocol", "both")
+    name = args.name or cfg.get("name") or "campaign"
+    base = cfg["fixed"] if "fixed" in cfg else paired.BASE
+    if args.protocol not in (*paired.PROTOCOLS, "both"):
+        print(f"rifle.campaign: error: --protocol: got {args.protocol!r}, allowed: validated, authors, both",
+              file=sys.stderr)
+        return 2
+    groups = {}  # group -> (dataset, protocol)
+
+    def plan_of(protocol: str, shared: dict) -> dict:
+        out = {}
+        for dataset, own in datasets.items():
+            group = f"{name}-{slug(dataset)}-{protocol}"
+            groups[group] = (dataset, protocol)
+            out[group] = {label: (shared | {"dataset": dataset} | own | options) for label, options in methods.items()}
+        return out
+
+    plan = paired.paired_plan(args, "campaign", plan_of, base)
+    if plan is None:
+        return 2
+    status, parents = paired.run("campaign", name, plan, list(range(args.seeds)), args)
+    code = paired.exit_code("campaign", status)
+    if code is not None:
+        return code
+    return write_reports(args, name, groups, parents)
+
+
+def write_reports(args, name: str, groups: dict, parents: dict) -> int:
+    import pandas as pd
+
+    from . import report
+    from .tracking import claim_parent
+    out = Path(args.report_dir)
+    by_protocol: dict[str, list] = {}
+    for group, parent in parents.items():
+        dataset, protocol = groups[group]
+        built = report.build_report(args.tracking_uri, args.experiment, parent_run_id=parent,
+                                    output_dir=out / slug(dataset) / protocol, reference=args.reference)
+        by_protocol.setdefault(protocol, []).append(built["runs"])
+        print(f"{dataset}, {protocol}: {out / slug(dataset) / protocol} (also artifacts report/ of run {parent})")
+    text, table = summary_tables({p: pd.concat(r, ignore_index=True) for p, r in by_protocol.items()}, args.reference)
+    (out / "summary.md").write_text(text)
+    table.to_csv(out / "summary.csv", index=False)
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(args.tracking_uri)
+    run = claim_parent(client, {"campaign.summary": name}, "campaign.role", args.experiment, f"{name}-summary",
+                       {report.REPORT_TAG: "true"}, adopt=False)
+    for file in ("summary.md", "summary.csv"):
+        client.log_artifact(run, str(out / file), "report")
+    if client.get_run(run).info.status != "FINISHED":
+        client.set_terminated(run)
+    print(text)
+    print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'} (also artifacts report/ of run {run})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
