@@ -18,6 +18,7 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 CONFIGS = ROOT / "configs"
 TRAIN_SCRIPT = CONFIGS / "slurm" / "train_multinode.sbatch"
 SWEEP_SCRIPT = CONFIGS / "slurm" / "sweep_array.sbatch"
+CAMPAIGN_SCRIPT = CONFIGS / "slurm" / "campaign_array.sbatch"
 ONE_PROCESS_WARNING = "warning: accelerate launch started 1 process"
 PASSWORD = "cluster-pw"
 
@@ -229,6 +230,45 @@ def test_sweep_array_task_runs_a_worker_on_postgres(tmp_path, digits_folder):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and len(runs) == 3
     assert parents[0].info.status == "FINISHED" and "***" in parents[0].data.params["storage"]
+    assert not any(PASSWORD in str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values()))
+
+
+@pytest.mark.slow
+def test_campaign_array_tasks_share_the_cells_on_postgres(tmp_path, digits_folder):
+    """Two array tasks at once on one PostgreSQL storage: each cell trained once, by one of them; the task
+    that completed the last cell writes the reports."""
+    import mlflow
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.tracking.MlflowClient(uri).search_experiments()  # the store's tables, before any worker opens it
+    campaign = tmp_path / "tiny.yaml"
+    campaign.write_text(f"name: tiny\nmethods: [plain, rifle]\nseeds: 2\nprotocol: validated\n"
+                        f"fixed: {{image_size: 48, batch_size: 16, epochs: 2, log_weights: false}}\n"
+                        f"datasets: {{'imagefolder:{digits_folder}': {{}}}}\n")
+    with postgres_database("rifle_campaign_array", password=PASSWORD) as url:
+        tasks = []
+        for task in ("0", "1"):
+            env = slurm_env(tmp_path, fake_bin(tmp_path), RIFLE_STORAGE=url, MLFLOW_TRACKING_URI=uri,
+                            RIFLE_CAMPAIGN=str(campaign), RIFLE_OUTPUT_ROOT=str(tmp_path / "cells"),
+                            SLURM_ARRAY_JOB_ID="4400", SLURM_ARRAY_TASK_ID=task, SLURM_JOB_ID=f"440{task}",
+                            SLURM_CPUS_PER_TASK="1")
+            tasks.append(subprocess.Popen(["bash", str(CAMPAIGN_SCRIPT)], cwd=tmp_path, env=env, text=True,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        outs = [t.communicate(timeout=900) for t in tasks]
+        for t, (out, err) in zip(tasks, outs):
+            assert t.returncode == 0, out[-2000:] + err[-3000:]
+            assert PASSWORD not in out + err
+        assert {f"campaign worker 4400_{i}" in out for i, (out, _) in enumerate(outs)} == {True}
+        storage = optuna.storages.RDBStorage(url)
+        try:
+            trials = optuna.load_study(study_name="campaign:tiny", storage=storage).get_trials()
+        finally:
+            storage.engine.dispose()
+    assert sorted(t.params["cell"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1, 2, 3]
+    assert sorted(out.count("summary: ") for out, _ in outs) == [0, 1]  # one task wrote the reports
+    assert (tmp_path / "cells" / "report" / "summary.md").is_file()
+    _, runs = mlflow_runs(uri)
+    cells = [r for r in runs if r.data.tags.get("compare.role") == "seed"]
+    assert len(cells) == 4 and all(r.info.status == "FINISHED" for r in cells)
     assert not any(PASSWORD in str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values()))
 
 

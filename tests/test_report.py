@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -342,6 +343,61 @@ def test_report_from_runs(store):
     m = client.get_run(one.run_id).data.metrics
     row = ratios[(ratios["run_id"] == one.run_id) & (ratios["block"] == "conv_stem")].iloc[0]
     assert row["ratio"] == pytest.approx(m["grad_norm_post_reinit/conv_stem"] / m["grad_norm_pre_reinit/conv_stem"])
+
+
+def legacy_histories(runs, tracking_uri=None, *args, **kwargs):
+    """The per-run reader rifle.report used before rifle.bulk (transliterated): get_run for each run's probe
+    keys, then one get_metric_history per (run, key), every history key and probe of every run."""
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    rows = []
+    for r in runs.itertuples(index=False):
+        probes = sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(report.PROBE_PREFIXES))
+        rows += [(r.run_id, r.dataset, r.method, r.seed, key, point.step, point.value)
+                 for key in (*report.HISTORY_KEYS, *probes) for point in client.get_metric_history(r.run_id, key)]
+    return pd.DataFrame(rows, columns=["run_id", "dataset", "method", "seed", "key", "step", "value"])
+
+
+@pytest.mark.slow
+def test_bulk_reads_write_the_report_the_per_run_reads_wrote(store, tmp_path, monkeypatch):
+    tmp, uri, parent = store
+    new = report.build_report(uri, parent_run_id=parent, output_dir=tmp_path / "bulk", log=False)
+    monkeypatch.setattr(report, "fetch_histories", legacy_histories)
+    old = report.build_report(uri, parent_run_id=parent, output_dir=tmp_path / "legacy", log=False)
+    assert sorted(new["files"]) == sorted(old["files"]) and len(new["files"]) >= 9
+    for name in new["files"]:  # tables and figures, byte for byte
+        assert (tmp_path / "bulk" / name).read_bytes() == (tmp_path / "legacy" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_bulk_reads_over_a_tracking_server_take_a_few_requests(store, tmp_path, monkeypatch):
+    import shutil
+
+    import requests
+
+    from conftest import mlflow_server
+    from rifle import bulk
+    tmp, uri, parent = store
+    shutil.copy(tmp / "mlflow.db", tmp_path / "copy.db")
+    runs = report.fetch_runs(uri, parent_run_id=parent)
+    local = report.fetch_histories(runs, uri)
+    assert set(local["key"]) >= {"val_acc", "lr_head", "head_reinit", "grad_norm/conv_stem",
+                                 "grad_norm_pre_reinit/conv_stem"} and "train_acc" not in set(local["key"])
+    sent = []
+    send = requests.adapters.HTTPAdapter.send
+    monkeypatch.setattr(requests.adapters.HTTPAdapter, "send", lambda self, req, **kw: sent.append(req.url) or
+                        send(self, req, **kw))
+    with mlflow_server(f"sqlite:///{tmp_path}/copy.db", tmp_path) as server:
+        sent.clear()
+        remote = report.fetch_histories(report.fetch_runs(server, parent_run_id=parent), server)
+        keys = len(report.history_keys(runs))
+        # 4 runs: one search (and the parent's experiment), then every (key, 100 runs) ten per GraphQL request
+        assert len(sent) <= 2 + -(-keys // bulk.GRAPHQL_FIELDS), sent
+        assert sum("/graphql" in u for u in sent) == -(-keys // bulk.GRAPHQL_FIELDS)
+        pd.testing.assert_frame_equal(remote, local)
+        monkeypatch.setattr(bulk, "_graphql", lambda creds, wanted: None)  # a server without GraphQL: REST
+        sent.clear()
+        pd.testing.assert_frame_equal(report.fetch_histories(runs, server), local)
+        assert sum("get-history-bulk" in u for u in sent) == keys
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import mlflow_runs, run_cli, subprocess_env, wait_for
+from conftest import mlflow_runs, mlflow_server, run_cli, subprocess_env, wait_for
 from rifle import checkpoint
 
 
@@ -30,8 +30,18 @@ def summary(stdout):
 
 
 @pytest.mark.slow
-def test_sigkill_at_several_moments_then_resume_matches_uninterrupted(tmp_path, digits_folder):
-    ref_uri, cut_uri = f"sqlite:///{tmp_path}/ref.db", f"sqlite:///{tmp_path}/cut.db"
+@pytest.mark.parametrize("store", ["sqlite", "http"])
+def test_sigkill_at_several_moments_then_resume_matches_uninterrupted(tmp_path, digits_folder, store):
+    """Per-epoch metrics are logged asynchronously (flushed before the next checkpoint): on SQLite and over
+    an `mlflow server`, a kill never leaves an epoch logged twice or lost."""
+    if store == "http":
+        with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path) as uri:
+            return sigkill_then_resume(tmp_path, digits_folder, uri)
+    sigkill_then_resume(tmp_path, digits_folder, f"sqlite:///{tmp_path}/cut.db")
+
+
+def sigkill_then_resume(tmp_path, digits_folder, cut_uri):
+    ref_uri = f"sqlite:///{tmp_path}/ref.db"
     ref = run_cli(args(digits_folder, tmp_path / "ref", ref_uri), cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
 

@@ -423,7 +423,10 @@ def test_killed_worker_trial_resumes_from_its_checkpoint(tmp_path, digits_folder
 
 
 @pytest.mark.slow
-def test_an_interrupted_worker_enqueues_its_trial_at_once(tmp_path, digits_folder):
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_worker_enqueues_its_trial_at_once(tmp_path, digits_folder, signum, code):
+    """Ctrl-C exits 130 and SIGTERM (a scheduler's preemption) 143, as a standalone run does; both hand the
+    trial back at once."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage, out = tmp_path / "optuna.journal", tmp_path / "out"
     cmd = sweep_cmd(tiny_space(tmp_path, digits_folder, tricks="none", epochs=3), storage, "int", out,
@@ -432,9 +435,9 @@ def test_an_interrupted_worker_enqueues_its_trial_at_once(tmp_path, digits_folde
                               stderr=subprocess.PIPE, text=True)
     wait_for(lambda: worker.poll() is not None or glob.glob(str(out / "int-*" / "trial-0" / "checkpoints" / "epoch-0000")),
              400, step=0.05)
-    worker.send_signal(signal.SIGINT)  # Ctrl-C
+    worker.send_signal(signum)
     _, err = worker.communicate(timeout=120)
-    assert worker.returncode == 130, err[-3000:]
+    assert worker.returncode == code, err[-3000:]
     study = optuna.load_study(study_name="int", storage=open_storage(str(storage)))
     first, retry = study.get_trials()  # retried at once, without waiting for the grace period
     assert first.state == TrialState.FAIL and retry.state == TrialState.WAITING and origin(retry) == 0

@@ -106,6 +106,7 @@ class Tracker:
         self.active, self.system_metrics, self._requested = active, system_metrics, experiment
         self.run_id = self.experiment_name = self.class_names = None
         self.under_mlflow_run = False
+        self._pending: list = []  # RunOperations of metrics logged asynchronously, not yet waited for
         self._previous_signals: dict = {}
         if not active:
             return
@@ -183,15 +184,20 @@ class Tracker:
 
     def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:
         """`synchronous=False` (the per-epoch metrics): queued and sent by MLflow's logging thread, so training
-        does not wait for the store (a round trip per epoch on a server); `flush` sends what is queued."""
+        does not wait for the store (a round trip per epoch on a server); `flush` waits for them."""
         if self.active:
-            self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step, synchronous=synchronous)
+            ops = self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step,
+                                          synchronous=synchronous)
+            if not synchronous:
+                self._pending.append(ops)
 
     def flush(self) -> None:
-        """Wait until every queued metric is stored. The trainer flushes before each checkpoint, so only the
-        newest checkpointed epoch can be unlogged when the process dies, and `sync_history` logs it once."""
-        if self.active:
-            self.mlflow.flush_async_logging()
+        """Wait until every queued metric is stored (each batch's own RunOperations: mlflow.flush_async_logging
+        restarts the logging thread, which costs up to a second). The trainer flushes before each checkpoint,
+        so only the newest checkpointed epoch can be unlogged when the process dies, and `sync_history` logs
+        it once."""
+        while self._pending:
+            self._pending.pop(0).wait()
 
     def log_final(self, metrics: dict) -> None:
         """Final metrics, once: a re-run of a finished output_dir does not log them twice."""
