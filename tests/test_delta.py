@@ -352,8 +352,11 @@ def test_attention_is_cached_reused_and_missed_when_an_input_changes(tmp_path, m
     assert all(sum(a) == pytest.approx(1.0) for a in first.attention)
     assert json.loads(first.artifacts()[D.ARTIFACT])["cache_hit"] is False
 
-    # Another training seed, learning rate and alpha: the same measurement, read back, no attention pass.
-    again = started_trick({"seed": "7", "lr": "0.05", "delta_alpha": "0.1"}, tmp_path)
+    assert stored["key"]["torch"] == torch.__version__ and stored["key"]["device"]  # the CPU's model name here
+    assert stored["key"]["delta_attention_batch_size"] == 32  # the authors' measurement batch, not training's
+
+    # Another training seed, learning rate, alpha and training batch: the same measurement, no attention pass.
+    again = started_trick({"seed": "7", "lr": "0.05", "delta_alpha": "0.1", "batch_size": "16"}, tmp_path)
     again.on_epoch_start(0)
     assert len(calls) == 1 and again.cache_hit is True and again.attention == first.attention
     assert json.loads(again.artifacts()[D.ARTIFACT])["cache_hit"] is True
@@ -361,10 +364,13 @@ def test_attention_is_cached_reused_and_missed_when_an_input_changes(tmp_path, m
     # Each input the attention depends on misses the cache (measured by a stand-in from here: the lookup is tested).
     monkeypatch.setattr(D.Delta, "measure", lambda self: calls.append(None) or [
         torch.zeros(self.source.get_submodule(n).out_channels, dtype=torch.float64) for n in self.layers])
-    other_weights = pretrained_net("basic", seed=1)
+    other_weights, environment = pretrained_net("basic", seed=1), D.environment
     for values, kw in [({"split_seed": "1"}, {}), ({"delta_attention_epochs": "3"}, {}),
                        ({"delta_attention_lr": "0.02"}, {}), ({"delta_layers": "layer3.1.conv2,layer4.1.conv2"}, {}),
-                       ({"image_size": "48"}, {}), ({}, {"fingerprint": "fp-1"}), ({}, {"pre": other_weights})]:
+                       ({"image_size": "48"}, {}), ({}, {"fingerprint": "fp-1"}), ({}, {"pre": other_weights}),
+                       ({"num_workers": "1"}, {}), ({"delta_attention_batch_size": "16"}, {}), ({}, {"torch": "9.9"})]:
+        monkeypatch.setattr(D, "environment", lambda device, v=kw.pop("torch", None): (
+            environment(device) | ({"env.torch": v} if v else {})))
         before = len(calls)
         miss = started_trick(values, tmp_path, **kw)
         miss.on_epoch_start(0)
@@ -372,6 +378,7 @@ def test_attention_is_cached_reused_and_missed_when_an_input_changes(tmp_path, m
         assert miss.cache_file != first.cache_file
 
     # A corrupt entry is measured again and rewritten.
+    monkeypatch.setattr(D, "environment", environment)
     monkeypatch.setattr(D.Delta, "measure", counted)
     first.cache_file.write_text("{not json")
     redo = started_trick({}, tmp_path)

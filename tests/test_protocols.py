@@ -8,16 +8,24 @@ from conftest import TINY, mlflow_runs, run_cli
 from rifle import config as C
 from rifle import sweep as S
 from rifle.data import load_splits
-from rifle.schedules import rifle_reinit_epochs
 
 
-def test_guard_follows_the_paddle_port():
-    # fine_tuning/run.py of the Paddle port: after epoch e, skip the re-init when e > E - 5 (E a whole
-    # number of periods here: the official code truncates, the port does not)
+def test_the_guard_only_validates():
+    """Over E <= 40 epochs, 2-5 periods and guards 0-8: a configuration is refused exactly when its last
+    re-initialization leaves fewer than N epochs of training, and an accepted one keeps the official schedule
+    on the truncated epochs (the guard never drops or moves a re-init)."""
     for periods in range(2, 6):
-        for epochs in range(periods, 41, periods):
-            paddle = [e for e in range(epochs) if (e + 1) % (epochs // periods) == 0 and not e > epochs - 5]
-            assert rifle_reinit_epochs(epochs, periods - 1, guard_epochs=4) == paddle, (epochs, periods)
+        for epochs in range(periods, 41):
+            trained = periods * (epochs // periods)  # the official truncation
+            official = [e for e in range(trained) if (e + 1) % (trained // periods) == 0][:-1]
+            for guard in range(9):
+                values = {"tricks": "rifle", "epochs": epochs, "reinit_times": periods - 1, "reinit_guard_epochs": guard}
+                if trained - 1 - official[-1] < guard:
+                    with pytest.raises(C.ConfigError, match="reinit_guard_epochs"):
+                        C.build(values)
+                else:
+                    cfg = C.build(values)
+                    assert C.reinit_epochs(cfg) == official and cfg.optim.epochs == trained
 
 
 @pytest.mark.parametrize("values,count", [({"tricks": "rifle", "epochs": 30, "reinit_times": 2}, 2),
@@ -35,7 +43,7 @@ def test_a_rifle_run_without_all_its_reinits_is_refused(tmp_path):
     assert proc.returncode == 2 and time.monotonic() - start < 10
     assert proc.stderr.count("\n") == 1 and "--reinit_guard_epochs" in proc.stderr, proc.stderr
     # the shipped sweep setting that used to lose re-inits silently: 24 epochs, K=3, guard 8
-    with pytest.raises(C.ConfigError, match="leave 2 of the 3 re-initializations"):
+    with pytest.raises(C.ConfigError, match=r"the last of the 3 re-initializations \(after epoch 17 of 24\) leaves 6"):
         C.build({"epochs": 24, "reinit_times": 3, "reinit_guard_epochs": 8})
 
 

@@ -25,11 +25,6 @@ def test_reinit_epochs_are_the_official_ones(epochs, k, expected):
     assert len(expected) == k
 
 
-def test_guard_drops_late_reinits():
-    assert rifle_reinit_epochs(40, 3, guard_epochs=5) == [9, 19, 29]
-    assert rifle_reinit_epochs(40, 3, guard_epochs=11) == [9, 19]
-
-
 def test_epochs_truncated_to_a_multiple_of_periods():
     assert C.build({"epochs": 41, "reinit_times": 2}).optim.epochs == 39
     assert C.build({"epochs": 40, "reinit_times": 3}).optim.epochs == 40

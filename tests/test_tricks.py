@@ -23,7 +23,7 @@ from rifle.tricks.dropout import dropout_mask
 from rifle.tricks.l2 import l2_penalty
 from rifle.tricks.l2sp import l2sp_penalty
 from rifle.tricks.rifle import reinit_linear_
-from rifle.tricks.stochastic_depth import BranchGate, branch_gate, install_gates, survival_probs
+from rifle.tricks.stochastic_depth import BranchGate, branch_gate, install_gates, residual_blocks, survival_probs
 
 NUM_CLASSES = 5
 
@@ -300,6 +300,37 @@ def test_stochastic_depth_gates_only_blocks_with_a_skip_on_efficientnet_lite0():
     residual = [m for m in tv.modules() if getattr(m, "use_res_connect", False)]
     gates = install_gates(tv, 0.5, per_sample=True)
     assert len(residual) == 9 and [m.stochastic_depth for m in residual] == gates
+
+
+@pytest.mark.parametrize("model", ["resnet18", "efficientnet_lite0"])
+def test_a_dropped_branch_keeps_its_batchnorm_statistics(model):
+    """Batch mode: each block is kept or dropped by the draws the gates made before (one per gate, in forward
+    order); a dropped branch's BatchNorm running statistics and batch count stay as they were, a kept one's
+    and every shortcut's (the projection's BatchNorm) move."""
+    import timm
+    import torchvision
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(weights=None) if model == "resnet18" else \
+        timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    generator = torch.Generator()
+    gates = install_gates(net, 0.5, per_sample=False, generator=generator)
+    blocks = [block for _, block, _ in residual_blocks(net)]
+    generator.manual_seed(3)
+    draws = torch.Generator().manual_seed(3)  # the same stream, drawn here in the gates' order
+    expected = [bool(torch.rand((), generator=draws) < g.survival) for g in gates]
+    assert not all(expected) and any(expected)  # this seed drops some blocks and keeps others
+    bns = {b: [(n, m) for n, m in b.named_modules() if isinstance(m, nn.BatchNorm2d)] for b in blocks}
+    before = {id(m): (m.running_mean.clone(), int(m.num_batches_tracked)) for ms in bns.values() for _, m in ms}
+    net.train()
+    net(torch.randn(4, 3, 64, 64))
+    assert [g.dropped for g in gates] == [int(not k) for k in expected]
+    for block, keep in zip(blocks, expected):
+        for name, bn in bns[block]:
+            mean, count = before[id(bn)]
+            moved = not torch.equal(mean, bn.running_mean)
+            shortcut = name.split(".")[0] == "downsample"
+            assert moved == (keep or shortcut) and int(bn.num_batches_tracked) == count + (keep or shortcut), name
+    assert all(bn.momentum == 0.1 for ms in bns.values() for _, bn in ms)  # restored after each block
 
 
 def test_stochastic_depth_rejects_a_model_without_residual_blocks():

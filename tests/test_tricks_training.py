@@ -38,14 +38,23 @@ def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     for name in tricks:
         evidence = EVIDENCE[name]
-        if evidence is None:  # cyclic_lr: the learning rate left the cosine
-            lrs = [m.value for m in client.get_metric_history(run.info.run_id, "lr_backbone")]
-            assert lrs != [0.01, 0.005], lrs
+        if evidence is None:  # cyclic_lr: each epoch's learning rate (its last step's) is Smith's triangle
+            from rifle.tricks.cyclic_lr import triangular_lr
+            steps = int(run.data.params["optimizer_steps"]) // 2  # per epoch
+            c = CANONICAL["cyclic_lr"]
+            want = [triangular_lr(e + (steps - 1) / steps, c["clr_base_lr"], c["clr_max_lr"], c["clr_step_epochs"])
+                    for e in range(2)]
+            lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "lr_backbone"))
+            assert [v for _, v in lrs] == pytest.approx(want), (lrs, want)
             continue
         values = [m.value for m in client.get_metric_history(run.info.run_id, evidence)]
         assert values and max(values) > 0, (evidence, values)
     assert run.data.params["tricks"] == ",".join(tricks)
-    assert 0.0 <= result["test_acc"] <= 1.0
+    # what fit returns is what the run logged, and the selected checkpoint's number is its epoch's
+    assert {k: result[k] for k in ("test_acc", "test_acc_last", "selected_epoch")} == {
+        k: run.data.metrics[k] for k in ("test_acc", "test_acc_last", "selected_epoch")}
+    if result["selected_epoch"] == 1:  # the last epoch selected: the same weights, the same number
+        assert result["test_acc"] == result["test_acc_last"]
 
 
 @pytest.mark.slow

@@ -111,9 +111,9 @@ class TricksConfig:
     reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods", minimum=1)
     head_lr_policy: str = opt("follow", "RIFLE: head learning rate follows the backbone's cosine, or "
                               "restarts a cosine every period ('cyclic')", choices=("follow", "cyclic"))
-    reinit_guard_epochs: int = opt(0, "RIFLE: a re-initialization must leave at least N epochs of training "
-                                   "after it (the Paddle port's rule is N=4); a configuration where the guard "
-                                   "drops a re-init is refused", minimum=0)
+    reinit_guard_epochs: int = opt(0, "RIFLE: refuse a configuration whose last re-initialization leaves fewer "
+                                   "than N epochs of training after it (a check only: the schedule never "
+                                   "changes)", minimum=0)
     reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
                                     "re-initialization (the official code keeps them)")
     dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
@@ -148,6 +148,8 @@ class TricksConfig:
                                       "pretrained features before the channel attention is measured", minimum=1)
     delta_attention_batches: int = opt(4, "delta: training batches used to measure each channel's loss "
                                        "increase when removed (the authors' channel_eval.py: 4)", minimum=1)
+    delta_attention_batch_size: int = opt(32, "delta: batch size of the channel-attention measurement (the "
+                                          "authors' run.sh: 32, while it trains with 64)", minimum=1)
     delta_attention_lr: float = opt(0.01, "delta: learning rate of that linear classifier (the authors' "
                                     "channel_eval.py: 0.01; apart from --lr so a sweep shares one measurement)",
                                     minimum=0.0, exclusive_minimum=True)
@@ -358,11 +360,13 @@ def resolve(cfg: Config) -> Config:
                               f"{periods} epochs (one per period), got epochs={cfg.optim.epochs}")
         # The official code truncates the run to a whole number of periods.
         cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
-        made = reinit_count(cfg)
-        if made < cfg.tricks.reinit_times:
-            raise ConfigError("reinit_guard_epochs", f"{cfg.tricks.reinit_guard_epochs} guard epochs leave "
-                              f"{made} of the {cfg.tricks.reinit_times} re-initializations in {cfg.optim.epochs} "
-                              "epochs: lower reinit_guard_epochs or reinit_times, or train longer")
+        last = reinit_epochs(cfg)[-1]
+        left = cfg.optim.epochs - 1 - last
+        if left < cfg.tricks.reinit_guard_epochs:
+            raise ConfigError("reinit_guard_epochs", f"the last of the {cfg.tricks.reinit_times} re-initializations "
+                              f"(after epoch {last} of {cfg.optim.epochs}) leaves {left} epochs of training, fewer "
+                              f"than {cfg.tricks.reinit_guard_epochs}: lower reinit_guard_epochs or reinit_times, "
+                              "or train longer")
     if cfg.run.register_model and not cfg.run.log_weights:
         raise ConfigError("register_model", "registers the logged model, which --log_weights false turns off")
     if cfg.data.val_fraction == 0 and cfg.run.selection != "last":
@@ -416,7 +420,7 @@ def reinit_epochs(cfg: Config) -> list[int]:
         return []
     from .schedules import rifle_reinit_epochs  # pure, no torch
     t = cfg.tricks
-    return rifle_reinit_epochs(cfg.optim.epochs, t.reinit_times, t.reinit_guard_epochs)
+    return rifle_reinit_epochs(cfg.optim.epochs, t.reinit_times)
 
 
 def reinit_count(cfg: Config) -> int:

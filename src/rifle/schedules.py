@@ -17,17 +17,14 @@ def rifle_period(epochs: int, reinit_times: int) -> int:
     return epochs // (reinit_times + 1)
 
 
-def rifle_reinit_epochs(epochs: int, reinit_times: int, guard_epochs: int = 0) -> list[int]:
+def rifle_reinit_epochs(epochs: int, reinit_times: int) -> list[int]:
     """Epochs after whose validation pass the head is re-initialized.
 
     Official rule: after epoch e if (e + 1) % period == 0. The official code also resets after the very
-    last epoch, which has no effect on training; we skip it so exactly K re-inits happen. `guard_epochs`
-    drops a re-init that would leave fewer than N epochs of training after it. The Paddle port
-    (haozhe-an/RIFLE-Paddle-Implementation, fine_tuning/run.py) skips a re-init after epoch e when
-    e > E - 5, which is this rule with N = 4.
+    last epoch, which has no effect on training; we skip it so exactly K re-inits happen.
     """
     period = rifle_period(epochs, reinit_times)
-    return [e for e in range(epochs - 1) if (e + 1) % period == 0 and epochs - 1 - e >= guard_epochs]
+    return [e for e in range(epochs - 1) if (e + 1) % period == 0]
 
 
 def rifle_cyclic_head_lr(epoch: float, epochs: int, reinit_times: int, base_lr: float) -> float:

@@ -8,22 +8,24 @@ examples/task_adaptation/image_classification/delta.py).
 Loss CE + alpha * Omega' + beta * Omega'', weight decay off (the penalties replace it), with
     Omega'(w) = sum_layers 1/2 sum_batch sum_j C W_j ||FM_j(w, x) - FM_j(w*, x)||^2 / (HW)
 for a layer of C channels on an HxW grid (the authors' `reg_att_fea_map`: summed over the batch, so alpha is per
-batch of `batch_size`), FM_j channel j of the layer's output in the network being fine-tuned (w, training mode) and
+training batch: their run.sh trains with 64, so the same alpha at batch 32 weighs the feature term half as much),
+FM_j channel j of the layer's output in the network being fine-tuned (w, training mode) and
 in the frozen source (w*, the starting weights, in evaluation mode), and Omega'' = 1/2 ||w_head||^2.
 Defaults alpha = beta = 0.01 (run.sh; 0.1 on Stanford Dogs).
 
 Channel attention (channel_eval.py): a linear classifier is fitted on the frozen source's pooled features
-(`delta_attention_epochs` = 10 epochs of SGD, lr `delta_attention_lr` = 0.01 decayed 10x over 6 epochs); then, on
+(`delta_attention_epochs` = 10 epochs of SGD, lr `delta_attention_lr` = 0.01 decayed 10x over 6 epochs, batches of
+`delta_attention_batch_size` = 32 as in run.sh, whatever the training batch); then, on
 `delta_attention_batches` = 4 batches in evaluation mode, each channel j of each layer is removed (its filter
 zeroed: the output is the filter's bias, 0 without one) and the rise of the batch-mean cross-entropy is averaged
 over the batches. Per layer the rises are z-scored (population std) and W = softmax(z / 5).
 Layers (`delta_layers=auto`): see `default_layers`; ResNet-101 gets its own last blocks (layer3.22.conv3), where
 TLlib repeats ResNet-50's list.
 
-Cache: the attention depends on the source weights, the layers, the training data (rifle.data.fingerprint) and
-KEY_OPTIONS only; its random stream comes from `split_seed`, not the training seed, so a sweep's seeds, learning
-rates and alphas share one measurement, as the authors reuse one file per dataset (run.sh). It is stored as JSON in
-`delta_cache_dir` (default $XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta) under a hash of the key, checked
+Cache: the attention depends on the source weights, the layers, the training data (rifle.data.fingerprint), the
+device and torch version, and KEY_OPTIONS only; its random stream comes from `split_seed`, not the training seed,
+so a sweep's seeds, learning rates and alphas share one measurement, as the authors reuse one file per dataset
+(run.sh). It is stored as JSON in `delta_cache_dir` (default $XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta) under a hash of the key, checked
 against the full key when read, written atomically, logged with each run (ARTIFACT) and kept in the checkpointed
 state, so a resumed run needs neither. No dataset fingerprint (outside the trainer): no cache.
 
@@ -57,20 +59,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError
+from ..env import environment
 from ._common import disable_weight_decay, squared_norm
 from .base import FitContext, Trick
 
-FORMAT = 1                 # of a cached measurement: bump when the measurement changes, so old entries miss
+FORMAT = 2                 # of a cached measurement: bump when the measurement changes, so old entries miss
 TEMPERATURE = 5.0          # of the attention softmax (train.py: softmax(cw / 5))
 PROBE_LR_DECAY_EPOCHS = 6  # the classifier's learning rate falls 10x over this many epochs (channel_eval.py)
 PROBE_MOMENTUM, PROBE_WEIGHT_DECAY = 0.9, 1e-4
 SEED_SALT = 0xDE17A        # the attention's random stream: (this, split_seed), apart from every training stream
 ARTIFACT = "delta/channel_attention.json"
-# The options the measured attention depends on, besides the source weights, layers and data fingerprint:
-# the cache key (see the module docstring) and the measurement's own settings.
+# The options the measured attention depends on, besides the source weights, layers, data fingerprint, device
+# and torch version: the cache key (see the module docstring) and the measurement's own settings. num_workers
+# changes which augmentation draws the loader's worker processes make.
 KEY_OPTIONS = ("model", "pretrained", "dataset", "dataset_revision", "image_column", "label_column", "image_size",
-               "hflip", "val_fraction", "train_per_class", "label_rate", "split_seed", "bad_images", "batch_size",
-               "mixed_precision", "delta_attention_epochs", "delta_attention_batches", "delta_attention_lr")
+               "hflip", "val_fraction", "train_per_class", "label_rate", "split_seed", "bad_images", "num_workers",
+               "mixed_precision", "delta_attention_batch_size", "delta_attention_epochs", "delta_attention_batches",
+               "delta_attention_lr")
 PROJECTIONS = ("conv_pwl", "conv3", "conv_pw", "conv2")  # the conv that ends a block, most specific first
 
 
@@ -345,7 +350,7 @@ class Delta(Trick):
         """Fit the classifier on the frozen source, then each channel's loss increase (channel_eval.py)."""
         ctx, o, dev = self.ctx, self.options, self.device
         seed = int(np.random.SeedSequence([SEED_SALT, o["split_seed"]]).generate_state(1, np.uint64)[0] >> 1)
-        passes = attention_passes(ctx.train_loader, o["batch_size"], seed)
+        passes = attention_passes(ctx.train_loader, o["delta_attention_batch_size"], seed)
 
         def features():
             for images, labels in passes():
@@ -365,8 +370,10 @@ class Delta(Trick):
 
     def load_or_measure(self) -> dict:
         """The record from the cache when it holds this key, else measured (and cached)."""
+        where = environment(self.device)  # another device or torch runs other kernels: other numbers
         key = {"format": FORMAT, "source_sha256": state_hash(self.source), "layers": list(self.layers),
-               "data_fingerprint": self.ctx.data_fingerprint, **self.options} if self.ctx.data_fingerprint else None
+               "data_fingerprint": self.ctx.data_fingerprint, "device": where["env.device"],
+               "torch": where["env.torch"], **self.options} if self.ctx.data_fingerprint else None
         if key is not None:
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
             self.cache_file = (Path(self.cache_dir) if self.cache_dir else default_cache_dir()) / f"{digest}.json"

@@ -10,10 +10,12 @@ Faithful to the official code (lixingjian/RIFLE, train.py):
   `nn.Linear` initialization (weight and bias); backbone and BN statistics untouched;
 - SGD momentum buffers are kept (official), or zeroed with `reset_head_momentum`;
 - head learning rate `follow` (the backbone's cosine) or `cyclic` (a cosine restarted every period).
-Deviations, each stated: no reset after the final epoch (it cannot affect the result); an optional guard against
-re-initializing in the last N epochs (the Paddle port's rule); the new weights are drawn from a generator seeded by
-(seed, re-init index), identical on every process (the official code is single-GPU; under DDP a per-process draw
-would silently diverge, as DDP never re-broadcasts).
+Deviations, each stated: no reset after the final epoch (it cannot affect the result); the new weights are drawn
+from a generator seeded by (seed, re-init index), identical on every process (the official code is single-GPU;
+under DDP a per-process draw would silently diverge, as DDP never re-broadcasts). `reinit_guard_epochs` only
+refuses a configuration (config.resolve). The Paddle port (haozhe-an/RIFLE-Paddle-Implementation) differs and
+is not reproduced: it trains all E epochs (no truncation), skips a re-init after epoch e > E - 5, and draws the
+new weights from N(0, 2/fan_in).
 """
 from __future__ import annotations
 

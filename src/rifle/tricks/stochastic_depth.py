@@ -16,7 +16,10 @@ Deviations, stated:
   stays the plain pretrained architecture (the saved weights load without this trick).
 - A dropped branch is still computed and multiplied by 0, so its parameters get zero gradients (SGD's momentum and
   weight decay still act on them) and every parameter takes part in every step, as distributed data parallel
-  requires. The paper's training speed-up is therefore not reproduced.
+  requires. The paper's training speed-up is therefore not reproduced. In batch mode the draw is made before the
+  block runs, and the BatchNorm layers of a dropped branch (those outside its shortcut) keep their running
+  statistics, as the paper's skipped block would; in sample mode every sample passes through them, dropped or not
+  (as in timm's and torchvision's drop path).
 - Only blocks with a shortcut that bypasses the gated branch count (`residual_blocks`; e.g. 9 of the 16 blocks of
   EfficientNet-Lite0). A drop-path rate the model was built with is replaced. Blocks with two branches
   (transformers) gate each with p_l.
@@ -33,6 +36,7 @@ from ..seeds import stream_seed
 from .base import Trick
 
 SLOTS = ("drop_path", "drop_path1", "drop_path2", "stochastic_depth")
+SHORTCUTS = ("downsample", "shortcut", "conv_skip")  # a block's shortcut modules (torchvision, timm)
 
 
 def survival_probs(num_blocks: int, p_last: float) -> list[float]:
@@ -57,20 +61,48 @@ def branch_gate(branch: torch.Tensor, survival: float, per_sample: bool,
 
 
 class BranchGate(nn.Module):
-    """Gates one residual branch; no parameters or buffers, so state-dict keys are unchanged."""
+    """Gates one residual branch; no parameters or buffers, so state-dict keys are unchanged. In batch mode with
+    `norms` (the branch's BatchNorm layers), `before_block` draws the decision and, for a dropped branch, sets
+    their momentum to 0 so the block's forward leaves their running statistics as they were; `after_block`
+    restores them."""
 
-    def __init__(self, survival: float, per_sample: bool, generator: torch.Generator | None = None):
+    def __init__(self, survival: float, per_sample: bool, generator: torch.Generator | None = None,
+                 norms: tuple = ()):
         super().__init__()
         self.survival, self.per_sample = survival, per_sample
         self.generator = generator  # batch mode: shared by all gates, the same sequence on every process
+        self.norms, self.keep, self.saved = norms, None, []
         self.dropped: torch.Tensor | int = 0
         self.drawn = 0
 
+    def active(self) -> bool:
+        return self.training and self.survival < 1.0
+
+    def before_block(self, module, args) -> None:
+        if not self.active() or self.per_sample:
+            return
+        # The same draw, in the same order, as at the branch's output: one per gate, blocks in forward order.
+        self.keep = bool(torch.rand((), generator=self.generator) < self.survival)
+        if not self.keep:
+            self.saved = [bn.momentum for bn in self.norms]
+            for bn in self.norms:
+                bn.momentum = 0.0  # running = (1 - 0) * running + 0 * batch statistic
+
+    def after_block(self, module, args, output) -> None:
+        for bn, momentum in zip(self.norms, self.saved):
+            bn.momentum = momentum
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.sub_(1)  # the forward counted a batch it did not use
+        self.saved, self.keep = [], None
+
     def forward(self, branch: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.survival >= 1.0:
+        if not self.active():
             return branch
-        out, dropped, drawn = branch_gate(branch, self.survival, self.per_sample,
-                                          None if self.per_sample else self.generator)
+        if self.keep is not None:  # decided before the block
+            out, dropped, drawn = branch * (1.0 / self.survival if self.keep else 0.0), int(not self.keep), 1
+        else:
+            out, dropped, drawn = branch_gate(branch, self.survival, self.per_sample,
+                                              None if self.per_sample else self.generator)
         self.dropped = self.dropped + dropped
         self.drawn += drawn
         return out
@@ -121,8 +153,15 @@ def install_gates(backbone: nn.Module, p_last: float, per_sample: bool,
                           "drop-path slot)")
     gates = []
     for (name, block, where), p in zip(blocks, survival_probs(len(blocks), p_last)):
+        # One branch per block (not a transformer's two): its BatchNorm layers, those of the shortcut aside.
+        norms = () if len(where) > 1 else tuple(
+            m for n, m in block.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.track_running_stats and not n.split(".")[0] in SHORTCUTS)
         for k, slot in enumerate(where):
-            gate = BranchGate(p, per_sample, generator)
+            gate = BranchGate(p, per_sample, generator, norms)
+            if norms:
+                block.register_forward_pre_hook(gate.before_block)
+                block.register_forward_hook(gate.after_block)
             if slot in ("bn2", "bn3"):
                 block.add_module(f"sd_gate{k}", gate)
                 # functools.partial keeps the hook tied to the copied gate under copy.deepcopy.
