@@ -64,7 +64,7 @@ def probe(seed: int, epochs: int, overrides: dict) -> dict:
         cfg = C.build(BASE | overrides | {"tricks": "", "seed": seed, "epochs": epochs, "output_dir": f"{tmp}/run",
                                           "tracking_uri": f"sqlite:///{tmp}/mlflow.db", "keep_checkpoints": 1})
         s = setup(cfg)
-        reinit_at = rifle_reinit_epochs(epochs, 1, 0)[0]
+        reinit_at = rifle_reinit_epochs(epochs, 1)[0]
         for epoch in range(reinit_at + 1):  # plain fine-tuning up to the end of RIFLE's first period
             seed_process(stream_seed(cfg.run.seed, epoch, s.acc.process_index))  # as the trainer's fit
             s.loaders[0].set_epoch(epoch)
