@@ -50,7 +50,7 @@ def pipeline_rate(ds, image_size: int, batch_size: int, workers: int, mean, std,
     """Images/s out of the trainer's DataLoader recipe, after the first batch (worker start-up excluded)."""
     from torch.utils.data import DataLoader
 
-    from rifle.transforms import build_transform, collate
+    from rifle.data.transforms import build_transform, collate
     loader = DataLoader(ds.with_transform(build_transform(image_size, mean, std, True, hflip)), batch_size=batch_size,
                         shuffle=True, num_workers=workers, collate_fn=collate, persistent_workers=workers > 0)
     rates = []

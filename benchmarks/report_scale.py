@@ -9,7 +9,7 @@ N/20 seeds each, 30 epochs; every run with the params, tags and per-epoch metric
 runs also head_reinit, reinit_weight_spread and the pre/post re-init gradient windows), as child runs of a
 parent per dataset. `sqlite`: a SQLite file; `server`: an `mlflow server` on 127.0.0.1 backed by a fresh
 PostgreSQL database (dropped after), so every call is an HTTP round trip as on a cluster. The full report
-(tables and figures, nothing logged) is timed with the bulk reads (rifle.bulk) and, unless --legacy_timeout
+(tables and figures, nothing logged) is timed with the bulk reads (rifle.track.reads) and, unless --legacy_timeout
 0, with the per-run reads rifle.report used before (transliterated below; stopped after the timeout, the
 rest extrapolated from its rate). Requests: HTTP requests for the server; calls into the tracking store
 (each one SQL round trip or more) for SQLite.
@@ -40,7 +40,7 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
     """Write the store; returns the number of metric points."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from rifle import config as C
@@ -49,7 +49,7 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
     from rifle.models import block_names, build_backbone
     from rifle.paired import BASE
     from rifle.trainer import run_params
-    from rifle.tracking import param_text
+    from rifle.track.tracker import param_text
     blocks = block_names(build_backbone("efficientnet_lite0", pretrained=False)[0])
     client = MlflowClient(uri)
     exp = client.create_experiment(EXPERIMENT)
@@ -105,23 +105,23 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
 
 
 def legacy_histories(deadline: float):
-    """rifle.report's fetch_histories before rifle.bulk: a get_run per run for its probe keys, then a
+    """rifle.report's history reads before the bulk reads: a get_run per run for its probe keys, then a
     get_metric_history per (run, key), every history key and probe of every run; stops at `deadline`."""
-    from rifle import report
+    from rifle.track import keys, reads
 
     class TimedOut(Exception):
         pass
 
     def fetch(runs, tracking_uri=None, *args, **kwargs):
         import pandas as pd
-        client = report._client(tracking_uri)
+        client = reads.client(tracking_uri)
         rows = []
         for i, r in enumerate(runs.itertuples(index=False)):
             if time.perf_counter() > deadline:
                 raise TimedOut(i)
-            probes = sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(report.PROBE_PREFIXES))
+            probes = sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(keys.PROBES))
             rows += [(r.run_id, r.dataset, r.method, r.seed, key, point.step, point.value)
-                     for key in (*report.HISTORY_KEYS, *probes) for point in client.get_metric_history(r.run_id, key)]
+                     for key in (*keys.HISTORY, *probes) for point in client.get_metric_history(r.run_id, key)]
         return pd.DataFrame(rows, columns=["run_id", "dataset", "method", "seed", "key", "step", "value"])
 
     return fetch, TimedOut
@@ -159,24 +159,24 @@ class Requests:
 
 
 def timed_report(uri: str, out: Path, store: str) -> dict:
-    from rifle import report
+    from rifle.evidence import build
     with Requests(store) as count:
         start = time.perf_counter()
-        built = report.build_report(uri, EXPERIMENT, output_dir=out, log=False)
+        built = build.build_report(uri, EXPERIMENT, output_dir=out, log=False)
         seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 2), "mlflow_requests": count.n, "runs_read": len(built["runs"]),
             "figures": sum(str(f).endswith(".png") for f in built["files"].values())}
 
 
 def timed_legacy(uri: str, out: Path, store: str, timeout: float, runs: int) -> dict:
-    from rifle import report
+    from rifle.evidence import build
     fetch, TimedOut = legacy_histories(time.perf_counter() + timeout)
-    saved, report.fetch_histories = report.fetch_histories, fetch
+    saved, build.figure_histories = build.figure_histories, fetch
     try:
         with Requests(store) as count:
             start = time.perf_counter()
             try:
-                report.build_report(uri, EXPERIMENT, output_dir=out, log=False)
+                build.build_report(uri, EXPERIMENT, output_dir=out, log=False)
                 return {"seconds": round(time.perf_counter() - start, 2), "mlflow_requests": count.n, "complete": True}
             except TimedOut as e:
                 done, seconds = e.args[0], time.perf_counter() - start
@@ -184,7 +184,7 @@ def timed_legacy(uri: str, out: Path, store: str, timeout: float, runs: int) -> 
                         "requests_made": count.n, "seconds_extrapolated": round(seconds * runs / max(done, 1)),
                         "requests_extrapolated": round(count.n * runs / max(done, 1))}
     finally:
-        report.fetch_histories = saved
+        build.figure_histories = saved
 
 
 def main(argv=None) -> int:

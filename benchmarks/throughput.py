@@ -25,7 +25,7 @@ def bare_loop(cfg, epochs: int) -> tuple[list[float], int, int]:
 
     from rifle.data import load_data
     from rifle.models import build_model
-    from rifle.transforms import build_transform, collate
+    from rifle.data.transforms import build_transform, collate
 
     data = load_data(cfg.data)[0]
     torch.manual_seed(cfg.run.seed)

@@ -14,9 +14,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import mlflow_runs, postgres_database, subprocess_env, wait_for
-from rifle.sweep.cells import Cell, CellSampler, CellSpace, complete_cells
-from rifle.sweep.storage import MEMORY, StaleRetry, open_storage
-from rifle.sweep.worker import OVER_BUDGET_ATTR, Budget, OverBudget, budget_slots
+from rifle.workers.cells import Cell, CellSampler, CellSpace, complete_cells
+from rifle.workers.storage import MEMORY, StaleRetry, open_storage
+from rifle.workers.worker import OVER_BUDGET_ATTR, Budget, OverBudget, budget_slots
 
 # Short enough that a killed worker's cell is retried within seconds.
 FAST = ["--heartbeat_interval", "1", "--grace_period", "4"]
@@ -57,7 +57,7 @@ def cell_trials(storage, name):
 def test_cells_go_in_plan_order_once_each_through_retries_and_races():
     cells = [Cell("g", m, s, {"tricks": t}) for s in (0, 1) for m, t in (("plain", ""), ("rifle", "rifle"))]
     storage = open_storage(MEMORY, heartbeat_interval=1, grace_period=2, max_retry=3)
-    from rifle.sweep.storage import open_study
+    from rifle.workers.storage import open_study
     space = CellSpace("c", cells)
     study = open_study(storage, "c", space, CellSampler(), optuna.pruners.NopPruner(), "memory")
     budget = Budget(len(cells), poll=0.1)

@@ -20,9 +20,9 @@ from PIL import Image
 
 from conftest import TINY, mlflow_runs, run_cli
 from rifle import config as C
-from rifle import registry
+from rifle.data import registry
 from rifle.data import DataError, load, load_splits
-from rifle.scan import check_image, scan, to_rgb
+from rifle.data.scan import check_image, scan, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,7 +282,7 @@ def test_to_rgb_converts_unusual_modes_correctly(bad_folder):
 
 
 def test_training_transform_applies_exif_orientation(bad_folder):
-    from rifle.transforms import build_transform
+    from rifle.data.transforms import build_transform
     tf = build_transform(20, (0.5,) * 3, (0.5,) * 3, train=False)
     # An image opened directly (not through datasets, which also transposes): the transform rotates it.
     out = tf({"image": [Image.open(bad_folder / "train" / "cat" / "exif.jpg")], "label": [0]})["pixel_values"][0]
@@ -472,7 +472,7 @@ def test_free_space_check_refuses_a_run_that_cannot_fit(tmp_path):
 
 
 def test_config_artifact_masks_the_tracking_password(tmp_path, sqlite_uri):
-    from rifle.tracking import Tracker
+    from rifle.track.tracker import Tracker
     from rifle.trainer import _log_artifacts
     cfg = C.build({"tracking_uri": "http://alice:s3cret-pw@127.0.0.1:5000", "log_weights": False})
     tracker = Tracker(True, sqlite_uri, "hygiene")

@@ -1,5 +1,5 @@
 """Figures drawn from plain values (the report and the notebooks draw them from MLflow histories)."""
-from rifle import figures
+from rifle.evidence import figures
 
 
 def test_training_figure_marks_the_reinit_between_its_epochs():

@@ -216,7 +216,7 @@ def test_params_are_resolved_and_what_mlflow_run_recorded_is_kept(tmp_path, monk
     """As under `mlflow run -P epochs=7 -P tricks= -P experiment=x`: its params stay, the resolved values go to
     <name>_resolved; None is not logged, an empty string is `none`."""
     import mlflow
-    from rifle.tracking import Tracker
+    from rifle.track.tracker import Tracker
     uri = f"sqlite:///{tmp_path}/m.db"
     client = mlflow.tracking.MlflowClient(uri)
     run = client.create_run("0")

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from rifle.models import block_names, build_model, bundled_lite0_state_dict, param_groups
-from rifle.transforms import build_transform
+from rifle.data.transforms import build_transform
 
 
 @pytest.fixture(scope="module")

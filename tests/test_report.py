@@ -14,9 +14,11 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, mlflow_runs, subprocess_env
-from rifle import figures, report, stats
+from rifle import report
+from rifle.evidence import build, figures, stats, tables
+from rifle.track import keys, reads
 from rifle.methods import method_label, method_sort_key, method_tricks
-from rifle.notebook import execute_notebook
+from rifle.evidence.notebook import execute_notebook
 
 EXPERIMENT = "cmp"
 
@@ -101,17 +103,17 @@ def synthetic():
 
 def test_tables_by_hand():
     runs = synthetic()
-    s = report.summarize(runs).set_index(["dataset", "method"])
+    s = tables.summarize(runs).set_index(["dataset", "method"])
     assert s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71) and s.loc[("cub", "plain"), "n"] == 3
     assert s.loc[("cub", "rifle"), "std"] == pytest.approx(math.sqrt(0.00005))
     assert s["best"].to_dict() == {("cub", "plain"): False, ("cub", "rifle"): True,
                                    ("dtd", "plain"): True, ("dtd", "rifle"): False}
-    p = report.paired_differences(runs).set_index("dataset")
+    p = tables.paired_differences(runs).set_index("dataset")
     assert p.loc["cub", "n"] == 2 and p.loc["cub", "seeds"] == "0 1"
     assert p.loc["cub", "mean_diff"] == pytest.approx(((0.73 - 0.70) + (0.72 - 0.72)) / 2)
     assert p.loc["dtd", "n"] == 1 and math.isnan(p.loc["dtd", "p_value"]) and math.isnan(p.loc["dtd", "p_holm"])
     assert p.loc["cub", "p_holm"] == pytest.approx(p.loc["cub", "p_value"])  # one comparison: nothing to adjust
-    md = report.table_markdown(report.summarize(runs), report.paired_differences(runs))
+    md = tables.table_markdown(tables.summarize(runs), tables.paired_differences(runs))
     assert "| cub | 71.0 ± 1.0 (3) | **72.5 ± 0.7 (2)** |" in md
     assert "| dtd | **60.0 ± – (1)** | 58.0 ± – (1) |" in md
     assert "| cub | rifle − plain | 2 | +1.50 |" in md
@@ -126,29 +128,29 @@ def test_metric_selection_and_before_reinit_by_hand():
     runs["test_acc_last"] = [0.69, 0.71, 0.70, 0.74, 0.70, 0.59, math.nan]  # dtd rifle: an older run without it
     runs["selection"] = ["best_val"] * 3 + ["last"] * 2 + ["best_val"] * 2
     runs["selected_before_reinit"] = [None, None, None, True, False, None, True]
-    s = report.summarize(runs, "test_acc_last").set_index(["dataset", "method"])
+    s = tables.summarize(runs, "test_acc_last").set_index(["dataset", "method"])
     assert s.loc[("cub", "rifle"), "mean"] == pytest.approx(0.72) and ("dtd", "rifle") not in s.index
-    p = report.paired_differences(runs, metric="test_acc_last").set_index("dataset")
+    p = tables.paired_differences(runs, metric="test_acc_last").set_index("dataset")
     assert p.loc["cub", "mean_diff"] == pytest.approx(((0.74 - 0.69) + (0.70 - 0.71)) / 2) and "dtd" not in p.index
-    last = report.evidence(runs, metric="test_acc_last")["markdown"]
+    last = tables.evidence(runs, metric="test_acc_last")["markdown"]
     assert last.startswith("### test_acc_last (%)") and "| cub | rifle − plain | 2 | +2.00 |" in last
     assert "Metric: test_acc_last, test accuracy at the last epoch" in last and "Selected before" not in last
     assert "1 run(s) have no test_acc_last" in last
-    best = report.evidence(runs)
+    best = tables.evidence(runs)
     assert best["summary"].set_index(["dataset", "method"]).loc[("cub", "rifle"), "before_reinit"] == 1
     md = best["markdown"]
     assert "which differs between runs (best_val: plain, rifle; last: rifle)" in md
     assert "runs: cub: rifle 1 of 2; dtd: rifle 1 of 1." in md
     with pytest.raises(ValueError, match="metric: expected one of test_acc, test_acc_last"):
-        report.evidence(runs, metric="val_acc")
+        tables.evidence(runs, metric="val_acc")
 
 
 def test_varying_settings_are_reported():
     runs = synthetic()
-    assert report.varying_settings(runs) == {}
+    assert tables.varying_settings(runs) == {}
     runs.at[1, "params"] = {"lr": "0.02", "seed": "1"}  # a plain seed trained with another lr
     runs.at[6, "params"] = {"lr": "0.01", "seed": "0", "dropout_p": "0.3"}
-    assert report.varying_settings(runs) == {"cub": {"within": {"plain": ["lr"]}, "between": []}}
+    assert tables.varying_settings(runs) == {"cub": {"within": {"plain": ["lr"]}, "between": []}}
 
 
 # ------------------------------------------------------------------------- runs logged here with mlflow
@@ -296,7 +298,7 @@ def test_report_from_runs(store):
     from matplotlib.image import imread
     tmp, uri, parent = store
     client = mlflow.tracking.MlflowClient(uri)
-    out = report.build_report(uri, parent_run_id=parent, output_dir=tmp / "rep")
+    out = build.build_report(uri, parent_run_id=parent, output_dir=tmp / "rep")
     runs = out["runs"]
     assert sorted(zip(runs["method"], runs["seed"])) == [("plain", 0), ("plain", 1), ("rifle", 0), ("rifle", 1)]
     acc = {(r.method, r.seed): client.get_run(r.run_id).data.metrics["test_acc"] for r in runs.itertuples()}
@@ -313,7 +315,7 @@ def test_report_from_runs(store):
     assert set(runs["selection"]) == {"best_val"} and "selected by best_val" in md
     assert pd.read_csv(tmp / "rep" / "results.csv")["n"].tolist() == [2, 2]
     assert len(pd.read_csv(tmp / "rep" / "runs.csv")) == 4
-    label = report.slug(runs["dataset"].iloc[0])  # imagefolder:<folder name>
+    label = reads.slug(runs["dataset"].iloc[0])  # imagefolder:<folder name>
     for name, (height, width) in ((f"mechanism_{label}.png", (800, 1400)), (f"dynamics_{label}.png", (450, 1300)),
                                   ("paired.png", (140, 700))):
         image = imread(tmp / "rep" / name)
@@ -321,7 +323,7 @@ def test_report_from_runs(store):
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
     assert {"results.md", "results.csv", "paired.csv", f"mechanism_{label}.png"} <= logged
     # The figures' data is what the runs logged: the last weight_dist of each block, the re-init epoch.
-    h = report.fetch_histories(runs, uri)
+    h = build.figure_histories(runs, uri)
     final = figures.final_weight_dist(h)
     one = runs.iloc[0]
     logged_metrics = client.get_run(one.run_id).data.metrics
@@ -346,23 +348,23 @@ def test_report_from_runs(store):
 
 
 def legacy_histories(runs, tracking_uri=None, *args, **kwargs):
-    """The per-run reader rifle.report used before rifle.bulk (transliterated): get_run for each run's probe
+    """The per-run reads rifle.report made before the bulk reads (transliterated): get_run for each run's probe
     keys, then one get_metric_history per (run, key), every history key and probe of every run."""
     client = mlflow.tracking.MlflowClient(tracking_uri)
     rows = []
     for r in runs.itertuples(index=False):
-        probes = sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(report.PROBE_PREFIXES))
+        probes = sorted(k for k in client.get_run(r.run_id).data.metrics if k.startswith(keys.PROBES))
         rows += [(r.run_id, r.dataset, r.method, r.seed, key, point.step, point.value)
-                 for key in (*report.HISTORY_KEYS, *probes) for point in client.get_metric_history(r.run_id, key)]
+                 for key in (*keys.HISTORY, *probes) for point in client.get_metric_history(r.run_id, key)]
     return pd.DataFrame(rows, columns=["run_id", "dataset", "method", "seed", "key", "step", "value"])
 
 
 @pytest.mark.slow
 def test_bulk_reads_write_the_report_the_per_run_reads_wrote(store, tmp_path, monkeypatch):
     tmp, uri, parent = store
-    new = report.build_report(uri, parent_run_id=parent, output_dir=tmp_path / "bulk", log=False)
-    monkeypatch.setattr(report, "fetch_histories", legacy_histories)
-    old = report.build_report(uri, parent_run_id=parent, output_dir=tmp_path / "legacy", log=False)
+    new = build.build_report(uri, parent_run_id=parent, output_dir=tmp_path / "bulk", log=False)
+    monkeypatch.setattr(build, "figure_histories", legacy_histories)
+    old = build.build_report(uri, parent_run_id=parent, output_dir=tmp_path / "legacy", log=False)
     assert sorted(new["files"]) == sorted(old["files"]) and len(new["files"]) >= 9
     for name in new["files"]:  # tables and figures, byte for byte
         assert (tmp_path / "bulk" / name).read_bytes() == (tmp_path / "legacy" / name).read_bytes(), name
@@ -375,11 +377,10 @@ def test_bulk_reads_over_a_tracking_server_take_a_few_requests(store, tmp_path, 
     import requests
 
     from conftest import mlflow_server
-    from rifle import bulk
     tmp, uri, parent = store
     shutil.copy(tmp / "mlflow.db", tmp_path / "copy.db")
-    runs = report.fetch_runs(uri, parent_run_id=parent)
-    local = report.fetch_histories(runs, uri)
+    runs = reads.fetch_runs(uri, parent_run_id=parent)
+    local = build.figure_histories(runs, uri)
     assert set(local["key"]) >= {"val_acc", "lr_head", "head_reinit", "grad_norm/conv_stem",
                                  "grad_norm_pre_reinit/conv_stem"} and "train_acc" not in set(local["key"])
     sent = []
@@ -388,16 +389,16 @@ def test_bulk_reads_over_a_tracking_server_take_a_few_requests(store, tmp_path, 
                         send(self, req, **kw))
     with mlflow_server(f"sqlite:///{tmp_path}/copy.db", tmp_path) as server:
         sent.clear()
-        remote = report.fetch_histories(report.fetch_runs(server, parent_run_id=parent), server)
-        keys = len(report.history_keys(runs))
+        remote = build.figure_histories(reads.fetch_runs(server, parent_run_id=parent), server)
+        wanted = len(figures.history_keys(runs))
         # 4 runs: one search (and the parent's experiment), then every (key, 100 runs) ten per GraphQL request
-        assert len(sent) <= 2 + -(-keys // bulk.GRAPHQL_FIELDS), sent
-        assert sum("/graphql" in u for u in sent) == -(-keys // bulk.GRAPHQL_FIELDS)
+        assert len(sent) <= 2 + -(-wanted // reads.GRAPHQL_FIELDS), sent
+        assert sum("/graphql" in u for u in sent) == -(-wanted // reads.GRAPHQL_FIELDS)
         pd.testing.assert_frame_equal(remote, local)
-        monkeypatch.setattr(bulk, "_graphql", lambda creds, wanted: None)  # a server without GraphQL: REST
+        monkeypatch.setattr(reads, "_graphql", lambda creds, wanted: None)  # a server without GraphQL: REST
         sent.clear()
-        pd.testing.assert_frame_equal(report.fetch_histories(runs, server), local)
-        assert sum("get-history-bulk" in u for u in sent) == keys
+        pd.testing.assert_frame_equal(build.figure_histories(runs, server), local)
+        assert sum("get-history-bulk" in u for u in sent) == wanted
 
 
 @pytest.mark.slow
@@ -411,9 +412,9 @@ def test_experiment_report_run_and_cli(store, capsys):
     assert "### test_acc (%)" in printed and "Metric: test_acc, " in printed
     first = printed.rsplit(" ", 1)[-1].strip()
     run = client.get_run(first)
-    assert run.info.run_name == "report" and run.info.status == "FINISHED" and run.data.tags[report.REPORT_TAG]
+    assert run.info.run_name == "report" and run.info.status == "FINISHED" and run.data.tags[reads.REPORT_TAG]
     # A second report reads the same four runs: the parent (no test_acc) and the report run are not results.
-    again = report.build_report(uri, EXPERIMENT, output_dir=tmp / "e2")
+    again = build.build_report(uri, EXPERIMENT, output_dir=tmp / "e2")
     assert len(again["runs"]) == 4 and again["runs"].attrs["duplicates"] == []
     assert report.main(["--tracking_uri", uri, "--experiment", "nope", "--no_log"]) == 2
     assert "no experiment 'nope'" in capsys.readouterr().err
@@ -448,7 +449,7 @@ def test_notebooks_are_committed_without_outputs(name):
     assert code and all(not c["outputs"] and c["execution_count"] is None for c in code)
     assert sum("parameters" in c["metadata"].get("tags", []) for c in code) == 1
     source = "".join("".join(c["source"]) for c in code)
-    assert "from rifle import" in source and "def " not in source  # they call the package, no logic of their own
+    assert "from rifle." in source and "def " not in source  # they call the package, no logic of their own
 
 
 @pytest.mark.slow
@@ -476,8 +477,8 @@ def test_results_and_mechanism_notebooks_run(store, tmp_path):
     nb = execute_notebook(NOTEBOOKS / "results.ipynb", params | {"metric": "test_acc_last"},
                           tmp_path / "results.ipynb", cwd=tmp_path)
     text = text_of(nb)
-    runs = report.fetch_runs(uri, EXPERIMENT)
-    mean = report.summarize(runs, "test_acc_last").set_index("method").loc["rifle", "mean"]
+    runs = reads.fetch_runs(uri, EXPERIMENT)
+    mean = tables.summarize(runs, "test_acc_last").set_index("method").loc["rifle", "mean"]
     assert f"{100 * mean:.1f} ±" in text and "rifle − plain" in text and "Metric: test_acc_last, " in text
     assert len(outputs(nb, "image/png")) == 1  # the paired-difference plot
     nb = execute_notebook(NOTEBOOKS / "mechanism.ipynb", params | {"parent_run_id": parent}, cwd=tmp_path)

@@ -17,9 +17,9 @@ def test_a_tiny_run_logs_a_model_that_labels_images_as_training_evaluated_them(t
     from rifle import checkpoint
     from rifle.data import load_data
     from rifle.models import build_model
-    from rifle.scan import to_rgb
+    from rifle.data.scan import to_rgb
     from rifle.trainer import fit
-    from rifle.transforms import build_transform, collate
+    from rifle.data.transforms import build_transform, collate
     from rifle.tricks import build_tricks
     monkeypatch.chdir(tmp_path)  # MLflow puts a SQLite store's artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path}/mlflow.db"

@@ -15,9 +15,9 @@ from optuna.trial import TrialState
 
 from conftest import ROOT, mlflow_runs, postgres_database, run_cli, subprocess_env
 from rifle import sweep as S
-from rifle.sweep.runs import origin
-from rifle.sweep.storage import STUDY_ATTR, StaleRetry, open_storage, open_study, resolve_url
-from rifle.sweep.worker import OVER_BUDGET_ATTR, TrialLost, TrialReporter, budget_slots, over_budget
+from rifle.workers.runs import origin
+from rifle.workers.storage import STUDY_ATTR, StaleRetry, open_storage, open_study, resolve_url
+from rifle.workers.worker import OVER_BUDGET_ATTR, TrialLost, TrialReporter, budget_slots, over_budget
 
 PASSWORD = "s3cret-pw"
 # Short enough that a killed worker's trial is retried within seconds.
@@ -561,7 +561,7 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
 def test_sweeps_notebook_runs(tmp_path):
     import math
 
-    from rifle.notebook import execute_notebook
+    from rifle.evidence.notebook import execute_notebook
     from test_report import outputs, text_of
     journal = tmp_path / "optuna.journal"
     study = optuna.create_study(study_name="tiny", direction="maximize", storage=open_storage(str(journal)),

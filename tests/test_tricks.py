@@ -15,8 +15,7 @@ from rifle.models import Classifier
 from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
 from rifle.tricks.cyclic_lr import triangular_lr
-from rifle.tricks.delta import (channel_attention, channel_loss_increase, default_layers,
-                                delta_feature_penalty)
+from rifle.tricks.delta import channel_attention, channel_loss_increase, default_layers, delta_feature_penalty
 from rifle.tricks.disturb_label import disturb_labels
 from rifle.tricks.dropconnect import DropConnectLinear, dropconnect_linear, dropconnect_mask
 from rifle.tricks.dropout import dropout_mask

@@ -21,7 +21,7 @@ import yaml
 from . import config as C
 from . import paired
 from .methods import method_label, method_sort_key
-from .stats import metric_note
+from .evidence.stats import metric_note
 
 CONFIG_KEYS = {"fixed", "datasets", "methods", "seeds", "protocol", "name"}
 
@@ -53,7 +53,7 @@ def load_config(path: str) -> dict:
 
 
 def slug(spec: str) -> str:
-    from .report import dataset_label, slug
+    from .track.reads import dataset_label, slug
     return slug(dataset_label(spec))
 
 
@@ -62,31 +62,31 @@ def summary_tables(runs_by_protocol: dict, reference: str) -> tuple[str, "pd.Dat
     on each dataset (columns), the best in bold, and the paired difference reference − other per dataset."""
     import pandas as pd
 
-    from . import report
+    from .evidence import tables as T
     lines, frames = [], []
     for protocol, runs in runs_by_protocol.items():
-        tables = report.evidence(runs, reference)
-        s, p = tables["summary"], tables["paired"]
+        built = T.evidence(runs, reference)
+        s, p = built["summary"], built["paired"]
         datasets = list(dict.fromkeys(s["dataset"]))
         methods = sorted(s["method"].unique(), key=method_sort_key)
-        cell = {(r.dataset, r.method): (f"**{report._pct(r.mean)} ± {report._pct(r.std)} ({r.n})**" if r.best
-                                        else f"{report._pct(r.mean)} ± {report._pct(r.std)} ({r.n})")
+        cell = {(r.dataset, r.method): (f"**{T._pct(r.mean)} ± {T._pct(r.std)} ({r.n})**" if r.best
+                                        else f"{T._pct(r.mean)} ± {T._pct(r.std)} ({r.n})")
                 for r in s.itertuples()}
         lines += [f"### {protocol}: test_acc (%), mean ± std over seeds (n)", "",
                   "| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
                   *(f"| {m} | " + " | ".join(cell.get((d, m), "") for d in datasets) + " |" for m in methods), ""]
         if len(p):
             pairs = list(dict.fromkeys(zip(p["method"], p["versus"])))
-            diff = {(r.dataset, r.method, r.versus): f"{report._pct(r.mean_diff, 2, '+')} "
-                    f"[{report._pct(r.ci_low, 2, '+')}, {report._pct(r.ci_high, 2, '+')}]" for r in p.itertuples()}
+            diff = {(r.dataset, r.method, r.versus): f"{T._pct(r.mean_diff, 2, '+')} "
+                    f"[{T._pct(r.ci_low, 2, '+')}, {T._pct(r.ci_high, 2, '+')}]" for r in p.itertuples()}
             lines += ["Paired difference, reference − other (points, 95% CI over shared seeds):", "",
                       "| comparison | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
                       *(f"| {a} − {b} | " + " | ".join(diff.get((d, a, b), "") for d in datasets) + " |"
                         for a, b in pairs), ""]
         selections = {m: set(g["selection"]) for m, g in runs.groupby("method")}
-        where = sorted({line for found in report.environments(runs).values() for line in found})
+        where = sorted({line for found in T.environments(runs).values() for line in found})
         lines += [f"{metric_note('test_acc', selections)} Environment: {'; '.join(where)}.",
-                  *(line for line in tables["markdown"].splitlines() if line.startswith("Note: ")), ""]
+                  *(line for line in built["markdown"].splitlines() if line.startswith("Note: ")), ""]
         frames.append(s.assign(protocol=protocol))
     return "\n".join(lines), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -148,13 +148,14 @@ def main(argv: list[str] | None = None) -> int:
 def write_reports(args, name: str, groups: dict, parents: dict) -> int:
     import pandas as pd
 
-    from . import report
-    from .tracking import claim_parent
+    from .evidence.build import build_report
+    from .track.parents import claim_parent
+    from .track.reads import REPORT_TAG
     out = Path(args.report_dir)
     by_protocol: dict[str, list] = {}
     for group, parent in parents.items():
         dataset, protocol = groups[group]
-        built = report.build_report(args.tracking_uri, args.experiment, parent_run_id=parent,
+        built = build_report(args.tracking_uri, args.experiment, parent_run_id=parent,
                                     output_dir=out / slug(dataset) / protocol, reference=args.reference)
         by_protocol.setdefault(protocol, []).append(built["runs"])
         print(f"{dataset}, {protocol}: {out / slug(dataset) / protocol} (also artifacts report/ of run {parent})")
@@ -164,7 +165,7 @@ def write_reports(args, name: str, groups: dict, parents: dict) -> int:
     from mlflow.tracking import MlflowClient
     client = MlflowClient(args.tracking_uri)
     run = claim_parent(client, {"campaign.summary": name}, "campaign.role", args.experiment, f"{name}-summary",
-                       {report.REPORT_TAG: "true"}, adopt=False)
+                       {REPORT_TAG: "true"}, adopt=False)
     for file in ("summary.md", "summary.csv"):
         client.log_artifact(run, str(out / file), "report")
     if client.get_run(run).info.status != "FINISHED":

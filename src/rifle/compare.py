@@ -20,10 +20,11 @@ import time
 
 from . import config as C
 from .methods import method_label
-from .stats import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
-from .sweep import SweepError, scrub, trainer_options
-from .sweep.storage import STUDY_ATTR, open_storage, resolve_url
-from .tracking import DEFAULT_URI, redact
+from .evidence.stats import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
+from .workers.storage import SweepError, scrub
+from .sweep import trainer_options
+from .workers.storage import STUDY_ATTR, open_storage, resolve_url
+from .track.store import DEFAULT_URI, redact
 
 # Options that must agree between the studies for the comparison to be "under the same settings".
 SAME_SETTINGS = tuple(n for n, (section, _) in C.all_fields().items() if section in ("data", "model")) + (
@@ -113,7 +114,7 @@ def run(args) -> int:
     from mlflow.tracking import MlflowClient
 
     from . import paired
-    from .sweep.cells import Cell, finished_runs, run_cells
+    from .workers.cells import Cell, finished_runs, run_cells
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     url = resolve_url(args.storage)
     storage = open_storage(url)

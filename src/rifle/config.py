@@ -64,7 +64,7 @@ class DataConfig:
                           "training seeds so seeds are paired on the same data)", minimum=0)
     num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
     dataset_registry: str | None = opt(None, "YAML file of extra or overriding dataset entries (see "
-                                       "rifle/datasets.yaml; default: $RIFLE_DATASET_REGISTRY)")
+                                       "rifle/data/datasets.yaml; default: $RIFLE_DATASET_REGISTRY)")
     label_rate: float = opt(100.0, "percent of each class of train kept (stratified, seeded by split_seed, "
                             "after the validation split is carved out), e.g. 15, 30, 50; 100 keeps all",
                             minimum=0.0, exclusive_minimum=True)
@@ -430,7 +430,7 @@ def reinit_count(cfg: Config) -> int:
 def _check_dataset(cfg: Config) -> str:
     """Dataset name, registry file and subset options; returns the dataset name. Folders are checked here
     so a typo fails in a second; the content is checked when data.py loads it."""
-    from . import registry
+    from .data import registry
     d = cfg.data
     try:
         path = registry.registry_path(d.dataset_registry)

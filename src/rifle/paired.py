@@ -20,7 +20,7 @@ import yaml
 
 from . import config as C
 from .methods import method_tricks
-from .tracking import DEFAULT_URI
+from .track.store import DEFAULT_URI
 
 # The two evaluation protocols: the validated one (the trainer's defaults) and the official RIFLE code's.
 PROTOCOLS = {"validated": {"val_fraction": 0.2, "selection": "best_val"},
@@ -110,7 +110,7 @@ def paired_plan(args, tool: str, groups: Callable[[str, dict], dict[str, dict[st
 def run(tool: str, name: str, plan: dict[str, dict[str, dict]], seeds: list[int], args,
         group_tags: dict | None = None, cell_tags: dict | None = None) -> tuple[str, dict[str, str]]:
     """Train the plan's cells (group, seed, method order) with rifle.sweep.cells.run_cells: (status, parents)."""
-    from .sweep.cells import Cell, run_cells
+    from .workers.cells import Cell, run_cells
     cells = [Cell(group, label, seed, options, (cell_tags or {}).get(label, {}))
              for group, methods in plan.items() for seed in seeds for label, options in methods.items()]
     return run_cells(f"rifle.{tool}", name, cells, tracking_uri=args.tracking_uri, experiment=args.experiment,

@@ -9,7 +9,7 @@ best-validation checkpoint) and `authors` (the official RIFLE code's: all of tra
 last epoch's test accuracy). Every (method, seed) is one cell: one `fit` and one MLflow child run
 (rifle.paired), so an interrupted study resumes. Settings are each method's defaults (untuned: the study
 compares the published recipes under one budget, not the best of each); all methods share data, model,
-epochs, learning rate, threads and the seeds. The report module then builds the tables and figures.
+epochs, learning rate, threads and the seeds. rifle.evidence then builds the tables and figures.
 """
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     code = paired.exit_code("study", status)
     if code is not None:
         return code
-    from . import report
+    from .evidence.build import build_report
     for group, parent in parents.items():
         protocol = group.removeprefix(f"{args.name}-")
         report_dir = str(Path(args.report_dir) / protocol)
-        built = report.build_report(args.tracking_uri, args.experiment, parent_run_id=parent, output_dir=report_dir)
+        built = build_report(args.tracking_uri, args.experiment, parent_run_id=parent, output_dir=report_dir)
         print(f"protocol {protocol}:\n{built['markdown']}")
         print(f"table and figures: {report_dir} (also artifacts report/ of run {parent})")
     return 0

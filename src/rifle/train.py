@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rifle.train: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM while the run is open (rifle.tracking.Terminated)
-        from .tracking import Terminated
+        from .track.signals import Terminated
         print(f"rifle.train: stopped by {'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'}; an open MLflow "
               "run is marked KILLED, and the same command resumes from the last checkpoint", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130

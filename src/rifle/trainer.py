@@ -25,8 +25,9 @@ from .models import block_names, build_model, param_groups
 from .progress import Progress
 from .schedules import cosine_lr
 from .seeds import EpochOrder, seed_process, stream_seed
-from .tracking import Tracker, git_commit, redact
-from .transforms import build_transform, collate
+from .track.tracker import Tracker, git_commit
+from .track.store import redact
+from .data.transforms import build_transform, collate
 from .tricks import build_tricks
 from .tricks.base import FitContext
 
@@ -404,11 +405,11 @@ def test_and_log(s: Session) -> dict:
 def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> None:
     if not tracker.active:
         return
-    from .figures import plot_training
+    from .evidence.figures import plot_training
     redacted = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
     tracker.log_artifact_text(to_yaml(redacted), "config.yaml")  # no password of the tracking URI
     tracker.log_figure(plot_training(state["history"], f"{cfg.model.model} on {cfg.data.dataset}, "
                                      f"tricks: {','.join(cfg.trick_list) or 'none'}"), "training.png")
     if cfg.run.log_weights:  # weights/<file> and the MLflow model runs:/<run_id>/model (rifle/serving.py)
-        from .serving import log_model
+        from .track.serving import log_model
         log_model(tracker, cfg, out / state["best_file"])

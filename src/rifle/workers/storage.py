@@ -23,7 +23,7 @@ from optuna.storages._heartbeat import BaseHeartbeat  # the documented extension
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
-from ..tracking import redact
+from ..track.store import redact
 
 STUDY_ATTR = "rifle_sweep"          # study user attr: uuid, method, space signature
 HEARTBEAT_ATTR = "rifle:heartbeat"  # trial system attr on journal storage (unix time of the last beat)
@@ -155,7 +155,7 @@ def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStor
 def load_study(storage: str = "", study_name: str = ""):
     """A study as `python -m rifle.sweep` wrote it, for notebooks: `storage` as its --storage (a journal file,
     redis://..., an RDB URL or env:NAME); "" is the nearest optuna.journal above the working directory."""
-    from ..notebook import nearest
+    from ..evidence.notebook import nearest
     if not storage:
         found = nearest("optuna.journal")
         if found is None:

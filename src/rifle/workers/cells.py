@@ -23,7 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
-from ..tracking import Terminated, claim_parent, experiment_id, find_runs, raise_on_sigterm
+from ..track.signals import Terminated, raise_on_sigterm
+from ..track.parents import claim_parent, find_runs
+from ..track.store import experiment_id
 from .runs import on_retry, trial_done
 from .storage import MEMORY, open_storage, resolve_url
 from .worker import Worker, budget_slots, distributed_state, follow, origin
@@ -259,8 +261,8 @@ def finished_runs(tracking_uri: str, parent: str) -> list:
     """The finished child runs of a group's parent, in one search."""
     from mlflow.tracking import MlflowClient
 
-    from ..tracking import _all_pages
+    from ..track.store import all_pages
     client = MlflowClient(tracking_uri)
     exp = client.get_run(parent).info.experiment_id
-    return _all_pages(client.search_runs, experiment_ids=[exp], filter_string=(
+    return all_pages(client.search_runs, experiment_ids=[exp], filter_string=(
         f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"))

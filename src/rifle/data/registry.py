@@ -93,7 +93,7 @@ def _text(value, where: str, key: str) -> str:
 
 def load(user_file: str | None = None) -> dict[str, Entry]:
     """Built-in entries, then the user's (`user_file`, else $RIFLE_DATASET_REGISTRY) on top."""
-    entries = _parse(resources.files("rifle").joinpath("datasets.yaml").read_text(), "rifle/datasets.yaml")
+    entries = _parse(resources.files("rifle.data").joinpath("datasets.yaml").read_text(), "rifle/data/datasets.yaml")
     path = registry_path(user_file)
     if path:
         p = Path(path)

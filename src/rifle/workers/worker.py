@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
-from ..tracking import redact
+from ..track.store import redact
 from .runs import SweepRuns, origin
 from .storage import MEMORY, STUDY_ATTR, open_study, scrub
 

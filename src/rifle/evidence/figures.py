@@ -1,4 +1,5 @@
-"""Every figure: the trainer's training curve, and the report's from `report.fetch_histories`. The paper's claim
+"""Every figure: the trainer's training curve, and the report's from the runs' histories (`history_keys` names
+what they draw; rifle.track.reads.fetch_histories reads it). The paper's claim
 is about what a fresh head does to the backbone, so they show it per block, input side first: distance to the
 pretrained weights, gradient norms and what each re-init does to them. matplotlib's object API (no pyplot
 state); no pandas import, as the trainer draws its curve where pandas may be missing.
@@ -11,11 +12,9 @@ import warnings
 
 import numpy as np
 
-from .methods import PLAIN, method_label, method_sort_key, method_tricks
+from ..methods import PLAIN, method_label, method_sort_key, method_tricks
+from ..track.keys import GRAD, HEAD_REINIT, LR_HEAD, POST, PRE, TRAIN_ACC, VAL_ACC, WEIGHT
 from .stats import trick_set
-
-WEIGHT, GRAD = "weight_dist/", "grad_norm/"
-PRE, POST = "grad_norm_pre_reinit/", "grad_norm_post_reinit/"
 
 
 def _figure(width: float, height: float, mosaic=None, **grid):
@@ -56,7 +55,7 @@ def _block_axis(ax, blocks, ylabel: str, title: str, ratio: bool = False, legend
 
 def reinit_epochs(histories, method: str) -> list[int]:
     """Epochs that ended with a head re-initialization in any run of `method`."""
-    h = histories[(histories["method"] == method) & (histories["key"] == "head_reinit") & (histories["value"] > 0)]
+    h = histories[(histories["method"] == method) & (histories["key"] == HEAD_REINIT) & (histories["value"] > 0)]
     return sorted(set(int(s) for s in h["step"]))
 
 
@@ -77,7 +76,7 @@ def block_order(model_spec: str, blocks) -> list[str]:
     weights); a natural sort for the blocks it lacks (all of them for an unknown or unavailable model)."""
     blocks = set(blocks)
     try:
-        from .models import block_names, build_backbone
+        from ..models import block_names, build_backbone
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             known = [b for b in block_names(build_backbone(model_spec, pretrained=False)[0]) if b in blocks]
@@ -90,14 +89,14 @@ def plot_training(history: list[dict], title: str = ""):
     """One run: validation (else training) accuracy and head learning rate over epochs, re-inits dashed."""
     fig, ax = _figure(6.4, 3.6)
     epochs = [row["epoch"] for row in history]
-    key = "val_acc" if all("val_acc" in row for row in history) else "train_acc"
+    key = VAL_ACC if all(VAL_ACC in row for row in history) else TRAIN_ACC
     ax.plot(epochs, [row[key] for row in history], marker="o", color="tab:blue", label=key)
     ax.set_xlabel("epoch")
     ax.set_ylabel(key.replace("_acc", "") + " accuracy", color="tab:blue")
     lr_ax = ax.twinx()
-    lr_ax.plot(epochs, [row["lr_head"] for row in history], color="tab:orange", label="lr_head")
+    lr_ax.plot(epochs, [row[LR_HEAD] for row in history], color="tab:orange", label=LR_HEAD)
     lr_ax.set_ylabel("head learning rate", color="tab:orange")
-    _mark_reinits(ax, [row["epoch"] for row in history if row.get("head_reinit")], label=False)
+    _mark_reinits(ax, [row["epoch"] for row in history if row.get(HEAD_REINIT)], label=False)
     ax.set_title(title or "validation accuracy and head LR (dashed: head re-initialized)")
     return fig
 
@@ -159,19 +158,19 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
     from matplotlib import colormaps
 
     h = histories[histories["dataset"] == dataset]
-    key = "val_acc" if (h["key"] == "val_acc").any() else "train_acc"
+    key = VAL_ACC if (h["key"] == VAL_ACC).any() else TRAIN_ACC
     ref = set(method_tricks(method_label(reference)))
     fig, (acc_ax, lr_ax) = _figure(13, 4.5, ncols=2)
     for i, m in enumerate(sorted(methods or h["method"].unique(), key=method_sort_key)):
         color = colormaps["tab10"](i % 10)
         g = h[h["method"] == m]
         _band(acc_ax, g[g["key"] == key], color, f"{m} (n={g['run_id'].nunique()})", 0.12)
-        lr = g[g["key"] == "lr_head"].groupby("step")["value"].mean()
+        lr = g[g["key"] == LR_HEAD].groupby("step")["value"].mean()
         lr_ax.plot(lr.index, lr.values, color=color, label=m)
         if m != PLAIN and ref <= trick_set(m):
             for ax in (acc_ax, lr_ax):
                 _mark_reinits(ax, reinit_epochs(h, m), color=color, label=False)
-    what = "validation" if key == "val_acc" else "training"
+    what = "validation" if key == VAL_ACC else "training"
     acc_ax.set(title=f"{dataset}: {what} accuracy (mean ± std over seeds)", xlabel="epoch", ylabel=f"{what} accuracy")
     acc_ax.legend(fontsize=8)
     lr_ax.set(title="head learning rate (dashed: head re-initialized)", xlabel="epoch", ylabel="lr_head")
@@ -246,3 +245,27 @@ def gradient_figures(histories, dataset: str, reference: str, baseline: str, mod
     if len(ratios):
         out["reinit_gradients"] = plot_reinit_ratios(ratios, dataset, reference, blocks)
     return out
+
+
+def history_keys(runs, reference: str = "rifle", baseline: str = PLAIN) -> dict[str, list[str]]:
+    """key -> run ids: the per-epoch metrics these figures draw, and for which runs of `runs` (rifle.track.
+    reads.fetch_runs, whose `metric_keys` say what each run logged). Per dataset: validation accuracy
+    (training accuracy where no run has it) and lr_head of every run, head_reinit of the runs with the
+    reference's tricks, weight_dist/ and grad_norm/ of the reference's and the baseline's runs, and the
+    re-init windows (pre/post) of the reference's."""
+    ref, ref_name, base_name = set(method_tricks(method_label(reference))), method_label(reference), method_label(baseline)
+    wanted: dict[str, list[str]] = {}
+
+    def want(rows, keys=(), prefixes=()):
+        for r in rows.itertuples(index=False):
+            for key in r.metric_keys:
+                if key in keys or key.startswith(prefixes):
+                    wanted.setdefault(key, []).append(r.run_id)
+
+    for _, g in runs.groupby("dataset"):
+        accuracy = VAL_ACC if any(VAL_ACC in k for k in g["metric_keys"]) else TRAIN_ACC
+        want(g, {accuracy, LR_HEAD})
+        want(g[[m != PLAIN and ref <= trick_set(m) for m in g["method"]]], {HEAD_REINIT})
+        want(g[g["method"].isin([ref_name, base_name])], prefixes=(WEIGHT, GRAD))
+        want(g[g["method"] == ref_name], prefixes=(PRE, POST))
+    return wanted

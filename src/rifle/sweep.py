@@ -15,10 +15,11 @@ import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .. import config as C
-from ..tracking import DEFAULT_URI, Terminated, raise_on_sigterm
-from .space import SpaceError, load_space
-from .storage import SweepError, load_study, open_storage, resolve_url, scrub
+from . import config as C
+from .track.store import DEFAULT_URI
+from .track.signals import Terminated, raise_on_sigterm
+from .workers.space import SpaceError, load_space
+from .workers.storage import SweepError, load_study, open_storage, resolve_url, scrub
 
 __all__ = ["SpaceError", "SweepError", "load_space", "load_study", "main"]
 
@@ -122,7 +123,7 @@ def _main(argv: list[str] | None) -> int:
         storage = open_storage(url, o.heartbeat_interval, o.grace_period, o.max_retry) if rank == 0 else None
         import optuna
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own line per trial
-        from .worker import Worker, distributed_state, follow
+        from .workers.worker import Worker, distributed_state, follow
         worker = Worker(o, space, url, storage) if rank == 0 else None
         state = distributed_state()
         if worker is None:

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from .methods import method_label, method_sort_key, method_tricks
+from ..methods import method_label, method_sort_key, method_tricks
 
 # The numbers a table can show; every run logs both (test_acc_last may be missing in older runs).
 METRICS = {"test_acc": "test accuracy at the checkpoint the run's `selection` chose",

@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from ..tracking import claim_parent, find_runs
+from ..track.parents import claim_parent, find_runs
 from .storage import STUDY_ATTR
 
 RETRY_ORIGIN_ATTR = "failed_trial"  # set by RetryHeartbeatStaleTrialCallback: the first trial of the chain

@@ -34,7 +34,7 @@ def _requirements() -> list[str]:
     local tags such as +cu130, which package indexes do not serve); MLflow adds its own."""
     from importlib.metadata import packages_distributions, version
 
-    from . import _REQUIRED
+    from .. import _REQUIRED
     names = packages_distributions()
     dists = {names.get(module, [module])[0] for module in (*_REQUIRED, "PIL", "numpy") if module != "mlflow"}
     return sorted(f"{dist}=={version(dist).split('+')[0]}" for dist in dists)
@@ -45,8 +45,8 @@ def log_model(tracker, cfg, weights: Path):
     cfg.run.register_model names a registered model). Main process only; returns MLflow's ModelInfo."""
     if not tracker.active:
         return None
-    from .config import to_yaml
-    from .tracking import redact
+    from ..config import to_yaml
+    from .store import redact
 
     tracker.log_file(weights, WEIGHTS_FOLDER)
     safe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))
@@ -60,7 +60,7 @@ def log_model(tracker, cfg, weights: Path):
                 name=NAME, python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={"weights": str(weights), "config": str(config), "classes": str(classes)},
                 # the package as installed here (MLflow leaves out __pycache__)
-                code_paths=[str(Path(__file__).resolve().parent)], signature=signature(),
+                code_paths=[str(Path(__file__).resolve().parents[1])], signature=signature(),
                 input_example=np.full((1, 8, 8, 3), 128, np.uint8), pip_requirements=_requirements(),
                 registered_model_name=cfg.run.register_model or None)
     if cfg.run.register_model:
@@ -72,7 +72,7 @@ def config_from_yaml(text: str):
     """A Config from a logged config.yaml, as trained (no re-resolution: the dataset need not exist here)."""
     import yaml
 
-    from .config import SECTIONS, Config
+    from ..config import SECTIONS, Config
     data = yaml.safe_load(text) or {}
     sections = {}
     for name, cls in SECTIONS.items():
@@ -83,8 +83,8 @@ def config_from_yaml(text: str):
 
 def build_network(cfg, num_classes: int):
     """The trained architecture without weights: backbone and head, with the methods' changes to the model."""
-    from .models import build_model
-    from .tricks import build_tricks
+    from ..models import build_model
+    from ..tricks import build_tricks
     net = build_model(cfg.model.model, num_classes, pretrained=False)
     for trick in build_tricks(cfg):
         trick.prepare_model(net)
@@ -98,7 +98,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         import torch
         from safetensors.torch import load_file
 
-        from .transforms import build_transform
+        from ..data.transforms import build_transform
         cfg = config_from_yaml(Path(context.artifacts["config"]).read_text())
         self.classes = json.loads(Path(context.artifacts["classes"]).read_text())
         state = load_file(context.artifacts["weights"])

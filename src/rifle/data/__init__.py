@@ -1,0 +1,16 @@
+"""The target images: sources (Hub ids, ImageFolder, save_to_disk folders, the built-in digits) as train, val
+and test splits (sources), the named datasets (registry, datasets.yaml), the image scan (scan) and the
+training and evaluation transforms (transforms).
+
+`from rifle.data import load_data` and the other names of `sources` load it on first use, so that
+`rifle.data.registry`, which the config checks before anything heavy loads, stays light.
+"""
+_SOURCES = ("DataError", "Loaded", "load", "load_data", "load_splits", "load_source", "fingerprint",
+            "digits_source", "per_class_subset", "label_rate_subset")
+
+
+def __getattr__(name: str):
+    if name in _SOURCES:
+        from . import sources
+        return getattr(sources, name)
+    raise AttributeError(f"module 'rifle.data' has no attribute {name!r}")

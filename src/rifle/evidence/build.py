@@ -1,0 +1,74 @@
+"""The report: tables and figures of a set of runs written to a folder and logged into MLflow (rifle.report, the
+paired tools, the campaign)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..methods import PLAIN, method_label
+from ..track import reads, store
+from . import figures, tables
+
+
+def figure_histories(runs, tracking_uri: str | None = None, reference: str = "rifle", baseline: str = PLAIN):
+    """The per-epoch metrics the report's figures draw (figures.history_keys), read in bulk."""
+    return reads.fetch_histories(runs, figures.history_keys(runs, reference, baseline), tracking_uri)
+
+
+def build_report(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
+                 output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
+                 group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95,
+                 metric: str = "test_acc", allow_mixed_env: bool = False) -> dict:
+    """Write the tables (results.md / .csv, paired.csv, runs.csv) and figures (paired.png and per dataset
+    dynamics_, mechanism_, gradients_, reinit_gradients_<dataset>.png) into `output_dir`; with `log`, log them."""
+    runs = reads.fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
+    where = f"parent run {parent_run_id}" if parent_run_id else \
+        f"experiment {experiment!r}" if experiment else "any experiment"
+    if runs.empty:
+        raise ValueError(f"no finished training runs with a test_acc in {where}")
+    built = tables.evidence(runs, reference, metric, confidence, allow_mixed_env)
+    if built["summary"].empty:
+        raise ValueError(f"no finished training run in {where} has {metric}")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {name: out / name for name in ("results.md", "results.csv", "paired.csv", "runs.csv")}
+    files["results.md"].write_text(built["markdown"])
+    built["summary"].to_csv(files["results.csv"], index=False)
+    built["paired"].to_csv(files["paired.csv"], index=False)
+    runs.drop(columns=["params", "metric_keys"]).to_csv(files["runs.csv"], index=False)
+    figs = {"paired": figures.plot_paired(built["paired"], confidence, metric)} if len(built["paired"]) else {}
+    histories = figure_histories(runs, tracking_uri, reference, baseline)
+    ref_name, base_name = method_label(reference), method_label(baseline)
+    for dataset, g in runs.groupby("dataset"):
+        h, model, name = histories[histories["dataset"] == dataset], g["model"].iloc[0], reads.slug(dataset)
+        figs[f"dynamics_{name}"] = figures.plot_dynamics(h, dataset, reference)
+        if not {ref_name, base_name} <= set(g["method"]):
+            continue
+        if h["key"].str.startswith(figures.WEIGHT).any():
+            figs[f"mechanism_{name}"] = figures.plot_mechanism(h, dataset, reference, baseline, model)
+        if h["key"].str.startswith(figures.GRAD).any():
+            gradients = figures.gradient_figures(h, dataset, ref_name, base_name, model)
+            figs.update({f"{kind}_{name}": fig for kind, fig in gradients.items()})
+    for stem, fig in figs.items():
+        files[f"{stem}.png"] = out / f"{stem}.png"
+        fig.savefig(files[f"{stem}.png"], dpi=110)
+    run_id = log_report(out, tracking_uri, experiment, parent_run_id, reference) if log else None
+    return {"runs": runs, **built, "files": files, "run_id": run_id}
+
+
+def log_report(folder: Path, tracking_uri: str | None, experiment: str | None, parent_run_id: str | None,
+               reference: str) -> str:
+    """Log `folder` under artifacts `report/` of the parent run, else of the run `mlflow run` started, else of
+    a new run named `report` (tagged so it is never read as a result)."""
+    client = reads.client(tracking_uri)
+    run_id = parent_run_id or os.environ.get("MLFLOW_RUN_ID")
+    created = not run_id
+    if created:  # in MLflow's Default experiment unless told otherwise, as `mlflow run` would
+        exp_id = store.experiment_id(client, store.experiment_name(experiment, default="Default"))
+        run_id = client.create_run(exp_id, run_name="report").info.run_id
+    client.set_tag(run_id, reads.REPORT_TAG, "true" if not parent_run_id else "parent")
+    client.set_tag(run_id, "rifle.report_reference", method_label(reference))
+    client.log_artifacts(run_id, str(folder), artifact_path="report")
+    if created:
+        client.set_terminated(run_id)
+    return run_id

@@ -1,0 +1,206 @@
+"""The paper-style table (datasets x methods, mean ± std over seeds) and the paired difference reference −
+other over shared seeds (the method with RIFLE minus the same method without it), each naming its metric,
+selection and environment; the notes on runs left out and settings or budgets that differ. Pure: runs come
+from rifle.track.reads.fetch_runs."""
+from __future__ import annotations
+
+import math
+
+from .. import env
+from ..config import RUN_ONLY, all_fields
+from ..methods import method_label, method_sort_key
+from ..track.keys import BEFORE_REINIT_TAG
+from .stats import DEFAULT_SELECTION, comparisons, holm, mean_std, metric_note, paired_difference
+
+# Params that may differ between paired runs (storage, speed, seed, method) and a trick's own options.
+RUN_KEYS = (*RUN_ONLY, "seed", "tricks", "num_workers")
+TRICK_OPTIONS = (*(name for name, (section, _) in all_fields().items() if section == "tricks"), "reinit_count")
+# What sets a run's budget (RIFLE truncates epochs to a multiple of K+1): equal within a fair pair.
+BUDGET_KEYS = ("epochs_trained", "optimizer_steps")
+
+
+def _method_order(column):
+    """A sort_values key: methods in the order of rifle.methods."""
+    return column.map(method_sort_key) if column.name == "method" else column
+
+
+def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
+    """Per dataset and method of `runs` (fetch_runs) that have `metric`: n, mean, std, seeds, selection,
+    before_reinit of reinit_tagged (runs tagged selected_before_reinit=true, of those tagged) and best."""
+    import pandas as pd
+
+    rows = []
+    for (dataset, method), g in runs[runs[metric].notna()].groupby(["dataset", "method"], sort=False):
+        mean, std, n = mean_std(g[metric])
+        tagged = g[BEFORE_REINIT_TAG].dropna() if BEFORE_REINIT_TAG in g else []
+        rows.append({"dataset": dataset, "method": method, "n": n, "mean": mean, "std": std,
+                     "seeds": " ".join(str(s) for s in sorted(g["seed"])),
+                     "selection": ",".join(sorted(set(g["selection"] if "selection" in g else [DEFAULT_SELECTION]))),
+                     "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged),
+                     "epochs_trained": _values(g, "epochs_trained")})
+    cols = ["dataset", "method", "n", "mean", "std", "seeds", "selection", "before_reinit", "reinit_tagged",
+            "epochs_trained"]
+    table = pd.DataFrame(rows, columns=cols)
+    table["best"] = table["mean"] == table.groupby("dataset")["mean"].transform("max")
+    return table.sort_values(["dataset", "method"], key=_method_order, kind="stable").reset_index(drop=True)
+
+
+def _values(g, column: str) -> str:
+    """The distinct values of a column ("28,30"; "" when absent), for tables and budget checks."""
+    if column not in g:
+        return ""
+    return ",".join(sorted({f"{v:g}" for v in g[column] if isinstance(v, float) and math.isfinite(v)}, key=float))
+
+
+def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
+                       metric: str = "test_acc") -> "pd.DataFrame":
+    """Per dataset and comparison (`method` with the reference, `versus` without): the paired difference over
+    the seeds both have, p_holm adjusting the p-values for the dataset's comparisons."""
+    import pandas as pd
+
+    rows = []
+    for dataset, g in runs[runs[metric].notna()].groupby("dataset", sort=True):
+        by_seed = g.pivot_table(index="seed", columns="method", values=metric, aggfunc="last")
+        for with_ref, without in comparisons(by_seed.columns, reference):
+            both = by_seed[[with_ref, without]].dropna()
+            rows.append({"dataset": dataset, "method": with_ref, "versus": without,
+                         **paired_difference(both[with_ref], both[without], confidence),
+                         "seeds": " ".join(map(str, both.index))})
+    cols = ["dataset", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value", "p_holm",
+            "seeds"]
+    table = pd.DataFrame(rows, columns=cols)
+    table["p_holm"] = table.groupby("dataset")["p_value"].transform(holm)
+    return table
+
+
+def _pct(x: float, digits: int = 1, sign: str = "") -> str:
+    """Percent (sign="+": percentage points with their sign); "–" for no value."""
+    return "–" if x is None or not math.isfinite(x) else f"{100 * x:{sign}.{digits}f}"
+
+
+def _p(p: float) -> str:
+    return "–" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
+
+
+def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[str] | None = None,
+                   metric: str = "test_acc", environments: list[str] | None = None) -> str:
+    """The paper-style table (percent) and the paired differences (percentage points) as Markdown, each with
+    the line saying what it measures and, given `environments`, where it was measured."""
+    methods = sorted(summary["method"].unique(), key=method_sort_key)
+    selections = {m: set(",".join(g["selection"]).split(",")) for m, g in summary.groupby("method")} \
+        if "selection" in summary else {}
+    what = metric_note(metric, selections)
+    text = [f"{_pct(r.mean)} ± {_pct(r.std)} ({r.n})" for r in summary.itertuples()]
+    cells = summary.assign(cell=[f"**{t}**" if best else t for t, best in zip(text, summary["best"])]).pivot(
+        index="dataset", columns="method", values="cell").reindex(columns=methods).fillna("")
+    where = f" Environment: {'; '.join(environments)}." if environments else ""
+    lines = [f"### {metric} (%), mean ± std over seeds (n)", "", "| dataset | " + " | ".join(methods) + " |",
+             "|---" * (len(methods) + 1) + "|", *(f"| {d} | " + " | ".join(row) + " |" for d, row in cells.iterrows()),
+             "", f"Bold: the best mean of the dataset. {what}{where}"]
+    if "epochs_trained" in summary and (summary["epochs_trained"] != "").any():
+        per = summary.groupby("dataset")["epochs_trained"].agg(lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
+        lines += ["", "Epochs trained: " + "; ".join(f"{d}: {e}" for d, e in per.items()) + "."]
+    tagged = summary[summary["reinit_tagged"] > 0] if "reinit_tagged" in summary else summary.iloc[:0]
+    if metric == "test_acc" and len(tagged):  # test_acc_last always follows every re-init
+        counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_reinit} of {r.reinit_tagged}"
+                                                for r in g.itertuples()) for d, g in tagged.groupby("dataset"))
+        lines += ["", f"Selected before the first head re-initialization (tag {BEFORE_REINIT_TAG}=true: the "
+                  f"checkpoint lies on plain fine-tuning's trajectory, so its number is not RIFLE's), runs: {counts}."]
+    if paired is not None and len(paired):
+        lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
+                  "both share", "", f"| dataset | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
+                  "p (paired t-test) | p (Holm) |", "|---" * 7 + "|"]
+        for r in paired.itertuples():
+            ci = f"[{_pct(r.ci_low, 2, '+')}, {_pct(r.ci_high, 2, '+')}]" if math.isfinite(r.ci_low) else "–"
+            lines.append(f"| {r.dataset} | {r.method} − {r.versus} | {r.n} | {_pct(r.mean_diff, 2, '+')} | {ci} | "
+                         f"{_p(r.p_value)} | {_p(r.p_holm)} |")
+        lines += ["", f"Reference − other: the method with the reference minus the same method without it "
+                  f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
+                  f"the dataset (Holm-Bonferroni).{where}"]
+    return "\n".join(lines + [f"\nNote: {note}" for note in notes or []]) + "\n"
+
+
+def varying_settings(runs, ignore=RUN_KEYS) -> dict:
+    """Training params that differ, per dataset: {"within": {method: [keys]}, "between": [keys]}. Within a
+    method they break the pairing of seeds; between methods (but a trick's own options, which every run logs)
+    the comparison is not under the same settings (as intended after per-method tuning)."""
+    out = {}
+    for dataset, g in runs.groupby("dataset"):
+        keys = [k for k in sorted(set().union(*g["params"]) - set(ignore)) if not k.endswith("_resolved")]
+        differs = lambda rows, k: len({p.get(k) for p in rows}) > 1  # noqa: E731
+        within = {m: [k for k in keys if differs(gm["params"], k)] for m, gm in g.groupby("method")}
+        within = {m: ks for m, ks in within.items() if ks}
+        between = [k for k in keys if differs(g["params"], k) and k not in TRICK_OPTIONS
+                   and not any(k in ks for ks in within.values())]
+        if within or between:
+            out[dataset] = {"within": within, "between": between}
+    return out
+
+
+def environments(runs) -> dict[str, list[str]]:
+    """dataset -> the environments (rifle.env.describe) its runs were measured in, with their counts."""
+    out = {}
+    for dataset, g in runs.groupby("dataset"):
+        lines = g.reindex(columns=list(env.KEYS)).apply(lambda r: env.describe(r.dropna().to_dict()), axis=1)
+        counts = lines.value_counts(sort=False)
+        out[dataset] = [line if len(counts) == 1 else f"{line} ({n} runs)" for line, n in counts.items()]
+    return out
+
+
+def check_environments(runs, allow_mixed: bool = False) -> None:
+    """ValueError naming the dataset and the first differing env.* tag when its runs were measured in
+    different environments: the same options then give other numbers, so pairs are not like for like."""
+    if allow_mixed:
+        return
+    for dataset, g in runs.groupby("dataset"):
+        for key in env.KEYS:
+            values = sorted({"not recorded" if v is None else str(v) for v in g.get(key, [None])})
+            if len(values) > 1:
+                raise ValueError(f"{dataset}: runs were measured in different environments ({key}: "
+                                 f"{' vs '.join(values)}), which changes their numbers; rerun them in one, or pass "
+                                 "--allow_mixed_env to pair them anyway")
+
+
+def budget_notes(runs, paired) -> list[str]:
+    """A note per compared pair whose runs trained different numbers of epochs or optimizer steps."""
+    notes = []
+    for r in paired.itertuples():
+        g = runs[(runs["dataset"] == r.dataset) & runs["method"].isin([r.method, r.versus])]
+        for key in BUDGET_KEYS:
+            per = {m: _values(gm, key) for m, gm in g.groupby("method")}
+            if len(set(",".join(per.values()).split(",")) - {""}) > 1:
+                notes.append(f"{r.dataset}, {r.method} − {r.versus}: the runs trained different budgets ({key}: "
+                             + ", ".join(f"{m} {v}" for m, v in per.items()) + "), so the difference mixes the "
+                             "method with the budget")
+                break
+    return notes
+
+
+def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
+             allow_mixed_env: bool = False) -> dict:
+    """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, the Markdown with notes on
+    runs left out (no value of the metric, repeated (dataset, method, seed)), on settings and budgets that
+    differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
+    metric_note(metric, {})  # an unknown metric or trick fails here, with its message
+    method_label(reference)
+    check_environments(runs, allow_mixed_env)
+    missing = runs.loc[runs[metric].isna(), "run_id"].tolist()
+    notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out (e.g. "
+             f"{', '.join(missing[:5])})"] if missing else []
+    dups = runs.attrs.get("duplicates", [])
+    if dups:
+        notes.append(f"{len(dups)} older run(s) repeating a (dataset, method, seed) were left out (e.g. "
+                     f"{', '.join(dups[:5])}); sweep trials share an experiment with other runs: report a "
+                     "comparison with --parent_run_id")
+    for dataset, v in varying_settings(runs).items():
+        notes += [f"{dataset}, {m}: settings differ between its seeds, so pairs are not like for like: "
+                  f"{', '.join(keys)}" for m, keys in v["within"].items()]
+        if v["between"]:
+            notes.append(f"{dataset}: settings differ between methods (fine after per-method tuning, not for a "
+                         f"same-settings comparison): {', '.join(v['between'])}")
+    summary = summarize(runs, metric)
+    paired = paired_differences(runs, reference, confidence, metric)
+    notes += budget_notes(runs, paired)
+    where = sorted({line for lines in environments(runs).values() for line in lines})
+    return {"summary": summary, "paired": paired,
+            "markdown": table_markdown(summary, paired, confidence, notes, metric, where)}

@@ -1,6 +1,0 @@
-"""The model rifle.serving logs, as MLflow loads it ("models from code": this file is run, nothing unpickled)."""
-import mlflow
-
-from rifle.serving import ImageClassifier
-
-mlflow.models.set_model(ImageClassifier())

@@ -1,0 +1,169 @@
+"""MLflow tracking, on the main process only (other processes get a tracker that does nothing).
+
+The run: under `mlflow run` the one MLflow made (MLFLOW_RUN_ID), on resume the one in the checkpoint, else
+a new one in `--experiment` (the store and experiment rule of rifle.track.store), its experiment tagged as
+model training (`mlflow.experimentKind`). While a run is open, SIGTERM and Ctrl-C end it KILLED
+(rifle.track.signals).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import store
+from .signals import SignalGuard, restore_status_after_mlflow_run
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def param_text(value) -> str | None:
+    """How an option is logged: None (unset, resolved elsewhere) is not logged, an empty string (no tricks,
+    the default cache folder...) is `none`, which the options read back as the same value."""
+    return None if value is None else str(value) or "none"
+
+
+class Tracker:
+    def __init__(self, active: bool, tracking_uri: str | None, experiment: str | None, system_metrics: bool = True):
+        self.active, self.system_metrics, self._requested = active, system_metrics, experiment
+        self.run_id = self.experiment_name = self.class_names = None
+        self.under_mlflow_run = False
+        self._pending: list = []  # RunOperations of metrics logged asynchronously, not yet waited for
+        self._signals = SignalGuard()
+        if not active:
+            return
+        import logging
+
+        import mlflow
+        self.mlflow = mlflow
+        # Its start/stop INFO lines (three per run) and, off a terminal, its artifact progress bars (a line
+        # per update) would bury the one line per epoch in logs.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        if not sys.stderr.isatty():
+            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        self.uri = store.tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(self.uri)
+        # The experiment is passed to start_run, never made the process-wide active one (set_experiment):
+        # a later run in this process (sweeps, tests, `mlflow run`'s MLFLOW_RUN_ID) must not inherit it.
+        self.experiment_id = None
+        if "MLFLOW_RUN_ID" not in os.environ:
+            self.experiment_id = store.experiment_id(mlflow.tracking.MlflowClient(self.uri),
+                                                     store.experiment_name(experiment))
+
+    def start(self, run_id: str | None = None, run_name: str | None = None,
+              forced_run_id: str | None = None) -> str | None:
+        """Log into `forced_run_id` (a sweep's child run), else the `mlflow run` run, else re-open `run_id`
+        (resume), else make a new run."""
+        if not self.active:
+            return None
+        metrics = {"log_system_metrics": self.system_metrics}
+        # MLflow takes MLFLOW_RUN_ID out of the environment when it starts that run: remember it.
+        self.under_mlflow_run = not forced_run_id and bool(os.environ.get("MLFLOW_RUN_ID"))
+        if forced_run_id:
+            run = self.mlflow.start_run(run_id=forced_run_id, **metrics)
+        elif self.under_mlflow_run:
+            run = self.mlflow.start_run(**metrics)
+            if run_id and run_id != run.info.run_id:
+                self.mlflow.set_tag("resumed_from_run", run_id)
+        else:
+            run = self.mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id,
+                                        run_name=None if run_id else run_name, **metrics)
+        self.run_id = run.info.run_id
+        client = self.mlflow.tracking.MlflowClient()
+        self.experiment_name = client.get_experiment(run.info.experiment_id).name
+        store.mark_training(client, run.info.experiment_id)
+        if self._requested and self._requested != self.experiment_name:
+            why = "`mlflow run` made it there (use its --experiment-name)" if self.under_mlflow_run \
+                else "a resumed run stays where it began"
+            print(f"rifle: --experiment {self._requested!r} ignored: the run is in experiment "
+                  f"{self.experiment_name!r}; {why}", file=sys.stderr, flush=True)
+        self._signals.catch()
+        return self.run_id
+
+    def log_params(self, params: dict) -> None:
+        """Resolved values (`param_text`), `experiment` and `tracking_uri` (redacted) as really used. A param set
+        already to another value (`mlflow run -P epochs=7`, truncated to 6) is kept; ours goes to `<name>_resolved`."""
+        if not self.active:
+            return
+        params = dict(params) | {"experiment": self.experiment_name, "tracking_uri": store.redact(self.uri)}
+        existing = self.mlflow.get_run(self.run_id).data.params
+        texts = {key: text for key, value in params.items() if (text := param_text(value)) is not None}
+        out = {key: text for key, text in texts.items() if key not in existing}
+        out |= {f"{key}_resolved": text for key, text in texts.items()
+                if key in existing and existing[key] != text and f"{key}_resolved" not in existing}
+        if out:
+            self.mlflow.log_params(out)
+
+    def log_classes(self, names: list[str]) -> None:
+        """The class names, label index order (`data/classes.json`); the logged model returns them."""
+        self.class_names = [str(n) for n in names]
+        if self.active:
+            self.mlflow.log_dict(self.class_names, "data/classes.json")
+
+    def set_tags(self, tags: dict) -> None:
+        if self.active:
+            self.mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+
+    def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:
+        """`synchronous=False` (the per-epoch metrics): queued and sent by MLflow's logging thread, so training
+        does not wait for the store (a round trip per epoch on a server); `flush` waits for them."""
+        if self.active:
+            ops = self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step,
+                                          synchronous=synchronous)
+            if not synchronous:
+                self._pending.append(ops)
+
+    def flush(self) -> None:
+        """Wait until every queued metric is stored (each batch's own RunOperations: mlflow.flush_async_logging
+        restarts the logging thread, which costs up to a second). The trainer flushes before each checkpoint,
+        so only the newest checkpointed epoch can be unlogged when the process dies, and `sync_history` logs
+        it once."""
+        while self._pending:
+            self._pending.pop(0).wait()
+
+    def log_final(self, metrics: dict) -> None:
+        """Final metrics, once: a re-run of a finished output_dir does not log them twice."""
+        if self.active:
+            have = self.mlflow.get_run(self.run_id).data.metrics
+            self.log_metrics({k: v for k, v in metrics.items() if k not in have})
+
+    def sync_history(self, history: list[dict]) -> None:
+        """After a resume: log every checkpointed epoch the run does not have yet (a kill can fall between
+        the checkpoint and the metric logging), never one twice."""
+        if not self.active or not history:
+            return
+        # train_loss: every epoch logs it (val_acc is absent without validation, val_fraction=0)
+        logged = {m.step for m in self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, "train_loss")}
+        for row in history:
+            if row["epoch"] not in logged:
+                self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+    def log_artifact_text(self, text: str, name: str) -> None:
+        if self.active:
+            self.mlflow.log_text(text, name)
+
+    def log_file(self, path: str | Path, folder: str | None = None) -> None:
+        if self.active:
+            self.mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_figure(self, fig, name: str) -> None:
+        if self.active:
+            self.mlflow.log_figure(fig, name, save_kwargs={"dpi": 110, "bbox_inches": "tight"})
+
+    def end(self, status: str = "FINISHED") -> None:
+        try:
+            self._signals.hold()  # closing the run is not interrupted (e.g. by the SIGTERM `mlflow run` sends)
+            if self.active and self.mlflow.active_run() is not None:
+                self.flush()
+                self.mlflow.end_run(status=status)
+                if status == "KILLED" and self.under_mlflow_run:
+                    restore_status_after_mlflow_run(self.uri, self.run_id, status)
+        finally:
+            self._signals.release()
