@@ -20,8 +20,8 @@ import yaml
 
 from . import config as C
 from . import paired
-from .methods import method_label, method_sort_key
 from .evidence.stats import metric_note
+from .methods import method_label, method_sort_key
 
 CONFIG_KEYS = {"fixed", "datasets", "methods", "seeds", "protocol", "name"}
 

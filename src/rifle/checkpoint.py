@@ -13,20 +13,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import write_atomically, write_text
+
 PREFIX = "epoch-"
 FINISHED = "finished.json"  # a finished run's record: options, history, result, MLflow run id
 
 
-def _write_atomically(path: Path, write) -> None:
-    """`write(tmp)`, then rename tmp to `path`: a kill leaves the old file or none, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _write_atomically(path, lambda tmp: save_file(state, str(tmp)))
+    write_atomically(path, lambda tmp: save_file(state, str(tmp)))
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -67,7 +62,7 @@ def load(path: Path, model, optimizer) -> dict:
 def save_finished(output_dir: str | Path, record: dict, keep_checkpoints: bool) -> None:
     """Mark the run finished (finished.json, atomic), then remove its epoch checkpoints unless kept: a
     finished run needs only its record and the selected weights."""
-    _write_atomically(Path(output_dir) / FINISHED, lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
+    write_text(Path(output_dir) / FINISHED, json.dumps(record, indent=1))
     if not keep_checkpoints:
         shutil.rmtree(Path(output_dir) / "checkpoints", ignore_errors=True)
 

@@ -13,18 +13,16 @@ import argparse
 import csv
 import io
 import math
-import os
 import re
 import sys
 import time
 
 from . import config as C
-from .methods import method_label
 from .evidence.stats import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
-from .workers.storage import SweepError, scrub
-from .sweep import trainer_options
-from .workers.storage import STUDY_ATTR, open_storage, resolve_url
-from .track.store import DEFAULT_URI, redact
+from .methods import method_label
+from .track import store
+from .track.store import redact
+from .workers.storage import STUDY_ATTR, SweepError, open_storage, resolve_url, scrub
 
 # Options that must agree between the studies for the comparison to be "under the same settings".
 SAME_SETTINGS = tuple(n for n, (section, _) in C.all_fields().items() if section in ("data", "model")) + (
@@ -115,7 +113,7 @@ def run(args) -> int:
 
     from . import paired
     from .workers.cells import Cell, finished_runs, run_cells
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    uri = store.tracking_uri(args.tracking_uri)
     url = resolve_url(args.storage)
     storage = open_storage(url)
     studies = [s.strip() for s in args.studies.split(",") if s.strip()]
@@ -187,7 +185,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat_interval", type=int, default=30, help="seconds between a worker's heartbeats")
     p.add_argument("--grace_period", type=int, default=120, help="seconds without a heartbeat before another "
                    "worker retries the cell from its last checkpoint")
-    trainer_options(p, skip=("seed",), what="applied to every method's best parameters (e.g. --epochs 40)")
+    C.trainer_options(p, skip=("seed",), what="applied to every method's best parameters (e.g. --epochs 40)")
     return p
 
 
@@ -195,7 +193,7 @@ def parse(argv: list[str] | None = None):
     ns = parser().parse_args(argv)
     overrides = {k: v for k, v in vars(ns).items() if k in C.all_fields() and v != ""}
     ns.tracking_uri = overrides.pop("tracking_uri", None)
-    ns.experiment = overrides.pop("experiment", None) or "rifle"
+    ns.experiment = store.experiment_name(overrides.pop("experiment", None))
     for k, v in overrides.items():
         C.convert(k, v)
     ns.overrides = overrides

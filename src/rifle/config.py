@@ -8,6 +8,7 @@ This module imports nothing heavy: bad input must fail in well under a second, b
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -22,6 +23,8 @@ import yaml
 # rifle/tricks/<name>.py holding one Trick subclass.
 TRICK_NAMES = ("rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label", "cyclic_lr",
                "l2", "l2sp", "delta")
+# What to do with images that cannot be decoded (rifle.data.scan): stop, or skip them.
+BAD_IMAGES = ("error", "skip")
 # Explicit penalties that each replace weight decay with their own definition of "L2": one at a time.
 EXCLUSIVE_REGULARIZERS = ("l2", "l2sp", "delta")
 
@@ -70,7 +73,7 @@ class DataConfig:
                             minimum=0.0, exclusive_minimum=True)
     bad_images: str = opt("error", "images that cannot be decoded (corrupt, truncated, empty, not an image, "
                           "decompression bomb), found by a scan before training: stop with their names, "
-                          "or skip them and log which", choices=("error", "skip"))
+                          "or skip them and log which", choices=BAD_IMAGES)
     num_proc: int = opt(0, "processes datasets uses to prepare a dataset (load_dataset num_proc) and threads "
                         "of the image scan (0: one process; scan threads = CPU count, at most 8)", minimum=0)
 
@@ -297,6 +300,35 @@ def check_bounds(name: str, f: dataclasses.Field, value: Any) -> None:
             raise ConfigError(name, f"must be > {low}, got {value!r}")
         if value < low:
             raise ConfigError(name, f"must be >= {low}, got {value!r}")
+
+
+def add_options(group, fields, hidden: tuple = (), empty_default: bool = False) -> None:
+    """A `--<name>` flag per dataclass field with `opt` metadata (the trainer's options, a tool's own): its help
+    with the choices and the default. Not given: absent from the namespace, or with `empty_default` ""
+    (which `mlflow run -P x=` passes, so "" means "not given" and the choices admit it). `hidden`: flags
+    accepted but left out of --help."""
+    for f in fields:
+        meta = f.metadata
+        text = meta["help"] + (f" [{'|'.join(meta['choices'])}]" if meta["choices"] else "")
+        if "(default:" not in text and "(required)" not in text:  # a default set by other options says so
+            text += f" (default: {f.default!r})"
+        kwargs = {"default": "" if empty_default else argparse.SUPPRESS,
+                  "help": argparse.SUPPRESS if f.name in hidden else text,
+                  "metavar": str(f.type).split("|")[0].strip().upper()}
+        if empty_default and meta["choices"]:
+            kwargs["choices"] = ("", *meta["choices"])
+        group.add_argument(f"--{f.name}", **kwargs)
+
+
+def trainer_options(p, skip: tuple = (), what: str = "") -> None:
+    """Every trainer option as --name VALUE on a tool's parser (sweep, compare), applied over the values it
+    reads elsewhere; output_dir and run_name are the tool's to set, and only tracking_uri and experiment show
+    in its --help."""
+    group = p.add_argument_group("trainer options", "any option of `python -m rifle.train --help` (except "
+                                 f"output_dir and run_name, which {p.prog} sets), {what}")
+    shown = ("tracking_uri", "experiment")
+    add_options(group, [f for name, (_, f) in all_fields().items() if name not in ("output_dir", "run_name", *skip)],
+                hidden=tuple(n for n in all_fields() if n not in shown))
 
 
 def flatten_yaml(data: Any, source: str) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from importlib import resources
 from typing import Callable
@@ -20,7 +19,7 @@ import yaml
 
 from . import config as C
 from .methods import method_tricks
-from .track.store import DEFAULT_URI
+from .track import store
 
 # The two evaluation protocols: the validated one (the trainer's defaults) and the official RIFLE code's.
 PROTOCOLS = {"validated": {"val_fraction": 0.2, "selection": "best_val"},
@@ -39,9 +38,10 @@ def paired_parser(tool: str, doc: str, *, experiment: str, runs: str, output_hel
     p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1")
     p.add_argument("--protocol", default="both", choices=(*PROTOCOLS, "both"),
                    help="validated (best-validation checkpoint), authors (all of train, last epoch) or both")
-    p.add_argument("--tracking_uri", default=os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI,
+    p.add_argument("--tracking_uri", default=store.tracking_uri(),
                    help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    p.add_argument("--experiment", default=experiment, help=f"MLflow experiment of the {runs} runs")
+    p.add_argument("--experiment", default=store.experiment_name(None, experiment),
+                   help=f"MLflow experiment of the {runs} runs (default: $MLFLOW_EXPERIMENT_NAME, else {experiment})")
     p.add_argument("--output_root", default=f"outputs/{tool}", help=output_help)
     p.add_argument("--report_dir", default=f"outputs/{tool}/report", help=report_help)
     workers(p, "(default: one worker in this process)")

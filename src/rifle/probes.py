@@ -6,6 +6,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .track.keys import GRAD, POST, PRE, WEIGHT
+
 
 def snapshot(backbone: nn.Module) -> dict[str, torch.Tensor]:
     """CPU copy of the backbone's parameters (the pretrained reference)."""
@@ -24,7 +26,7 @@ def weight_distances(backbone: nn.Module, reference: dict[str, torch.Tensor], bl
         block = block_of(name, blocks)
         if block is not None:
             sq[block] += float((p.detach().float().cpu() - reference[name].float()).pow(2).sum())
-    return {f"weight_dist/{b}": v ** 0.5 for b, v in sq.items()}
+    return {f"{WEIGHT}{b}": v ** 0.5 for b, v in sq.items()}
 
 
 class BlockProbe:
@@ -70,10 +72,10 @@ class BlockProbe:
         if not self.steps:
             return {}
         steps = torch.stack(self.steps).cpu()
-        windows = {"grad_norm": steps}
+        windows = {GRAD: steps}
         if self.window and epoch - 1 in self.reinit:
-            windows["grad_norm_post_reinit"] = steps[:self.window]
+            windows[POST] = steps[:self.window]
         if self.window and epoch in self.reinit:
-            windows["grad_norm_pre_reinit"] = steps[-self.window:]
-        return {f"{prefix}/{b}": v for prefix, rows in windows.items()
+            windows[PRE] = steps[-self.window:]
+        return {f"{prefix}{b}": v for prefix, rows in windows.items()
                 for b, v in zip(self.blocks, rows.mean(0).tolist())}

@@ -7,15 +7,17 @@ import time
 
 from tqdm.auto import tqdm
 
+from .track import keys as K
+
 
 def epoch_line(epoch: int, epochs: int, metrics: dict, seconds: float, left: float) -> str:
     """'epoch 3/20: train_loss 0.512, val_acc 0.870, lr 0.0090/0.0090 (backbone/head), head re-initialized,
     2.1 s/epoch, ~34 s left' (val_acc only with validation, the re-init only when one happened)."""
-    parts = [f"train_loss {metrics['train_loss']:.3f}"]
-    if "val_acc" in metrics:
-        parts.append(f"val_acc {metrics['val_acc']:.3f}")
-    parts.append(f"lr {metrics['lr_backbone']:.3g}/{metrics['lr_head']:.3g} (backbone/head)")
-    if metrics.get("head_reinit"):
+    parts = [f"{K.TRAIN_LOSS} {metrics[K.TRAIN_LOSS]:.3f}"]
+    if K.VAL_ACC in metrics:
+        parts.append(f"{K.VAL_ACC} {metrics[K.VAL_ACC]:.3f}")
+    parts.append(f"lr {metrics[K.LR_BACKBONE]:.3g}/{metrics[K.LR_HEAD]:.3g} (backbone/head)")
+    if metrics.get(K.HEAD_REINIT):
         parts.append("head re-initialized")
     duration = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
     parts.append(f"{seconds:.1f} s/epoch, ~{duration} left")

@@ -45,9 +45,9 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
     paired difference RIFLE − plain with its 95% t interval, p, Holm-adjusted p and the verdict."""
     import pandas as pd
 
+    from .evidence.stats import holm, paired_difference
     from .evidence.tables import check_environments
     from .track.reads import fetch_runs
-    from .evidence.stats import holm, paired_difference
 
     rows = []
     for (protocol, per_class), parent in parents.items():

@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import config as C
-from .track.store import DEFAULT_URI
+from .track import store
 from .track.signals import Terminated, raise_on_sigterm
 from .workers.space import SpaceError, load_space
 from .workers.storage import SweepError, load_study, open_storage, resolve_url, scrub
@@ -56,27 +56,11 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"rifle.sweep: error: {message}\n")
 
 
-def trainer_options(p: argparse.ArgumentParser, skip: tuple = (),
-                    what: str = "fixed for every trial; a searched option cannot be overridden") -> None:
-    """Every trainer option as --name VALUE (applied over the space's or study's values)."""
-    group = p.add_argument_group("trainer options", "any option of `python -m rifle.train --help` (except "
-                                 f"output_dir and run_name, which {p.prog} sets), {what}")
-    for name, (_, f) in C.all_fields().items():
-        if name not in ("output_dir", "run_name") and name not in skip:
-            group.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar="VALUE", help=f.metadata["help"]
-                               if name in ("tracking_uri", "experiment") else argparse.SUPPRESS)
-
-
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m rifle.sweep", description="An Optuna study over one method's search space; run "
                 "the same command again, or several times, for more workers.")
-    for f in fields(Options):
-        if f.metadata:
-            help_text = f.metadata["help"] + ("" if "(required)" in f.metadata["help"] else f" (default: {f.default})")
-            # Empty means "not given": `mlflow run -P x=` passes it so.
-            p.add_argument(f"--{f.name}", default="", choices=f.metadata["choices"] and ("", *f.metadata["choices"]),
-                           help=help_text)
-    trainer_options(p, skip=("seed",))
+    C.add_options(p, [f for f in fields(Options) if f.metadata], empty_default=True)  # "": not given
+    C.trainer_options(p, skip=("seed",), what="fixed for every trial; a searched option cannot be overridden")
     return p
 
 
@@ -90,8 +74,8 @@ def parse(argv: list[str] | None = None) -> Options:
     if o.grace_period <= o.heartbeat_interval:
         raise SweepError(f"--grace_period ({o.grace_period}) must exceed --heartbeat_interval ({o.heartbeat_interval})")
     o.overrides = {k: v for k, v in given.items() if k not in OWN}
-    o.tracking_uri = o.overrides.pop("tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
-    o.experiment = o.overrides.pop("experiment", "") or "rifle"
+    o.tracking_uri = store.tracking_uri(o.overrides.pop("tracking_uri", ""))
+    o.experiment = store.experiment_name(o.overrides.pop("experiment", ""))
     o.study_name = o.study_name or Path(o.space).stem
     return o
 
@@ -138,3 +122,7 @@ def _main(argv: list[str] | None) -> int:
         print("rifle.sweep: interrupted; the next worker resumes the trial from its last checkpoint",
               file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,13 +17,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file of options (flat, or under data/model/optim/tricks/run)")
     for section, cls in C.SECTIONS.items():
-        group = p.add_argument_group(section)
-        for f in dataclasses.fields(cls):
-            help_text = f.metadata["help"] + (f" [{'|'.join(f.metadata['choices'])}]" if f.metadata["choices"] else "")
-            if "(default:" not in help_text:  # options whose default depends on others say so themselves
-                help_text += f" (default: {f.default!r})"
-            group.add_argument(f"--{f.name}", metavar=C.option_type(f.name)[0].__name__.upper(),
-                               default=argparse.SUPPRESS, help=help_text)
+        C.add_options(p.add_argument_group(section), dataclasses.fields(cls))
     return p
 
 

@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader
 from . import checkpoint, env, probes
 from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
 from .data import fingerprint, load_data
+from .data.transforms import build_transform, collate
 from .models import block_names, build_model, param_groups
 from .progress import Progress
 from .schedules import cosine_lr
 from .seeds import EpochOrder, seed_process, stream_seed
-from .track.tracker import Tracker, git_commit
+from .track import keys as K
 from .track.store import redact
-from .data.transforms import build_transform, collate
+from .track.tracker import Tracker, git_commit
 from .tricks import build_tricks
 from .tricks.base import FitContext
 
@@ -144,9 +145,9 @@ def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, cal
         step = int(bad[0]) if bad.numel() else -1
         raise NonFiniteLoss(f"loss became non-finite at epoch {epoch}, step {step} "
                             f"(lr={lrs['backbone']:g}); the last good checkpoint is kept")
-    return {"train_loss": float(totals[0] / (len(losses) * acc.num_processes)),
-            "train_acc": float(totals[1] / totals[2]),
-            "lr_backbone": lrs["backbone"], "lr_head": lrs["head"]}
+    return {K.TRAIN_LOSS: float(totals[0] / (len(losses) * acc.num_processes)),
+            K.TRAIN_ACC: float(totals[1] / totals[2]),
+            K.LR_BACKBONE: lrs["backbone"], K.LR_HEAD: lrs["head"]}
 
 
 @dataclass
@@ -305,8 +306,8 @@ def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
     the tricks' epoch end and the callbacks' `on_epoch_metrics`, checkpoint, then log (asynchronously: the
     queue is flushed before the next checkpoint, so a kill leaves at most that one epoch to log on resume)."""
     state, main = s.state, s.acc.is_main_process
-    if "val_acc" in metrics and metrics["val_acc"] > state["best_val_acc"]:
-        state |= {"best_val_acc": metrics["val_acc"], "best_epoch": epoch}
+    if K.VAL_ACC in metrics and metrics[K.VAL_ACC] > state["best_val_acc"]:
+        state |= {"best_val_acc": metrics[K.VAL_ACC], "best_epoch": epoch}
         if s.cfg.run.selection == "best_val":
             state["best_file"] = f"best-{epoch:04d}.safetensors"
             if main:
@@ -357,7 +358,7 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
                 start(epoch)
             metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar, callbacks)
             if val_loader is not None:
-                metrics["val_acc"] = evaluate(s.model, val_loader, s.acc)
+                metrics[K.VAL_ACC] = evaluate(s.model, val_loader, s.acc)
             end_epoch(s, epoch, metrics, callbacks)
             bar.epoch_end(epoch, metrics)
             for end in hooks(callbacks, "on_epoch_end"):
@@ -380,18 +381,18 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
 def test_and_log(s: Session) -> dict:
     """Test accuracy at the last epoch and at the checkpoint `selection` names; results, tags, artifacts."""
     cfg, (_, val_loader, test_loader) = s.cfg, s.loaders
-    final = {"test_acc_last": evaluate(s.model, test_loader, s.acc)}
+    final = {K.TEST_ACC_LAST: evaluate(s.model, test_loader, s.acc)}
     if cfg.run.selection == "last":
-        final["test_acc"], selected = final["test_acc_last"], cfg.optim.epochs - 1
+        final[K.TEST_ACC], selected = final[K.TEST_ACC_LAST], cfg.optim.epochs - 1
         if s.acc.is_main_process and cfg.run.log_weights:
             s.state["best_file"] = "last.safetensors"
             checkpoint.save_weights(s.raw, s.out / s.state["best_file"])
     else:
         checkpoint.load_weights(s.raw, s.out / s.state["best_file"])
-        final["test_acc"], selected = evaluate(s.model, test_loader, s.acc), s.state["best_epoch"]
-    final["selected_epoch"] = selected
+        final[K.TEST_ACC], selected = evaluate(s.model, test_loader, s.acc), s.state["best_epoch"]
+    final[K.SELECTED_EPOCH] = selected
     if val_loader is not None:
-        final |= {"best_val_acc": s.state["best_val_acc"], "best_epoch": s.state["best_epoch"]}
+        final |= {K.BEST_VAL_ACC: s.state["best_val_acc"], K.BEST_EPOCH: s.state["best_epoch"]}
     s.tracker.log_final(final)
     if reinit_epochs(cfg):  # the "RIFLE" number is plain fine-tuning's trajectory when selected before it
         s.tracker.set_tags({"selected_before_reinit": str(selected <= reinit_epochs(cfg)[0]).lower()})

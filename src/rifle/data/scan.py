@@ -26,6 +26,8 @@ import numpy as np
 import PIL
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from ..files import write_text
+
 SCAN_VERSION = 1
 WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
@@ -165,9 +167,7 @@ def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | N
     if cache_file is not None:
         try:
             cache_root.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
-            tmp.write_text(report.to_json())
-            os.replace(tmp, cache_file)
+            write_text(cache_file, report.to_json())
             report.cache_file = str(cache_file)
         except OSError:
             pass  # a read-only cache only costs a rescan next time

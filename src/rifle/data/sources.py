@@ -27,11 +27,11 @@ import numpy as np
 from datasets import ClassLabel, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
+from ..config import BAD_IMAGES
 from . import registry
 from .scan import ScanReport, scan
 
 VAL_NAMES = ("val", "validation", "valid", "dev")
-BAD_IMAGE_POLICIES = ("error", "skip")
 log = logging.getLogger(__name__)
 
 
@@ -279,8 +279,8 @@ def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, lab
     _check(ds, name, label_column)
     report = None
     if bad_images is not None:
-        if bad_images not in BAD_IMAGE_POLICIES:
-            raise DataError(f"dataset {name}: bad_images must be one of {', '.join(BAD_IMAGE_POLICIES)}")
+        if bad_images not in BAD_IMAGES:
+            raise DataError(f"dataset {name}: bad_images must be one of {', '.join(BAD_IMAGES)}")
         report = scan(ds, name, threads=num_proc or None, cache_dir=scan_cache_dir)
         report.policy = bad_images
         if report.bad and bad_images == "error":

@@ -14,7 +14,6 @@ from torchvision import transforms as T
 
 from .scan import to_rgb
 
-
 OFFICIAL_RESIZE = {224: 256, 299: 320, 300: 320}
 
 

@@ -121,8 +121,8 @@ def _threads(client, wanted: dict[str, list[str]]) -> list[Point]:
 
 
 REPORT_TAG = "rifle.report"  # on a run the report made: never read back as a result
-# The method label that rifle.compare / rifle.study chose: two settings of one trick list stay apart.
-METHOD_TAGS = ("compare.method",)
+# The method label a paired tool (rifle.paired) chose: two settings of one trick list stay apart.
+METHOD_TAG = "compare.method"
 
 
 def client(tracking_uri: str | None = None):
@@ -147,7 +147,7 @@ def dataset_label(spec: str) -> str:
 def _method_of(tags: dict, params: dict) -> str:
     """The label a tool tagged, else the label of `tricks`; canonical when it names a trick list, else as
     written (a study name, a trick of another version)."""
-    text = next((tags[t] for t in METHOD_TAGS if tags.get(t)), params.get("tricks"))
+    text = tags.get(METHOD_TAG) or params.get("tricks")
     try:
         return method_label(text)
     except ValueError:

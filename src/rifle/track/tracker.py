@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import store
+from .keys import TRAIN_LOSS
 from .signals import SignalGuard, restore_status_after_mlflow_run
 
 
@@ -140,7 +141,7 @@ class Tracker:
         if not self.active or not history:
             return
         # train_loss: every epoch logs it (val_acc is absent without validation, val_fraction=0)
-        logged = {m.step for m in self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, "train_loss")}
+        logged = {m.step for m in self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, TRAIN_LOSS)}
         for row in history:
             if row["epoch"] not in logged:
                 self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])

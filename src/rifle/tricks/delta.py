@@ -60,6 +60,7 @@ from torch import nn
 
 from ..config import ConfigError
 from ..env import environment
+from ..files import write_text
 from ._common import disable_weight_decay, squared_norm
 from .base import FitContext, Trick
 
@@ -288,17 +289,13 @@ def read_cache(path: Path, key: dict) -> dict | None:
 
 
 def write_cache(path: Path, record: dict) -> None:
-    """Write atomically (a temporary file renamed over the target): readers see all of it or nothing."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write atomically (rifle.files): readers see all of it or nothing."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(record))
     except OSError as e:
         warnings.warn(f"delta: could not cache the channel attention in {path.parent} ({e.strerror or e}); "
                       "the next run measures it again", stacklevel=2)
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def _capture(store: dict, name: str, gate: dict | None, module, args, output):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..schedules import rifle_cyclic_head_lr
+from ..track.keys import HEAD_REINIT
 from .base import Trick
 
 
@@ -67,7 +68,7 @@ class Rifle(Trick):
         return lrs if self.cyclic is None else dict(lrs, head=rifle_cyclic_head_lr(math.floor(progress), *self.cyclic))
 
     def on_epoch_end(self, epoch, metrics):
-        metrics["head_reinit"] = float(epoch in self.schedule)
+        metrics[HEAD_REINIT] = float(epoch in self.schedule)
         if epoch not in self.schedule:
             return
         head = self.model.head

@@ -23,8 +23,9 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
-from ..track.signals import Terminated, raise_on_sigterm
+from ..track.keys import TEST_ACC
 from ..track.parents import claim_parent, find_runs
+from ..track.signals import Terminated, raise_on_sigterm
 from ..track.store import experiment_id
 from .runs import on_retry, trial_done
 from .storage import MEMORY, open_storage, resolve_url
@@ -132,7 +133,7 @@ class CellRuns:
     def finished(self, run_id: str) -> float | None:
         """The test_acc of a cell whose run finished earlier (e.g. a comparison made without a shared storage)."""
         run = self.client.get_run(run_id)
-        return run.data.metrics["test_acc"] if run.info.status == "FINISHED" and "test_acc" in run.data.metrics \
+        return run.data.metrics[TEST_ACC] if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics \
             else None
 
     def trial_done(self, run_id: str, state: str, reason: str | None = None) -> None:
@@ -172,7 +173,7 @@ class CellWorker(Worker):
     directory <output_root>/<group>/<method>/seed-<s>; the trial's value is the cell's test_acc (nothing is
     selected on it: the sampler follows the plan)."""
 
-    value_name = "test_acc"
+    value_name = TEST_ACC
 
     def __init__(self, o, space: CellSpace, url: str, storage, group_tags: dict):
         self.group_tags, self.tool = group_tags, o.tool
@@ -203,7 +204,7 @@ class CellWorker(Worker):
         return f"cell {self.space.cells[trial.params['cell']].key} (trial {trial.number})"
 
     def value(self, result: dict) -> float:
-        return result["test_acc"]
+        return result[TEST_ACC]
 
     def objective(self, trial) -> float:
         value = super().objective(trial)

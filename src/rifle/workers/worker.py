@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
+from ..track import keys as K
 from ..track.store import redact
 from .runs import SweepRuns, origin
 from .storage import MEMORY, STUDY_ATTR, open_study, scrub
@@ -51,7 +52,7 @@ class TrialReporter:
     A report the storage refuses means another worker retried the trial: `TrialLost`."""
 
     def __init__(self, trial, epochs: int, history: list[dict], pruner_name: str, num_processes: int = 1,
-                 process_index: int = 0, key: str = "val_acc"):
+                 process_index: int = 0, key: str = K.VAL_ACC):
         self.trial, self.epochs, self.pruner_name, self.key = trial, epochs, pruner_name, key
         self.num_processes, self.process_index = num_processes, process_index
         self.best, self.reinits = -math.inf, 0
@@ -59,7 +60,7 @@ class TrialReporter:
             reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
             for row in history:  # epochs the checkpoint holds (a kill can fall before their report)
                 self.best = max(self.best, row[key])
-                self.reinits += int(row.get("head_reinit", 0) == 1)
+                self.reinits += int(row.get(K.HEAD_REINIT, 0) == 1)
                 if row["epoch"] not in reported:
                     trial.report(self.best, row["epoch"])
 
@@ -69,7 +70,7 @@ class TrialReporter:
     def decide(self, epoch: int, metrics: dict) -> str | None:
         self.best = max(self.best, float(metrics[self.key]))
         self.trial.report(self.best, epoch)
-        reinit_now = metrics.get("head_reinit", 0) == 1
+        reinit_now = metrics.get(K.HEAD_REINIT, 0) == 1
         check = self.eligible(epoch, reinit_now)
         self.reinits += int(reinit_now)
         if not (check and self.trial.should_prune()):
@@ -189,7 +190,7 @@ class Worker:
     (`rifle.sweep.cells`) is this worker with the cells of a plan as its trials: it overrides the hooks
     `make_sampler`, `make_pruner`, `trial_budget`, `make_runs`, `trial_options`, `describe` and `value`."""
 
-    value_name = "val_acc"  # what the objective returns (`value`)
+    value_name = K.VAL_ACC  # what the objective returns (`value`)
     tool = "rifle.sweep"    # the prefix of its lines
 
     def __init__(self, o, space, url: str, storage):
@@ -243,7 +244,7 @@ class Worker:
         return f"trial {trial.number} ({_fmt(trial.params)})"
 
     def value(self, result: dict) -> float:
-        return result["best_val_acc"]  # the objective: validation, never test
+        return result[K.BEST_VAL_ACC]  # the objective: validation, never test
 
     # ---- the objective and the loop
     def objective(self, trial) -> float:
@@ -279,7 +280,7 @@ class Worker:
         try:
             cfg = C.build(values)
             reporter = TrialReporter(trial, cfg.optim.epochs, history, self.o.pruner, self.state.num_processes,
-                                     key="val_acc" if cfg.data.val_fraction > 0 else "train_acc")
+                                     key=K.VAL_ACC if cfg.data.val_fraction > 0 else K.TRAIN_ACC)
             value = self.value(fit(cfg, callbacks=[reporter], mlflow_run_id=run_id))
             outcome = "complete"
             print(f"{self.tool}: trial {trial.number} complete: {self.value_name} {value:.4f}", flush=True)
