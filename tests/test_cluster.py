@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, TINY, free_port, mlflow_runs, postgres_database, subprocess_env
-from test_sweep import tiny_space
+from helpers import tiny_space
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 CONFIGS = ROOT / "configs"

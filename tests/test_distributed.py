@@ -106,7 +106,7 @@ def test_stochastic_depth_batch_decisions_agree_across_ranks_and_resume():
     from rifle import config as C
     from rifle.seeds import seed_process, stream_seed
     from rifle.tricks import build_tricks
-    from test_tricks import images, tiny_classifier
+    from helpers import images, tiny_classifier
 
     def decisions(mode, rank, epochs=(0, 1), steps=6):
         cfg = C.build({"tricks": "stochastic_depth", "sd_survival_last": "0.3", "sd_mode": mode, "seed": 5})

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import mlflow_runs
-from rifle import config as C
+from helpers import tiny_config
 
 OPTIONS = {"channels_last": {"channels_last": True},
            "compile": {"compile": True, "compile_backend": "aot_eager"},  # inductor: ~2 min of C++ builds here
@@ -20,10 +20,7 @@ OPTIONS = {"channels_last": {"channels_last": True},
 
 
 def tiny(tmp_path, folder, name, **values):
-    return C.build({"dataset": f"imagefolder:{folder}", "image_size": 48, "batch_size": 8, "val_fraction": 0.25,
-                    "train_per_class": 0, "epochs": 2, "reinit_times": 1, "tricks": "rifle",
-                    "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / name),
-                    "run_name": name, "log_weights": False} | values)
+    return tiny_config(tmp_path, folder, name, run_name=name, **values)
 
 
 def first_step(session):

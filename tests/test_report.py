@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, mlflow_runs, subprocess_env
+from helpers import outputs, text_of
 from rifle import report
 from rifle.evidence import build, figures, stats, tables
 from rifle.track import keys, reads
@@ -207,7 +208,7 @@ def test_sweep_compare_and_report_show_rifle_l2sp_minus_l2sp(tmp_path, digits_fo
     import mlflow
 
     from rifle import compare, sweep
-    from test_sweep import tiny_space
+    from helpers import tiny_space
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.tracking.MlflowClient(uri)  # artifacts under tmp_path, not the working directory
     client.create_experiment("rifle", artifact_location=str(tmp_path / "artifacts"))
@@ -458,16 +459,6 @@ def test_figures_import_without_pandas():
     code = "import sys, rifle.figures; assert 'pandas' not in sys.modules, 'pandas imported'"
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-
-
-def outputs(nb, kind):
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if kind in o.get("data", {})]
-
-
-def text_of(nb):
-    return "\n".join(str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) +
-                     str(o.get("data", {}).get("text/markdown", "")) for c in nb.cells if c.cell_type == "code"
-                     for o in c.outputs)
 
 
 @pytest.mark.slow

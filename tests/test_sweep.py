@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ROOT, mlflow_runs, postgres_database, run_cli, subprocess_env
+from helpers import outputs, text_of, tiny_space
 from rifle import sweep as S
 from rifle.workers.runs import origin
 from rifle.workers.storage import STUDY_ATTR, StaleRetry, open_storage, open_study, resolve_url
@@ -22,25 +23,6 @@ from rifle.workers.worker import OVER_BUDGET_ATTR, TrialLost, TrialReporter, bud
 PASSWORD = "s3cret-pw"
 # Short enough that a killed worker's trial is retried within seconds.
 FAST = ["--heartbeat_interval", "1", "--grace_period", "4"]
-
-
-def tiny_space(tmp_path, folder, name="tiny", tricks="rifle", epochs=2,
-               lr="{type: float, low: 0.001, high: 0.05, log: true}"):
-    """A search space on the 4-class digits folder (8 validation images): seconds per trial. Its method is
-    the label of `tricks` (rifle.methods)."""
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(f"""
-fixed:
-  dataset: imagefolder:{folder}
-  image_size: 48
-  batch_size: 16
-  val_fraction: 0.25
-  epochs: {epochs}
-  tricks: {tricks}
-params:
-  lr: {lr}
-""")
-    return path
 
 
 def sweep_cmd(space, storage, study, out, *extra):
@@ -562,7 +544,7 @@ def test_sweeps_notebook_runs(tmp_path):
     import math
 
     from rifle.evidence.notebook import execute_notebook
-    from test_report import outputs, text_of
+
     journal = tmp_path / "optuna.journal"
     study = optuna.create_study(study_name="tiny", direction="maximize", storage=open_storage(str(journal)),
                                 sampler=optuna.samplers.TPESampler(seed=0),

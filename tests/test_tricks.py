@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import CANONICAL, EVIDENCE, NUM_CLASSES, images, resnet10t, tiny_classifier
 from torch import nn
 
 from rifle import config as C
 from rifle import probes
-from rifle.models import Classifier
 from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
 from rifle.tricks.cyclic_lr import triangular_lr
@@ -24,53 +24,8 @@ from rifle.tricks.l2sp import l2sp_penalty
 from rifle.tricks.rifle import reinit_linear_
 from rifle.tricks.stochastic_depth import BranchGate, branch_gate, install_gates, residual_blocks, survival_probs
 
-NUM_CLASSES = 5
-
-# Settings of each method for a short run (a few batches on the offline data), and the per-epoch metric that
-# shows it acted (None: visible only in lr_backbone / lr_head). test_tricks_training uses them too.
-CANONICAL = {
-    "rifle": {"reinit_times": 1},
-    "dropout": {"dropout_p": 0.5},
-    "dropconnect": {"dropconnect_p": 0.5},
-    "stochastic_depth": {"sd_survival_last": 0.5, "sd_mode": "batch"},
-    "disturb_label": {"disturb_alpha": 0.5},
-    "cyclic_lr": {"clr_base_lr": 0.001, "clr_max_lr": 0.01, "clr_step_epochs": 0.5},
-    "l2": {"l2_alpha": 1e-4},
-    "l2sp": {"l2sp_alpha": 0.01, "l2sp_beta": 1e-4},
-    "delta": {"delta_alpha": 0.01, "delta_beta": 0.01, "delta_attention_epochs": 2, "delta_attention_batches": 1},
-}
-EVIDENCE = {
-    "rifle": "head_reinit",
-    "dropout": "dropout/drop_rate",
-    "dropconnect": "dropconnect/drop_rate",
-    "stochastic_depth": "stochastic_depth/skip_rate",
-    "disturb_label": "disturb_label/flip_rate",
-    "cyclic_lr": None,
-    "l2": "penalty/l2",
-    "l2sp": "penalty/l2sp",
-    "delta": "penalty/delta",
-}
-
-
 def binomial_ok(hits: int, n: int, p: float, sigmas: float = 5.0) -> bool:
     return abs(hits - n * p) <= sigmas * math.sqrt(n * p * (1 - p)) + 1
-
-
-def resnet10t() -> nn.Module:
-    import timm
-    return timm.create_model("resnet10t", pretrained=False, num_classes=0)
-
-
-def tiny_classifier(backbone_fn=resnet10t, seed=0) -> Classifier:
-    torch.manual_seed(seed)
-    backbone = backbone_fn()
-    with torch.no_grad():
-        width = backbone.eval()(torch.zeros(1, 3, 32, 32)).shape[1]
-    return Classifier(backbone, width, NUM_CLASSES)
-
-
-def images(n=4, seed=1):
-    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 class ConvNet(nn.Module):

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import mlflow_runs, subprocess_env
 from rifle import config as C
-from test_tricks import CANONICAL, EVIDENCE
+from helpers import CANONICAL, EVIDENCE, tiny_config
 
 METHODS = [m for m in C.TRICK_NAMES if m != "rifle"]
 COMBOS = [[m] for m in C.TRICK_NAMES] + [["rifle", m] for m in METHODS]
@@ -16,10 +16,7 @@ COMBOS = [[m] for m in C.TRICK_NAMES] + [["rifle", m] for m in METHODS]
 
 def small(tmp_path, folder, tricks, **values):
     options = {k: v for name in tricks for k, v in CANONICAL[name].items()}
-    return C.build({"dataset": f"imagefolder:{folder}", "image_size": 48, "batch_size": 8, "val_fraction": 0.25,
-                    "train_per_class": 0, "epochs": 2, "reinit_times": 1, "tricks": ",".join(tricks),
-                    "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db", "output_dir": str(tmp_path / "out"),
-                    "log_weights": False} | options | values)
+    return tiny_config(tmp_path, folder, tricks=",".join(tricks), **options, **values)
 
 
 # 17 runs of a few seconds each; the fast subset keeps one: RIFLE with L2-SP.
@@ -80,3 +77,28 @@ def test_methods_under_two_processes_are_reproducible(tmp_path, digits_folder):
     assert histories[0] == histories[1]
     assert all(v > 0 for v in histories[0]["penalty/delta"] + histories[0]["disturb_label/flip_rate"])
     assert [m.value for m in client.get_metric_history(runs[0].info.run_id, "reinit_weight_spread")] == [0.0]
+
+
+def test_a_trick_registered_from_outside_trains_with_its_own_options(tmp_path, digits_folder, monkeypatch, capsys):
+    """One file (tests/toy_trick.py: the class and its options) and one line (register) make a method: the
+    config validates its option, the command line offers it, it trains, logs its metric and is labelled."""
+    from toy_trick import Toy, ToyOptions
+
+    from rifle import train, tricks
+    from rifle.methods import method_label
+    from rifle.trainer import fit
+    monkeypatch.setattr(tricks, "TRICKS", dict(tricks.TRICKS))
+    monkeypatch.setattr(tricks, "OPTIONS", dict(tricks.OPTIONS))
+    tricks.register("toy", Toy, ToyOptions)
+    with pytest.raises(C.ConfigError, match="--toy_shift: must be >= 0"):
+        C.build({"tricks": "toy", "toy_shift": -1})
+    assert "--toy_shift" in train.parser().format_help() and method_label("toy,rifle") == "rifle+toy"
+    cfg = tiny_config(tmp_path, digits_folder, tricks="toy", toy_shift=1)
+    assert cfg.flat()["toy_shift"] == 1 and "toy_shift: 1" in C.to_yaml(cfg)
+    fit(cfg)
+    client, (run,) = mlflow_runs(cfg.run.tracking_uri)
+    assert run.data.params["toy_shift"] == "1" and run.data.params["tricks"] == "toy"
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "toy/shifted")] == [1.0, 1.0]
+    losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
+    assert losses[-1] < losses[0], losses  # it trains, towards the shifted labels
+

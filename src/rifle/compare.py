@@ -18,7 +18,13 @@ import sys
 import time
 
 from . import config as C
-from .evidence.stats import DEFAULT_SELECTION, METRICS, mean_std, metric_note, paired_difference
+from .evidence.stats import (
+    DEFAULT_SELECTION,
+    METRICS,
+    mean_std,
+    metric_note,
+    paired_difference,
+)
 from .methods import method_label
 from .track import store
 from .track.store import redact

@@ -19,10 +19,12 @@ from typing import Any
 
 import yaml
 
-# The one list of methods, in the canonical order of method labels (rifle.methods). Each is the module
-# rifle/tricks/<name>.py holding one Trick subclass.
-TRICK_NAMES = ("rifle", "dropout", "dropconnect", "stochastic_depth", "disturb_label", "cyclic_lr",
-               "l2", "l2sp", "delta")
+from . import tricks
+from .tricks import TRICKS
+
+# The built-in methods, in the canonical order of method labels (rifle.methods): the table rifle.tricks.TRICKS
+# (which loads nothing), so a bad name fails before torch loads. `trick_names()` adds registered ones.
+TRICK_NAMES = tuple(TRICKS)
 # What to do with images that cannot be decoded (rifle.data.scan): stop, or skip them.
 BAD_IMAGES = ("error", "skip")
 # Explicit penalties that each replace weight decay with their own definition of "L2": one at a time.
@@ -214,6 +216,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    extra: dict = field(default_factory=dict)  # options of tricks registered from outside (tricks.register)
 
     @property
     def trick_list(self) -> list[str]:
@@ -221,13 +224,20 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """All options as one flat dict (the MLflow params, the checkpoint's record)."""
-        return {f.name: getattr(getattr(self, s), f.name)
-                for s in SECTIONS for f in dataclasses.fields(getattr(self, s))}
+        return {f.name: getattr(getattr(self, s), f.name) for s in SECTIONS
+                for f in dataclasses.fields(getattr(self, s))} | {
+            name: self.extra.get(name, f.default) for name, (_, f) in tricks.OPTIONS.items()}
+
+
+def trick_names() -> tuple[str, ...]:
+    """Every method: the built-in ones, then those registered (rifle.tricks.register)."""
+    return tuple(tricks.TRICKS)
 
 
 def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
-    """Flat option name -> (section, field)."""
-    return {f.name: (s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
+    """Flat option name -> (section, field); a registered trick's options are in section "extra"."""
+    return {f.name: (s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)} | {
+        name: ("extra", f) for name, (_, f) in tricks.OPTIONS.items()}
 
 
 def parse_tricks(text: str) -> list[str]:
@@ -238,7 +248,8 @@ def parse_tricks(text: str) -> list[str]:
 def option_type(name: str) -> tuple[type, bool]:
     """(base type, whether None is allowed) of an option, from its annotation."""
     section, _ = all_fields()[name]
-    hint = typing.get_type_hints(SECTIONS[section])[name]
+    owner = tricks.OPTIONS[name][0] if section == "extra" else SECTIONS[section]
+    hint = typing.get_type_hints(owner)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return (args[0] if args else hint), type(None) in typing.get_args(hint)
 
@@ -371,15 +382,18 @@ def build(values: dict[str, Any] | None = None, config_file: str | None = None) 
             raise
         section, f = fields[name]
         check_bounds(name, f, value)
-        setattr(getattr(cfg, section), name, value)
+        if section == "extra":
+            cfg.extra[name] = value
+        else:
+            setattr(getattr(cfg, section), name, value)
     return resolve(cfg)
 
 
 def resolve(cfg: Config) -> Config:
     """Cross-option checks and derived values (cheap, no imports of torch)."""
-    unknown = [t for t in cfg.trick_list if t not in TRICK_NAMES]
+    unknown = [t for t in cfg.trick_list if t not in trick_names()]
     if unknown:
-        raise ConfigError("tricks", f"unknown method {unknown[0]!r}, allowed: {', '.join(TRICK_NAMES)}")
+        raise ConfigError("tricks", f"unknown method {unknown[0]!r}, allowed: {', '.join(trick_names())}")
     if len(set(cfg.trick_list)) != len(cfg.trick_list):
         raise ConfigError("tricks", f"a method is listed twice in {cfg.tricks.tricks!r}")
     _check_tricks(cfg)
@@ -508,4 +522,5 @@ def config_digest(cfg: Config) -> str:
 
 
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump({s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS}, sort_keys=False)
+    sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in SECTIONS} | ({"extra": cfg.extra} if cfg.extra else {})
+    return yaml.safe_dump(sections, sort_keys=False)

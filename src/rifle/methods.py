@@ -1,6 +1,6 @@
 """Method labels: the one name of a trick list in sweep spaces, studies, comparisons and reports.
 
-A label is the tricks in the registry's canonical order (config.TRICK_NAMES) joined by '+', "plain" for
+A label is the tricks in the table's canonical order (rifle.tricks.TRICKS) joined by '+', "plain" for
 none: `--tricks l2sp,rifle` is "rifle+l2sp" everywhere, so a comparison pairs it with "l2sp". Light (no
 torch) because the sweep reads labels while it validates a space file.
 """
@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .config import TRICK_NAMES
+from .config import trick_names
 
 PLAIN = "plain"
-_ORDER = {t: i for i, t in enumerate(TRICK_NAMES)}
+
+
+def _order() -> dict[str, int]:
+    return {t: i for i, t in enumerate(trick_names())}
 
 
 def method_label(tricks: str | Iterable[str] | None) -> str:
@@ -22,10 +25,11 @@ def method_label(tricks: str | Iterable[str] | None) -> str:
     names = [t.strip() for t in tricks if t.strip()]
     if names in ([], ["none"], [PLAIN]):
         return PLAIN
-    unknown = [t for t in names if t not in _ORDER]
+    order = _order()
+    unknown = [t for t in names if t not in order]
     if unknown:
-        raise ValueError(f"unknown trick {unknown[0]!r} (known: {', '.join(TRICK_NAMES)})")
-    return "+".join(sorted(dict.fromkeys(names), key=_ORDER.__getitem__))
+        raise ValueError(f"unknown trick {unknown[0]!r} (known: {', '.join(order)})")
+    return "+".join(sorted(dict.fromkeys(names), key=order.__getitem__))
 
 
 def method_tricks(label: str) -> list[str]:
@@ -42,4 +46,5 @@ def method_sort_key(label: str) -> tuple:
     if label == PLAIN:
         return (0, ())
     parts = label.split("+")
-    return (len(parts), tuple(_ORDER.get(p, len(_ORDER)) for p in parts), label)
+    order = _order()
+    return (len(parts), tuple(order.get(p, len(order)) for p in parts), label)

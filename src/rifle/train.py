@@ -18,6 +18,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of options (flat, or under data/model/optim/tricks/run)")
     for section, cls in C.SECTIONS.items():
         C.add_options(p.add_argument_group(section), dataclasses.fields(cls))
+    extra = [f for _, f in C.tricks.OPTIONS.values()]  # options of tricks registered from outside
+    if extra:
+        C.add_options(p.add_argument_group("registered tricks"), extra)
     return p
 
 

@@ -13,7 +13,16 @@ import warnings
 import numpy as np
 
 from ..methods import PLAIN, method_label, method_sort_key, method_tricks
-from ..track.keys import GRAD, HEAD_REINIT, LR_HEAD, POST, PRE, TRAIN_ACC, VAL_ACC, WEIGHT
+from ..track.keys import (
+    GRAD,
+    HEAD_REINIT,
+    LR_HEAD,
+    POST,
+    PRE,
+    TRAIN_ACC,
+    VAL_ACC,
+    WEIGHT,
+)
 from .stats import trick_set
 
 

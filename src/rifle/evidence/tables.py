@@ -10,7 +10,14 @@ from .. import env
 from ..config import RUN_ONLY, all_fields
 from ..methods import method_label, method_sort_key
 from ..track.keys import BEFORE_REINIT_TAG
-from .stats import DEFAULT_SELECTION, comparisons, holm, mean_std, metric_note, paired_difference
+from .stats import (
+    DEFAULT_SELECTION,
+    comparisons,
+    holm,
+    mean_std,
+    metric_note,
+    paired_difference,
+)
 
 # Params that may differ between paired runs (storage, speed, seed, method) and a trick's own options.
 RUN_KEYS = (*RUN_ONLY, "seed", "tricks", "num_workers")

@@ -41,10 +41,12 @@ class Trick:
     start and adds its averages over all processes to the epoch's metrics after `on_epoch_end`.
     """
     metrics: tuple[str, ...] = ()
+    name: str = ""  # its key in rifle.tricks.TRICKS (set when the table loads the class)
 
-    @property
-    def name(self) -> str:
-        return type(self).__module__.rsplit(".", 1)[-1]
+    @classmethod
+    def from_config(cls, cfg) -> "Trick":
+        """The trick as a resolved Config asks for it (a trick without options: no arguments)."""
+        return cls()
 
     @cached_property
     def meter(self) -> EpochMeter:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+from ..config import clr_bounds
 from .base import Trick
 
 
@@ -29,6 +30,11 @@ def triangular_lr(iteration: float, base_lr: float, max_lr: float, step_size: fl
 
 
 class CyclicLR(Trick):
+    @classmethod
+    def from_config(cls, cfg):
+        o = cfg.optim
+        return cls(clr_bounds(cfg), cfg.tricks.clr_step_epochs, head_ratio=(o.head_lr or o.lr) / o.lr)
+
     def __init__(self, bounds: tuple[float, float], step_epochs: float, head_ratio: float = 1.0):
         """`bounds`: (base_lr, max_lr) of the backbone (config.clr_bounds); the head's are `head_ratio` times."""
         (self.base_lr, self.max_lr), self.step_epochs, self.head_ratio = bounds, step_epochs, head_ratio

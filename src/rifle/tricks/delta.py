@@ -308,6 +308,12 @@ def _capture(store: dict, name: str, gate: dict | None, module, args, output):
 class Delta(Trick):
     metrics = ("penalty/delta", "penalty/delta_features", "penalty/delta_head")
 
+    @classmethod
+    def from_config(cls, cfg):
+        t, flat = cfg.tricks, cfg.flat()
+        return cls(t.delta_alpha, t.delta_beta, {k: flat[k] for k in KEY_OPTIONS}, t.delta_layers,
+                   cfg.run.delta_cache_dir or str(default_cache_dir()))
+
     def __init__(self, alpha: float, beta: float, options: dict, layers: str = "auto", cache_dir: str = ""):
         """`options`: the KEY_OPTIONS values; `layers`: delta_layers; `cache_dir` "": default_cache_dir()."""
         self.alpha, self.beta, self.options, self.layer_spec, self.cache_dir = alpha, beta, options, layers, cache_dir

@@ -28,6 +28,10 @@ def disturb_labels(labels: torch.Tensor, num_classes: int, alpha: float,
 class DisturbLabel(Trick):
     metrics = ("disturb_label/flip_rate",)
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(alpha=cfg.tricks.disturb_alpha)
+
     def __init__(self, alpha: float):
         self.alpha = alpha
 

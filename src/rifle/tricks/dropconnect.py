@@ -81,6 +81,10 @@ class DropConnectLinear(nn.Linear):
 class DropConnect(Dropout):
     metrics = ("dropconnect/drop_rate",)
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(p=cfg.tricks.dropconnect_p)
+
     def prepare_model(self, model: nn.Module) -> None:
         if not isinstance(model.head, nn.Linear):
             raise TypeError(f"dropconnect needs an nn.Linear head, got {type(model.head).__name__}")

@@ -47,6 +47,10 @@ class Dropout(Trick):
     """Feature dropout; DropConnect reuses its drop-rate bookkeeping on `self.module`."""
     metrics = ("dropout/drop_rate",)
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(p=cfg.tricks.dropout_p)
+
     def __init__(self, p: float):
         self.p = p
 

@@ -28,6 +28,10 @@ def l2_penalty(params: Iterable[torch.Tensor], alpha: float) -> torch.Tensor:
 class L2(Trick):
     metrics = ("penalty/l2",)
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(alpha=cfg.tricks.l2_alpha)
+
     def __init__(self, alpha: float):
         self.alpha = alpha
 

@@ -43,6 +43,10 @@ def matched_reference(backbone: torch.nn.Module, pretrained: dict[str, torch.Ten
 class L2SP(Trick):
     metrics = ("penalty/l2sp", "penalty/l2sp_backbone", "penalty/l2sp_head")
 
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(alpha=cfg.tricks.l2sp_alpha, beta=cfg.tricks.l2sp_beta)
+
     def __init__(self, alpha: float, beta: float):
         self.alpha, self.beta = alpha, beta
 

@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from ..config import reinit_epochs
 from ..schedules import rifle_cyclic_head_lr
 from ..track.keys import HEAD_REINIT
 from .base import Trick
@@ -54,6 +55,12 @@ def params_checksum(module: nn.Module) -> torch.Tensor:
 class Rifle(Trick):
     """Re-initializes the head after each epoch of `reinit_epochs` (config.reinit_epochs); with
     `head_lr_policy="cyclic"` the head's cosine restarts every one of the reinit_times + 1 periods."""
+
+    @classmethod
+    def from_config(cls, cfg):
+        t, o = cfg.tricks, cfg.optim
+        return cls(reinit_epochs(cfg), cfg.run.seed, o.epochs, t.reinit_times, o.head_lr, t.head_lr_policy,
+                   t.reset_head_momentum)
 
     def __init__(self, reinit_epochs: list[int], seed: int, epochs: int, reinit_times: int, head_lr: float,
                  head_lr_policy: str = "follow", reset_momentum: bool = False):

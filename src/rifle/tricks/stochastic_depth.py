@@ -175,6 +175,11 @@ def install_gates(backbone: nn.Module, p_last: float, per_sample: bool,
 class StochasticDepth(Trick):
     metrics = ("stochastic_depth/skip_rate",)
 
+    @classmethod
+    def from_config(cls, cfg):
+        t = cfg.tricks
+        return cls(p_last=t.sd_survival_last, per_sample=t.sd_mode == "sample", seed=cfg.run.seed)
+
     def __init__(self, p_last: float, per_sample: bool, seed: int):
         self.p_last, self.per_sample, self.seed = p_last, per_sample, seed
         self.generator = torch.Generator()  # batch-mode decisions (CPU: no device round trip to decide)

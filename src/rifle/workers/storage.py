@@ -19,7 +19,9 @@ from urllib.parse import unquote, urlsplit
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat  # the documented extension point (see RDBStorage)
+from optuna.storages._heartbeat import (
+    BaseHeartbeat,  # the documented extension point (see RDBStorage)
+)
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
