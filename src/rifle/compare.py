@@ -18,12 +18,12 @@ import sys
 import time
 
 from . import config as C
+from .cli import trainer_options
 from .evidence.stats import (
     DEFAULT_SELECTION,
     METRICS,
     mean_std,
     metric_note,
-    paired_difference,
 )
 from .methods import method_label
 from .track import store
@@ -78,9 +78,15 @@ def mlflow_key(label: str) -> str:
 def summarize(rows: list[dict], labels: list[str], metric: str = "test_acc") -> tuple[dict, str, str]:
     """Metrics of `metric` (mean, std, and the paired difference labels[0] − method with a 95% t interval and
     the paired t-test, named <metric>_paired_diff_*/<mlflow_key(method)>), CSV and Markdown tables."""
+    import pandas as pd
+
+    from .evidence.tables import paired_differences
     ref = labels[0]
     by = {lab: {r["seed"]: r[metric] for r in rows if r["method"] == lab and not math.isnan(r[metric])}
           for lab in labels}
+    runs = pd.DataFrame([{"dataset": "", "method": r["method"], "seed": r["seed"], metric: r[metric]} for r in rows],
+                        columns=["dataset", "method", "seed", metric])
+    paired = paired_differences(runs, metric=metric, pairs=[(ref, lab) for lab in labels[1:]]).set_index("versus")
     metrics, lines = {}, [f"| method | n | {metric} (%) mean ± std | {ref} − method (pp) [95% CI] | p |",
                           "|---|---|---|---|---|"]
     for lab in labels:
@@ -89,12 +95,10 @@ def summarize(rows: list[dict], labels: list[str], metric: str = "test_acc") -> 
         k = mlflow_key(lab)
         metrics |= {f"{metric}_mean/{k}": mean, f"{metric}_std/{k}": std, f"n_seeds/{k}": n}
         diff, p = "", ""
-        common = sorted(set(by[lab]) & set(by[ref]))
-        if lab != ref and common:
-            d = paired_difference([by[ref][s] for s in common], [by[lab][s] for s in common])
-            se = d["sd_diff"] / math.sqrt(d["n"])
+        if lab != ref and lab in paired.index and paired.loc[lab, "n"] > 0:
+            d = paired.loc[lab]
             key = f"{metric}_paired_diff"
-            metrics |= {f"{key}_mean/{k}": d["mean_diff"], f"{key}_se/{k}": se,
+            metrics |= {f"{key}_mean/{k}": d["mean_diff"], f"{key}_se/{k}": d["sd_diff"] / math.sqrt(d["n"]),
                         f"{key}_ci_low/{k}": d["ci_low"], f"{key}_ci_high/{k}": d["ci_high"],
                         f"{key}_p/{k}": d["p_value"]}
             diff = f"{100 * d['mean_diff']:+.2f}" + ("" if math.isnan(d["ci_low"]) else
@@ -191,7 +195,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat_interval", type=int, default=30, help="seconds between a worker's heartbeats")
     p.add_argument("--grace_period", type=int, default=120, help="seconds without a heartbeat before another "
                    "worker retries the cell from its last checkpoint")
-    C.trainer_options(p, skip=("seed",), what="applied to every method's best parameters (e.g. --epochs 40)")
+    trainer_options(p, skip=("seed",), what="applied to every method's best parameters (e.g. --epochs 40)")
     return p
 
 

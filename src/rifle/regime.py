@@ -45,7 +45,8 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
     paired difference RIFLE − plain with its 95% t interval, p, Holm-adjusted p and the verdict."""
     import pandas as pd
 
-    from .evidence.stats import holm, paired_difference
+    from .evidence.stats import holm
+    from .evidence.tables import paired_differences
     from .evidence.tables import check_environments
     from .track.reads import fetch_runs
 
@@ -62,7 +63,8 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
             cfg = C.build(methods[label])
             # optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size
             spe = math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
-            stats = paired_difference(both[label], both["plain"])
+            (stats,) = paired_differences(runs, pairs=[(label, "plain")]).drop(
+                columns=["dataset", "method", "versus", "p_holm", "seeds"]).to_dict("records")
             rows.append({"protocol": protocol, "images_per_class": per_class, "steps_per_epoch": spe,
                          "K": options["reinit_times"], "head_lr": options["head_lr_policy"],
                          "steps_per_period": spe * cfg.optim.epochs // (options["reinit_times"] + 1),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import config as C
+from .cli import add_options, trainer_options
 from .track import store
 from .track.signals import Terminated, raise_on_sigterm
 from .workers.space import SpaceError, load_space
@@ -59,8 +60,8 @@ class _Parser(argparse.ArgumentParser):
 def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m rifle.sweep", description="An Optuna study over one method's search space; run "
                 "the same command again, or several times, for more workers.")
-    C.add_options(p, [f for f in fields(Options) if f.metadata], empty_default=True)  # "": not given
-    C.trainer_options(p, skip=("seed",), what="fixed for every trial; a searched option cannot be overridden")
+    add_options(p, [f for f in fields(Options) if f.metadata], empty_default=True)  # "": not given
+    trainer_options(p, skip=("seed",), what="fixed for every trial; a searched option cannot be overridden")
     return p
 
 

@@ -10,6 +10,7 @@ import dataclasses
 import sys
 
 from . import config as C
+from .cli import add_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -17,10 +18,10 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", help="YAML file of options (flat, or under data/model/optim/tricks/run)")
     for section, cls in C.SECTIONS.items():
-        C.add_options(p.add_argument_group(section), dataclasses.fields(cls))
+        add_options(p.add_argument_group(section), dataclasses.fields(cls))
     extra = [f for _, f in C.tricks.OPTIONS.values()]  # options of tricks registered from outside
     if extra:
-        C.add_options(p.add_argument_group("registered tricks"), extra)
+        add_options(p.add_argument_group("registered tricks"), extra)
     return p
 
 

@@ -190,40 +190,13 @@ def warn_one_process_launch() -> None:
 
 def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     """Accelerator, data, model, tricks, optimizer; resumes from the newest checkpoint in output_dir."""
-    if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    warn_one_process_launch()
-    env.apply(cfg.run.threads, cfg.run.deterministic)
-    # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
-    # otherwise each one trains alone as rank 0.
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    from accelerate.state import AcceleratorState
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.optim.mixed_precision:
-        # The state is process-wide: a second run in this process (a sweep, tests) with another precision
-        # needs it rebuilt; the distributed setup (PartialState) is kept.
-        AcceleratorState._reset_state()
-    acc = Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
-                      gradient_accumulation_steps=cfg.optim.grad_accum_steps,
-                      # no seedable sampler: the training sampler is our own EpochOrder
-                      dataloader_config=DataLoaderConfiguration(non_blocking=cfg.run.pin_memory))
-    out, d, o = Path(cfg.run.output_dir), cfg.data, cfg.optim
+    acc, out, o = make_accelerator(cfg), Path(cfg.run.output_dir), cfg.optim
     if acc.is_main_process:
         check_output_dir(str(out))
     with acc.main_process_first():  # the main process fills the datasets cache, the others read it
-        data, scan = load_data(d)  # checks every image once (cached): bad files stop here or are skipped
+        data, scan = load_data(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
     num_classes = len(data["train"].features["label"].names)
-    set_seed(cfg.run.seed)  # same head init on every process
-    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout)
-    if o.sync_bn and acc.num_processes > 1:  # before the tricks hook BatchNorm modules: conversion replaces them
-        from .sync_bn import convert_sync_batchnorm
-        raw = convert_sync_batchnorm(raw, cpu=acc.device.type == "cpu")
-    if acc.is_main_process:
-        check_free_space(out, raw, cfg.run.keep_checkpoints, momentum=o.momentum > 0)
-    tricks = build_tricks(cfg)
-    for t in tricks:
-        t.prepare_model(raw)
-    if cfg.run.channels_last:  # after module surgery, so modules the tricks add are converted too
-        raw.to(memory_format=torch.channels_last)
+    raw, tricks = make_model(cfg, acc, num_classes, out)
     pretrained = probes.snapshot(raw.backbone)
     optimizer = torch.optim.SGD(param_groups(raw), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     model, optimizer, *loaders = acc.prepare(raw, optimizer, *make_loaders(cfg, data, raw.mean, raw.std))
@@ -239,22 +212,10 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
                      loaders[0], data_fingerprint=fingerprint(data))
     for t in tricks:
         t.on_fit_start(ctx)
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": -1, "best_file": None, "history": [],
-             "run_id": None, "tricks": {}, "config": cfg.flat() | {"tracking_uri": None}}
-    last = checkpoint.latest(out)
-    if last is not None:
-        state = checkpoint.load(last, raw, optimizer)
-        check_same_run(cfg, state["config"])
-        for t in tricks:
-            t.load_state_dict(state["tricks"].get(t.name, {}))
-    tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
-    state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
-    tracker.log_params(run_params(cfg) | {"optimizer_steps": cfg.optim.epochs * math.ceil(
-        len(loaders[0]) / o.grad_accum_steps)})  # per process, with Accelerate's sync at each epoch's end
-    tracker.set_tags({"git_commit": git_commit(), "dataset_fingerprint": ctx.data_fingerprint,
-                      "tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes}
-                     | env.environment(acc.device))
-    tracker.sync_history(state["history"])
+    state = resume(cfg, out, raw, optimizer, tricks)
+    tracker = start_tracking(cfg, acc, state, mlflow_run_id)
+    tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps)})
+    tracker.set_tags({"dataset_fingerprint": ctx.data_fingerprint})
     tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
@@ -262,6 +223,68 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     probe = probes.BlockProbe(raw.backbone, block_names(raw.backbone), pretrained, cfg.run.probe_reinit_steps,
                               reinit_epochs(cfg))
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, probe, tracker, state)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator, after the threads and deterministic settings (rifle.env) are applied."""
+    if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
+    warn_one_process_launch()
+    env.apply(cfg.run.threads, cfg.run.deterministic)
+    # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
+    # otherwise each one trains alone as rank 0.
+    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    from accelerate.state import AcceleratorState
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.optim.mixed_precision:
+        # The state is process-wide: a second run in this process (a sweep, tests) with another precision
+        # needs it rebuilt; the distributed setup (PartialState) is kept.
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
+                       gradient_accumulation_steps=cfg.optim.grad_accum_steps,
+                       # no seedable sampler: the training sampler is our own EpochOrder
+                       dataloader_config=DataLoaderConfiguration(non_blocking=cfg.run.pin_memory))
+
+
+def make_model(cfg: Config, acc: Accelerator, num_classes: int, out: Path) -> tuple[torch.nn.Module, list]:
+    """The Classifier (the same head init on every process) with the tricks' module surgery, and the tricks."""
+    set_seed(cfg.run.seed)
+    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout)
+    if cfg.optim.sync_bn and acc.num_processes > 1:  # before the tricks hook BatchNorm modules: it replaces them
+        from .sync_bn import convert_sync_batchnorm
+        raw = convert_sync_batchnorm(raw, cpu=acc.device.type == "cpu")
+    if acc.is_main_process:
+        check_free_space(out, raw, cfg.run.keep_checkpoints, momentum=cfg.optim.momentum > 0)
+    tricks = build_tricks(cfg)
+    for t in tricks:
+        t.prepare_model(raw)
+    if cfg.run.channels_last:  # after module surgery, so modules the tricks add are converted too
+        raw.to(memory_format=torch.channels_last)
+    return raw, tricks
+
+
+def resume(cfg: Config, out: Path, raw, optimizer, tricks) -> dict:
+    """The state of the newest checkpoint in `out` (weights, optimizer and tricks loaded), else a fresh one."""
+    last = checkpoint.latest(out)
+    if last is None:
+        return {"epoch": 0, "best_val_acc": -1.0, "best_epoch": -1, "best_file": None, "history": [],
+                "run_id": None, "tricks": {}, "config": cfg.flat() | {"tracking_uri": None}}
+    state = checkpoint.load(last, raw, optimizer)
+    check_same_run(cfg, state["config"])
+    for t in tricks:
+        t.load_state_dict(state["tricks"].get(t.name, {}))
+    return state
+
+
+def start_tracking(cfg: Config, acc: Accelerator, state: dict, mlflow_run_id: str | None) -> Tracker:
+    """The run's tracker, started (the resumed run, `mlflow_run_id`, `mlflow run`'s or a new one), with the
+    params, tags and environment every run has, and the checkpointed epochs the run does not have yet."""
+    tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
+    state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
+    tracker.log_params(run_params(cfg))
+    tracker.set_tags({"git_commit": git_commit(), "tricks": ",".join(cfg.trick_list) or "none",
+                      "num_processes": acc.num_processes} | env.environment(acc.device))
+    tracker.sync_history(state["history"])
+    return tracker
 
 
 def run_params(cfg: Config) -> dict:

@@ -279,21 +279,7 @@ def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, lab
     _check(ds, name, label_column)
     report = None
     if bad_images is not None:
-        if bad_images not in BAD_IMAGES:
-            raise DataError(f"dataset {name}: bad_images must be one of {', '.join(BAD_IMAGES)}")
-        report = scan(ds, name, threads=num_proc or None, cache_dir=scan_cache_dir)
-        report.policy = bad_images
-        if report.bad and bad_images == "error":
-            raise DataError(f"dataset {name}, column {image_column}: {report.summary()}; fix or remove them, "
-                            "or pass --bad_images skip")
-        if report.bad:
-            drop = {}
-            for b in report.bad:
-                drop.setdefault(b.split, set()).add(b.index)
-            ds = DatasetDict({split: part.select([i for i in range(len(part)) if i not in drop.get(split, ())])
-                              if split in drop else part for split, part in ds.items()})
-            if _is_rank0():
-                log.warning("dataset %s: skipped %s (bad_images=skip)", name, report.summary())
+        ds, report = _scanned(ds, name, image_column, bad_images, num_proc, scan_cache_dir)
     after = f" (after skipping {len(report.bad)} bad images)" if report is not None and report.bad else ""
     if "test" not in ds:
         # Some Hub repos ship only train: hold out a fixed test set (seed 0) before anything else.
@@ -309,6 +295,26 @@ def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, lab
     ds = DatasetDict({split: ds[split] for split in ("train", "val", "test") if split in ds})
     _check(ds, name, label_column, after)
     return Loaded(ds, report)
+
+
+def _scanned(ds: DatasetDict, name: str, image_column: str, bad_images: str, num_proc, cache_dir):
+    """(ds, scan report) after the image scan: bad images stop the load (`error`) or are dropped (`skip`)."""
+    if bad_images not in BAD_IMAGES:
+        raise DataError(f"dataset {name}: bad_images must be one of {', '.join(BAD_IMAGES)}")
+    report = scan(ds, name, threads=num_proc or None, cache_dir=cache_dir)
+    report.policy = bad_images
+    if report.bad and bad_images == "error":
+        raise DataError(f"dataset {name}, column {image_column}: {report.summary()}; fix or remove them, "
+                        "or pass --bad_images skip")
+    if report.bad:
+        drop = {}
+        for b in report.bad:
+            drop.setdefault(b.split, set()).add(b.index)
+        ds = DatasetDict({split: part.select([i for i in range(len(part)) if i not in drop.get(split, ())])
+                          if split in drop else part for split, part in ds.items()})
+        if _is_rank0():
+            log.warning("dataset %s: skipped %s (bad_images=skip)", name, report.summary())
+    return ds, report
 
 
 def load_splits(spec: str, **options) -> DatasetDict:

@@ -59,16 +59,20 @@ def _values(g, column: str) -> str:
     return ",".join(sorted({f"{v:g}" for v in g[column] if isinstance(v, float) and math.isfinite(v)}, key=float))
 
 
-def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
-                       metric: str = "test_acc") -> "pd.DataFrame":
-    """Per dataset and comparison (`method` with the reference, `versus` without): the paired difference over
-    the seeds both have, p_holm adjusting the p-values for the dataset's comparisons."""
+def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95, metric: str = "test_acc",
+                       pairs: list[tuple[str, str]] | None = None) -> "pd.DataFrame":
+    """Per dataset and comparison (`method` with the reference, `versus` without; or the given `pairs` of
+    (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
+    seeds both have, p_holm adjusting the p-values for the dataset's comparisons. The one builder of paired
+    tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
     import pandas as pd
 
     rows = []
     for dataset, g in runs[runs[metric].notna()].groupby("dataset", sort=True):
         by_seed = g.pivot_table(index="seed", columns="method", values=metric, aggfunc="last")
-        for with_ref, without in comparisons(by_seed.columns, reference):
+        present = [(a, b) for a, b in pairs if {a, b} <= set(by_seed.columns)] if pairs is not None else \
+            comparisons(by_seed.columns, reference)
+        for with_ref, without in present:
             both = by_seed[[with_ref, without]].dropna()
             rows.append({"dataset": dataset, "method": with_ref, "versus": without,
                          **paired_difference(both[with_ref], both[without], confidence),

@@ -156,6 +156,8 @@ def channel_loss_increase(backbone: nn.Module, head: nn.Module, layer: str, imag
     channel i of the chunk removed. The copies are made at the layer's output when nothing after it reuses
     an earlier activation; otherwise (the layer sits in a residual block, whose shortcut would meet a k
     times larger batch) at the input of the innermost module around it that works, up to the images.
+    (One function of 70 lines on purpose: its two hooks and the search outwards share the state of the
+    forward in flight, the channels removed and where the copies are made.)
     """
     b = images.shape[0]
     chans: list[int] = []  # the channels removed in this forward, one per copy of the batch
