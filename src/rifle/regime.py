@@ -46,8 +46,7 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
     import pandas as pd
 
     from .evidence.stats import holm
-    from .evidence.tables import paired_differences
-    from .evidence.tables import check_environments
+    from .evidence.tables import check_environments, paired_differences
     from .track.reads import fetch_runs
 
     rows = []
