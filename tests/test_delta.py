@@ -302,7 +302,7 @@ def test_channel_evaluation_in_float32_agrees_with_one_forward_per_channel():
 def test_attention_classifier_is_trained_as_the_reference():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(8, 6, generator=g), torch.randint(NUM_CLASSES, (8,), generator=g)) for _ in range(3)]
-    ours = D.fit_probe(lambda: iter(batches), 6, NUM_CLASSES, epochs=10, lr=0.05, seed=3)
+    ours = D.fit_classifier(lambda: iter(batches), 6, NUM_CLASSES, epochs=10, lr=0.05, seed=3)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         fc = nn.Linear(6, NUM_CLASSES)  # the same initial classifier

@@ -66,8 +66,8 @@ from .base import FitContext, Trick
 
 FORMAT = 2                 # of a cached measurement: bump when the measurement changes, so old entries miss
 TEMPERATURE = 5.0          # of the attention softmax (train.py: softmax(cw / 5))
-PROBE_LR_DECAY_EPOCHS = 6  # the classifier's learning rate falls 10x over this many epochs (channel_eval.py)
-PROBE_MOMENTUM, PROBE_WEIGHT_DECAY = 0.9, 1e-4
+CLASSIFIER_LR_DECAY_EPOCHS = 6  # the classifier's learning rate falls 10x over this many epochs (channel_eval.py)
+CLASSIFIER_MOMENTUM, CLASSIFIER_WEIGHT_DECAY = 0.9, 1e-4
 SEED_SALT = 0xDE17A        # the attention's random stream: (this, split_seed), apart from every training stream
 ARTIFACT = "delta/channel_attention.json"
 # The options the measured attention depends on, besides the source weights, layers, data fingerprint, device
@@ -221,33 +221,33 @@ def channel_loss_increase(backbone: nn.Module, head: nn.Module, layer: str, imag
         hook.remove()
 
 
-def fit_probe(epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], num_features: int,
+def fit_classifier(epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], num_features: int,
               num_classes: int, epochs: int, lr: float, seed: int, device=None) -> nn.Linear:
     """A linear classifier on fixed features, as channel_eval.py's `train_classifier`: SGD (momentum 0.9,
     weight decay 1e-4), the learning rate multiplied by 0.1^(1/6) after every epoch; `epoch_batches()`
     yields one epoch's (features, labels). Initialized from `seed`, without touching the global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)
-        probe = nn.Linear(num_features, num_classes)
-    probe = probe.to(device)
-    opt = torch.optim.SGD(probe.parameters(), lr=lr, momentum=PROBE_MOMENTUM, weight_decay=PROBE_WEIGHT_DECAY)
-    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / PROBE_LR_DECAY_EPOCHS))
+        classifier = nn.Linear(num_features, num_classes)
+    classifier = classifier.to(device)
+    opt = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=CLASSIFIER_MOMENTUM, weight_decay=CLASSIFIER_WEIGHT_DECAY)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.1 ** (1.0 / CLASSIFIER_LR_DECAY_EPOCHS))
     with torch.enable_grad():
         for _ in range(epochs):
             for features, labels in epoch_batches():
-                loss = F.cross_entropy(probe(features), labels)
+                loss = F.cross_entropy(classifier(features), labels)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             sched.step()
-    return probe.eval().requires_grad_(False)
+    return classifier.eval().requires_grad_(False)
 
 
-def measure_loss_increase(source: nn.Module, probe: nn.Module, layers: list[str],
+def measure_loss_increase(source: nn.Module, classifier: nn.Module, layers: list[str],
                           batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                           autocast=contextlib.nullcontext) -> list[torch.Tensor]:
     """Per layer, each channel's loss increase averaged over `batches` (channel_eval.py's running mean)."""
-    rises = [[channel_loss_increase(source, probe, name, images, labels, autocast=autocast) for name in layers]
+    rises = [[channel_loss_increase(source, classifier, name, images, labels, autocast=autocast) for name in layers]
              for images, labels in batches]
     if not rises:
         raise RuntimeError("delta: the training loader gave no batch to measure the channel attention on")
@@ -367,10 +367,10 @@ class Delta(Trick):
         # is restored afterwards; nothing here draws on the GPU's (evaluation mode throughout).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            probe = fit_probe(features, ctx.model.head.in_features, ctx.num_classes, o["delta_attention_epochs"],
+            classifier = fit_classifier(features, ctx.model.head.in_features, ctx.num_classes, o["delta_attention_epochs"],
                               o["delta_attention_lr"], seed, dev)
             kept = islice(passes(), o["delta_attention_batches"])
-            return measure_loss_increase(self.source, probe, self.layers,
+            return measure_loss_increase(self.source, classifier, self.layers,
                                          ((x.to(dev), y.to(dev)) for x, y in kept), self._autocast)
 
     def load_or_measure(self) -> dict:
