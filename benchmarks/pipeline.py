@@ -5,6 +5,14 @@ at on ready tensors (forward, backward, SGD step; same image size and batch). Ta
 Two datasets: the benchmark's digits (tiny 8x8 images: decoding is nearly free) and JPEG photographs of the
 size of the paper's datasets (CUB-200 images are about 500x375): random crops of scikit-image's photos,
 re-encoded as JPEG, in an HF dataset with an Image column decoded on access, as a Hub dataset is.
+
+`--image_size 224` instead measures images/s per core (one process, one torch thread, no worker) of the
+three input paths at that size, on the JPEG photo set and on the same photos as an ImageFolder of files:
+(a) today's: decode the JPEG, resize, crop, flip, ToTensor, Normalize per image (decode_cache off);
+(b) the decode cache (images stored resized, rifle.data.decode_cache) with the same PIL crop, flip,
+ToTensor and Normalize per image; (c) the decode cache with the crop and flip on uint8 tensors and the
+normalization per batch (the trainer's path: models.Classifier.prepare), for the raw and the JPEG cache.
+The last line is JSON with `img_per_s_per_core` per path and dataset. Target: (c) >= 5x (a).
 """
 from __future__ import annotations
 
@@ -109,10 +117,85 @@ def run(workers: int | None = None) -> dict:
     return out
 
 
+def folder_of(ds, root):
+    """The dataset's JPEGs as files in the official layout root/train/<class>/*.jpg (one test image a class)."""
+    names = ds.features["label"].names
+    for i, row in enumerate(ds.cast_column("image", __import__("datasets").Image(decode=False))):
+        for split in ("train", "test") if i < len(names) else ("train",):
+            (root / split / names[row["label"]]).mkdir(parents=True, exist_ok=True)
+            (root / split / names[row["label"]] / f"{i}.jpg").write_bytes(row["image"]["bytes"])
+    return root
+
+
+def path_rate(part, transform, size, batch_size, normalize=None, passes: int = 3) -> float:
+    """Images/s of one pass over `part` with `transform` and the trainer's collate, in this process."""
+    from torch.utils.data import DataLoader
+
+    from rifle.data.transforms import collate
+    loader = DataLoader(part.with_transform(transform), batch_size=batch_size, shuffle=True, collate_fn=collate)
+    rates = []
+    for _ in range(passes):
+        count, start = 0, time.perf_counter()
+        for images, _ in loader:
+            if normalize is not None:
+                images = normalize(images)
+            count += images.shape[0]
+        rates.append(count / (time.perf_counter() - start))
+    return median(rates)
+
+
+def per_core(image_size: int, batch_size: int = 32) -> dict:
+    """Images/s per core of paths (a), (b) and (c) on the photo set and the ImageFolder (module docstring)."""
+    import torch
+    from PIL import Image
+    from torchvision import transforms as T
+
+    from rifle.data import decode_cache, load_splits
+    from rifle.data.transforms import build_cached_transform, build_transform, resize_for
+    from rifle.models import Classifier
+    torch.set_num_threads(1)
+    tmp = workdir()
+    mean = std = (0.5, 0.5, 0.5)
+    model = Classifier(torch.nn.Flatten(), 1, 2, mean, std)  # only its input step: uint8 batch -> normalized
+    photos = photo_dataset(n=256)
+    sets = {"photos": photos, "imagefolder": load_splits(f"imagefolder:{folder_of(photos, tmp / 'folder')}",
+                                                          val_fraction=0)["train"]}
+    pil_tail = T.Compose([T.RandomCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+    def pil_from_cache(batch):  # (b): the cached pixels through the PIL steps after the resize
+        arrays = [decode_cache.to_array(p, s) for p, s in zip(batch["pixels"], batch["shape"])]
+        return {"pixel_values": [pil_tail(Image.fromarray(a)) for a in arrays], "label": batch["label"]}
+
+    out = {"image_size": image_size, "batch_size": batch_size, "img_per_s_per_core": {}, "cache_build_s": {}}
+    for name, part in sets.items():
+        wait_until_idle()
+        rates = {"a_decode_each_epoch": path_rate(part, build_transform(image_size, mean, std, True), image_size,
+                                                  batch_size)}
+        for fmt in ("raw", "jpeg"):
+            start = time.perf_counter()
+            cached = decode_cache.cached(__import__("datasets").DatasetDict(train=part), resize_for(image_size), fmt,
+                                         cache_dir=tmp / "cache")["train"]
+            out["cache_build_s"][f"{name}_{fmt}"] = round(time.perf_counter() - start, 2)
+            if fmt == "raw":
+                rates["b_cache_pil_augment"] = path_rate(cached, pil_from_cache, image_size, batch_size)
+            rates[f"c_cache_{fmt}_batch_augment"] = path_rate(cached, build_cached_transform(image_size, True, fmt=fmt),
+                                                              image_size, batch_size, normalize=model.prepare)
+        out["img_per_s_per_core"][name] = {k: round(v, 1) for k, v in rates.items()}
+        a = rates["a_decode_each_epoch"]
+        print(f"  {name}: " + ", ".join(f"{k} {v:.0f} img/s ({v / a:.1f}x)" for k, v in rates.items()), flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
+    import json
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_workers", type=int, default=None, help="default: the trainer's configured num_workers")
+    p.add_argument("--image_size", type=int, default=0, help="measure the three input paths per core at this size")
     args = p.parse_args(argv)
+    if args.image_size:
+        r = per_core(args.image_size)
+        print(json.dumps(r))
+        return r
     r = run(args.num_workers)
     print(f"(b) input pipeline / model: digits {r['digits_ratio']:.1f}x, JPEG photos {r['photos_ratio']:.1f}x "
           f"({r['image_size']} px, batch {r['batch_size']}, workers={r['workers']}); target >= 3x")

@@ -75,6 +75,10 @@ class DataConfig:
     bad_images: str = opt("error", "images that cannot be decoded (corrupt, truncated, empty, not an image, "
                           "decompression bomb), found by a scan before training: stop with their names, "
                           "or skip them and log which", choices=BAD_IMAGES)
+    decode_cache: str = opt("raw", "decode every image once, stored resized to the training resize "
+                            "(rifle.data.decode_cache) and cropped and flipped as uint8, normalized on the device: "
+                            "raw (uint8, the same pixels as off), jpeg (re-encoded at quality 90: less disk, other "
+                            "pixels) or off (decode and augment with PIL every epoch)", choices=("raw", "jpeg", "off"))
     num_proc: int = opt(0, "processes datasets uses to prepare a dataset (load_dataset num_proc) and threads "
                         "of the image scan (0: one process; scan threads = CPU count, at most 8)", minimum=0)
 

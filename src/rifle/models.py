@@ -22,7 +22,11 @@ BUNDLED = "efficientnet_lite0"
 
 
 class Classifier(nn.Module):
-    """backbone -> pooled features -> pre_head (a slot for tricks, identity by default) -> head."""
+    """backbone -> pooled features -> pre_head (a slot for tricks, identity by default) -> head.
+
+    Input: normalized float images, or uint8 images (the decode cache's batches, rifle.data.decode_cache),
+    which `prepare` converts on the model's device: x / 255, then (x - mean) / std, the same float32 steps
+    as ToTensor and Normalize per image (so the same numbers), in channels-last layout when the model is."""
 
     def __init__(self, backbone: nn.Module, num_features: int, num_classes: int,
                  mean: tuple = IMAGENET_MEAN, std: tuple = IMAGENET_STD):
@@ -31,9 +35,19 @@ class Classifier(nn.Module):
         self.pre_head = nn.Identity()
         self.head = nn.Linear(num_features, num_classes)
         self.mean, self.std = tuple(mean), tuple(std)
+        self.channels_last = False  # set by the trainer with --channels_last
+        # not in the state dict: checkpoints, the logged weights and served models keep their keys
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return x
+        x = x.float().div(255).sub(self._mean).div(self._std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pre_head(self.backbone(x)))
+        return self.head(self.pre_head(self.backbone(self.prepare(x))))
 
 
 def check_model_spec(spec: str) -> None:

@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from . import checkpoint, env, probes
 from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
-from .data import fingerprint, load_data
-from .data.transforms import build_transform, collate
+from .data import decode_cache, fingerprint, load_data
+from .data.transforms import build_cached_transform, build_transform, collate, resize_for
 from .models import block_names, build_model, param_groups
 from .progress import Progress
 from .schedules import cosine_lr
@@ -67,11 +67,17 @@ def check_free_space(path: str | Path, model: torch.nn.Module, keep: int, moment
 
 
 def make_loaders(cfg: Config, data, mean, std):
+    """Train, val (with validation) and test loaders. With the decode cache (`data` from `cached_data`) they
+    give uint8 batches, which the model normalizes on its device (models.Classifier.prepare)."""
     d = cfg.data
-    train_tf = build_transform(d.image_size, mean, std, train=True, hflip=d.hflip)
-    eval_tf = build_transform(d.image_size, mean, std, train=False)
+    if d.decode_cache == "off":
+        train_tf = build_transform(d.image_size, mean, std, train=True, hflip=d.hflip)
+        eval_tf = build_transform(d.image_size, mean, std, train=False)
+    else:
+        train_tf = build_cached_transform(d.image_size, train=True, hflip=d.hflip, fmt=d.decode_cache)
+        eval_tf = build_cached_transform(d.image_size, train=False, fmt=d.decode_cache)
     kw = dict(batch_size=cfg.optim.batch_size, num_workers=d.num_workers,
-              collate_fn=collate_channels_last if cfg.run.channels_last else collate,
+              collate_fn=collate_channels_last if cfg.run.channels_last and d.decode_cache == "off" else collate,
               pin_memory=cfg.run.pin_memory and torch.cuda.is_available())  # CPU-only torch warns and ignores it
     # Training workers are started anew every epoch from the loader's generator, which `fit` seeds per epoch
     # and process: kept workers would carry their random state across epochs, and a resumed run would then
@@ -81,6 +87,15 @@ def make_loaders(cfg: Config, data, mean, std):
     return (train, *(DataLoader(data[split].with_transform(eval_tf), shuffle=False,
                                 persistent_workers=d.num_workers > 0, **kw)
                      for split in ("val", "test") if split in data))  # no val with val_fraction=0
+
+
+def cached_data(cfg: Config, data):
+    """`data` with every image decoded and resized once (rifle.data.decode_cache), or as is with
+    decode_cache off."""
+    if cfg.data.decode_cache == "off":
+        return data
+    return decode_cache.cached(data, resize_for(cfg.data.image_size), cfg.data.decode_cache,
+                               num_proc=cfg.data.num_proc or None)
 
 
 def collate_channels_last(items: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,13 +208,14 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     acc, out, o = make_accelerator(cfg), Path(cfg.run.output_dir), cfg.optim
     if acc.is_main_process:
         check_output_dir(str(out))
-    with acc.main_process_first():  # the main process fills the datasets cache, the others read it
+    with acc.main_process_first():  # the main process fills the datasets caches, the others read them
         data, scan = load_data(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
+        decoded = cached_data(cfg, data)
     num_classes = len(data["train"].features["label"].names)
     raw, tricks = make_model(cfg, acc, num_classes, out)
     pretrained = probes.snapshot(raw.backbone)
     optimizer = torch.optim.SGD(param_groups(raw), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    model, optimizer, *loaders = acc.prepare(raw, optimizer, *make_loaders(cfg, data, raw.mean, raw.std))
+    model, optimizer, *loaders = acc.prepare(raw, optimizer, *make_loaders(cfg, decoded, raw.mean, raw.std))
     if "val" not in data:
         loaders.insert(1, None)
     if cfg.run.compile and not is_compiled_module(model):
@@ -259,6 +275,7 @@ def make_model(cfg: Config, acc: Accelerator, num_classes: int, out: Path) -> tu
         t.prepare_model(raw)
     if cfg.run.channels_last:  # after module surgery, so modules the tricks add are converted too
         raw.to(memory_format=torch.channels_last)
+        raw.channels_last = True
     return raw, tricks
 
 

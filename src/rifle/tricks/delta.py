@@ -360,7 +360,7 @@ class Delta(Trick):
         def features():
             for images, labels in passes():
                 with torch.no_grad(), self._autocast():
-                    f = self.source(images.to(dev)).float()
+                    f = self.source(ctx.model.prepare(images.to(dev))).float()
                 yield f, labels.to(dev)  # outside the no_grad block: the classifier's step runs in between
 
         # Training randomness must not depend on a cache hit: the CPU generator (augmentation in this process)
@@ -371,7 +371,7 @@ class Delta(Trick):
                               o["delta_attention_lr"], seed, dev)
             kept = islice(passes(), o["delta_attention_batches"])
             return measure_loss_increase(self.source, classifier, self.layers,
-                                         ((x.to(dev), y.to(dev)) for x, y in kept), self._autocast)
+                                         ((ctx.model.prepare(x.to(dev)), y.to(dev)) for x, y in kept), self._autocast)
 
     def load_or_measure(self) -> dict:
         """The record from the cache when it holds this key, else measured (and cached)."""
@@ -415,7 +415,7 @@ class Delta(Trick):
         self._source_on["on"] = True
         try:
             with torch.no_grad(), self._autocast():
-                self.source(images)
+                self.source(model.prepare(images))  # uint8 batches of the decode cache: normalized
         finally:
             self._source_on["on"] = False
         sources = [self._source.pop(n) for n in self.layers]
