@@ -21,11 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 from common import BASE, device, load, machine  # noqa: E402
 
+# timm's published ResNet-50 training rate at 224 px (AMP, channels_last, batch 512, PyTorch 1.12) on an RTX 3090:
+# results/benchmark-train-amp-nhwc-pt112-cu113-rtx3090.csv of huggingface/pytorch-image-models
+TIMM_RESNET50_3090 = 1218.0
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="a,b,c,d,e", help="which benchmarks: a throughput, b pipeline, c overhead, "
-                   "d options, e DELTA's attention cache")
+    p.add_argument("--only", default="a,b,c,d,e,f,g", help="which benchmarks: a throughput, b pipeline, c overhead, "
+                   "d options, e DELTA's attention cache, f logging over HTTP, g input paths per core at 224 px")
     p.add_argument("--quick", action="store_true", help="smallest settings: checks that everything runs")
     p.add_argument("--compile", action="store_true", help="(d) also measure torch.compile on the CPU")
     p.add_argument("--json", help="also write every figure to this JSON file")
@@ -61,6 +65,19 @@ def main(argv=None) -> int:
         import delta_cache
         print("(e) DELTA's channel-attention cache", flush=True)
         results["e"] = delta_cache.run(repeats=1 if args.quick else 3)
+    if "f" in chosen:
+        import async_logging
+        print("(f) MLflow logging over HTTP, synchronous vs asynchronous", flush=True)
+        results["f"] = async_logging.run(repeats=2 if args.quick else 5)
+    if "g" in chosen:
+        import pipeline
+        print("(g) input paths per core at 224 px", flush=True)
+        results["g"] = pipeline.per_core(224)
+        # the rate a GPU trains at: measured by (d) on a GPU (all options), else timm's published anchor
+        d = results.get("d", {})
+        if d.get("device", "cpu").startswith("cuda"):
+            images = d["config"].get("train_images") or 0
+            results["g"]["gpu_img_s"] = images / d["epoch_s"]["all of them"] if images else None
     results["seconds"] = time.perf_counter() - start
     results["others_cpu"] = {"median": common.median(common.OTHERS), "max": max(common.OTHERS)} if common.OTHERS else {}
     print(f"\nsummary ({results['seconds']:.0f} s, load {load()}):")
@@ -108,6 +125,19 @@ def summary(r: dict) -> list[str]:
         cells = ", ".join(f"{k} {v:.2f}x" for k, v in d["speedup"].items() if k != "default")
         lines.append(f"| (d) speed options on {d['device']}: epoch-time speed-up over the default "
                      f"({d['epoch_s']['default']:.1f} s/epoch) | {cells} | measured |")
+    if "f" in r:
+        f = r["f"]
+        lines.append(f"| (f) MLflow logging per epoch over HTTP ({f['metrics_logged']} metrics; an mlflow server on "
+                     f"127.0.0.1) | synchronous {100 * f['sync_frac']:.2f}% ({1000 * f['sync_s']:.0f} ms), asynchronous "
+                     f"{100 * f['async_frac']:.2f}% ({1000 * f['async_s']:.1f} ms) | measured |")
+    if "g" in r:
+        g = r["g"]
+        gpu = g.get("gpu_img_s") or TIMM_RESNET50_3090
+        for name, rates in g["img_per_s_per_core"].items():
+            a = rates["a_decode_each_epoch"]
+            cells = "; ".join(f"{k} {v:.0f} ({v / a:.1f}x, {gpu / v:.1f} cores per GPU)" for k, v in rates.items())
+            lines.append(f"| (g) {name}, 224 px, img/s per core | {cells} | (c) >= 5x (a), "
+                         f"{ok(rates['c_cache_raw_batch_augment'] >= 5 * a)} |")
     if "e" in r:
         e = r["e"]
         warm, cold = e["delta, warm cache"], e["delta, cold cache"]
