@@ -24,17 +24,24 @@ def bare_loop(cfg, epochs: int) -> tuple[list[float], int, int]:
     from torch.utils.data import DataLoader
 
     from rifle.data import load_data
+    from rifle.data.transforms import build_cached_transform, build_transform, collate
     from rifle.models import build_model
-    from rifle.data.transforms import build_transform, collate
+    from rifle.trainer import cached_data
 
-    data = load_data(cfg.data)[0]
+    data = cached_data(cfg, load_data(cfg.data)[0])  # the trainer's input path: the decode cache unless off
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model.model, len(data["train"].features["label"].names))
     d, o = cfg.data, cfg.optim
-    train = DataLoader(data["train"].with_transform(build_transform(d.image_size, model.mean, model.std, True, d.hflip)),
-                       batch_size=o.batch_size, shuffle=True, collate_fn=collate, num_workers=d.num_workers)
-    val = DataLoader(data["val"].with_transform(build_transform(d.image_size, model.mean, model.std, False)),
-                     batch_size=o.batch_size, collate_fn=collate, num_workers=d.num_workers)
+    if d.decode_cache == "off":
+        train_tf = build_transform(d.image_size, model.mean, model.std, True, d.hflip)
+        eval_tf = build_transform(d.image_size, model.mean, model.std, False)
+    else:  # uint8 batches: the model normalizes them (Classifier.prepare)
+        train_tf = build_cached_transform(d.image_size, True, d.hflip, d.decode_cache)
+        eval_tf = build_cached_transform(d.image_size, False, fmt=d.decode_cache)
+    train = DataLoader(data["train"].with_transform(train_tf), batch_size=o.batch_size, shuffle=True,
+                       collate_fn=collate, num_workers=d.num_workers)
+    val = DataLoader(data["val"].with_transform(eval_tf), batch_size=o.batch_size, collate_fn=collate,
+                     num_workers=d.num_workers)
     opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     stamps = []
     for epoch in range(epochs):
