@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -261,3 +262,22 @@ def test_campaign_config_errors_name_the_file_and_key(tmp_path, capsys):
     assert "dataset: unknown key" in capsys.readouterr().err
     assert campaign.main(["--methods", "plain,mixup"]) == 2
     assert "unknown trick 'mixup'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_under_accelerate_launch_every_process_trains_each_cell(tmp_path, digits_folder):
+    """Two gloo processes of one worker: the main one takes the cells and tracks, both train each (one MLflow
+    run per cell, tagged with 2 processes), as a sweep's multi-process trial."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "rifle.study", "--methods", "plain", "--seeds", "2", "--protocol",
+           "authors", "--storage", str(tmp_path / "optuna.journal"), "--tracking_uri", uri, "--output_root",
+           str(tmp_path / "out"), "--report_dir", str(tmp_path / "report"), f"dataset=imagefolder:{digits_folder}",
+           "train_per_class=0", "epochs=2", "batch_size=8", "image_size=48", "channels_last=false"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seeds, parents = children(uri)
+    assert len(parents) == 1 and len(seeds) == 2 and {r.data.tags["num_processes"] for r in seeds} == {"2"}
+    assert all(r.info.status == "FINISHED" for r in seeds) and proc.stdout.count("table and figures:") == 1
