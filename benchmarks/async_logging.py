@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import Clock, build, load, median, wait_until_idle, workdir
+from common import Clock, NoBar, build, load, median, wait_until_idle, workdir
 from servers import mlflow_server
 
 
@@ -36,10 +36,6 @@ def measure(s, cfg, repeats: int) -> dict:
     from rifle import probes
     from rifle.models import block_names
     from rifle.trainer import evaluate, train_epoch
-
-    class NoBar:
-        def update(self, n):
-            pass
 
     blocks = block_names(s.raw.backbone)
 

@@ -128,3 +128,11 @@ def trainer_epoch_times(cfg) -> tuple[list[float], dict]:
     with Others():
         result = fit(cfg, callbacks=[lambda epoch, metrics: stamps.append(time.perf_counter())])
     return [b - a for a, b in zip(stamps, stamps[1:])], result
+
+
+class NoBar:
+    """A progress bar that shows nothing, for the trainer's train_epoch outside fit."""
+
+    def update(self, n):
+        pass
+

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import Clock, Others, build, load, median, wait_until_idle, workdir
+from common import Clock, NoBar, Others, build, load, median, wait_until_idle, workdir
 
 
 def run(repeats: int = 5) -> dict:
@@ -37,10 +37,6 @@ def measure(s, cfg, repeats: int) -> dict:
     from rifle import checkpoint, probes
     from rifle.models import block_names
     from rifle.trainer import evaluate, train_epoch
-
-    class NoBar:
-        def update(self, n):
-            pass
 
     blocks = block_names(s.raw.backbone)
     compute = []

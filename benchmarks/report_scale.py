@@ -48,8 +48,8 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
     from rifle.methods import method_tricks
     from rifle.models import block_names, build_backbone
     from rifle.paired import BASE
-    from rifle.trainer import run_params
     from rifle.track.tracker import param_text
+    from rifle.trainer import run_params
     blocks = block_names(build_backbone("efficientnet_lite0", pretrained=False)[0])
     client = MlflowClient(uri)
     exp = client.create_experiment(EXPERIMENT)
