@@ -237,7 +237,7 @@ datasets:
     seeds, parents = children(uri)
     assert len(parents) == 2 and len(seeds) == 8
     assert {r.data.params["dataset"] for r in seeds} == {"digits", f"imagefolder:{digits_folder}"}
-    from rifle.report import dataset_label, slug
+    from rifle.track.reads import dataset_label, slug
     label = dataset_label(f"imagefolder:{digits_folder}")
     summary = (tmp_path / "report" / "summary.md").read_text()
     assert f"| method | digits | {label} |" in summary and "| rifle − plain | " in summary

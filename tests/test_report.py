@@ -455,8 +455,8 @@ def test_notebooks_are_committed_without_outputs(name):
 
 @pytest.mark.slow
 def test_figures_import_without_pandas():
-    """The trainer draws its training curve with rifle.figures, also where pandas is not installed."""
-    code = "import sys, rifle.figures; assert 'pandas' not in sys.modules, 'pandas imported'"
+    """The trainer draws its training curve with rifle.evidence.figures, also where pandas is not installed."""
+    code = "import sys, rifle.evidence.figures; assert 'pandas' not in sys.modules, 'pandas imported'"
     proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

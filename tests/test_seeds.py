@@ -79,11 +79,11 @@ def test_real_training_loader_orders_by_seed_and_epoch_and_shares_the_order_acro
     from accelerate.data_loader import prepare_data_loader
 
     from rifle.data import load_data
-    from rifle.trainer import make_loaders
+    from rifle.trainer import cached_data, make_loaders
 
     def order(seed, epoch):
         cfg = _loader_config(digits_folder, seed)
-        data, _ = load_data(cfg.data)
+        data = cached_data(cfg, load_data(cfg.data)[0])  # the trainer's path: decoded once, then cropped
         loader = Accelerator(cpu=True).prepare(make_loaders(cfg, data, (0.5,) * 3, (0.5,) * 3)[0])
         loader.set_epoch(epoch)
         indices = [i for batch in loader.batch_sampler for i in batch]
