@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two test processes on two cores: one torch thread each (set before
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch loads), inherited by the runs they start
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the throwaway servers the benchmarks use too
 from servers import free_port, mlflow_server, postgres_database  # noqa: E402,F401

@@ -113,8 +113,10 @@ def test_the_selected_model_serves_labels_and_names_and_is_registered(tmp_path, 
 # ------------------------------------------------------------------------------------------ SIGTERM, Ctrl-C
 
 def _stop_after_first_checkpoint(cmd, out, cwd, env, stop):
+    # its own process group with Ctrl-C at its default, as a terminal's foreground job (a shell's background
+    # job, e.g. pytest started with `&`, would pass SIGINT on ignored)
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own process group, as a terminal's foreground job
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: proc.poll() is not None or list(out.glob("checkpoints/epoch-*")), timeout=400)
     assert proc.poll() is None, "the run ended before it could be stopped: " + proc.stderr.read()[-2000:]
     stop(proc)

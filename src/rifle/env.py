@@ -25,11 +25,14 @@ def cpu_name() -> str:
 
 
 def environment(device=None) -> dict[str, str]:
-    """The env.* tags of a run on `device` (a torch.device; default the CPU)."""
+    """The env.* tags of a run on `device` (a torch.device; default the CPU). On the CPU the device is the
+    model name and the vector unit torch's kernels use (e.g. 'AMD EPYC (AVX2)'): two CPUs sold under one name
+    (an AVX2 and an AVX-512 EPYC) pick different kernels and move results at float level."""
     import torch
     on_gpu = device is not None and getattr(device, "type", "cpu") == "cuda"
+    cpu = f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
     return {"env.torch": torch.__version__, "env.cuda": torch.version.cuda or "none",
-            "env.device": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
+            "env.device": torch.cuda.get_device_name(device) if on_gpu else cpu,
             "env.threads": str(torch.get_num_threads()),
             "env.deterministic": str(torch.are_deterministic_algorithms_enabled()).lower()}
 
