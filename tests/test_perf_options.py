@@ -3,7 +3,9 @@
 One training step with an option on must match the same step with it off (same seed, batch and weights):
 kernels may only change the summation order. Whole runs cannot be compared that tightly: on batches of 8,
 a difference of 1e-6 after one step grows to about 1% of the loss within three SGD steps, whatever the
-option, so the run with every option on is checked for finite losses and the default's accuracy range.
+option, so the run with every option on is checked for finite losses within 10% of the default's and the same
+re-inits (not its test accuracy: on 16 test images after 2 epochs near chance, one machine's summation order
+moved it by 5 images).
 """
 import math
 
@@ -80,14 +82,14 @@ def test_run_with_every_option_on(tmp_path, digits_folder):
     against the default run."""
     from rifle.trainer import fit
     on = {k: v for option in OPTIONS.values() for k, v in option.items()}
-    base, fast = fit(tiny(tmp_path, digits_folder, "default")), fit(tiny(tmp_path, digits_folder, "fast", **on))
+    fit(tiny(tmp_path, digits_folder, "default"))
+    fit(tiny(tmp_path, digits_folder, "fast", **on))
     client, runs = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db")
     hist = {r.info.run_name: [m.value for m in client.get_metric_history(r.info.run_id, "train_loss")] for r in runs}
     reinit = {r.info.run_name: [m.value for m in client.get_metric_history(r.info.run_id, "head_reinit")] for r in runs}
     assert len(hist["fast"]) == 2 and all(math.isfinite(v) for v in hist["fast"])
     assert hist["fast"] == pytest.approx(hist["default"], rel=0.1)
     assert reinit["fast"] == reinit["default"] == [1.0, 0.0]
-    assert abs(fast["test_acc"] - base["test_acc"]) <= 0.25
 
 
 @pytest.mark.slow
