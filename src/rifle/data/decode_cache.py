@@ -4,9 +4,9 @@ JPEG again (the recipe of FFCV, DALI and fast ImageNet training, on Hugging Face
 `cached(ds, short_side, fmt)` maps each split once: the image is decoded, converted to RGB (scan.to_rgb) and
 resized so its shorter side is `short_side` (transforms.resize_for: the trainer's own T.Resize, so the same
 pixels), then kept as raw uint8 (`raw`: HWC bytes and shape) or re-encoded as JPEG at `JPEG_QUALITY`
-(`jpeg`: a quarter of the disk, one cheap decode of the small image per use). The result is an Arrow file in
-`$HF_DATASETS_CACHE/rifle_decode/` named by a hash of what it depends on: the split's datasets fingerprint
-(it changes with any file, the revision, the selection of images or the subset), the size, the format and
+(`jpeg`: about a twelfth of the disk at 224 px, one cheap decode of the small image per use). The result is
+an Arrow file in `$HF_DATASETS_CACHE/rifle_decode/` named by a hash of what it depends on: the split's datasets
+fingerprint (it changes with any file, the revision, the selection of images or the subset), the size, the format and
 its quality, PIL's version and this module's VERSION; a later run, seed, method or worker reads it ready.
 The image scan and the run's dataset fingerprint are computed on the source, before this.
 """
