@@ -27,7 +27,7 @@ from .evidence.stats import (
 )
 from .methods import method_label
 from .track import store
-from .track.store import redact
+from .network import redact
 from .workers.storage import STUDY_ATTR, SweepError, open_storage, resolve_url, scrub
 
 # Options that must agree between the studies for the comparison to be "under the same settings".

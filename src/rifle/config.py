@@ -62,8 +62,8 @@ class DataConfig:
                               "source has no validation split; 0: no validation at all, train on the whole "
                               "train split (the authors' protocol, with --selection last)", minimum=0.0)
     train_per_class: int | None = opt(None, "k training images per class (k-shot subset of train after the "
-                                      "validation split is carved out); 0 keeps all (default: 20 for digits, "
-                                      "else all)", minimum=0)
+                                      "validation split is carved out); 0 keeps all (default: the registry entry's protocol, "
+                                      "e.g. 20 for digits and 30 for caltech256_30, else all)", minimum=0)
     split_seed: int = opt(0, "seed of the validation carve-out and the k-shot subset (fixed across "
                           "training seeds so seeds are paired on the same data)", minimum=0)
     num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
@@ -188,6 +188,9 @@ class RunConfig:
     probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each head re-init "
                                   "averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/<block> "
                                   "(0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
+    network_timeout: int = opt(30, "seconds one contact with the MLflow server, the Optuna storage or the Hugging Face "
+                               "Hub may take, retries included, before the command stops with one line naming it "
+                               "(rifle.network; MLFLOW_HTTP_REQUEST_* variables you set win)", minimum=1)
     threads: int = opt(0, "torch intra-op threads (0: torch's default, one per core); results differ at float "
                        "level between thread counts, so paired tools fix it (tag env.threads)", minimum=0)
     deterministic: bool = opt(False, "torch's deterministic algorithms, cuDNN's deterministic convolutions and a "
@@ -459,12 +462,13 @@ def _check_dataset(cfg: Config) -> str:
         raise ConfigError("dataset_registry", str(e)) from None
     if path:
         d.dataset_registry = str(Path(path).resolve())  # recorded in the params, also when it came from the env
-    ds, spec = d.dataset, d.dataset
+    ds, spec, entry = d.dataset, d.dataset, None
     if registry.is_name(ds):
         if ds not in entries:
             raise ConfigError("dataset", f"unknown dataset {ds!r}: registered are {', '.join(sorted(entries))}; "
                               "or use imagefolder:<root>, disk:<path> or a Hub id (owner/name or hub:<id or folder>)")
-        spec = entries[ds].source
+        entry = entries[ds]
+        spec = entry.source
     for prefix in ("imagefolder:", "disk:"):
         if spec.startswith(prefix) and not os.path.isdir(spec[len(prefix):]):
             where = "" if spec == ds else f" (registry entry {ds!r})"
@@ -473,8 +477,8 @@ def _check_dataset(cfg: Config) -> str:
         raise ConfigError("dataset", "'hub:' needs a dataset id or folder, e.g. hub:tanganke/dtd")
     if d.label_rate > 100:
         raise ConfigError("label_rate", f"a percentage of train in (0, 100], got {d.label_rate:g}")
-    if d.train_per_class is None:
-        d.train_per_class = 20 if ds == "digits" and d.label_rate == 100 else 0
+    if d.train_per_class is None:  # the entry's k-shot protocol (digits: 20 images per class), else all
+        d.train_per_class = (entry.train_per_class or 0) if entry is not None and d.label_rate == 100 else 0
     elif d.train_per_class > 0 and d.label_rate < 100:
         raise ConfigError("label_rate", f"label_rate={d.label_rate:g} and train_per_class={d.train_per_class} "
                           "both subset train: set one of them (train_per_class 0 keeps all)")
@@ -484,7 +488,7 @@ def _check_dataset(cfg: Config) -> str:
 RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "register_model",
             "system_metrics", "keep_checkpoints", "keep_finished_checkpoints",
             "probe_reinit_steps", "channels_last", "compile", "compile_backend", "pin_memory", "num_proc",
-            "delta_cache_dir", "threads", "deterministic")
+            "delta_cache_dir", "threads", "deterministic", "network_timeout")
 
 
 def config_digest(cfg: Config) -> str:

@@ -55,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if isinstance(e, Terminated) else 130
     except Exception as e:
         from .data import DataError
+        from .network import Unreachable
+        from .track.tracker import TrackingLost
         from .trainer import NonFiniteLoss
-        if isinstance(e, DataError):
+        if isinstance(e, (DataError, Unreachable)):
             print(f"rifle.train: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, TrackingLost):  # EX_TEMPFAIL: nothing is wrong with the run; try again later
+            print(f"rifle.train: error: {e}", file=sys.stderr)
+            return 75
         if isinstance(e, NonFiniteLoss):  # diverged: not bad input, so another exit code
             print(f"rifle.train: error: {e}", file=sys.stderr)
             return 3

@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, env, probes
+from . import checkpoint, env, network, probes
 from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
 from .data import decode_cache, fingerprint, load_data
 from .data.transforms import build_cached_transform, build_transform, collate, resize_for
@@ -27,8 +27,8 @@ from .progress import Progress
 from .schedules import cosine_lr
 from .seeds import EpochOrder, seed_process, stream_seed
 from .track import keys as K
-from .track.store import redact
-from .track.tracker import Tracker, git_commit
+from .network import redact
+from .track.tracker import Tracker, TrackingLost, git_commit
 from .tricks import build_tricks
 from .tricks.base import FitContext
 
@@ -209,7 +209,8 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     if acc.is_main_process:
         check_output_dir(str(out))
     with acc.main_process_first():  # the main process fills the datasets caches, the others read them
-        data, scan = load_data(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
+        loaded = load_data(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
+        data, scan = loaded.data, loaded.scan
         decoded = cached_data(cfg, data)
     num_classes = len(data["train"].features["label"].names)
     raw, tricks = make_model(cfg, acc, num_classes, out)
@@ -231,7 +232,7 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     state = resume(cfg, out, raw, optimizer, tricks)
     tracker = start_tracking(cfg, acc, state, mlflow_run_id)
     tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps)})
-    tracker.set_tags({"dataset_fingerprint": ctx.data_fingerprint})
+    tracker.set_tags({"dataset_fingerprint": ctx.data_fingerprint, "dataset_commit": loaded.revision})
     tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
@@ -359,13 +360,19 @@ def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
         add(epoch, metrics)
     state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
               "tricks": {t.name: t.state_dict() for t in s.tricks}}
+    lost = None
     if main:
-        s.tracker.flush()  # the previous epoch is stored before this one is checkpointed (see Tracker.flush)
+        try:
+            s.tracker.flush()  # the previous epoch is stored before this one is checkpointed (see Tracker.flush)
+        except Exception as e:  # e.g. the server went away: this epoch is still checkpointed, then fit stops
+            lost = e
         checkpoint.save(s.out, epoch, s.raw, s.optimizer, state, s.cfg.run.keep_checkpoints)
         for stale in s.out.glob("best-*.safetensors"):
             if stale.name != state["best_file"]:
                 stale.unlink()
-    s.acc.wait_for_everyone()
+    # Waits for every process, as wait_for_everyone would, and tells them all whether to stop together.
+    if float(s.acc.reduce(torch.tensor(float(lost is not None), device=s.acc.device), "sum")) > 0:
+        raise lost or TrackingLost("the main process could not log to MLflow")
     s.tracker.log_metrics(metrics, step=epoch, synchronous=False)
 
 
@@ -377,6 +384,7 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
       on_epoch_metrics(epoch, metrics) after validation and the tricks' epoch end, may add metrics to log;
       on_epoch_end(epoch, metrics) on every process after the checkpoint and logging, may raise to stop
       (the MLflow run then ends FAILED, KILLED on Ctrl-C)."""
+    network.apply(cfg.run.network_timeout)
     done = checkpoint.finished(cfg.run.output_dir)
     if done is not None:
         return already_finished(cfg, done, mlflow_run_id)
@@ -407,6 +415,11 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
         final = test_and_log(s)
     except BaseException as e:
         bar.close()
+        reason = s.tracker.lost(e)
+        if reason:  # nothing to end on a server that is gone: the same command resumes the run once it is back
+            s.tracker.abandon()
+            raise TrackingLost(f"{reason}; the run stopped with epoch {s.state['epoch'] - 1} checkpointed in "
+                               f"{s.out}: run the same command again once the server answers") from None
         s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     s.tracker.end()

@@ -17,7 +17,8 @@ import yaml
 ENV_VAR = "RIFLE_DATASET_REGISTRY"
 SPLITS = ("train", "val", "test")
 FIELDS = ("title", "hub", "source", "revision", "image_column", "label_column", "splits", "test_fraction",
-          "verified", "notes")
+          "classes", "sizes", "train_per_class", "verified", "notes")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")  # a Hub commit: what a pinned revision is
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 
@@ -34,11 +35,24 @@ class Entry:
     label_column: str = "label"
     splits: dict = field(default_factory=dict)   # our split name -> the source's; empty: detect by name
     test_fraction: float | None = None           # held out of train when the source has no test split
-    verified: bool = False
+    classes: int | None = None                   # what the label column must hold, checked at every load
+    sizes: dict = field(default_factory=dict)    # our split name -> images it must hold (before subsets)
+    train_per_class: int | None = None           # the entry's default for --train_per_class (a k-shot protocol)
+    verified: bool = False                       # older files' flag; the stated classes and sizes now check
 
     @property
     def hub_id(self) -> str | None:
         return self.source[len("hub:"):] if self.source.startswith("hub:") else None
+
+    @property
+    def remote(self) -> bool:
+        """A dataset on the Hub (not a local folder laid out like one): it has revisions."""
+        hub = self.hub_id
+        return hub is not None and not Path(hub).expanduser().is_dir()
+
+    @property
+    def pinned(self) -> bool:
+        return self.revision is not None and bool(COMMIT.match(self.revision))
 
 
 def registry_path(option: str | None) -> str | None:
@@ -78,11 +92,23 @@ def _entry(name, raw, where: str) -> Entry:
     if test_fraction is not None and not (isinstance(test_fraction, (int, float)) and 0 < test_fraction < 1):
         raise RegistryError(f"{where}: test_fraction must be a number in (0, 1), got {test_fraction!r}")
     revision = raw.get("revision")
+    sizes = raw.get("sizes") or {}
+    if not isinstance(sizes, dict) or not set(sizes) <= set(SPLITS) or not all(_count(n) for n in sizes.values()):
+        raise RegistryError(f"{where}: 'sizes' maps our splits (train, val, test) to the number of images each "
+                            "must hold, e.g. {train: 5994, test: 5794}")
+    for key in ("classes", "train_per_class"):
+        if raw.get(key) is not None and not _count(raw[key]):
+            raise RegistryError(f"{where}: {key} must be a positive integer, got {raw[key]!r}")
     return Entry(name=name, source=source, revision=None if revision is None else _text(revision, where, "revision"),
                  image_column=_text(raw.get("image_column", "image"), where, "image_column"),
                  label_column=_text(raw.get("label_column", "label"), where, "label_column"),
                  splits={k: _text(v, where, f"splits.{k}") for k, v in splits.items()},
-                 test_fraction=test_fraction, verified=bool(raw.get("verified", False)))
+                 test_fraction=test_fraction, classes=raw.get("classes"), sizes=dict(sizes),
+                 train_per_class=raw.get("train_per_class"), verified=bool(raw.get("verified", False)))
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _text(value, where: str, key: str) -> str:

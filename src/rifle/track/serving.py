@@ -46,7 +46,7 @@ def log_model(tracker, cfg, weights: Path):
     if not tracker.active:
         return None
     from ..config import to_yaml
-    from .store import redact
+    from ..network import redact
 
     tracker.log_file(weights, WEIGHTS_FOLDER)
     safe = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, tracking_uri=redact(cfg.run.tracking_uri)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rifle"
@@ -37,14 +36,6 @@ def tracking_uri(given: str | None = None, nearest_store: bool = False) -> str:
 def experiment_name(given: str | None = None, default: str = DEFAULT_EXPERIMENT) -> str:
     """The experiment to use (module docstring)."""
     return given or os.environ.get("MLFLOW_EXPERIMENT_NAME") or default
-
-
-def redact(url: str | None) -> str | None:
-    """The URL with any password replaced by ***, for logs and params."""
-    parts = urlsplit(url or "")
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
 
 
 def all_pages(search, **kwargs) -> list:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .. import network
+from ..network import redact
 from . import store
 from .keys import TRAIN_LOSS
 from .signals import SignalGuard, restore_status_after_mlflow_run
@@ -29,6 +31,11 @@ def param_text(value) -> str | None:
     """How an option is logged: None (unset, resolved elsewhere) is not logged, an empty string (no tricks,
     the default cache folder...) is `none`, which the options read back as the same value."""
     return None if value is None else str(value) or "none"
+
+
+class TrackingLost(RuntimeError):
+    """The MLflow server stopped answering during a run; the message is one line naming it. The run's
+    checkpoint is on disk and the same command resumes it once the server is back."""
 
 
 class Tracker:
@@ -50,6 +57,8 @@ class Tracker:
         if not sys.stderr.isatty():
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.uri = store.tracking_uri(tracking_uri)
+        if self.remote:  # one request with the deadline: an unreachable server is one line at once
+            network.check_http(self.uri)
         mlflow.set_tracking_uri(self.uri)
         # The experiment is passed to start_run, never made the process-wide active one (set_experiment):
         # a later run in this process (sweeps, tests, `mlflow run`'s MLFLOW_RUN_ID) must not inherit it.
@@ -57,6 +66,34 @@ class Tracker:
         if "MLFLOW_RUN_ID" not in os.environ:
             self.experiment_id = store.experiment_id(mlflow.tracking.MlflowClient(self.uri),
                                                      store.experiment_name(experiment))
+
+    @property
+    def remote(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
+    def lost(self, error: BaseException) -> str | None:
+        """The one line saying the server went away, when `error` came from a server that no longer answers;
+        None for anything else (a local store, a bad value, a server that answers)."""
+        if not (self.active and self.remote) or isinstance(error, (KeyboardInterrupt, TrackingLost)):
+            return None
+        try:
+            network.check_http(self.uri)
+        except network.Unreachable as e:
+            return str(e)
+        return None
+
+    def abandon(self) -> None:
+        """Leave the run as it is on the server (it cannot be reached): forget it here and stop its system
+        metrics thread, without a request. The next start with the same run id resumes it."""
+        from mlflow.tracking import fluent
+        self._pending.clear()
+        while self.mlflow.active_run() is not None:
+            fluent._active_run_stack.get().pop()
+        # No public handle; finish() would flush to the server, so only its (daemon) thread is told to stop.
+        monitor = fluent.run_id_to_system_metrics_monitor.pop(self.run_id, None)
+        if monitor is not None:
+            monitor._shutdown_event.set()
+        self._signals.release()
 
     def start(self, run_id: str | None = None, run_name: str | None = None,
               forced_run_id: str | None = None) -> str | None:
@@ -93,7 +130,7 @@ class Tracker:
         already to another value (`mlflow run -P epochs=7`, truncated to 6) is kept; ours goes to `<name>_resolved`."""
         if not self.active:
             return
-        params = dict(params) | {"experiment": self.experiment_name, "tracking_uri": store.redact(self.uri)}
+        params = dict(params) | {"experiment": self.experiment_name, "tracking_uri": redact(self.uri)}
         existing = self.mlflow.get_run(self.run_id).data.params
         texts = {key: text for key, value in params.items() if (text := param_text(value)) is not None}
         out = {key: text for key, text in texts.items() if key not in existing}

@@ -25,7 +25,7 @@ from optuna.storages._heartbeat import (
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
-from ..track.store import redact
+from ..network import redact
 
 STUDY_ATTR = "rifle_sweep"          # study user attr: uuid, method, space signature
 HEARTBEAT_ATTR = "rifle:heartbeat"  # trial system attr on journal storage (unix time of the last beat)

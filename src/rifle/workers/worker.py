@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 
 from .. import config as C
 from ..track import keys as K
-from ..track.store import redact
+from ..network import redact
 from .runs import SweepRuns, origin
 from .storage import MEMORY, STUDY_ATTR, open_study, scrub
 
