@@ -36,14 +36,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, folder: Path, workers: int = 1):
-    """`mlflow server` on `backend_uri`, bound to 127.0.0.1, artifacts proxied into folder/art; yields its URL
-    once /health answers and stops it (its whole process group: it forks workers) afterwards."""
+def mlflow_server(backend_uri: str, folder: Path, workers: int = 1, port: int | None = None):
+    """`mlflow server` on `backend_uri`, bound to 127.0.0.1 (on `port`, else a free one), artifacts proxied into
+    folder/art; yields its URL once /health answers and stops it (its whole process group: it forks workers)
+    afterwards."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_RUN")} | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    port = free_port()
-    log = open(folder / "server.log", "w")
+    port = port or free_port()
+    log = open(folder / "server.log", "a")
     server = subprocess.Popen([str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1",
                                "--port", str(port), "--workers", str(workers), "--backend-store-uri", backend_uri,
                                "--artifacts-destination", str(folder / "art")],

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import mlflow_runs, mlflow_server, run_cli, subprocess_env, wait_for
+from conftest import free_port, mlflow_runs, mlflow_server, run_cli, subprocess_env, wait_for
 from rifle import checkpoint
 
 
@@ -132,3 +132,35 @@ def test_divergence_never_overwrites_the_last_good_checkpoint(tmp_path, digits_f
     assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
     head = next(t for name, t in saved.items() if name.split(".")[-2:] == ["head", "weight"])
     assert torch.isnan(built[0].head.weight).all() and head.shape == built[0].head.weight.shape  # poisoned live
+
+
+@pytest.mark.slow
+def test_tracking_server_lost_mid_run_stops_in_one_line_and_resumes_once_it_is_back(tmp_path, digits_folder):
+    """A real `mlflow server` killed while the run trains: the run checkpoints, stops within the network deadline
+    with one line (exit 75), and the same command resumes it into the same MLflow run once the server is back
+    on the same store: every epoch logged exactly once."""
+    port, backend, out = free_port(), f"sqlite:///{tmp_path}/server.db", tmp_path / "out"
+    cmd = [sys.executable, "-m", "rifle.train", *args(digits_folder, out, f"http://127.0.0.1:{port}"),
+           "--epochs", "24", "--network_timeout", "6"]
+    with mlflow_server(backend, tmp_path, port=port):
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: proc.poll() is not None or epochs_saved(out) >= 3, timeout=300, interval=0.01)
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+    started = time.monotonic()  # the server is gone
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr[-2000:]
+    assert time.monotonic() - started < 40
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"rifle.train: error: the MLflow server http://127.0.0.1:{port} does not answer") and \
+        "checkpointed in" in line and "run the same command again once the server answers" in line
+    stopped_at = epochs_saved(out)
+    assert 3 <= stopped_at < 24
+
+    with mlflow_server(backend, tmp_path, port=port) as uri:
+        again = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-2000:]
+        client, runs = mlflow_runs(uri)
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
+        assert sorted(steps) == list(range(24))  # each epoch once: none lost with the server, none twice

@@ -15,7 +15,7 @@ import time
 import uuid
 import warnings
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -25,6 +25,7 @@ from optuna.storages._heartbeat import (
 from optuna.storages.journal import BaseJournalBackend
 from optuna.trial import TrialState
 
+from .. import network
 from ..network import redact
 
 STUDY_ATTR = "rifle_sweep"          # study user attr: uuid, method, space signature
@@ -127,7 +128,8 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
                 return HeartbeatJournalStorage(JournalFileBackend(os.path.abspath(url)), heartbeat_interval,
                                                grace_period, retry)
             if url.startswith(("redis://", "rediss://")):
-                return HeartbeatJournalStorage(JournalRedisBackend(url), heartbeat_interval, grace_period, retry)
+                return HeartbeatJournalStorage(JournalRedisBackend(_redis_deadline(url)), heartbeat_interval,
+                                               grace_period, retry)
             if url.startswith("sqlite"):
                 print("rifle.sweep: warning: SQLite is not safe for parallel workers; use a journal file (the "
                       "default) or PostgreSQL", file=sys.stderr)
@@ -138,13 +140,26 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int = 120
         raise SweepError(f"cannot open the storage {redact(url)}: {scrub(text, url)}") from None
 
 
+def _redis_deadline(url: str) -> str:
+    """The URL with redis-py's connect and socket timeouts (network.timeout()) unless it sets its own: without
+    them an unreachable Redis blocks for the operating system's TCP timeout."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    for key in ("socket_connect_timeout", "socket_timeout"):
+        query.setdefault(key, str(network.timeout()))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
 def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStorage:
     import sqlalchemy.exc
     if url.startswith("postgresql://"):  # psycopg 3, installed with the project (SQLAlchemy's default is 2)
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    engine = {"pool_pre_ping": True}
+    if url.startswith(("postgresql", "mysql")):  # libpq's and MySQL's connect deadline, seconds
+        engine["connect_args"] = {"connect_timeout": network.timeout()}
     for attempt in range(10):
         try:
-            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=heartbeat_interval,
+            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                               grace_period=grace_period, heartbeat_stale_trial_callback=retry)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # Workers started together on a fresh database race to create Optuna's tables; the loser finds
