@@ -41,7 +41,7 @@ def measure(s, cfg, repeats: int) -> dict:
 
     def epoch(k: int) -> tuple[dict, float]:
         with Clock() as c:
-            metrics = train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, s.acc, cfg, k, NoBar(), [s.probe])
+            metrics = train_epoch(s, k, NoBar(), [s.probe])
             metrics |= {"val_acc": evaluate(s.model, s.loaders[1], s.acc), "head_reinit": 0.0}
             s.probe.on_epoch_metrics(k, metrics)
             metrics |= probes.weight_distances(s.raw.backbone, s.pretrained, blocks)

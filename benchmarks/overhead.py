@@ -42,7 +42,7 @@ def measure(s, cfg, repeats: int) -> dict:
     compute = []
     for epoch in range(2):  # the first warms up (allocator, oneDNN primitives)
         with Clock() as c:
-            metrics = train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, s.acc, cfg, epoch, NoBar())
+            metrics = train_epoch(s, epoch, NoBar())
             metrics |= {"val_acc": evaluate(s.model, s.loaders[1], s.acc), "head_reinit": 0.0}
         compute.append(c.seconds)
     probe_s, log_s, ckpt_s = [], [], []
@@ -63,7 +63,7 @@ def measure(s, cfg, repeats: int) -> dict:
             for probe in probes_on:
                 probe.on_epoch_start(2 + k)
             with Clock() as c:
-                train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, s.acc, cfg, 2 + k, NoBar(), probes_on)
+                train_epoch(s, 2 + k, NoBar(), probes_on)
                 for probe in probes_on:
                     probe.grad_norms(2 + k)
             times.append(c.seconds)

@@ -68,7 +68,7 @@ def probe(seed: int, epochs: int, overrides: dict) -> dict:
         for epoch in range(reinit_at + 1):  # plain fine-tuning up to the end of RIFLE's first period
             seed_process(stream_seed(cfg.run.seed, epoch, s.acc.process_index))  # as the trainer's fit
             s.loaders[0].set_epoch(epoch)
-            train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, [], s.acc, cfg, epoch, _NoBar())
+            train_epoch(s, epoch, _NoBar())
         blocks = block_names(s.raw.backbone)
         trained, loss_trained = block_grad_norms(s, blocks, reinit_at + 1)
         trained_norm = s.raw.head.weight.norm().item()

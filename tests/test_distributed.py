@@ -182,7 +182,7 @@ def trainer_check(acc, digits_folder: str, tmp: str) -> dict:
     def record(module, args, output):  # per step: how many blocks this rank dropped
         steps.append(sum(float(g.dropped) for g in trick.gates) - sum(steps))
     s.raw.register_forward_hook(record)
-    metrics = train_epoch(s.model, s.raw, s.loaders[0], s.optimizer, s.tricks, acc, cfg, 0, tqdm(disable=True))
+    metrics = train_epoch(s, 0, tqdm(disable=True))
     s.tracker.end()
     mine = torch.tensor(steps)
     return {"sync_bn": sum(isinstance(m, CpuSyncBatchNorm) for m in norms),

@@ -3,6 +3,7 @@ tiny models (32x32 inputs, batch 4, no downloads), deterministic evaluation, and
 import copy
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -78,8 +79,9 @@ def run_steps(tricks, ctx, cfg, epochs=1):
         for t in tricks:
             t.meter.reset()
             t.on_epoch_start(epoch)
-        metrics = train_epoch(ctx.model, ctx.model, ctx.train_loader, ctx.optimizer, tricks, ctx.accelerator,
-                              cfg, epoch, tqdm(disable=True))
+        session = SimpleNamespace(cfg=cfg, acc=ctx.accelerator, model=ctx.model, raw=ctx.model,
+                                  optimizer=ctx.optimizer, tricks=tricks, loaders=(ctx.train_loader,))
+        metrics = train_epoch(session, epoch, tqdm(disable=True))
         losses.append(metrics["train_loss"])
         all_metrics.append(epoch_end(tricks, epoch, metrics, ctx.accelerator))
     return losses, all_metrics

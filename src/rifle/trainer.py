@@ -121,32 +121,41 @@ def hooks(callbacks, name: str) -> list:
     return [getattr(c, name, c) for c in callbacks if hasattr(c, name) or (name == "on_epoch_end" and callable(c))]
 
 
-def train_epoch(model, raw, loader, optimizer, tricks, acc, cfg, epoch, bar, callbacks=()) -> dict[str, float]:
+def train_step(s: "Session", images, labels, epoch: int, fraction: float, observers=()) -> tuple:
+    """One batch: the tricks' learning rates at epoch + fraction, forward, the tricks' targets and penalties, backward,
+    the observers (the gradient the optimizer is about to use), the optimizer step. (loss, logits, lrs)."""
+    cfg, acc, optimizer = s.cfg, s.acc, s.optimizer
+    lrs = {"backbone": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.lr),
+           "head": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.head_lr)}
+    for t in s.tricks:
+        lrs = t.lr(lrs, epoch + fraction)
+    for group in optimizer.param_groups:
+        group["lr"] = lrs[group["name"]]
+    with acc.accumulate(s.model):
+        logits = s.model(images)
+        targets = labels
+        for t in s.tricks:
+            targets = t.before_loss(logits, targets)
+        loss = F.cross_entropy(logits, targets)
+        for t in s.tricks:
+            extra = t.penalty(s.raw, images)
+            loss = loss if extra is None else loss + extra
+        acc.backward(loss)
+        if observers and acc.sync_gradients:
+            for observe in observers:
+                observe(acc.scaler.get_scale() if acc.scaler is not None else 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logits, lrs
+
+
+def train_epoch(s: "Session", epoch: int, bar, callbacks=()) -> dict[str, float]:
     observers = hooks(callbacks, "after_backward")
-    model.train()
+    s.model.train()
+    loader, acc = s.loaders[0], s.acc
     losses, correct, seen = [], torch.zeros((), device=acc.device), 0
     for i, (images, labels) in enumerate(loader):
-        lrs = {"backbone": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.lr),
-               "head": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.head_lr)}
-        for t in tricks:
-            lrs = t.lr(lrs, epoch + i / len(loader))
-        for group in optimizer.param_groups:
-            group["lr"] = lrs[group["name"]]
-        with acc.accumulate(model):
-            logits = model(images)
-            targets = labels
-            for t in tricks:
-                targets = t.before_loss(logits, targets)
-            loss = F.cross_entropy(logits, targets)
-            for t in tricks:
-                extra = t.penalty(raw, images)
-                loss = loss if extra is None else loss + extra
-            acc.backward(loss)
-            if observers and acc.sync_gradients:  # the gradient the optimizer is about to use
-                for observe in observers:
-                    observe(acc.scaler.get_scale() if acc.scaler is not None else 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss, logits, lrs = train_step(s, images, labels, epoch, i / len(loader), observers)
         losses.append(loss.detach().float())
         correct += (logits.argmax(1) == labels).sum()  # against the true labels, whatever a trick did
         seen += labels.numel()
@@ -404,7 +413,7 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
             train_loader.generator.manual_seed(stream_seed(cfg.run.seed, epoch, s.acc.process_index, "workers"))
             for start in hooks(callbacks, "on_epoch_start"):
                 start(epoch)
-            metrics = train_epoch(s.model, s.raw, train_loader, s.optimizer, s.tricks, s.acc, cfg, epoch, bar, callbacks)
+            metrics = train_epoch(s, epoch, bar, callbacks)
             if val_loader is not None:
                 metrics[K.VAL_ACC] = evaluate(s.model, val_loader, s.acc)
             end_epoch(s, epoch, metrics, callbacks)
