@@ -448,7 +448,7 @@ def test_cli_trains_on_a_registry_entry_skipping_bad_images(tmp_path, bad_folder
 
 def test_free_space_check_refuses_a_run_that_cannot_fit(tmp_path):
     import torch
-    from rifle.trainer import check_free_space
+    from rifle.checkpoint import check_free_space
     small = torch.nn.Linear(10, 10)
     check_free_space(tmp_path, small, keep=2)
     huge = torch.nn.Linear(2**24, 2**24, bias=False, device="meta")  # 1 PiB of float32, never allocated

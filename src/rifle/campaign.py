@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -91,8 +92,9 @@ def summary_tables(runs_by_protocol: dict, reference: str) -> tuple[str, "pd.Dat
     return "\n".join(lines), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = paired.paired_parser("campaign", __doc__, experiment="rifle-campaign", runs="campaign's", example="epochs=40",
+def parser(prog: str = "campaign", doc: str = __doc__):
+    p = paired.paired_parser("campaign", doc, experiment="rifle-campaign", runs="campaign's", example="epochs=40",
+                             prog=prog,
                              output_help="runs go to <root>/<name>-<dataset>-<protocol>/<method>/seed-<s>",
                              report_help="per group <dir>/<dataset>/<protocol>/, and summary.md / summary.csv")
     p.add_argument("--config", default="", help="campaign YAML: fixed options, datasets with their own options, "
@@ -105,7 +107,19 @@ def main(argv: list[str] | None = None) -> int:
                    "<name>-<dataset>-<protocol>")
     p.add_argument("--reference", default="rifle", help="the method whose paired differences the tables show")
     p.set_defaults(seeds=None, protocol=None)
-    args = p.parse_args(argv)
+    return p
+
+
+class Plan(NamedTuple):
+    name: str
+    plan: dict      # group -> method label -> trainer options (rifle.paired)
+    groups: dict    # group -> (dataset, protocol)
+    seeds: list
+
+
+def build_plan(args, tool: str = "campaign") -> Plan | None:
+    """The campaign of `args` (config file, then the command line), every configuration built and each group's
+    budget checked (rifle.paired.paired_plan); None after printing the error of a bad value."""
     try:
         cfg = load_config(args.config) if args.config else {}
         datasets = ({d: {} for d in args.datasets.split(",") if d} if args.datasets else cfg.get("datasets")) \
@@ -115,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
                                             or ["plain", "rifle"])]
         methods = paired.method_options(labels)
     except (C.ConfigError, ValueError) as e:
-        print(f"rifle.campaign: error: {e}", file=sys.stderr)
-        return 2
+        print(f"rifle.{tool}: error: {e}", file=sys.stderr)
+        return None
     args.seeds = args.seeds if args.seeds is not None else int(cfg.get("seeds", 5))
     args.protocol = args.protocol or cfg.get("protocol", "both")
     name = args.name or cfg.get("name") or "campaign"
     base = cfg["fixed"] if "fixed" in cfg else paired.BASE
     if args.protocol not in (*paired.PROTOCOLS, "both"):
-        print(f"rifle.campaign: error: --protocol: got {args.protocol!r}, allowed: validated, authors, both",
+        print(f"rifle.{tool}: error: --protocol: got {args.protocol!r}, allowed: validated, authors, both",
               file=sys.stderr)
-        return 2
+        return None
     groups = {}  # group -> (dataset, protocol)
 
     def plan_of(protocol: str, shared: dict) -> dict:
@@ -135,14 +149,20 @@ def main(argv: list[str] | None = None) -> int:
             out[group] = {label: (shared | {"dataset": dataset} | own | options) for label, options in methods.items()}
         return out
 
-    plan = paired.paired_plan(args, "campaign", plan_of, base)
-    if plan is None:
+    plan = paired.paired_plan(args, tool, plan_of, base)
+    return None if plan is None else Plan(name, plan, groups, list(range(args.seeds)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    built = build_plan(args)
+    if built is None:
         return 2
-    status, parents = paired.run("campaign", name, plan, list(range(args.seeds)), args)
+    status, parents = paired.run("campaign", built.name, built.plan, built.seeds, args)
     code = paired.exit_code("campaign", status)
     if code is not None:
         return code
-    return write_reports(args, name, groups, parents)
+    return write_reports(args, built.name, built.groups, parents)
 
 
 def write_reports(args, name: str, groups: dict, parents: dict) -> int:

@@ -13,10 +13,49 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .config import ConfigError
 from .files import write_atomically, write_text
 
 PREFIX = "epoch-"
 FINISHED = "finished.json"  # a finished run's record: options, history, result, MLflow run id
+
+
+def check_output_dir(path: str) -> None:
+    """Fail before training if checkpoints cannot be written there."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        probe = Path(path) / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0" * 65536)
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError("output_dir", f"cannot write to {path!r}: {e.strerror or e}") from None
+
+
+def sizes(model: torch.nn.Module, momentum: bool = True) -> tuple[int, int]:
+    """(bytes of the weights, bytes of the SGD momentum) a checkpoint of `model` holds."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return weights, sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) if momentum else 0
+
+
+def footprint(model: torch.nn.Module, keep: int, momentum: bool = True) -> int:
+    """Bytes a run's files take at their peak: `keep` checkpoints (weights and SGD momentum) plus one being
+    written, and the best weights plus a new one being written."""
+    weights, optim = sizes(model, momentum)
+    return (keep + 1) * (weights + optim) + 2 * weights
+
+
+def check_free_space(path: str | Path, model: torch.nn.Module, keep: int, momentum: bool = True) -> None:
+    """Fail before training if the run's files (`footprint`) cannot fit. Files already there count as free: a
+    resumed run rotates them."""
+    need, per_checkpoint = footprint(model, keep, momentum), sum(sizes(model, momentum))
+    root = Path(path)
+    mine = sum(f.stat().st_size for pattern in ("checkpoints/**/*", "best-*.safetensors")
+               for f in root.glob(pattern) if f.is_file())
+    free = shutil.disk_usage(root).free + mine
+    if free < need * 1.1:  # headroom for MLflow's local files and the filesystem's own blocks
+        raise ConfigError("output_dir", f"{free / 2**20:.0f} MiB free for {str(root)!r}, the run needs about "
+                          f"{need * 1.1 / 2**20:.0f} MiB ({keep} checkpoint(s) of {per_checkpoint / 2**20:.0f} MiB, "
+                          "one more while writing, and the best weights): free space or lower --keep_checkpoints")
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:

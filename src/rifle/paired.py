@@ -32,9 +32,9 @@ BUDGET = ("epochs", "batch_size", "grad_accum_steps", *(n for n, (s, _) in C.all
 
 
 def paired_parser(tool: str, doc: str, *, experiment: str, runs: str, output_help: str, report_help: str,
-                  example: str) -> argparse.ArgumentParser:
+                  example: str, prog: str = "") -> argparse.ArgumentParser:
     """The options rifle.study, rifle.regime and rifle.campaign share; outputs under outputs/<tool>."""
-    p = argparse.ArgumentParser(prog=f"python -m rifle.{tool}", description=doc.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m rifle.{prog or tool}", description=doc.split("\n\n")[0])
     p.add_argument("--seeds", type=int, default=5, help="paired seeds 0..N-1")
     p.add_argument("--protocol", default="both", choices=(*PROTOCOLS, "both"),
                    help="validated (best-validation checkpoint), authors (all of train, last epoch) or both")
@@ -110,10 +110,8 @@ def paired_plan(args, tool: str, groups: Callable[[str, dict], dict[str, dict[st
 def run(tool: str, name: str, plan: dict[str, dict[str, dict]], seeds: list[int], args,
         group_tags: dict | None = None, cell_tags: dict | None = None) -> tuple[str, dict[str, str]]:
     """Train the plan's cells (group, seed, method order) with rifle.sweep.cells.run_cells: (status, parents)."""
-    from .workers.cells import Cell, run_cells
-    cells = [Cell(group, label, seed, options, (cell_tags or {}).get(label, {}))
-             for group, methods in plan.items() for seed in seeds for label, options in methods.items()]
-    return run_cells(f"rifle.{tool}", name, cells, tracking_uri=args.tracking_uri, experiment=args.experiment,
+    from .workers.cells import cells_of, run_cells
+    return run_cells(f"rifle.{tool}", name, cells_of(plan, seeds, cell_tags), tracking_uri=args.tracking_uri, experiment=args.experiment,
                      output_root=args.output_root, storage=args.storage, group_tags=group_tags,
                      heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period)
 

@@ -37,35 +37,6 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def check_output_dir(path: str) -> None:
-    """Fail before training if checkpoints cannot be written there."""
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        probe = Path(path) / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"0" * 65536)
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError("output_dir", f"cannot write to {path!r}: {e.strerror or e}") from None
-
-
-def check_free_space(path: str | Path, model: torch.nn.Module, keep: int, momentum: bool = True) -> None:
-    """Fail before training if the run's files cannot fit: `keep` checkpoints (weights and SGD momentum) plus
-    one being written, and the best weights plus a new one being written. Files already there count as free:
-    a resumed run rotates them."""
-    import shutil
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    optim = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) if momentum else 0
-    need = (keep + 1) * (weights + optim) + 2 * weights
-    root = Path(path)
-    mine = sum(f.stat().st_size for pattern in ("checkpoints/**/*", "best-*.safetensors")
-               for f in root.glob(pattern) if f.is_file())
-    free = shutil.disk_usage(root).free + mine
-    if free < need * 1.1:  # headroom for MLflow's local files and the filesystem's own blocks
-        raise ConfigError("output_dir", f"{free / 2**20:.0f} MiB free for {str(root)!r}, the run needs about "
-                          f"{need * 1.1 / 2**20:.0f} MiB ({keep} checkpoint(s) of {(weights + optim) / 2**20:.0f} "
-                          "MiB, one more while writing, and the best weights): free space or lower --keep_checkpoints")
-
-
 def make_loaders(cfg: Config, data, mean, std):
     """Train, val (with validation) and test loaders. With the decode cache (`data` from `cached_data`) they
     give uint8 batches, which the model normalizes on its device (models.Classifier.prepare)."""
@@ -216,7 +187,7 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     """Accelerator, data, model, tricks, optimizer; resumes from the newest checkpoint in output_dir."""
     acc, out, o = make_accelerator(cfg), Path(cfg.run.output_dir), cfg.optim
     if acc.is_main_process:
-        check_output_dir(str(out))
+        checkpoint.check_output_dir(str(out))
     with acc.main_process_first():  # the main process fills the datasets caches, the others read them
         loaded = load_data(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
         data, scan = loaded.data, loaded.scan
@@ -271,15 +242,16 @@ def make_accelerator(cfg: Config) -> Accelerator:
                        dataloader_config=DataLoaderConfiguration(non_blocking=cfg.run.pin_memory))
 
 
-def make_model(cfg: Config, acc: Accelerator, num_classes: int, out: Path) -> tuple[torch.nn.Module, list]:
-    """The Classifier (the same head init on every process) with the tricks' module surgery, and the tricks."""
+def make_model(cfg: Config, acc: Accelerator, num_classes: int, out: Path | None) -> tuple[torch.nn.Module, list]:
+    """The Classifier (the same head init on every process) with the tricks' module surgery, and the tricks; the
+    free space for its checkpoints in `out` checked (None: no files)."""
     set_seed(cfg.run.seed)
     raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout)
     if cfg.optim.sync_bn and acc.num_processes > 1:  # before the tricks hook BatchNorm modules: it replaces them
         from .sync_bn import convert_sync_batchnorm
         raw = convert_sync_batchnorm(raw, cpu=acc.device.type == "cpu")
-    if acc.is_main_process:
-        check_free_space(out, raw, cfg.run.keep_checkpoints, momentum=cfg.optim.momentum > 0)
+    if acc.is_main_process and out is not None:
+        checkpoint.check_free_space(out, raw, cfg.run.keep_checkpoints, momentum=cfg.optim.momentum > 0)
     tricks = build_tricks(cfg)
     for t in tricks:
         t.prepare_model(raw)
@@ -476,3 +448,68 @@ def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> Non
     if cfg.run.log_weights:  # weights/<file> and the MLflow model runs:/<run_id>/model (rifle/serving.py)
         from .track.serving import log_model
         log_model(tracker, cfg, out / state["best_file"])
+
+
+def measure_steps(cfg: Config, num_classes: int, steps: int = 3, seconds: float = 2.0,
+                  scratch: Path | None = None) -> dict:
+    """What one training step of `cfg` costs on this machine's device, every trick acting: images per second of
+    `steps` steps (more until `seconds` have passed) after a warm-up one and of evaluation batches alike, the
+    peak device memory (bytes; None on the CPU), the seconds to build the model, the bytes of its weights and
+    of a checkpoint, and (given a `scratch` folder, emptied again) the seconds an epoch's end takes beyond
+    validation: a checkpoint written there and the block probe's weight distances. Random uint8 batches at the
+    config's batch and image size (what the decode cache gives): no data and no MLflow run. For rifle.preflight."""
+    import time
+
+    start = time.perf_counter()
+    acc = make_accelerator(cfg)
+    raw, tricks = make_model(cfg, acc, num_classes, None)
+    pretrained = probes.snapshot(raw.backbone)
+    optimizer = torch.optim.SGD(param_groups(raw), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay)
+    model, optimizer = acc.prepare(raw, optimizer)
+    b, size = cfg.optim.batch_size, cfg.data.image_size
+    images = torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=acc.device)
+    labels = torch.arange(b, device=acc.device) % num_classes
+    ctx = FitContext(raw, optimizer, acc, num_classes, pretrained,
+                     lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
+                                         cfg.model.backbone_dropout).backbone, None)
+    s = Session(cfg, acc, Path("."), raw, model, optimizer, (), tricks, pretrained, None, None, {})
+    for t in tricks:
+        t.on_fit_start(ctx)
+        t.stand_in(raw, images)  # e.g. DELTA's attention, which its first epoch would measure
+        t.on_epoch_start(0)
+    built = time.perf_counter() - start
+    if acc.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(acc.device)
+
+    def timed(step) -> float:
+        """Images per second over `steps` steps or more, until `seconds` have passed (at most 20 times `steps`)."""
+        step()  # warm-up: allocations, cuDNN's choice of kernels
+        if acc.device.type == "cuda":
+            torch.cuda.synchronize(acc.device)
+        begin, done = time.perf_counter(), 0
+        while done < steps or (time.perf_counter() - begin < seconds and done < 20 * steps):
+            step()
+            done += 1
+            if acc.device.type == "cuda":
+                torch.cuda.synchronize(acc.device)
+        return done * b / (time.perf_counter() - begin)
+
+    model.train()
+    train_rate = timed(lambda: train_step(s, images, labels, 0, 0.0))
+    model.eval()
+    with torch.no_grad():
+        eval_rate = timed(lambda: model(images))
+    peak = torch.cuda.max_memory_allocated(acc.device) if acc.device.type == "cuda" else None
+    weights, momentum = checkpoint.sizes(raw, cfg.optim.momentum > 0)
+    epoch_end = 0.0
+    if scratch is not None:
+        import tempfile
+        with tempfile.TemporaryDirectory(dir=scratch, prefix=".preflight-") as tmp:
+            begin = time.perf_counter()
+            checkpoint.save(tmp, 0, raw, optimizer, {"epoch": 1}, keep=1)
+            probes.weight_distances(raw.backbone, pretrained, block_names(raw.backbone))
+            epoch_end = time.perf_counter() - begin
+    return {"train_images_per_s": train_rate, "eval_images_per_s": eval_rate, "peak_memory_bytes": peak,
+            "build_s": built, "weights_bytes": weights, "checkpoint_bytes": weights + momentum,
+            "epoch_end_s": epoch_end, "device": str(acc.device)}

@@ -172,3 +172,20 @@ def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | N
         except OSError:
             pass  # a read-only cache only costs a rescan next time
     return report
+
+
+def sample_problems(ds, per_split: int) -> tuple[int, list[str]]:
+    """Decode `per_split` evenly spaced images of every split (rifle.preflight's quick look; training scans all):
+    (images decoded, "<file>: <reason>" of each that fails)."""
+    import datasets
+
+    checked, bad = 0, []
+    for split in sorted(ds):
+        raw = ds[split].select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+        for i in np.unique(np.linspace(0, len(raw) - 1, num=min(per_split, len(raw)), dtype=int)).tolist():
+            cell = raw[i]["image"] or {}
+            reason, _ = check_image(cell.get("bytes"), cell.get("path"))
+            checked += 1
+            if reason is not None:
+                bad.append(f"{_file_name(split, i, cell)}: {reason}")
+    return checked, bad

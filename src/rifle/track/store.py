@@ -68,3 +68,18 @@ def mark_training(client, experiment_id: str) -> None:
             client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
     except Exception as e:
         print(f"rifle: could not tag experiment {experiment_id} as model training: {e}", file=sys.stderr)
+
+
+def check_tracking(uri: str) -> str:
+    """What rifle.preflight asks of a tracking store, creating nothing: a server answers within the network
+    deadline (network.Unreachable otherwise); a local store's folder is writable (OSError otherwise)."""
+    from .. import network
+    if uri.startswith(("http://", "https://")):
+        network.check_http(uri)
+        return f"{network.redact(uri)} answers within {network.timeout()} s"
+    path = Path(uri.removeprefix("sqlite:///").removeprefix("file://") if "://" in uri else uri)
+    folder = path.parent if uri.startswith("sqlite") else path
+    folder = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not os.access(folder, os.W_OK):
+        raise OSError(f"the tracking store {uri} cannot be written: {folder} is not writable")
+    return f"{uri}: {folder} is writable"

@@ -30,6 +30,7 @@ class Trick:
     prepare_model(model)                 before the optimizer exists: module surgery only
     on_fit_start(ctx)                    after accelerate.prepare (and before load_state_dict on resume)
     on_epoch_start(epoch)
+    stand_in(model, images)              rifle.preflight only, instead of the first epoch's measurements
     lr(lrs, progress) -> lrs             before every optimizer step; progress = epoch + fraction done
     before_loss(logits, labels) -> labels
     penalty(model, images) -> tensor     added to the loss (None: nothing)
@@ -60,6 +61,10 @@ class Trick:
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
+
+    def stand_in(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Before a step is timed without an epoch (rifle.preflight): set up what `on_epoch_start` would measure
+        first (DELTA's channel attention) with placeholders of the right shapes. Nothing by default."""
 
     def lr(self, lrs: dict[str, float], progress: float) -> dict[str, float]:
         return lrs

@@ -407,6 +407,18 @@ class Delta(Trick):
             raise RuntimeError(f"delta: attention for layers {record['layers']}, this run hooks {self.layers}")
         self.record, self.attention, self._att = record, record["attention"], None
 
+    def stand_in(self, model, images):
+        """Uniform attention over each hooked layer's channels (a forward pass of the source counts them): a step
+        then costs what a trained run's step costs, without the measurement."""
+        self._source_on["on"] = True
+        try:
+            with torch.no_grad():
+                self.source(model.prepare(images))
+        finally:
+            self._source_on["on"] = False
+        channels = [self._source.pop(n).shape[1] for n in self.layers]
+        self.load_state_dict({"layers": self.layers, "attention": [[1.0 / c] * c for c in channels]})
+
     def penalty(self, model, images):
         if any(n not in self._target for n in self.layers):
             raise RuntimeError("delta: no feature maps captured from the training forward; penalty() must "

@@ -55,6 +55,12 @@ class Cell:
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def cells_of(plan: dict[str, dict[str, dict]], seeds: list[int], cell_tags: dict | None = None) -> list[Cell]:
+    """A plan's cells in the order group, seed, method: a partial campaign holds complete pairs."""
+    return [Cell(group, label, seed, options, (cell_tags or {}).get(label, {}))
+            for group, methods in plan.items() for seed in seeds for label, options in methods.items()]
+
+
 class CellSpace:
     """The plan as a sweep's search space: one integer parameter, the cell's index in the plan."""
 

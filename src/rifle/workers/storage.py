@@ -214,3 +214,35 @@ def _first_difference(theirs: dict, mine: dict, prefix: str = "") -> str:
     if isinstance(a, dict) and isinstance(b, dict):
         return _first_difference(a, b, f"{prefix}{key}.")
     return f"{prefix}{key} was {a!r}, now {b!r}"
+
+
+def check_storage(url: str, study_name: str, signature: dict | None = None) -> str:
+    """What rifle.preflight asks of a campaign's storage, leaving nothing behind: it opens within the network
+    deadline, takes a study (a throwaway one, deleted again; a journal file made for it is removed), and holds
+    no study `study_name` made for other cells than `signature` describes. A line of what was found; SweepError
+    (one line) otherwise."""
+    fresh_file = "://" not in url and url != MEMORY and not Path(url).exists()
+    storage = open_storage(url)
+    probe = f"rifle-preflight-{uuid.uuid4().hex[:8]}"
+    try:
+        optuna.create_study(storage=storage, study_name=probe)
+        optuna.delete_study(study_name=probe, storage=storage)
+    except Exception as e:
+        raise SweepError(f"the storage {redact(url)} cannot take a study ({scrub(f'{type(e).__name__}: {e}', url)})") \
+            from None
+    finally:
+        if fresh_file:
+            for leftover in (Path(url), Path(f"{url}.lock")):
+                leftover.unlink(missing_ok=True)
+    try:
+        if fresh_file:
+            raise KeyError(study_name)
+        found = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return f"{redact(url)}: writable; no study {study_name!r} yet"
+    theirs = found.user_attrs.get(STUDY_ATTR, {}).get("space")
+    if signature is not None and theirs is not None and theirs != signature:
+        raise SweepError(f"the storage {redact(url)} holds a study {study_name!r} made for other cells "
+                         f"({_first_difference(theirs, signature)}): choose another --name")
+    done = sum(t.state == TrialState.COMPLETE for t in found.get_trials(deepcopy=False))
+    return f"{redact(url)}: writable; study {study_name!r} exists with the same cells ({done} trial(s) complete)"
