@@ -12,9 +12,9 @@ from torch import nn
 
 from rifle import config as C
 from rifle import probes
+from rifle.schedules import clr_cycles, triangular_lr
 from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
-from rifle.tricks.cyclic_lr import triangular_lr
 from rifle.tricks.delta import channel_attention, channel_loss_increase, default_layers, delta_feature_penalty
 from rifle.tricks.disturb_label import disturb_labels
 from rifle.tricks.dropconnect import DropConnectLinear, dropconnect_linear, dropconnect_mask
@@ -156,14 +156,28 @@ def test_triangular_lr_at_chosen_iterations():
         assert triangular_lr(it, base, top, step) == pytest.approx(lr), it
 
 
-def test_cyclic_lr_overrides_both_groups_and_keeps_head_ratio():
-    cfg = C.build({"tricks": "cyclic_lr", "lr": "0.01", "head_lr": "0.1", "clr_step_epochs": "2"})
+def test_cyclic_lr_overrides_both_groups_and_keeps_head_ratio(accelerator):
+    cfg = C.build({"tricks": "cyclic_lr", "lr": "0.01", "head_lr": "0.1", "clr_step_epochs": "2", "epochs": "8"})
     (trick,) = build_tricks(cfg)
+    with pytest.raises(RuntimeError, match="on_fit_start"):
+        trick.lr({"backbone": 1.0, "head": 1.0}, 0.0)
+    trick.on_fit_start(fit_context(tiny_classifier(ConvNet), cfg, accelerator, None, n_batches=5))
     at = lambda p: trick.lr({"backbone": 123.0, "head": 456.0}, p)  # noqa: E731
-    assert at(0.0) == pytest.approx({"backbone": 0.0025, "head": 0.025})   # base = max/4, max = lr
-    assert at(2.0) == pytest.approx({"backbone": 0.01, "head": 0.1})
-    assert at(3.0)["backbone"] == pytest.approx((0.0025 + 0.01) / 2)
-    assert at(4.0)["backbone"] == pytest.approx(0.0025)
+    # 8 epochs of 5 steps, 2 cycles: T = 40 iterations, half-cycle 39/4 = 9.75 iterations (1.95 epochs)
+    assert at(0.0) == {"backbone": 0.0025, "head": pytest.approx(0.025)}   # base = max/4, max = lr
+    assert at(7.8) == {"backbone": 0.0025, "head": pytest.approx(0.025)}   # the last step: the base again
+    assert at(2.0)["backbone"] == pytest.approx(0.0025 + 0.0075 * (1 - 0.25 / 9.75))  # iteration 10, past a peak
+    assert at(3.0) == pytest.approx({"backbone": triangular_lr(15, 0.0025, 0.01, 9.75),
+                                     "head": 10 * triangular_lr(15, 0.0025, 0.01, 9.75)})
+
+
+@pytest.mark.parametrize("epochs,step,cycles", [(30, 2, 8), (7, 2, 2), (40, 2, 10), (1, 2, 1), (40, 10, 2),
+                                                 (10, 2, 2), (6, 0.5, 6)])
+def test_cyclic_lr_cycle_count_is_logged_from_config(epochs, step, cycles):
+    from rifle.trainer import run_params
+    cfg = C.build({"tricks": "cyclic_lr", "epochs": epochs, "clr_step_epochs": step})
+    assert clr_cycles(epochs, step) == cycles == run_params(cfg)["clr_cycles"]
+    assert run_params(C.build({"tricks": "none", "epochs": epochs}))["clr_cycles"] == 0  # no cyclic_lr, no cycles
 
 
 # ---------------------------------------------------------------- L2 and L2-SP

@@ -35,14 +35,15 @@ def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     for name in tricks:
         evidence = EVIDENCE[name]
-        if evidence is None:  # cyclic_lr: each epoch's learning rate (its last step's) is Smith's triangle
-            from rifle.tricks.cyclic_lr import triangular_lr
+        if name == "cyclic_lr":  # each epoch's learning rate (its last step's) on the fitted triangle
+            from rifle.schedules import fitted_triangular_lr
             steps = int(run.data.params["optimizer_steps"]) // 2  # per epoch
-            c = CANONICAL["cyclic_lr"]
-            want = [triangular_lr(e + (steps - 1) / steps, c["clr_base_lr"], c["clr_max_lr"], c["clr_step_epochs"])
+            c, cycles = CANONICAL["cyclic_lr"], int(run.data.params["clr_cycles"])
+            want = [fitted_triangular_lr((e + 1) * steps - 1, 2 * steps, cycles, c["clr_base_lr"], c["clr_max_lr"])
                     for e in range(2)]
             lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "lr_backbone"))
-            assert [v for _, v in lrs] == pytest.approx(want), (lrs, want)
+            assert cycles == 2 and [v for _, v in lrs] == pytest.approx(want), (lrs, want)
+            assert lrs[-1][1] == c["clr_base_lr"]  # the run ends at the bottom of a cycle
             continue
         values = [m.value for m in client.get_metric_history(run.info.run_id, evidence)]
         assert values and max(values) > 0, (evidence, values)
@@ -102,3 +103,17 @@ def test_a_trick_registered_from_outside_trains_with_its_own_options(tmp_path, d
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses[-1] < losses[0], losses  # it trains, towards the shifted labels
 
+
+
+@pytest.mark.slow
+def test_cyclic_lr_ends_training_at_its_base_rate(tmp_path, digits_folder):
+    """3 epochs with a half-cycle of 2 epochs asked: one whole cycle fitted (not 0.75), so the last step trains at
+    clr_base_lr (Smith 2017, Sec. 3.3), and the cycle count is a param of the run."""
+    from rifle.trainer import fit
+    cfg = tiny_config(tmp_path, digits_folder, tricks="cyclic_lr", epochs=3, clr_base_lr=0.002, clr_max_lr=0.02,
+                      clr_step_epochs=2)
+    fit(cfg)
+    client, (run,) = mlflow_runs(cfg.run.tracking_uri)
+    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr_backbone"), key=lambda m: m.step)]
+    assert run.data.params["clr_cycles"] == "1" and len(lrs) == 3
+    assert lrs[-1] == 0.002 and lrs[0] > 0.002  # epoch 0 ends on the way up, the run at the base

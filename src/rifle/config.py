@@ -139,8 +139,10 @@ class TricksConfig:
                                     "(default: clr_max_lr / 4, Smith 2017)", minimum=0.0, exclusive_minimum=True)
     clr_max_lr: float | None = opt(None, "cyclic_lr: upper learning rate (default: lr); the head keeps its "
                                    "head_lr/lr ratio", minimum=0.0, exclusive_minimum=True)
-    clr_step_epochs: float = opt(2.0, "cyclic_lr: half-cycle length in epochs (Smith 2017: 2-10 epochs' "
-                                 "iterations)", minimum=0.0, exclusive_minimum=True)
+    clr_step_epochs: float = opt(2.0, "cyclic_lr: half-cycle asked, in epochs (Smith 2017, Sec. 3.3: 2-10 epochs' "
+                                 "iterations); the run fits max(1, round(epochs / (2 clr_step_epochs))) whole cycles "
+                                 "to its budget (param clr_cycles), so it ends at clr_base_lr",
+                                 minimum=0.0, exclusive_minimum=True)
     l2_alpha: float = opt(1e-4, "l2: alpha/2 ||w||^2 on all parameters, replacing weight_decay (set to 0); "
                           "the default equals the official weight decay", minimum=0.0)
     l2sp_alpha: float = opt(0.01, "l2sp: alpha/2 ||w - w0||^2 on the backbone towards the pretrained "
@@ -445,6 +447,14 @@ def reinit_epochs(cfg: Config) -> list[int]:
 
 def reinit_count(cfg: Config) -> int:
     return len(reinit_epochs(cfg))
+
+
+def clr_cycle_count(cfg: Config) -> int:
+    """The whole triangular cycles cyclic_lr fits to the run (schedules.clr_cycles); 0 without cyclic_lr."""
+    if "cyclic_lr" not in cfg.trick_list:
+        return 0
+    from .schedules import clr_cycles  # pure, no torch
+    return clr_cycles(cfg.optim.epochs, cfg.tricks.clr_step_epochs)
 
 
 def _check_dataset(cfg: Config) -> str:

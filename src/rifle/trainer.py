@@ -19,7 +19,7 @@ from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_se
 from torch.utils.data import DataLoader
 
 from . import checkpoint, env, probes
-from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
+from .config import RUN_ONLY, Config, ConfigError, clr_cycle_count, reinit_count, reinit_epochs, to_yaml
 from .data import decode_cache, fingerprint, load_data
 from .data.transforms import build_cached_transform, build_transform, collate, resize_for
 from .models import block_names, build_model, param_groups
@@ -306,9 +306,10 @@ def start_tracking(cfg: Config, acc: Accelerator, state: dict, mlflow_run_id: st
 
 def run_params(cfg: Config) -> dict:
     """A run's MLflow params: every resolved option (the tracking URI without its password), the number of
-    re-inits RIFLE really makes and the epochs it really trains (after RIFLE's truncation to a multiple of K+1)."""
+    re-inits RIFLE really makes, the whole cycles cyclic_lr fits to the budget (0 without either) and the epochs
+    it really trains (after RIFLE's truncation to a multiple of K+1)."""
     return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg),
-                         "epochs_trained": cfg.optim.epochs}
+                         "clr_cycles": clr_cycle_count(cfg), "epochs_trained": cfg.optim.epochs}
 
 
 def check_same_run(cfg: Config, recorded: dict) -> None:
