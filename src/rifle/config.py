@@ -26,6 +26,8 @@ from .tricks import TRICKS
 TRICK_NAMES = tuple(TRICKS)
 # What to do with images that cannot be decoded (rifle.data.scan): stop, or skip them.
 BAD_IMAGES = ("error", "skip")
+# RIFLE's initializers of the new head (rifle.tricks.rifle.reinit_linear_): the layer's own, or the Paddle port's.
+REINIT_INITS = ("default", "he_normal")
 # Explicit penalties that each replace weight decay with their own definition of "L2": one at a time.
 EXCLUSIVE_REGULARIZERS = ("l2", "l2sp", "delta")
 
@@ -124,6 +126,10 @@ class TricksConfig:
                                    "changes)", minimum=0)
     reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
                                     "re-initialization (the official code keeps them)")
+    reinit_init: str = opt("default", "RIFLE: initializer of the new head at a re-init: default (the layer's own, "
+                           "PyTorch's nn.Linear init, as the official code's reset_parameters) or he_normal (the Paddle "
+                           "port haozhe-an/RIFLE-Paddle-Implementation: weight ~ N(0, 2/fan_in), bias ~ N(0, "
+                           "2/classes)), drawn from the generator seeded by (seed, re-init index)", choices=REINIT_INITS)
     dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
                            "(Srivastava et al. 2014), in [0, 1)", minimum=0.0)
     dropconnect_p: float = opt(0.5, "dropconnect: probability of zeroing each weight and bias of the head, "
