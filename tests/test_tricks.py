@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CANONICAL, EVIDENCE, NUM_CLASSES, images, resnet10t, tiny_classifier
+from helpers import CANONICAL, EVIDENCE, NUM_CLASSES, WITH_RIFLE, images, resnet10t, tiny_classifier
 from torch import nn
 
 from rifle import config as C
@@ -98,6 +98,10 @@ def run_steps(tricks, ctx, cfg, epochs=1):
     ({"tricks": "stochastic_depth", "sd_survival_last": "0"}, "sd_survival_last", ["> 0"]),
     ({"tricks": "stochastic_depth", "sd_mode": "row"}, "sd_mode", ["batch", "sample"]),
     ({"tricks": "cyclic_lr", "clr_base_lr": "0.02"}, "clr_base_lr", ["below"]),
+    ({"tricks": "rifle,head_lr_restart"}, "tricks", ["control", "head_lr_policy=cyclic"]),
+    ({"tricks": "head_lr_restart,cyclic_lr"}, "tricks", ["two learning-rate policies"]),
+    ({"tricks": "head_lr_restart", "epochs": "2", "reinit_times": "2"}, "reinit_times", ["3 head learning-rate periods"]),
+    ({"tricks": "rifle", "reinit_init": "xavier_uniform"}, "reinit_init", ["default, he_normal"]),
 ])
 def test_bad_combinations_fail_before_training(values, option, words):
     with pytest.raises(C.ConfigError) as err:
@@ -109,7 +113,7 @@ def test_bad_combinations_fail_before_training(values, option, words):
 def test_every_method_composes_with_rifle_and_has_canonical_settings():
     assert set(C.TRICK_NAMES) == set(CANONICAL) == set(EVIDENCE)
     for name in C.TRICK_NAMES:
-        for tricks in (name, f"rifle,{name}" if name != "rifle" else "rifle"):
+        for tricks in (name, f"rifle,{name}" if name in WITH_RIFLE else name):
             cfg = C.build({"tricks": tricks, **CANONICAL[name]})
             assert [t.name for t in build_tricks(cfg)] == tricks.split(",")
     # cyclic_lr with RIFLE's default head policy (follow) is fine
@@ -178,6 +182,26 @@ def test_cyclic_lr_cycle_count_is_logged_from_config(epochs, step, cycles):
     cfg = C.build({"tricks": "cyclic_lr", "epochs": epochs, "clr_step_epochs": step})
     assert clr_cycles(epochs, step) == cycles == run_params(cfg)["clr_cycles"]
     assert run_params(C.build({"tricks": "none", "epochs": epochs}))["clr_cycles"] == 0  # no cyclic_lr, no cycles
+
+
+# ---------------------------------------------------------------- head_lr_restart (RIFLE's control)
+
+def test_head_lr_restart_is_rifle_cyclic_without_reinits():
+    """The same budget as RIFLE (truncated to a multiple of K+1), the same head learning rate as RIFLE's cyclic
+    policy at every step, no re-init (head_reinit 0 every epoch), the backbone's rate untouched."""
+    control = C.build({"tricks": "head_lr_restart", "epochs": 41, "reinit_times": 2, "lr": 0.01, "head_lr": 0.1})
+    rifle = C.build({"tricks": "rifle", "epochs": 41, "reinit_times": 2, "lr": 0.01, "head_lr": 0.1,
+                     "head_lr_policy": "cyclic"})
+    assert control.optim.epochs == rifle.optim.epochs == 39 and C.reinit_count(control) == 0
+    (c,), (r,) = build_tricks(control), build_tricks(rifle)
+    for progress in (0.0, 0.5, 12.9, 13.0, 25.99, 26.0, 38.75):
+        lrs = {"backbone": 0.003, "head": 0.03}
+        assert c.lr(lrs, progress) == r.lr(lrs, progress) and c.lr(lrs, progress)["backbone"] == 0.003
+    assert c.lr(lrs, 13.0)["head"] == pytest.approx(0.1)  # restarted at the second period
+    for epoch in range(39):
+        metrics = {}
+        c.on_epoch_end(epoch, metrics)
+        assert metrics == {"head_reinit": 0.0}
 
 
 # ---------------------------------------------------------------- L2 and L2-SP
@@ -500,7 +524,7 @@ def test_delta_default_layers():
 
 # ---------------------------------------------------------------- every method in the hook loop
 
-@pytest.mark.parametrize("name", [n for n in C.TRICK_NAMES if n != "rifle"])
+@pytest.mark.parametrize("name", WITH_RIFLE)
 def test_each_method_with_rifle_runs_acts_and_evaluates_deterministically(name, accelerator):
     cfg = C.build({"tricks": f"rifle,{name}", "epochs": "2", "reinit_times": "1", **CANONICAL[name],
                    **({"delta_layers": "layer4"} if name == "delta" else {})})

@@ -28,6 +28,9 @@ TRICK_NAMES = tuple(TRICKS)
 BAD_IMAGES = ("error", "skip")
 # RIFLE's initializers of the new head (rifle.tricks.rifle.reinit_linear_): the layer's own, or the Paddle port's.
 REINIT_INITS = ("default", "he_normal")
+# Methods that split the run into reinit_times + 1 equal periods, truncating epochs to a multiple of K+1 as the
+# official code does: RIFLE, and its control restarting only the head's learning rate (one budget for both).
+PERIODIC = ("rifle", "head_lr_restart")
 # Explicit penalties that each replace weight decay with their own definition of "L2": one at a time.
 EXCLUSIVE_REGULARIZERS = ("l2", "l2sp", "delta")
 
@@ -97,8 +100,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = opt(20, "training epochs (RIFLE truncates to a multiple of reinit_times+1, as the "
-                      "official code does)", minimum=1)
+    epochs: int = opt(20, "training epochs (RIFLE and head_lr_restart truncate to a multiple of reinit_times+1, "
+                      "as the official code does)", minimum=1)
     batch_size: int = opt(32, "batch size per process", minimum=1)
     sync_bn: bool = opt(False, "synchronize BatchNorm across processes: normalize with the statistics of the "
                         "global batch (batch_size x processes) instead of each process's own (no effect with "
@@ -118,7 +121,8 @@ class OptimConfig:
 class TricksConfig:
     tricks: str = opt("rifle", "comma-separated methods, empty or 'none' for plain fine-tuning: "
                       + ", ".join(TRICK_NAMES))
-    reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods", minimum=1)
+    reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods (head_lr_restart: the "
+                            "same K+1 periods, no re-init)", minimum=1)
     head_lr_policy: str = opt("follow", "RIFLE: head learning rate follows the backbone's cosine, or "
                               "restarts a cosine every period ('cyclic')", choices=("follow", "cyclic"))
     reinit_guard_epochs: int = opt(0, "RIFLE: refuse a configuration whose last re-initialization leaves fewer "
@@ -381,13 +385,16 @@ def resolve(cfg: Config) -> Config:
     _check_tricks(cfg)
     if cfg.run.seed >= 2**32:  # rifle.seeds hashes 32-bit words
         raise ConfigError("seed", f"must be below 2**32, got {cfg.run.seed}")
-    if "rifle" in cfg.trick_list:
+    if any(t in PERIODIC for t in cfg.trick_list):
         periods = cfg.tricks.reinit_times + 1
         if cfg.optim.epochs // periods < 1:
-            raise ConfigError("reinit_times", f"{cfg.tricks.reinit_times} re-initializations need at least "
-                              f"{periods} epochs (one per period), got epochs={cfg.optim.epochs}")
+            what = (f"{cfg.tricks.reinit_times} re-initializations" if "rifle" in cfg.trick_list
+                    else f"{periods} head learning-rate periods (reinit_times={cfg.tricks.reinit_times})")
+            raise ConfigError("reinit_times", f"{what} need at least {periods} epochs (one per period), got "
+                              f"epochs={cfg.optim.epochs}")
         # The official code truncates the run to a whole number of periods.
         cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
+    if "rifle" in cfg.trick_list:
         last = reinit_epochs(cfg)[-1]
         left = cfg.optim.epochs - 1 - last
         if left < cfg.tricks.reinit_guard_epochs:
@@ -419,6 +426,12 @@ def _check_tricks(cfg: Config) -> None:
         raise ConfigError("head_lr_policy", "cyclic_lr and RIFLE's head_lr_policy=cyclic are two learning-rate "
                           "policies for the head; use head_lr_policy=follow with cyclic_lr, or drop cyclic_lr "
                           "from --tricks")
+    if {"head_lr_restart", "rifle"} <= names:
+        raise ConfigError("tricks", "head_lr_restart is RIFLE's cyclic head learning rate without re-inits (its "
+                          "control): use rifle with head_lr_policy=cyclic instead of both")
+    if {"head_lr_restart", "cyclic_lr"} <= names:
+        raise ConfigError("tricks", "head_lr_restart and cyclic_lr are two learning-rate policies for the head: "
+                          "choose one")
     regs = [n for n in EXCLUSIVE_REGULARIZERS if n in names]
     if len(regs) > 1:
         raise ConfigError("tricks", f"{' and '.join(regs)} are alternative regularizers (each replaces weight "
