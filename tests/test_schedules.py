@@ -7,6 +7,7 @@ from rifle.schedules import (
     clr_cycles,
     cosine_lr,
     fitted_triangular_lr,
+    period_boundaries,
     rifle_cyclic_head_lr,
     rifle_period,
     rifle_reinit_epochs,
@@ -75,3 +76,13 @@ def test_fitted_cyclic_lr_edge_cases():
     assert clr_cycles(30, 2) == 8 and clr_cycles(1, 2) == 1 and clr_cycles(9, 2) == 2  # 9/4 = 2.25 -> 2
     with pytest.raises(ValueError, match="cycles >= 1"):
         fitted_triangular_lr(0, 10, 0, 0.1, 0.4)
+
+
+@pytest.mark.parametrize("epochs,k,expected", [(40, 1, [19]), (41, 2, [12, 25]), (30, 3, [6, 13, 20]), (3, 3, []),
+                                               (4, 3, [0, 1, 2])])
+def test_period_boundaries_are_where_rifle_would_reinit(epochs, k, expected):
+    """Every method is probed at RIFLE's boundaries for its (epochs, reinit_times): RIFLE's re-init epochs on the
+    truncated run (30 epochs, K=3: RIFLE trains 28, so no fourth boundary after epoch 27)."""
+    assert period_boundaries(epochs, k) == expected
+    if epochs >= k + 1:
+        assert period_boundaries(epochs, k) == C.reinit_epochs(C.build({"epochs": epochs, "reinit_times": k}))

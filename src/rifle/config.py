@@ -197,9 +197,10 @@ class RunConfig:
                                      "name (a new version per run; needs log_weights)")
     system_metrics: bool = opt(True, "log CPU, memory, disk, network and, on NVIDIA GPUs, GPU use as MLflow "
                                "system/* metrics (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)")
-    probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each head re-init "
-                                  "averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/<block> "
-                                  "(0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
+    probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each period boundary of "
+                                  "(epochs, reinit_times), where RIFLE re-initializes the head (measured for every "
+                                  "method), averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/"
+                                  "<block> (0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
     threads: int = opt(0, "torch intra-op threads (0: torch's default, one per core); results differ at float "
                        "level between thread counts, so paired tools fix it (tag env.threads)", minimum=0)
     deterministic: bool = opt(False, "torch's deterministic algorithms, cuDNN's deterministic convolutions and a "

@@ -27,6 +27,17 @@ def rifle_reinit_epochs(epochs: int, reinit_times: int) -> list[int]:
     return [e for e in range(epochs - 1) if (e + 1) % period == 0]
 
 
+def period_boundaries(epochs: int, reinit_times: int) -> list[int]:
+    """The epochs after which RIFLE with (epochs, reinit_times) re-initializes, whatever the method trained: the K
+    boundaries of the K+1 periods of the run truncated to a multiple of K+1, as RIFLE truncates it (none when
+    epochs < K+1). RIFLE's own `rifle_reinit_epochs` on its truncated epochs; the gradient probe measures every
+    method there, so plain's post / pre ratio at RIFLE's boundary exists."""
+    periods = reinit_times + 1
+    if epochs < periods:
+        return []
+    return rifle_reinit_epochs(periods * (epochs // periods), reinit_times)
+
+
 def rifle_cyclic_head_lr(epoch: float, epochs: int, reinit_times: int, base_lr: float) -> float:
     """Official `fc_lr_util=cyclic`: the head's cosine restarts at every period."""
     period = rifle_period(epochs, reinit_times)

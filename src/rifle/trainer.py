@@ -24,7 +24,7 @@ from .data import decode_cache, fingerprint, load_data
 from .data.transforms import build_cached_transform, build_transform, collate, resize_for
 from .models import block_names, build_model, param_groups
 from .progress import Progress
-from .schedules import cosine_lr
+from .schedules import cosine_lr, period_boundaries
 from .seeds import EpochOrder, seed_process, stream_seed
 from .track import keys as K
 from .track.store import redact
@@ -236,8 +236,9 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
         tracker.set_tags({"images_skipped": len(scan.bad)})
+    # every method measured at the period boundaries, where RIFLE (if trained) re-initializes: ratios side by side
     probe = probes.BlockProbe(raw.backbone, block_names(raw.backbone), pretrained, cfg.run.probe_reinit_steps,
-                              reinit_epochs(cfg))
+                              period_boundaries(o.epochs, cfg.tricks.reinit_times))
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, probe, tracker, state)
 
 
