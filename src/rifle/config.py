@@ -93,6 +93,10 @@ class ModelConfig:
     model: str = opt("efficientnet_lite0", "backbone: 'efficientnet_lite0' (bundled ImageNet weights, "
                      "offline), 'torchvision:<name>' (e.g. torchvision:resnet50) or 'timm:<name>'")
     pretrained: bool = opt(True, "load ImageNet weights (torchvision/timm download them once)")
+    weights: str = opt("", "which pretrained weights: '' the library's default (torchvision's DEFAULT, timm's default "
+                       "tag; efficientnet_lite0: its bundled file, the only choice), a torchvision weights enum member "
+                       "for torchvision:<name> (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or a timm pretrained tag for "
+                       "timm:<name> (e.g. a1_in1k); logged resolved as the param weights_resolved")
     backbone_dropout: bool = opt(False, "keep the backbone's own dropout, drop-path and stochastic depth "
                                  "(e.g. torchvision efficientnet/mobilenet/convnext, timm drop_rate/"
                                  "drop_path_rate); off: every method starts from the same plain network")
@@ -130,10 +134,10 @@ class TricksConfig:
                                    "changes)", minimum=0)
     reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
                                     "re-initialization (the official code keeps them)")
-    reinit_init: str = opt("default", "RIFLE: initializer of the new head at a re-init: default (the layer's own, "
-                           "PyTorch's nn.Linear init, as the official code's reset_parameters) or he_normal (the Paddle "
-                           "port haozhe-an/RIFLE-Paddle-Implementation: weight ~ N(0, 2/fan_in), bias ~ N(0, "
-                           "2/classes)), drawn from the generator seeded by (seed, re-init index)", choices=REINIT_INITS)
+    reinit_init: str = opt("default", "RIFLE: initializer of the new head: default (the layer's own, PyTorch's "
+                           "nn.Linear init, as the official code's reset_parameters) or he_normal (the Paddle port's, "
+                           "see rifle/tricks/rifle.py: weight ~ N(0, 2/fan_in), bias ~ N(0, 2/classes)), drawn from "
+                           "the generator seeded by the seed and the index of the reset", choices=REINIT_INITS)
     dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
                            "(Srivastava et al. 2014), in [0, 1)", minimum=0.0)
     dropconnect_p: float = opt(0.5, "dropconnect: probability of zeroing each weight and bias of the head, "
@@ -403,6 +407,9 @@ def resolve(cfg: Config) -> Config:
                               f"(after epoch {last} of {cfg.optim.epochs}) leaves {left} epochs of training, fewer "
                               f"than {cfg.tricks.reinit_guard_epochs}: lower reinit_guard_epochs or reinit_times, "
                               "or train longer")
+    if cfg.model.weights and not cfg.model.pretrained:
+        raise ConfigError("weights", f"{cfg.model.weights!r} asked with --pretrained false, which loads no weights: "
+                          "drop --weights or set --pretrained true")
     if cfg.run.register_model and not cfg.run.log_weights:
         raise ConfigError("register_model", "registers the logged model, which --log_weights false turns off")
     if cfg.data.val_fraction == 0 and cfg.run.selection != "last":

@@ -224,13 +224,14 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         model = torch.compile(model, backend=cfg.run.compile_backend)
     ctx = FitContext(raw, optimizer, acc, num_classes, pretrained,
                      lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
-                                         cfg.model.backbone_dropout).backbone,
+                                         cfg.model.backbone_dropout, cfg.model.weights).backbone,
                      loaders[0], data_fingerprint=fingerprint(data))
     for t in tricks:
         t.on_fit_start(ctx)
     state = resume(cfg, out, raw, optimizer, tricks)
     tracker = start_tracking(cfg, acc, state, mlflow_run_id)
-    tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps)})
+    tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps),
+                        "weights_resolved": raw.weights_resolved})  # the weights the backbone loaded
     tracker.set_tags({"dataset_fingerprint": ctx.data_fingerprint})
     tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
@@ -265,7 +266,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
 def make_model(cfg: Config, acc: Accelerator, num_classes: int, out: Path) -> tuple[torch.nn.Module, list]:
     """The Classifier (the same head init on every process) with the tricks' module surgery, and the tricks."""
     set_seed(cfg.run.seed)
-    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout)
+    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout,
+                      cfg.model.weights)
     if cfg.optim.sync_bn and acc.num_processes > 1:  # before the tricks hook BatchNorm modules: it replaces them
         from .sync_bn import convert_sync_batchnorm
         raw = convert_sync_batchnorm(raw, cpu=acc.device.type == "cpu")
