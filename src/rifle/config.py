@@ -138,33 +138,37 @@ class TricksConfig:
                            "nn.Linear init, as the official code's reset_parameters) or he_normal (the Paddle port's, "
                            "see rifle/tricks/rifle.py: weight ~ N(0, 2/fan_in), bias ~ N(0, 2/classes)), drawn from "
                            "the generator seeded by the seed and the index of the reset", choices=REINIT_INITS)
-    dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
-                           "(Srivastava et al. 2014), in [0, 1)", minimum=0.0)
+    dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head, in [0, 1); 0.5 as "
+                           "Srivastava et al. 2014 use for hidden units", minimum=0.0)
     dropconnect_p: float = opt(0.5, "dropconnect: probability of zeroing each weight and bias of the head, "
-                               "a new mask per example (Wan et al. 2013), in [0, 1)", minimum=0.0)
+                               "a new mask per example, in [0, 1); 0.5 as in Wan et al. 2013", minimum=0.0)
     sd_survival_last: float = opt(0.5, "stochastic_depth: survival probability p_L of the deepest residual "
-                                  "block; block l of L survives with 1 - l/L (1 - p_L) (Huang et al. 2016)",
+                                  "block; block l of L survives with 1 - l/L (1 - p_L); 0.5 as in Huang et al. 2016",
                                   minimum=0.0, exclusive_minimum=True)
     sd_mode: str = opt("batch", "stochastic_depth: drop a residual branch for the whole mini-batch (the "
                        "paper) or independently per sample", choices=("batch", "sample"))
     disturb_alpha: float = opt(0.1, "disturb_label: probability that a training label is replaced by a "
-                               "uniform draw over all classes (Xie et al. 2016), in [0, 1]", minimum=0.0)
+                               "uniform draw over all classes, in [0, 1]; 0.1 as in Xie et al. 2016", minimum=0.0)
     clr_base_lr: float | None = opt(None, "cyclic_lr: lower learning rate of the triangular policy "
-                                    "(default: clr_max_lr / 4, Smith 2017)", minimum=0.0, exclusive_minimum=True)
-    clr_max_lr: float | None = opt(None, "cyclic_lr: upper learning rate (default: lr); the head keeps its "
-                                   "head_lr/lr ratio", minimum=0.0, exclusive_minimum=True)
+                                    "(default: clr_max_lr / 4; Smith 2017, Sec. 3.3: 1/3 to 1/4 of the maximum)",
+                                    minimum=0.0, exclusive_minimum=True)
+    clr_max_lr: float | None = opt(None, "cyclic_lr: upper learning rate (default: lr); the recipe's rate stands in "
+                                   "for Smith 2017's LR range test; the head keeps its head_lr/lr ratio",
+                                   minimum=0.0, exclusive_minimum=True)
     clr_step_epochs: float = opt(2.0, "cyclic_lr: half-cycle asked, in epochs (Smith 2017, Sec. 3.3: 2-10 epochs' "
                                  "iterations); the run fits max(1, round(epochs / (2 clr_step_epochs))) whole cycles "
                                  "to its budget (param clr_cycles), so it ends at clr_base_lr",
                                  minimum=0.0, exclusive_minimum=True)
     l2_alpha: float = opt(1e-4, "l2: alpha/2 ||w||^2 on all parameters, replacing weight_decay (set to 0); "
-                          "the default equals the official weight decay", minimum=0.0)
+                          "the default equals the official RIFLE code's weight decay (lixingjian/RIFLE)", minimum=0.0)
     l2sp_alpha: float = opt(0.01, "l2sp: alpha/2 ||w - w0||^2 on the backbone towards the pretrained "
-                            "weights (Li et al. 2018; official RIFLE code: 0.01)", minimum=0.0)
-    l2sp_beta: float = opt(1e-4, "l2sp: beta/2 ||w||^2 on the head (official RIFLE code: 1e-4)", minimum=0.0)
+                            "weights (Li et al. 2018; 0.01 as the official RIFLE code, lixingjian/RIFLE)", minimum=0.0)
+    l2sp_beta: float = opt(1e-4, "l2sp: beta/2 ||w||^2 on the head (1e-4 as the official RIFLE code)", minimum=0.0)
     delta_alpha: float = opt(0.01, "delta: weight of the attention-weighted feature-map distance to the "
-                             "pretrained network (Li et al. 2019)", minimum=0.0)
-    delta_beta: float = opt(0.01, "delta: beta/2 ||w||^2 on the head", minimum=0.0)
+                             "pretrained network (Li et al. 2019; 0.01 as the DELTA authors' run.sh, "
+                             "lixingjian/DELTA)", minimum=0.0)
+    delta_beta: float = opt(0.01, "delta: beta/2 ||w||^2 on the head (0.01 as the DELTA authors' run.sh)",
+                            minimum=0.0)
     delta_layers: str = opt("auto", "delta: comma-separated backbone modules whose output feature maps are "
                             "compared ('auto': as the authors, the last conv of each ResNet stage, e.g. "
                             "layer1.2.conv3..layer4.2.conv3 of ResNet-50; see rifle/tricks/delta.py for others)")
