@@ -25,7 +25,9 @@ def run_rows(run_id, method, seed, ratios, dataset="digits", pre=2.0):
 
 
 def test_gradient_ratio_table_per_method_boundary_and_block():
-    at = lambda r: {b: r * (i + 1) for i, b in enumerate(BLOCKS)}  # noqa: E731  (block i: ratio r (i + 1))
+    def at(r):  # block i: ratio r (i + 1)
+        return {b: r * (i + 1) for i, b in enumerate(BLOCKS)}
+
     rows = (run_rows("r0", "rifle", 0, {1: at(3.0), 3: at(5.0)}) + run_rows("r1", "rifle", 1, {1: at(1.0), 3: at(3.0)})
             + run_rows("p0", "plain", 0, {1: at(1.0), 3: at(1.0)}) + run_rows("p1", "plain", 1, {1: at(0.5)})
             + run_rows("h0", "head_lr_restart", 0, {1: at(2.0)}) + run_rows("o0", "rifle", 0, {1: at(7.0)}, "other"))

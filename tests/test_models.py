@@ -154,9 +154,9 @@ def test_a_run_trains_from_the_weights_it_names(tmp_path, digits_folder, monkeyp
     """--model torchvision:resnet18 --weights IMAGENET1K_V1: the backbone starts from that file (a cached one,
     random here: no download) and the run logs its full name as weights_resolved."""
     import torchvision
-
     from conftest import mlflow_runs
     from helpers import tiny_config
+
     from rifle import train, trainer
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     saved = save_fake_imagenet_weights(tmp_path / "torch", torchvision.models.ResNet18_Weights.IMAGENET1K_V1,

@@ -100,7 +100,8 @@ def run_steps(tricks, ctx, cfg, epochs=1):
     ({"tricks": "cyclic_lr", "clr_base_lr": "0.02"}, "clr_base_lr", ["below"]),
     ({"tricks": "rifle,head_lr_restart"}, "tricks", ["control", "head_lr_policy=cyclic"]),
     ({"tricks": "head_lr_restart,cyclic_lr"}, "tricks", ["two learning-rate policies"]),
-    ({"tricks": "head_lr_restart", "epochs": "2", "reinit_times": "2"}, "reinit_times", ["3 head learning-rate periods"]),
+    ({"tricks": "head_lr_restart", "epochs": "2", "reinit_times": "2"}, "reinit_times",
+     ["3 head learning-rate periods"]),
     ({"tricks": "rifle", "reinit_init": "xavier_uniform"}, "reinit_init", ["default, he_normal"]),
 ])
 def test_bad_combinations_fail_before_training(values, option, words):
