@@ -24,6 +24,7 @@ def tiny_config(tmp_path, folder, name: str = "out", **values) -> C.Config:
 # shows it acted (None: visible only in lr_backbone / lr_head). test_tricks_training uses them too.
 CANONICAL = {
     "rifle": {"reinit_times": 1},
+    "head_lr_restart": {"reinit_times": 1},
     "dropout": {"dropout_p": 0.5},
     "dropconnect": {"dropconnect_p": 0.5},
     "stochastic_depth": {"sd_survival_last": 0.5, "sd_mode": "batch"},
@@ -33,8 +34,11 @@ CANONICAL = {
     "l2sp": {"l2sp_alpha": 0.01, "l2sp_beta": 1e-4},
     "delta": {"delta_alpha": 0.01, "delta_beta": 0.01, "delta_attention_epochs": 2, "delta_attention_batches": 1},
 }
+# The methods that compose with RIFLE: head_lr_restart is its control (RIFLE-cyclic without re-inits), refused with it.
+WITH_RIFLE = [m for m in C.TRICK_NAMES if m not in ("rifle", "head_lr_restart")]
 EVIDENCE = {
     "rifle": "head_reinit",
+    "head_lr_restart": None,
     "dropout": "dropout/drop_rate",
     "dropconnect": "dropconnect/drop_rate",
     "stochastic_depth": "stochastic_depth/skip_rate",
@@ -44,7 +48,6 @@ EVIDENCE = {
     "l2sp": "penalty/l2sp",
     "delta": "penalty/delta",
 }
-
 
 
 def resnet10t() -> nn.Module:

@@ -95,3 +95,87 @@ def test_backbone_dropout_and_sync_bn_are_options_that_change_the_run():
     assert flat["backbone_dropout"] is False and flat["sync_bn"] is False  # logged as params, like every option
     assert "backbone_dropout" not in C.RUN_ONLY and "sync_bn" not in C.RUN_ONLY
     assert C.config_digest(C.build({"sync_bn": "true"})) != C.config_digest(C.build({}))
+
+
+# ------------------------------------------------------------------------------------------------ --weights
+
+def test_weights_resolve_to_full_names_from_the_registries_only():
+    from rifle.models import resolve_weights
+    assert resolve_weights("torchvision:resnet50") == "ResNet50_Weights.IMAGENET1K_V2"  # DEFAULT is V2
+    assert resolve_weights("torchvision:resnet50", "DEFAULT") == "ResNet50_Weights.IMAGENET1K_V2"
+    assert resolve_weights("torchvision:resnet50", "IMAGENET1K_V1") == "ResNet50_Weights.IMAGENET1K_V1"
+    assert resolve_weights("timm:resnet50", "a1_in1k") == "resnet50.a1_in1k"
+    assert resolve_weights("timm:resnet10t") == "resnet10t.c3_in1k"  # timm's default tag
+    assert resolve_weights("efficientnet_lite0") == "efficientnet-lite0-57934424.pth"  # the bundled file
+    assert resolve_weights("torchvision:resnet50", "", pretrained=False) == "none"
+
+
+@pytest.mark.parametrize("spec,weights,pretrained,option,words", [
+    ("torchvision:resnet50", "IMAGENET1K_V3", True, "weights", "allowed: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"),
+    ("torchvision:resnet18", "a1_in1k", True, "weights", "allowed: IMAGENET1K_V1, DEFAULT"),
+    ("timm:resnet50", "in1k", True, "weights", "allowed: a1_in1k, a1h_in1k,"),
+    ("efficientnet_lite0", "IMAGENET1K_V1", True, "weights", "its bundled file: got 'IMAGENET1K_V1', allowed: ''"),
+    ("torchvision:resnet18", "IMAGENET1K_V1", False, "weights", "--pretrained false"),
+    ("torchvision:resnet5", "", True, "model", "torchvision has no model 'resnet5'"),
+])
+def test_bad_weights_fail_in_one_line_before_anything_loads(spec, weights, pretrained, option, words):
+    from rifle import config as C
+    from rifle import train
+    argv = ["--model", spec, "--pretrained", str(pretrained).lower()] + (["--weights", weights] if weights else [])
+    with pytest.raises(C.ConfigError) as err:
+        train.parse(argv)
+    assert err.value.option == option and words in str(err.value) and "\n" not in str(err.value)
+
+
+def save_fake_imagenet_weights(torch_home, member, builder):
+    """Random weights of the architecture where torchvision caches `member`'s file: loaded without a download."""
+    torch.manual_seed(11)
+    state = builder().state_dict()
+    target = torch_home / "hub" / "checkpoints" / member.url.rsplit("/", 1)[1]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+    return state
+
+
+def test_chosen_torchvision_weights_load_from_the_cache(tmp_path, monkeypatch):
+    import torchvision
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    saved = save_fake_imagenet_weights(tmp_path / "torch", torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                                       torchvision.models.resnet18)
+    model = build_model("torchvision:resnet18", num_classes=4, weights="IMAGENET1K_V1")
+    assert model.weights_resolved == "ResNet18_Weights.IMAGENET1K_V1"
+    state = model.backbone.state_dict()
+    assert set(state) == set(saved) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(state[k], saved[k]) for k in state)
+
+
+@pytest.mark.slow
+def test_a_run_trains_from_the_weights_it_names(tmp_path, digits_folder, monkeypatch):
+    """--model torchvision:resnet18 --weights IMAGENET1K_V1: the backbone starts from that file (a cached one,
+    random here: no download) and the run logs its full name as weights_resolved."""
+    import torchvision
+    from conftest import mlflow_runs
+    from helpers import tiny_config
+
+    from rifle import train, trainer
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    saved = save_fake_imagenet_weights(tmp_path / "torch", torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                                       torchvision.models.resnet18)
+    built, make_model = {}, trainer.make_model
+
+    def watched(cfg, acc, num_classes, out):  # the backbone as built, before any training step
+        raw, tricks = make_model(cfg, acc, num_classes, out)
+        built.update({k: v.clone() for k, v in raw.backbone.state_dict().items()})
+        return raw, tricks
+
+    monkeypatch.setattr(trainer, "make_model", watched)
+    cfg = tiny_config(tmp_path, digits_folder, tricks="none", epochs=1, model="torchvision:resnet18",
+                      weights="IMAGENET1K_V1")
+    assert train.parse(["--model", "torchvision:resnet18", "--weights", "IMAGENET1K_V1"]).model.weights == \
+        "IMAGENET1K_V1"
+    trainer.fit(cfg)
+    _, (run,) = mlflow_runs(cfg.run.tracking_uri)
+    assert run.data.params["weights_resolved"] == "ResNet18_Weights.IMAGENET1K_V1"
+    assert run.data.params["weights"] == "IMAGENET1K_V1"
+    assert set(built) == set(saved) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(built[k], saved[k]) for k in built)

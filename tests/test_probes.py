@@ -14,7 +14,7 @@ def test_grad_norms_are_each_blocks_gradient_norm():
     net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     blocks = ["0", "2"]
     reference = {n: p.detach().clone() for n, p in net.named_parameters()}
-    probe = BlockProbe(net, blocks, reference, window=1, reinit_epochs=[1, 2])
+    probe = BlockProbe(net, blocks, reference, window=1, boundaries=[1, 2])
     probe.on_epoch_start(2)  # after the re-init of epoch 1, and ending with another
     expected = []
     for step in range(3):
@@ -41,10 +41,12 @@ def test_grad_norms_are_each_blocks_gradient_norm():
     assert not any("reinit" in k for k in out)
 
 
-def test_every_run_logs_gradient_norms_per_block_and_around_reinits(tmp_path, digits_folder):
+@pytest.mark.parametrize("tricks", ["rifle", pytest.param("none", marks=pytest.mark.slow)])
+def test_every_run_logs_gradient_norms_per_block_and_around_period_boundaries(tmp_path, digits_folder, tricks):
+    """RIFLE's re-init and plain fine-tuning's same epoch boundary are measured alike (post / pre side by side)."""
     from rifle.trainer import fit
     cfg = C.build({"dataset": f"imagefolder:{digits_folder}", "image_size": 48, "batch_size": 8,
-                   "val_fraction": 0.25, "tricks": "rifle", "epochs": 4, "log_weights": False,
+                   "val_fraction": 0.25, "tricks": tricks, "epochs": 4, "log_weights": False,
                    "probe_reinit_steps": 2, "tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
                    "output_dir": str(tmp_path / "out")})
     fit(cfg)
@@ -57,6 +59,7 @@ def test_every_run_logs_gradient_norms_per_block_and_around_reinits(tmp_path, di
         assert {m.step for m in client.get_metric_history(run_id, f"weight_dist/{b}")} == {0, 1, 2, 3}
         assert {m.step for m in client.get_metric_history(run_id, f"grad_norm/{b}")} == {0, 1, 2, 3}
         assert metrics[f"grad_norm/{b}"] > 0
-        # K=1 in 4 epochs: the head is re-initialized after epoch 1
+        # K=1 in 4 epochs: the period boundary after epoch 1 (RIFLE re-initializes the head there)
         assert [m.step for m in client.get_metric_history(run_id, f"grad_norm_pre_reinit/{b}")] == [1]
         assert [m.step for m in client.get_metric_history(run_id, f"grad_norm_post_reinit/{b}")] == [2]
+    assert ("head_reinit" in metrics) == (tricks == "rifle")

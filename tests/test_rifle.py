@@ -9,7 +9,7 @@ from rifle import config as C
 from rifle.models import build_model, param_groups
 from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
-from rifle.tricks.rifle import reinit_linear_
+from rifle.tricks.rifle import reinit_linear_, reinit_seed
 
 
 def test_reinit_is_identical_whatever_the_global_rng():
@@ -28,6 +28,43 @@ def test_reinit_is_identical_whatever_the_global_rng():
     assert not torch.equal(a.weight, c.weight)
 
 
+def test_default_reinit_is_a_fresh_nn_linear_seeded_the_same_way():
+    """`reinit_init=default` is today's draw, bit for bit: nn.Linear's own init from torch.manual_seed(seed)."""
+    head = nn.Linear(64, 10)
+    torch.manual_seed(123)
+    reference = nn.Linear(64, 10)
+    torch.manual_seed(7)
+    reinit_linear_(head, seed=123)
+    assert torch.equal(head.weight, reference.weight) and torch.equal(head.bias, reference.bias)
+    reinit_linear_(head, seed=5, init="default")
+    torch.manual_seed(5)
+    assert torch.equal(head.weight, nn.Linear(64, 10).weight)
+
+
+def test_he_normal_reinit_draws_the_paddle_ports_distribution():
+    """`reinit_init=he_normal`: weight ~ N(0, 2 / fan_in), bias ~ N(0, 2 / out_features), from the seed only."""
+    head = nn.Linear(2048, 1000)
+    weight_before = head.weight
+    torch.manual_seed(1)
+    reinit_linear_(head, seed=42, init="he_normal")
+    w, b = head.weight.detach().double(), head.bias.detach().double()
+    assert head.weight is weight_before
+    assert float(w.std()) == pytest.approx(math.sqrt(2 / 2048), rel=0.01)  # 2M draws: within a percent
+    assert abs(float(w.mean())) < 3 * math.sqrt(2 / 2048) / math.sqrt(w.numel())
+    assert float(b.std()) == pytest.approx(math.sqrt(2 / 1000), rel=0.1)  # 1000 draws
+    assert float(w.abs().max()) > 1 / math.sqrt(2048)  # unbounded: not the default's uniform
+    again = nn.Linear(2048, 1000)
+    torch.manual_seed(2)  # another global state: the same draw
+    reinit_linear_(again, seed=42, init="he_normal")
+    assert torch.equal(again.weight, head.weight) and torch.equal(again.bias, head.bias)
+    reinit_linear_(again, seed=43, init="he_normal")
+    assert not torch.equal(again.weight, head.weight)
+    with pytest.raises(ValueError, match="allowed: default, he_normal"):
+        reinit_linear_(again, seed=1, init="xavier")
+    with pytest.raises(C.ConfigError, match="--reinit_init: got 'xavier', allowed: default, he_normal"):
+        C.build({"reinit_init": "xavier"})
+
+
 def _fit_context(cfg, model):
     optimizer = torch.optim.SGD(param_groups(model), lr=0.1, momentum=0.9)
     acc = Accelerator()
@@ -41,9 +78,9 @@ def _train_step(model, optimizer):
     optimizer.zero_grad()
 
 
-@pytest.mark.parametrize("reset_momentum", [False, True])
-def test_reinit_at_official_epochs_changes_only_the_head(reset_momentum):
-    cfg = C.build({"epochs": 6, "reinit_times": 2, "reset_head_momentum": reset_momentum})
+@pytest.mark.parametrize("reset_momentum,init", [(False, "default"), (True, "default"), (False, "he_normal")])
+def test_reinit_at_official_epochs_changes_only_the_head(reset_momentum, init):
+    cfg = C.build({"epochs": 6, "reinit_times": 2, "reset_head_momentum": reset_momentum, "reinit_init": init})
     torch.manual_seed(0)
     model = build_model("torchvision:resnet18", num_classes=3, pretrained=False)
     ctx = _fit_context(cfg, model)
@@ -60,11 +97,17 @@ def test_reinit_at_official_epochs_changes_only_the_head(reset_momentum):
         if metrics["head_reinit"]:
             reinit_epochs.append(epoch)
             assert changed == {"head.weight", "head.bias"}
+            # the head weight's Frobenius norm just before and just after the reset
+            assert metrics["head_norm_pre_reinit"] == pytest.approx(float(before["head.weight"].norm()))
+            assert metrics["head_norm_post_reinit"] == pytest.approx(float(after["head.weight"].norm()))
+            fresh = nn.Linear(model.head.in_features, 3)
+            reinit_linear_(fresh, seed=reinit_seed(cfg.run.seed, len(reinit_epochs)), init=init)
+            assert torch.equal(after["head.weight"], fresh.weight)  # the chosen initializer, the seeded draw
             assert metrics["reinit_weight_spread"] == 0.0
             momentum = ctx.optimizer.state[model.head.weight]["momentum_buffer"]
             assert (momentum.abs().sum() == 0) == reset_momentum  # the official code keeps momentum
         else:
-            assert not changed
+            assert not changed and not any(k.startswith("head_norm") for k in metrics)
     assert reinit_epochs == [1, 3] and rifle.state_dict() == {"done": 2}
 
 

@@ -3,7 +3,16 @@ import math
 import pytest
 
 from rifle import config as C
-from rifle.schedules import cosine_lr, rifle_cyclic_head_lr, rifle_period, rifle_reinit_epochs
+from rifle.schedules import (
+    clr_cycles,
+    cosine_lr,
+    fitted_triangular_lr,
+    period_boundaries,
+    rifle_cyclic_head_lr,
+    rifle_period,
+    rifle_reinit_epochs,
+    triangular_lr,
+)
 
 
 def test_cosine_matches_official_formula():
@@ -37,3 +46,43 @@ def test_cyclic_head_lr_restarts_every_period():
     assert lrs[0] == lrs[4] == lrs[8] == pytest.approx(0.01)
     assert lrs[3] == pytest.approx(0.5 * 0.01 * (1 + math.cos(math.pi * 3 / 4)))
     assert lrs[3] < lrs[2] < lrs[1] < lrs[0]
+
+
+@pytest.mark.parametrize("epochs,steps", [(30, 4), (7, 3), (40, 190), (1, 5), (10, 1)])
+def test_fitted_cyclic_lr_starts_and_ends_at_the_base_with_whole_cycles(epochs, steps):
+    """Smith 2017, Sec. 3.3: stop at the end of a cycle. With the default half-cycle of 2 epochs, 30 epochs run 8
+    whole cycles (not 7.5), and the very last optimizer step is at the base rate exactly."""
+    base, top = 0.0025, 0.01
+    total, cycles = epochs * steps, clr_cycles(epochs, 2.0)
+    lrs = [fitted_triangular_lr(i, total, cycles, base, top) for i in range(total)]
+    assert lrs[0] == base and lrs[-1] == base  # exactly, not within an ulp
+    assert all(base <= v <= top for v in lrs)
+    peaks = [i for i in range(1, total - 1) if lrs[i] > lrs[i - 1] and lrs[i] >= lrs[i + 1]]
+    assert len(peaks) == cycles
+    half = (total - 1) / (2 * cycles)
+    for k in range(cycles):  # each peak, between iterations where it falls between two, is max_lr
+        assert fitted_triangular_lr((2 * k + 1) * half, total, cycles, base, top) == pytest.approx(top, abs=1e-15)
+    if (total - 1) % (2 * cycles) == 0:  # the peaks fall on iterations: reached exactly, c times
+        assert lrs.count(top) == cycles
+    else:  # the iteration nearest each peak is within one step's rise of it
+        assert all(top - lrs[i] <= (top - base) / half + 1e-15 for i in peaks)
+    # between the ends it is Smith's triangular policy with that half-cycle
+    assert lrs == pytest.approx([triangular_lr(i, base, top, half) for i in range(total)], abs=1e-15)
+
+
+def test_fitted_cyclic_lr_edge_cases():
+    assert fitted_triangular_lr(0, 1, 1, 0.1, 0.4) == 0.1  # a single step is the start and the end
+    assert [fitted_triangular_lr(i, 5, 1, 0.1, 0.4) for i in range(5)] == pytest.approx([0.1, 0.25, 0.4, 0.25, 0.1])
+    assert clr_cycles(30, 2) == 8 and clr_cycles(1, 2) == 1 and clr_cycles(9, 2) == 2  # 9/4 = 2.25 -> 2
+    with pytest.raises(ValueError, match="cycles >= 1"):
+        fitted_triangular_lr(0, 10, 0, 0.1, 0.4)
+
+
+@pytest.mark.parametrize("epochs,k,expected", [(40, 1, [19]), (41, 2, [12, 25]), (30, 3, [6, 13, 20]), (3, 3, []),
+                                               (4, 3, [0, 1, 2])])
+def test_period_boundaries_are_where_rifle_would_reinit(epochs, k, expected):
+    """Every method is probed at RIFLE's boundaries for its (epochs, reinit_times): RIFLE's re-init epochs on the
+    truncated run (30 epochs, K=3: RIFLE trains 28, so no fourth boundary after epoch 27)."""
+    assert period_boundaries(epochs, k) == expected
+    if epochs >= k + 1:
+        assert period_boundaries(epochs, k) == C.reinit_epochs(C.build({"epochs": epochs, "reinit_times": k}))

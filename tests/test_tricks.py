@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CANONICAL, EVIDENCE, NUM_CLASSES, images, resnet10t, tiny_classifier
+from helpers import CANONICAL, EVIDENCE, NUM_CLASSES, WITH_RIFLE, images, resnet10t, tiny_classifier
 from torch import nn
 
 from rifle import config as C
 from rifle import probes
+from rifle.schedules import clr_cycles, triangular_lr
 from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
-from rifle.tricks.cyclic_lr import triangular_lr
 from rifle.tricks.delta import channel_attention, channel_loss_increase, default_layers, delta_feature_penalty
 from rifle.tricks.disturb_label import disturb_labels
 from rifle.tricks.dropconnect import DropConnectLinear, dropconnect_linear, dropconnect_mask
@@ -100,6 +100,11 @@ def run_steps(tricks, ctx, cfg, epochs=1):
     ({"tricks": "stochastic_depth", "sd_survival_last": "0"}, "sd_survival_last", ["> 0"]),
     ({"tricks": "stochastic_depth", "sd_mode": "row"}, "sd_mode", ["batch", "sample"]),
     ({"tricks": "cyclic_lr", "clr_base_lr": "0.02"}, "clr_base_lr", ["below"]),
+    ({"tricks": "rifle,head_lr_restart"}, "tricks", ["control", "head_lr_policy=cyclic"]),
+    ({"tricks": "head_lr_restart,cyclic_lr"}, "tricks", ["two learning-rate policies"]),
+    ({"tricks": "head_lr_restart", "epochs": "2", "reinit_times": "2"}, "reinit_times",
+     ["3 head learning-rate periods"]),
+    ({"tricks": "rifle", "reinit_init": "xavier_uniform"}, "reinit_init", ["default, he_normal"]),
 ])
 def test_bad_combinations_fail_before_training(values, option, words):
     with pytest.raises(C.ConfigError) as err:
@@ -111,7 +116,7 @@ def test_bad_combinations_fail_before_training(values, option, words):
 def test_every_method_composes_with_rifle_and_has_canonical_settings():
     assert set(C.TRICK_NAMES) == set(CANONICAL) == set(EVIDENCE)
     for name in C.TRICK_NAMES:
-        for tricks in (name, f"rifle,{name}" if name != "rifle" else "rifle"):
+        for tricks in (name, f"rifle,{name}" if name in WITH_RIFLE else name):
             cfg = C.build({"tricks": tricks, **CANONICAL[name]})
             assert [t.name for t in build_tricks(cfg)] == tricks.split(",")
     # cyclic_lr with RIFLE's default head policy (follow) is fine
@@ -158,14 +163,48 @@ def test_triangular_lr_at_chosen_iterations():
         assert triangular_lr(it, base, top, step) == pytest.approx(lr), it
 
 
-def test_cyclic_lr_overrides_both_groups_and_keeps_head_ratio():
-    cfg = C.build({"tricks": "cyclic_lr", "lr": "0.01", "head_lr": "0.1", "clr_step_epochs": "2"})
+def test_cyclic_lr_overrides_both_groups_and_keeps_head_ratio(accelerator):
+    cfg = C.build({"tricks": "cyclic_lr", "lr": "0.01", "head_lr": "0.1", "clr_step_epochs": "2", "epochs": "8"})
     (trick,) = build_tricks(cfg)
+    with pytest.raises(RuntimeError, match="on_fit_start"):
+        trick.lr({"backbone": 1.0, "head": 1.0}, 0.0)
+    trick.on_fit_start(fit_context(tiny_classifier(ConvNet), cfg, accelerator, None, n_batches=5))
     at = lambda p: trick.lr({"backbone": 123.0, "head": 456.0}, p)  # noqa: E731
-    assert at(0.0) == pytest.approx({"backbone": 0.0025, "head": 0.025})   # base = max/4, max = lr
-    assert at(2.0) == pytest.approx({"backbone": 0.01, "head": 0.1})
-    assert at(3.0)["backbone"] == pytest.approx((0.0025 + 0.01) / 2)
-    assert at(4.0)["backbone"] == pytest.approx(0.0025)
+    # 8 epochs of 5 steps, 2 cycles: T = 40 iterations, half-cycle 39/4 = 9.75 iterations (1.95 epochs)
+    assert at(0.0) == {"backbone": 0.0025, "head": pytest.approx(0.025)}   # base = max/4, max = lr
+    assert at(7.8) == {"backbone": 0.0025, "head": pytest.approx(0.025)}   # the last step: the base again
+    assert at(2.0)["backbone"] == pytest.approx(0.0025 + 0.0075 * (1 - 0.25 / 9.75))  # iteration 10, past a peak
+    assert at(3.0) == pytest.approx({"backbone": triangular_lr(15, 0.0025, 0.01, 9.75),
+                                     "head": 10 * triangular_lr(15, 0.0025, 0.01, 9.75)})
+
+
+@pytest.mark.parametrize("epochs,step,cycles", [(30, 2, 8), (7, 2, 2), (40, 2, 10), (1, 2, 1), (40, 10, 2),
+                                                 (10, 2, 2), (6, 0.5, 6)])
+def test_cyclic_lr_cycle_count_is_logged_from_config(epochs, step, cycles):
+    from rifle.trainer import run_params
+    cfg = C.build({"tricks": "cyclic_lr", "epochs": epochs, "clr_step_epochs": step})
+    assert clr_cycles(epochs, step) == cycles == run_params(cfg)["clr_cycles"]
+    assert run_params(C.build({"tricks": "none", "epochs": epochs}))["clr_cycles"] == 0  # no cyclic_lr, no cycles
+
+
+# ---------------------------------------------------------------- head_lr_restart (RIFLE's control)
+
+def test_head_lr_restart_is_rifle_cyclic_without_reinits():
+    """The same budget as RIFLE (truncated to a multiple of K+1), the same head learning rate as RIFLE's cyclic
+    policy at every step, no re-init (head_reinit 0 every epoch), the backbone's rate untouched."""
+    control = C.build({"tricks": "head_lr_restart", "epochs": 41, "reinit_times": 2, "lr": 0.01, "head_lr": 0.1})
+    rifle = C.build({"tricks": "rifle", "epochs": 41, "reinit_times": 2, "lr": 0.01, "head_lr": 0.1,
+                     "head_lr_policy": "cyclic"})
+    assert control.optim.epochs == rifle.optim.epochs == 39 and C.reinit_count(control) == 0
+    (c,), (r,) = build_tricks(control), build_tricks(rifle)
+    for progress in (0.0, 0.5, 12.9, 13.0, 25.99, 26.0, 38.75):
+        lrs = {"backbone": 0.003, "head": 0.03}
+        assert c.lr(lrs, progress) == r.lr(lrs, progress) and c.lr(lrs, progress)["backbone"] == 0.003
+    assert c.lr(lrs, 13.0)["head"] == pytest.approx(0.1)  # restarted at the second period
+    for epoch in range(39):
+        metrics = {}
+        c.on_epoch_end(epoch, metrics)
+        assert metrics == {"head_reinit": 0.0}
 
 
 # ---------------------------------------------------------------- L2 and L2-SP
@@ -488,7 +527,7 @@ def test_delta_default_layers():
 
 # ---------------------------------------------------------------- every method in the hook loop
 
-@pytest.mark.parametrize("name", [n for n in C.TRICK_NAMES if n != "rifle"])
+@pytest.mark.parametrize("name", WITH_RIFLE)
 def test_each_method_with_rifle_runs_acts_and_evaluates_deterministically(name, accelerator):
     cfg = C.build({"tricks": f"rifle,{name}", "epochs": "2", "reinit_times": "1", **CANONICAL[name],
                    **({"delta_layers": "layer4"} if name == "delta" else {})})

@@ -8,10 +8,9 @@ import pytest
 
 from conftest import mlflow_runs, subprocess_env
 from rifle import config as C
-from helpers import CANONICAL, EVIDENCE, tiny_config
+from helpers import CANONICAL, EVIDENCE, WITH_RIFLE, tiny_config
 
-METHODS = [m for m in C.TRICK_NAMES if m != "rifle"]
-COMBOS = [[m] for m in C.TRICK_NAMES] + [["rifle", m] for m in METHODS]
+COMBOS = [[m] for m in C.TRICK_NAMES] + [["rifle", m] for m in WITH_RIFLE]
 
 
 def small(tmp_path, folder, tricks, **values):
@@ -19,7 +18,7 @@ def small(tmp_path, folder, tricks, **values):
     return tiny_config(tmp_path, folder, tricks=",".join(tricks), **options, **values)
 
 
-# 17 runs of a few seconds each; the fast subset keeps one: RIFLE with L2-SP.
+# 19 runs of a few seconds each; the fast subset keeps one: RIFLE with L2-SP.
 @pytest.mark.parametrize("tricks", [t if t == ["rifle", "l2sp"] else pytest.param(t, marks=pytest.mark.slow)
                                     for t in COMBOS], ids=lambda t: "+".join(t))
 def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
@@ -35,14 +34,20 @@ def test_method_trains_acts_and_is_tracked(tmp_path, digits_folder, tricks):
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
     for name in tricks:
         evidence = EVIDENCE[name]
-        if evidence is None:  # cyclic_lr: each epoch's learning rate (its last step's) is Smith's triangle
-            from rifle.tricks.cyclic_lr import triangular_lr
+        if name == "cyclic_lr":  # each epoch's learning rate (its last step's) on the fitted triangle
+            from rifle.schedules import fitted_triangular_lr
             steps = int(run.data.params["optimizer_steps"]) // 2  # per epoch
-            c = CANONICAL["cyclic_lr"]
-            want = [triangular_lr(e + (steps - 1) / steps, c["clr_base_lr"], c["clr_max_lr"], c["clr_step_epochs"])
+            c, cycles = CANONICAL["cyclic_lr"], int(run.data.params["clr_cycles"])
+            want = [fitted_triangular_lr((e + 1) * steps - 1, 2 * steps, cycles, c["clr_base_lr"], c["clr_max_lr"])
                     for e in range(2)]
             lrs = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "lr_backbone"))
-            assert [v for _, v in lrs] == pytest.approx(want), (lrs, want)
+            assert cycles == 2 and [v for _, v in lrs] == pytest.approx(want), (lrs, want)
+            assert lrs[-1][1] == c["clr_base_lr"]  # the run ends at the bottom of a cycle
+            continue
+        if name == "head_lr_restart":  # the head's cosine restarted at the second period; never re-initialized
+            lr_head = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "lr_head"))
+            assert [v for _, v in lr_head] == [0.01, 0.01]  # 2 epochs, K=1: each epoch starts a period
+            assert [m.value for m in client.get_metric_history(run.info.run_id, "head_reinit")] == [0.0, 0.0]
             continue
         values = [m.value for m in client.get_metric_history(run.info.run_id, evidence)]
         assert values and max(values) > 0, (evidence, values)
@@ -102,3 +107,52 @@ def test_a_trick_registered_from_outside_trains_with_its_own_options(tmp_path, d
     losses = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
     assert losses[-1] < losses[0], losses  # it trains, towards the shifted labels
 
+
+
+@pytest.mark.slow
+def test_cyclic_lr_ends_training_at_its_base_rate(tmp_path, digits_folder):
+    """3 epochs with a half-cycle of 2 epochs asked: one whole cycle fitted (not 0.75), so the last step trains at
+    clr_base_lr (Smith 2017, Sec. 3.3), and the cycle count is a param of the run."""
+    from rifle.trainer import fit
+    cfg = tiny_config(tmp_path, digits_folder, tricks="cyclic_lr", epochs=3, clr_base_lr=0.002, clr_max_lr=0.02,
+                      clr_step_epochs=2)
+    fit(cfg)
+    client, (run,) = mlflow_runs(cfg.run.tracking_uri)
+    lrs = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "lr_backbone"), key=lambda m: m.step)]
+    assert run.data.params["clr_cycles"] == "1" and len(lrs) == 3
+    assert lrs[-1] == 0.002 and lrs[0] > 0.002  # epoch 0 ends on the way up, the run at the base
+
+
+@pytest.mark.slow
+def test_head_lr_restart_follows_rifle_cyclic_head_lr_and_never_resets_the_head(tmp_path, digits_folder, monkeypatch):
+    """The control and RIFLE (head_lr_policy=cyclic) on one budget: the same lr_head epoch by epoch; RIFLE resets
+    the head at its epoch-end once, the control never (head_reinit 0 every epoch, the weights untouched)."""
+    import torch
+
+    from rifle import trainer
+    resets = []
+    end_epoch = trainer.end_epoch
+
+    def watched(s, epoch, metrics, callbacks=()):  # the head just before and after the epoch end (tricks' hooks)
+        before = s.raw.head.weight.detach().clone()
+        end_epoch(s, epoch, metrics, callbacks)
+        resets.append((s.cfg.trick_list[0], epoch, not torch.equal(before, s.raw.head.weight)))
+
+    monkeypatch.setattr(trainer, "end_epoch", watched)
+    runs = {}
+    for tricks, extra in (("rifle", {"head_lr_policy": "cyclic"}), ("head_lr_restart", {})):
+        cfg = tiny_config(tmp_path, digits_folder, name=tricks, tricks=tricks, epochs=5, reinit_times=1,
+                          head_lr=0.05, run_name=tricks, **extra)
+        assert cfg.optim.epochs == 4  # truncated to a multiple of K+1, for both
+        trainer.fit(cfg)
+    client, found = mlflow_runs(f"sqlite:///{tmp_path}/mlflow.db")
+    for run in found:
+        runs[run.info.run_name] = {key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, key),
+                                                                 key=lambda m: m.step)]
+                                   for key in ("lr_head", "lr_backbone", "head_reinit")}
+    assert runs["head_lr_restart"]["lr_head"] == runs["rifle"]["lr_head"]
+    assert runs["rifle"]["lr_head"][2] == 0.05 and runs["rifle"]["lr_head"][1] < 0.05  # restarted at period 2
+    assert runs["head_lr_restart"]["lr_backbone"] == runs["rifle"]["lr_backbone"]
+    assert runs["head_lr_restart"]["head_reinit"] == [0.0] * 4 and runs["rifle"]["head_reinit"] == [0, 1, 0, 0]
+    assert [r for r in resets if r[2]] == [("rifle", 1, True)]  # the control's head is never reset
+    assert len(resets) == 8

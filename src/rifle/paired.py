@@ -78,7 +78,8 @@ def check_budget(group: str, methods: dict[str, C.Config]) -> None:
         k = differs[0]
         hint = ""
         if k == "epochs":
-            periods = [c.tricks.reinit_times + 1 for c in methods.values() if "rifle" in c.trick_list]
+            periods = [c.tricks.reinit_times + 1 for c in methods.values()
+                       if any(t in C.PERIODIC for t in c.trick_list)]
             step = math.lcm(*periods) if periods else 1
             given = max(c.optim.epochs for c in methods.values())
             hint = (f"; RIFLE trains a multiple of K+1 epochs (the official truncation): choose epochs that every "

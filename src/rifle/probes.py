@@ -32,9 +32,11 @@ def weight_distances(backbone: nn.Module, reference: dict[str, torch.Tensor], bl
 class BlockProbe:
     """An observe-only callback of `trainer.fit`. Per epoch: `weight_dist/<block>` (weight_distances) and
     `grad_norm/<block>`, the L2 norm of each backbone block's gradient averaged over the epoch's optimizer
-    steps; around each head re-initialization (after the epochs in `reinit_epochs`) the same over the last
-    `window` steps of the epoch that ends with it (`grad_norm_pre_reinit/<block>`) and the first `window`
-    steps of the next (`grad_norm_post_reinit/<block>`), so the effect of a fresh head shows as post / pre.
+    steps; around each period boundary (after the epochs in `boundaries`: the trainer gives those of (epochs,
+    reinit_times), schedules.period_boundaries, for every method, where RIFLE re-initializes its head) the same
+    over the last `window` steps of the epoch that ends there (`grad_norm_pre_reinit/<block>`) and the first
+    `window` steps of the next (`grad_norm_post_reinit/<block>`), so the effect of a fresh head shows as RIFLE's
+    post / pre beside plain fine-tuning's at the same boundary (rifle.evidence.mechanism).
 
     Gradients are read after backward, before the optimizer step (with accumulation, the summed micro-batches;
     under DDP already averaged, so every process measures the same global-batch gradient; under fp16 the loss
@@ -42,11 +44,11 @@ class BlockProbe:
     """
 
     def __init__(self, backbone: nn.Module, blocks: list[str], reference: dict[str, torch.Tensor],
-                 window: int = 0, reinit_epochs: Iterable[int] = ()):
+                 window: int = 0, boundaries: Iterable[int] = ()):
         named = [(block_of(n, blocks), p) for n, p in backbone.named_parameters() if p.requires_grad]
         named = [(b, p) for b, p in named if b is not None]
         self.backbone, self.blocks, self.reference, self.window = backbone, blocks, reference, window
-        self.reinit = set(reinit_epochs)
+        self.boundaries = set(boundaries)
         self.params = [p for _, p in named]
         self.index = torch.tensor([blocks.index(b) for b, _ in named])
         self.steps: list[torch.Tensor] = []
@@ -73,9 +75,9 @@ class BlockProbe:
             return {}
         steps = torch.stack(self.steps).cpu()
         windows = {GRAD: steps}
-        if self.window and epoch - 1 in self.reinit:
+        if self.window and epoch - 1 in self.boundaries:
             windows[POST] = steps[:self.window]
-        if self.window and epoch in self.reinit:
+        if self.window and epoch in self.boundaries:
             windows[PRE] = steps[-self.window:]
         return {f"{prefix}{b}": v for prefix, rows in windows.items()
                 for b, v in zip(self.blocks, rows.mean(0).tolist())}

@@ -33,10 +33,11 @@ def parse(argv: list[str] | None = None) -> C.Config:
     config_file = args.pop("config", None)
     cfg = C.build(args, config_file)
     from .models import check_model_spec
-    try:
-        check_model_spec(cfg.model.model)
-    except ValueError as e:
-        raise C.ConfigError("model", str(e).removeprefix("--model: ")) from None
+    try:  # the model and its weights exist (registries only: nothing loads yet)
+        check_model_spec(cfg.model.model, cfg.model.weights, cfg.model.pretrained)
+    except ValueError as e:  # "--model: ..." or "--weights: ..."
+        option, _, message = str(e).removeprefix("--").partition(": ")
+        raise C.ConfigError(option, message) from None
     return cfg
 
 

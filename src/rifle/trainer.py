@@ -19,12 +19,12 @@ from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_se
 from torch.utils.data import DataLoader
 
 from . import checkpoint, env, network, probes
-from .config import RUN_ONLY, Config, ConfigError, reinit_count, reinit_epochs, to_yaml
+from .config import RUN_ONLY, Config, ConfigError, clr_cycle_count, reinit_count, reinit_epochs, to_yaml
 from .data import decode_cache, fingerprint, load_data
 from .data.transforms import build_cached_transform, build_transform, collate, resize_for
 from .models import block_names, build_model, param_groups
 from .progress import Progress
-from .schedules import cosine_lr
+from .schedules import cosine_lr, period_boundaries
 from .seeds import EpochOrder, seed_process, stream_seed
 from .track import keys as K
 from .network import redact
@@ -205,20 +205,22 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         model = torch.compile(model, backend=cfg.run.compile_backend)
     ctx = FitContext(raw, optimizer, acc, num_classes, pretrained,
                      lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
-                                         cfg.model.backbone_dropout).backbone,
+                                         cfg.model.backbone_dropout, cfg.model.weights).backbone,
                      loaders[0], data_fingerprint=fingerprint(data))
     for t in tricks:
         t.on_fit_start(ctx)
     state = resume(cfg, out, raw, optimizer, tricks)
     tracker = start_tracking(cfg, acc, state, mlflow_run_id)
-    tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps)})
+    tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps),
+                        "weights_resolved": raw.weights_resolved})  # the weights the backbone loaded
     tracker.set_tags({"dataset_fingerprint": ctx.data_fingerprint, "dataset_commit": loaded.revision})
     tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
         tracker.set_tags({"images_skipped": len(scan.bad)})
+    # every method measured at the period boundaries, where RIFLE (if trained) re-initializes: ratios side by side
     probe = probes.BlockProbe(raw.backbone, block_names(raw.backbone), pretrained, cfg.run.probe_reinit_steps,
-                              reinit_epochs(cfg))
+                              period_boundaries(o.epochs, cfg.tricks.reinit_times))
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, probe, tracker, state)
 
 
@@ -246,7 +248,8 @@ def make_model(cfg: Config, acc: Accelerator, num_classes: int, out: Path | None
     """The Classifier (the same head init on every process) with the tricks' module surgery, and the tricks; the
     free space for its checkpoints in `out` checked (None: no files)."""
     set_seed(cfg.run.seed)
-    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout)
+    raw = build_model(cfg.model.model, num_classes, cfg.model.pretrained, cfg.model.backbone_dropout,
+                      cfg.model.weights)
     if cfg.optim.sync_bn and acc.num_processes > 1:  # before the tricks hook BatchNorm modules: it replaces them
         from .sync_bn import convert_sync_batchnorm
         raw = convert_sync_batchnorm(raw, cpu=acc.device.type == "cpu")
@@ -288,9 +291,10 @@ def start_tracking(cfg: Config, acc: Accelerator, state: dict, mlflow_run_id: st
 
 def run_params(cfg: Config) -> dict:
     """A run's MLflow params: every resolved option (the tracking URI without its password), the number of
-    re-inits RIFLE really makes and the epochs it really trains (after RIFLE's truncation to a multiple of K+1)."""
+    re-inits RIFLE really makes, the whole cycles cyclic_lr fits to the budget (0 without either) and the epochs
+    it really trains (after RIFLE's truncation to a multiple of K+1)."""
     return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg),
-                         "epochs_trained": cfg.optim.epochs}
+                         "clr_cycles": clr_cycle_count(cfg), "epochs_trained": cfg.optim.epochs}
 
 
 def check_same_run(cfg: Config, recorded: dict) -> None:
@@ -472,7 +476,7 @@ def measure_steps(cfg: Config, num_classes: int, steps: int = 3, seconds: float 
     labels = torch.arange(b, device=acc.device) % num_classes
     ctx = FitContext(raw, optimizer, acc, num_classes, pretrained,
                      lambda: build_model(cfg.model.model, num_classes, cfg.model.pretrained,
-                                         cfg.model.backbone_dropout).backbone, None)
+                                         cfg.model.backbone_dropout, cfg.model.weights).backbone, None)
     s = Session(cfg, acc, Path("."), raw, model, optimizer, (), tricks, pretrained, None, None, {})
     for t in tricks:
         t.on_fit_start(ctx)

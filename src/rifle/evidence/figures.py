@@ -7,7 +7,6 @@ state); no pandas import, as the trainer draws its curve where pandas may be mis
 from __future__ import annotations
 
 import math
-import re
 import warnings
 
 import numpy as np
@@ -23,6 +22,7 @@ from ..track.keys import (
     VAL_ACC,
     WEIGHT,
 )
+from .mechanism import boundary_ratios, natural_key
 from .stats import trick_set
 
 
@@ -76,10 +76,6 @@ def final_weight_dist(histories):
     return last[["run_id", "dataset", "method", "seed", "block", "value"]].reset_index(drop=True)
 
 
-def _natural(name: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
 def block_order(model_spec: str, blocks) -> list[str]:
     """`blocks` from the input side to the head: rifle.models.block_names on the model (built without
     weights); a natural sort for the blocks it lacks (all of them for an unknown or unavailable model)."""
@@ -91,7 +87,7 @@ def block_order(model_spec: str, blocks) -> list[str]:
             known = [b for b in block_names(build_backbone(model_spec, pretrained=False)[0]) if b in blocks]
     except Exception:
         known = []
-    return known + sorted(blocks - set(known), key=_natural)
+    return known + sorted(blocks - set(known), key=natural_key)
 
 
 def plot_training(history: list[dict], title: str = ""):
@@ -189,16 +185,8 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
 def reinit_ratios(histories, method: str):
     """Per run, re-init and block: post / pre gradient norm (first steps after the re-init over the last
     steps before it). Columns: run_id, seed, reinit (1-based), epoch (that ended with it), block, ratio."""
-    h = histories[histories["method"] == method]
-    pre = h[h["key"].str.startswith(PRE)].assign(block=lambda d: d["key"].str.slice(len(PRE)))
-    post = h[h["key"].str.startswith(POST)].assign(  # logged an epoch later
-        block=lambda d: d["key"].str.slice(len(POST)), step=lambda d: d["step"] - 1)
-    both = pre.merge(post[["run_id", "block", "step", "value"]], on=["run_id", "block", "step"],
-                     suffixes=("_pre", "_post")).sort_values("run_id", kind="stable")
-    both["reinit"] = both.groupby("run_id")["step"].rank(method="dense").astype(int)
-    both["epoch"] = both["step"].astype(int)
-    both["ratio"] = both["value_post"] / both["value_pre"]
-    return both[["run_id", "seed", "reinit", "epoch", "block", "ratio"]].reset_index(drop=True)
+    ratios = boundary_ratios(histories[histories["method"] == method]).rename(columns={"boundary": "reinit"})
+    return ratios[["run_id", "seed", "reinit", "epoch", "block", "ratio"]]
 
 
 def plot_gradient_flow(histories, dataset: str, reference: str, baseline: str, blocks: list[str]):

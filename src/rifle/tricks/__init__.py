@@ -14,6 +14,7 @@ import importlib
 
 TRICKS: dict[str, str | type] = {
     "rifle": "rifle:Rifle",
+    "head_lr_restart": "head_lr_restart:HeadLRRestart",
     "dropout": "dropout:Dropout",
     "dropconnect": "dropconnect:DropConnect",
     "stochastic_depth": "stochastic_depth:StochasticDepth",

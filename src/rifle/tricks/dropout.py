@@ -4,7 +4,8 @@ Srivastava, Hinton, Krizhevsky, Sutskever, Salakhutdinov. "Dropout: A Simple Way
 Overfitting." JMLR 15(56):1929-1958, 2014.
 
 During training each pooled backbone feature (the head's input) is zeroed independently with probability
-p = `dropout_p`, a new mask per example and step; evaluation uses every feature.
+p = `dropout_p` (default 0.5, the paper's rate for hidden units), a new mask per example and step; evaluation uses
+every feature.
 Deviation, stated: the paper keeps units unscaled in training and multiplies the outgoing weights by the retention
 probability (1 - p) at test time; we use the equivalent "inverted" form (kept features scaled by 1/(1-p) in
 training, nothing at evaluation): the evaluated network stays a plain model, so the saved weights load without this

@@ -7,15 +7,22 @@ Faithful to the official code (lixingjian/RIFLE, train.py):
 - K = `reinit_times` re-initializations split the run into K+1 equal periods; the run is truncated to a multiple
   of K+1 epochs (`config.resolve`, which also gives the re-init epochs);
 - after the validation pass of epoch e with (e+1) % period == 0, the head is reset in place with PyTorch's default
-  `nn.Linear` initialization (weight and bias); backbone and BN statistics untouched;
+  `nn.Linear` initialization (weight and bias; `reinit_init=default`); backbone and BN statistics untouched;
 - SGD momentum buffers are kept (official), or zeroed with `reset_head_momentum`;
-- head learning rate `follow` (the backbone's cosine) or `cyclic` (a cosine restarted every period).
+- head learning rate `follow` (the backbone's cosine) or `cyclic` (a cosine restarted every period; the official
+  `fc_lr_util=cyclic`, also the method `head_lr_restart` without any re-init, its control).
+Logged at an epoch that ends with a re-init: `head_reinit` 1 (else 0), `head_norm_pre_reinit` and
+`head_norm_post_reinit` (Frobenius norm of the head's weight just before and just after the reset), and
+`reinit_weight_spread`.
+`reinit_init=he_normal` draws the new head as the Paddle port does (haozhe-an/RIFLE-Paddle-Implementation,
+fine_tuning/run.py: every parameter named 'fc' set to np.random.normal(0, sqrt(2 / shape[0]))): weight ~ N(0, 2 /
+fan_in) (Paddle stores the weight as [in, out], so shape[0] is fan_in) and bias ~ N(0, 2 / out_features) (the bias's
+shape[0] is the number of classes).
 Deviations, each stated: no reset after the final epoch (it cannot affect the result); the new weights are drawn
 from a generator seeded by (seed, re-init index), identical on every process (the official code is single-GPU;
-under DDP a per-process draw would silently diverge, as DDP never re-broadcasts). `reinit_guard_epochs` only
-refuses a configuration (config.resolve). The Paddle port (haozhe-an/RIFLE-Paddle-Implementation) differs and
-is not reproduced: it trains all E epochs (no truncation), skips a re-init after epoch e > E - 5, and draws the
-new weights from N(0, 2/fan_in).
+under DDP a per-process draw would silently diverge, as DDP never re-broadcasts; the Paddle port draws from numpy's
+global stream). `reinit_guard_epochs` only refuses a configuration (config.resolve). The rest of the Paddle port is
+not reproduced: it trains all E epochs (no truncation) and skips a re-init after epoch e > E - 5.
 """
 from __future__ import annotations
 
@@ -24,21 +31,31 @@ import math
 import torch
 from torch import nn
 
-from ..config import reinit_epochs
+from ..config import REINIT_INITS, reinit_epochs
 from ..schedules import rifle_cyclic_head_lr
-from ..track.keys import HEAD_REINIT
+from ..track.keys import HEAD_NORM_POST, HEAD_NORM_PRE, HEAD_REINIT
 from .base import Trick
 
 
-def reinit_linear_(head: nn.Linear, seed: int) -> None:
-    """Reset `head` in place to a fresh default nn.Linear init drawn from `seed` (same on every process)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+def reinit_linear_(head: nn.Linear, seed: int, init: str = "default") -> None:
+    """Reset `head` in place from `seed` (the same on every process): `default`, a fresh nn.Linear's own init
+    (reset_parameters, drawn from the global generator forked and seeded), or `he_normal`, the Paddle port's
+    weight ~ N(0, 2 / fan_in) and bias ~ N(0, 2 / out_features), drawn from a generator seeded the same way."""
+    if init == "default":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            fresh = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        weight, bias = fresh.weight, fresh.bias
+    elif init == "he_normal":
+        g = torch.Generator().manual_seed(seed)  # the stream torch.manual_seed(seed) starts too
+        weight = torch.randn(head.weight.shape, generator=g) * math.sqrt(2.0 / head.in_features)
+        bias = torch.randn(head.out_features, generator=g) * math.sqrt(2.0 / head.out_features)
+    else:
+        raise ValueError(f"reinit_init: got {init!r}, allowed: {', '.join(REINIT_INITS)}")
     with torch.no_grad():
-        head.weight.copy_(fresh.weight)
+        head.weight.copy_(weight)
         if head.bias is not None:
-            head.bias.copy_(fresh.bias)
+            head.bias.copy_(bias)
 
 
 def reinit_seed(run_seed: int, index: int) -> int:
@@ -60,11 +77,13 @@ class Rifle(Trick):
     def from_config(cls, cfg):
         t, o = cfg.tricks, cfg.optim
         return cls(reinit_epochs(cfg), cfg.run.seed, o.epochs, t.reinit_times, o.head_lr, t.head_lr_policy,
-                   t.reset_head_momentum)
+                   t.reset_head_momentum, t.reinit_init)
 
     def __init__(self, reinit_epochs: list[int], seed: int, epochs: int, reinit_times: int, head_lr: float,
-                 head_lr_policy: str = "follow", reset_momentum: bool = False):
-        self.schedule, self.seed, self.reset_momentum = set(reinit_epochs), seed, reset_momentum
+                 head_lr_policy: str = "follow", reset_momentum: bool = False, init: str = "default"):
+        if init not in REINIT_INITS:
+            raise ValueError(f"reinit_init: got {init!r}, allowed: {', '.join(REINIT_INITS)}")
+        self.schedule, self.seed, self.reset_momentum, self.init = set(reinit_epochs), seed, reset_momentum, init
         self.cyclic = (epochs, reinit_times, head_lr) if head_lr_policy == "cyclic" else None
         self.done = 0  # re-inits so far (part of the resumable state)
 
@@ -79,7 +98,9 @@ class Rifle(Trick):
         if epoch not in self.schedule:
             return
         head = self.model.head
-        reinit_linear_(head, seed=reinit_seed(self.seed, self.done + 1))
+        metrics[HEAD_NORM_PRE] = float(head.weight.detach().float().norm())
+        reinit_linear_(head, seed=reinit_seed(self.seed, self.done + 1), init=self.init)
+        metrics[HEAD_NORM_POST] = float(head.weight.detach().float().norm())
         if self.reset_momentum:
             for p in head.parameters():
                 buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
