@@ -48,7 +48,7 @@ def test_training_metrics_match_the_recorded_ones(tmp_path, digits_folder, name)
         RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         pytest.skip("recorded")
     want = json.loads(RECORD.read_text())[name]
-    assert sorted(got["history"]) == sorted(want["history"])
+    assert set(want["history"]) <= set(got["history"])  # new metrics may join; none may go
     same_machine = (got["device"], got["torch"]) == (want["device"], want["torch"])
     for key, values in want["history"].items():
         if same_machine or key in EXACT_ONLY:
