@@ -69,6 +69,41 @@ def test_holm_by_hand():
     assert stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
+def test_sign_flip_p_is_the_enumeration_of_every_sign_pattern():
+    """The exact two-sided sign-flip p: the share of the 2^n sign patterns whose |mean| reaches the observed one."""
+    import itertools
+    rng = np.random.default_rng(7)
+    cases = [[0.02, -0.01, 0.05, 0.02, 0.04], [0.01, -0.01, 0.02, 0.0], [0.03, 0.03, -0.03], [0.0, 0.0],
+             *(rng.normal(0.01, 0.02, n) for n in (2, 3, 5, 6, 8))]
+    for d in cases:
+        d = np.asarray(d, dtype=float)
+        observed = abs(d.mean())
+        means = [abs(np.mean(np.array(signs) * d)) for signs in itertools.product((1, -1), repeat=d.size)]
+        brute = sum(m >= observed - 1e-12 for m in means) / 2 ** d.size
+        assert stats.sign_flip_p(d) == pytest.approx(brute), d
+    # as observed, with -0.01 flipped, and both negated: 4 of 32
+    assert stats.sign_flip_p([0.02, -0.01, 0.05, 0.02, 0.04]) == pytest.approx(4 / 32)
+    # all of one sign: the smallest p there is, 2/2^n (equal differences too, where t has no p)
+    assert stats.sign_flip_p([0.01] * 5) == stats.min_sign_flip_p(5) == 0.0625
+    assert stats.paired_difference([0.9, 0.8], [0.8, 0.7])["p_signflip"] == pytest.approx(0.5)
+    assert math.isnan(stats.sign_flip_p([0.1])) and math.isnan(stats.paired_difference([0.9], [0.8])["p_signflip"])
+
+
+def test_minimum_detectable_difference_by_hand():
+    # t(0.975, 4) = 2.776445, t(0.8, 4) = 0.940965: (2.776445 + 0.940965) x 0.0230217 / sqrt 5 = 0.038273
+    assert stats.mde(0.0230217, 5) == pytest.approx(0.038273, rel=1e-5)
+    r = stats.paired_difference([0.80, 0.85, 0.90, 0.82, 0.88], [0.78, 0.86, 0.85, 0.80, 0.84])
+    assert r["mde"] == pytest.approx((2.776445 + 0.940965) * r["sd_diff"] / math.sqrt(5), rel=1e-6)
+    # What it means: a true difference of the MDE is found by the two-sided paired t-test at 0.05 about 80%
+    # of the time (the noncentral t, which the formula approximates from below for small n).
+    from scipy.stats import nct, t
+    for n in (5, 10, 30):
+        shift = stats.mde(1.0, n) * math.sqrt(n)
+        crit = t.ppf(0.975, n - 1)
+        assert nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift) == pytest.approx(0.8, abs=0.01)
+    assert math.isnan(stats.mde(0.02, 1)) and math.isnan(stats.mde(math.nan, 5))
+
+
 def test_method_labels_both_ways_and_comparisons():
     assert [method_label(t) for t in ("", "none", None, [], "rifle", "l2sp,rifle", ["l2sp", "rifle"], "rifle+l2sp",
                                       " rifle , rifle ")] == \
