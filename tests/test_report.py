@@ -191,6 +191,70 @@ def test_varying_settings_are_reported():
 
 # ------------------------------------------------------------------------- runs logged here with mlflow
 
+def log_runs(tmp_path, experiment: str, runs: list[tuple[dict, dict, dict]]) -> str:
+    """A real sqlite store in tmp_path with one finished run per (params, metrics, tags); returns its URI."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp_id = client.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
+    for params, metrics, tags in runs:
+        run = client.create_run(exp_id, tags=tags).info.run_id
+        for k, v in params.items():
+            client.log_param(run, k, v)
+        for k, v in metrics.items():
+            client.log_metric(run, k, v)
+        client.set_terminated(run)
+    return uri
+
+
+VALIDATED, AUTHORS = {"val_fraction": 0.2, "selection": "best_val"}, {"val_fraction": 0.0, "selection": "last"}
+
+
+def test_protocols_in_one_store_are_reported_apart(tmp_path):
+    """The same (dataset, method, seed) under both protocols, and a run of neither: three rows, every run kept."""
+    accs = {("validated", "none"): (0.70, 0.72), ("validated", "rifle"): (0.73, 0.74),
+            ("authors", "none"): (0.80, 0.81), ("authors", "rifle"): (0.79, 0.83)}
+    protocols = {"validated": VALIDATED, "authors": AUTHORS}
+    logged = [({"dataset": "digits", "tricks": tricks, "seed": seed} | protocols[protocol], {"test_acc": acc}, {})
+              for (protocol, tricks), pair in accs.items() for seed, acc in enumerate(pair)]
+    logged.append(({"dataset": "digits", "tricks": "none", "seed": 0, "val_fraction": 0.2, "selection": "last"},
+                   {"test_acc": 0.75}, {}))
+    uri = log_runs(tmp_path, "both", logged)
+    out = build.build_report(uri, "both", output_dir=tmp_path / "rep", log=False)
+    runs = out["runs"]
+    assert len(runs) == 9 and runs.attrs["duplicates"] == []
+    assert sorted(set(runs["protocol"])) == ["authors", "val_fraction 0.2, selection last", "validated"]
+    s = out["summary"].set_index(["protocol", "method"])
+    assert s.loc[("validated", "plain"), "mean"] == pytest.approx(0.71)
+    assert s.loc[("authors", "plain"), "mean"] == pytest.approx(0.805) and s.loc[("authors", "plain"), "n"] == 2
+    p = out["paired"].set_index("protocol")
+    assert p["mean_diff"].to_dict() == pytest.approx({"authors": 0.005, "validated": 0.025})
+    assert list(p.index) == ["authors", "validated"] and (p["n"] == 2).all()
+    md = out["markdown"]
+    assert "| dataset · protocol | plain | rifle |" in md
+    assert "| digits · authors | 80.5 ± 0.7 (2) | **81.0 ± 2.8 (2)** |" in md
+    assert "| digits · val_fraction 0.2, selection last | **75.0 ± – (1)** |  |" in md
+    assert "| digits · validated | 71.0 ± 1.4 (2) | **73.5 ± 0.7 (2)** |" in md
+    assert "| digits · authors | rifle − plain | 2 | +0.50 |" in md
+    assert "| digits · validated | rifle − plain | 2 | +2.50 |" in md
+    assert "adjusted for the number of comparisons in the dataset and protocol" in md
+    assert list(pd.read_csv(tmp_path / "rep" / "results.csv")["protocol"]) == ["authors"] * 2 + [
+        "val_fraction 0.2, selection last"] + ["validated"] * 2
+    assert {"dynamics_digits_authors.png", "dynamics_digits_validated.png"} <= {f.name for f in out["files"].values()}
+    # One protocol alone reads as before: no protocol in the labels.
+    alone = tables.evidence(runs[runs["protocol"] == "authors"])["markdown"]
+    assert "| dataset | plain | rifle |" in alone and "| digits | rifle − plain | 2 | +0.50 |" in alone
+
+
+def test_protocol_of_a_run():
+    assert reads.protocol_of({"val_fraction": "0.2", "selection": "best_val"}) == "validated"
+    assert reads.protocol_of({"val_fraction": "0.0", "selection": "last"}) == "authors"
+    assert reads.protocol_of({}) == "validated"  # before both params: selected on validation, so it had some
+    assert reads.protocol_of({"val_fraction": "0.1", "selection": "last"}) == "val_fraction 0.1, selection last"
+    assert reads.protocol_of({"selection": "last"}) == "val_fraction not recorded, selection last"
+    for protocol in ("validated", "authors", "val_fraction 0.1, selection last"):
+        assert reads.selection_of(protocol) == {"validated": "best_val"}.get(protocol, "last")
+
+
 def test_report_names_metric_selection_and_runs_selected_before_reinit(tmp_path, capsys):
     """Runs as the trainer logs them (test_acc, test_acc_last, params selection and reinit_count, tag
     selected_before_reinit) and one older plain run without test_acc_last or selection."""

@@ -66,7 +66,7 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
             # optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size
             spe = math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
             (stats,) = paired_differences(runs, pairs=[(label, "plain")]).drop(
-                columns=["dataset", "method", "versus", "p_holm", "seeds"]).to_dict("records")
+                columns=["dataset", "protocol", "method", "versus", "p_holm", "seeds"]).to_dict("records")
             rows.append({"protocol": protocol, "images_per_class": per_class, "steps_per_epoch": spe,
                          "K": options["reinit_times"], "head_lr": options["head_lr_policy"],
                          "steps_per_period": spe * cfg.optim.epochs // (options["reinit_times"] + 1),

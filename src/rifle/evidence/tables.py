@@ -1,7 +1,9 @@
 """The paper-style table (datasets x methods, mean ± std over seeds) and the paired difference reference −
 other over shared seeds (the method with RIFLE minus the same method without it), each naming its metric,
-selection and environment; the notes on runs left out and settings or budgets that differ. Pure: runs come
-from rifle.track.reads.fetch_runs."""
+selection and environment; the notes on runs left out and settings or budgets that differ. A row is a
+(dataset, protocol): the protocols (validated, authors') measure different things and never share a row or
+a test; the protocol shows in the row label ("digits · authors") when the runs hold more than one. Pure: runs
+come from rifle.track.reads.fetch_runs."""
 from __future__ import annotations
 
 import math
@@ -26,30 +28,62 @@ TRICK_OPTIONS = (*(name for name, (section, _) in all_fields().items() if sectio
 BUDGET_KEYS = ("epochs_trained", "optimizer_steps")
 
 
+GROUP = ["dataset", "protocol"]  # one table row, one family of paired tests
+
+
 def _method_order(column):
     """A sort_values key: methods in the order of rifle.methods."""
     return column.map(method_sort_key) if column.name == "method" else column
 
 
+def with_protocol(runs):
+    """`runs` with a `protocol` column: a frame without one (built by hand, rifle.compare's) is one protocol."""
+    return runs if "protocol" in runs else runs.assign(protocol="")
+
+
+def several_protocols(frame) -> bool:
+    return "protocol" in frame and frame["protocol"].nunique() > 1
+
+
+def row_label(dataset: str, protocol: str, several: bool) -> str:
+    """The row's name: the dataset, with its protocol when the table holds more than one."""
+    return f"{dataset} · {protocol}" if several and protocol else dataset
+
+
+def row_labels(frame, several: bool | None = None) -> list[str]:
+    several = several_protocols(frame) if several is None else several
+    protocols = frame["protocol"] if "protocol" in frame else [""] * len(frame)
+    return [row_label(d, p, several) for d, p in zip(frame["dataset"], protocols)]
+
+
+def _groups(runs):
+    """(label, rows) per (dataset, protocol) of `runs`, in order."""
+    runs = with_protocol(runs)
+    several = several_protocols(runs)
+    return [(row_label(d, p, several), g) for (d, p), g in runs.groupby(GROUP, sort=True)]
+
+
 def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
-    """Per dataset and method of `runs` (fetch_runs) that have `metric`: n, mean, std, seeds, selection,
-    before_reinit of reinit_tagged (runs tagged selected_before_reinit=true, of those tagged) and best."""
+    """Per dataset, protocol and method of `runs` (fetch_runs) that have `metric`: n, mean, std, seeds,
+    selection, before_reinit of reinit_tagged (runs tagged selected_before_reinit=true, of those tagged) and
+    best (the best mean of its dataset and protocol)."""
     import pandas as pd
 
     rows = []
-    for (dataset, method), g in runs[runs[metric].notna()].groupby(["dataset", "method"], sort=False):
+    runs = with_protocol(runs)
+    for (dataset, protocol, method), g in runs[runs[metric].notna()].groupby([*GROUP, "method"], sort=False):
         mean, std, n = mean_std(g[metric])
         tagged = g[BEFORE_REINIT_TAG].dropna() if BEFORE_REINIT_TAG in g else []
-        rows.append({"dataset": dataset, "method": method, "n": n, "mean": mean, "std": std,
+        rows.append({"dataset": dataset, "protocol": protocol, "method": method, "n": n, "mean": mean, "std": std,
                      "seeds": " ".join(str(s) for s in sorted(g["seed"])),
                      "selection": ",".join(sorted(set(g["selection"] if "selection" in g else [DEFAULT_SELECTION]))),
                      "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged),
                      "epochs_trained": _values(g, "epochs_trained")})
-    cols = ["dataset", "method", "n", "mean", "std", "seeds", "selection", "before_reinit", "reinit_tagged",
-            "epochs_trained"]
+    cols = ["dataset", "protocol", "method", "n", "mean", "std", "seeds", "selection", "before_reinit",
+            "reinit_tagged", "epochs_trained"]
     table = pd.DataFrame(rows, columns=cols)
-    table["best"] = table["mean"] == table.groupby("dataset")["mean"].transform("max")
-    return table.sort_values(["dataset", "method"], key=_method_order, kind="stable").reset_index(drop=True)
+    table["best"] = table["mean"] == table.groupby(GROUP)["mean"].transform("max")
+    return table.sort_values([*GROUP, "method"], key=_method_order, kind="stable").reset_index(drop=True)
 
 
 def _values(g, column: str) -> str:
@@ -61,26 +95,27 @@ def _values(g, column: str) -> str:
 
 def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95, metric: str = "test_acc",
                        pairs: list[tuple[str, str]] | None = None) -> "pd.DataFrame":
-    """Per dataset and comparison (`method` with the reference, `versus` without; or the given `pairs` of
-    (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
-    seeds both have, p_holm adjusting the p-values for the dataset's comparisons. The one builder of paired
-    tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
+    """Per dataset, protocol and comparison (`method` with the reference, `versus` without; or the given `pairs`
+    of (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
+    seeds both have, p_holm adjusting the p-values for the comparisons of the dataset and protocol. The one
+    builder of paired tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
     import pandas as pd
 
     rows = []
-    for dataset, g in runs[runs[metric].notna()].groupby("dataset", sort=True):
+    runs = with_protocol(runs)
+    for (dataset, protocol), g in runs[runs[metric].notna()].groupby(GROUP, sort=True):
         by_seed = g.pivot_table(index="seed", columns="method", values=metric, aggfunc="last")
         present = [(a, b) for a, b in pairs if {a, b} <= set(by_seed.columns)] if pairs is not None else \
             comparisons(by_seed.columns, reference)
         for with_ref, without in present:
             both = by_seed[[with_ref, without]].dropna()
-            rows.append({"dataset": dataset, "method": with_ref, "versus": without,
+            rows.append({"dataset": dataset, "protocol": protocol, "method": with_ref, "versus": without,
                          **paired_difference(both[with_ref], both[without], confidence),
                          "seeds": " ".join(map(str, both.index))})
-    cols = ["dataset", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value", "p_holm",
-            "seeds"]
+    cols = ["dataset", "protocol", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value",
+            "p_holm", "seeds"]
     table = pd.DataFrame(rows, columns=cols)
-    table["p_holm"] = table.groupby("dataset")["p_value"].transform(holm)
+    table["p_holm"] = table.groupby(GROUP)["p_value"].transform(holm)
     return table
 
 
@@ -97,46 +132,54 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
                    metric: str = "test_acc", environments: list[str] | None = None) -> str:
     """The paper-style table (percent) and the paired differences (percentage points) as Markdown, each with
     the line saying what it measures and, given `environments`, where it was measured."""
+    several = several_protocols(summary)
+    summary = summary.assign(row=row_labels(summary, several))
     methods = sorted(summary["method"].unique(), key=method_sort_key)
     selections = {m: set(",".join(g["selection"]).split(",")) for m, g in summary.groupby("method")} \
         if "selection" in summary else {}
     what = metric_note(metric, selections)
     text = [f"{_pct(r.mean)} ± {_pct(r.std)} ({r.n})" for r in summary.itertuples()]
     cells = summary.assign(cell=[f"**{t}**" if best else t for t, best in zip(text, summary["best"])]).pivot(
-        index="dataset", columns="method", values="cell").reindex(columns=methods).fillna("")
+        index="row", columns="method", values="cell").reindex(index=list(dict.fromkeys(summary["row"])),
+                                                               columns=methods).fillna("")
     where = f" Environment: {'; '.join(environments)}." if environments else ""
-    lines = [f"### {metric} (%), mean ± std over seeds (n)", "", "| dataset | " + " | ".join(methods) + " |",
+    head = "dataset · protocol" if several else "dataset"
+    lines = [f"### {metric} (%), mean ± std over seeds (n)", "", f"| {head} | " + " | ".join(methods) + " |",
              "|---" * (len(methods) + 1) + "|", *(f"| {d} | " + " | ".join(row) + " |" for d, row in cells.iterrows()),
-             "", f"Bold: the best mean of the dataset. {what}{where}"]
+             "", f"Bold: the best mean of the {'row' if several else 'dataset'}. {what}{where}"]
     if "epochs_trained" in summary and (summary["epochs_trained"] != "").any():
-        per = summary.groupby("dataset")["epochs_trained"].agg(lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
+        per = summary.groupby("row", sort=False)["epochs_trained"].agg(
+            lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
         lines += ["", "Epochs trained: " + "; ".join(f"{d}: {e}" for d, e in per.items()) + "."]
     tagged = summary[summary["reinit_tagged"] > 0] if "reinit_tagged" in summary else summary.iloc[:0]
     if metric == "test_acc" and len(tagged):  # test_acc_last always follows every re-init
         counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_reinit} of {r.reinit_tagged}"
-                                                for r in g.itertuples()) for d, g in tagged.groupby("dataset"))
+                                                for r in g.itertuples()) for d, g in tagged.groupby("row", sort=False))
         lines += ["", f"Selected before the first head re-initialization (tag {BEFORE_REINIT_TAG}=true: the "
                   f"checkpoint lies on plain fine-tuning's trajectory, so its number is not RIFLE's), runs: {counts}."]
     if paired is not None and len(paired):
         lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
-                  "both share", "", f"| dataset | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
+                  "both share", "", f"| {head} | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
                   "p (paired t-test) | p (Holm) |", "|---" * 7 + "|"]
-        for r in paired.itertuples():
+        for label, r in zip(row_labels(paired, several), paired.itertuples()):
             ci = f"[{_pct(r.ci_low, 2, '+')}, {_pct(r.ci_high, 2, '+')}]" if math.isfinite(r.ci_low) else "–"
-            lines.append(f"| {r.dataset} | {r.method} − {r.versus} | {r.n} | {_pct(r.mean_diff, 2, '+')} | {ci} | "
+            lines.append(f"| {label} | {r.method} − {r.versus} | {r.n} | {_pct(r.mean_diff, 2, '+')} | {ci} | "
                          f"{_p(r.p_value)} | {_p(r.p_holm)} |")
+        family = "dataset and protocol" if several else "dataset"
         lines += ["", f"Reference − other: the method with the reference minus the same method without it "
                   f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
-                  f"the dataset (Holm-Bonferroni).{where}"]
+                  f"the {family} (Holm-Bonferroni).{where}"]
     return "\n".join(lines + [f"\nNote: {note}" for note in notes or []]) + "\n"
 
 
 def varying_settings(runs, ignore=RUN_KEYS) -> dict:
-    """Training params that differ, per dataset: {"within": {method: [keys]}, "between": [keys]}. Within a
-    method they break the pairing of seeds; between methods (but a trick's own options, which every run logs)
+    """Training params that differ, per row (`row_label`): {"within": {method: [keys]}, "between": [keys]}. Within
+    a method they break the pairing of seeds; between methods (but a trick's own options, which every run logs)
     the comparison is not under the same settings (as intended after per-method tuning)."""
     out = {}
-    for dataset, g in runs.groupby("dataset"):
+    if "params" not in runs:  # a frame rebuilt from seeds.csv: no params to compare
+        return out
+    for label, g in _groups(runs):
         keys = [k for k in sorted(set().union(*g["params"]) - set(ignore)) if not k.endswith("_resolved")]
         differs = lambda rows, k: len({p.get(k) for p in rows}) > 1  # noqa: E731
         within = {m: [k for k in keys if differs(gm["params"], k)] for m, gm in g.groupby("method")}
@@ -144,17 +187,17 @@ def varying_settings(runs, ignore=RUN_KEYS) -> dict:
         between = [k for k in keys if differs(g["params"], k) and k not in TRICK_OPTIONS
                    and not any(k in ks for ks in within.values())]
         if within or between:
-            out[dataset] = {"within": within, "between": between}
+            out[label] = {"within": within, "between": between}
     return out
 
 
 def environments(runs) -> dict[str, list[str]]:
-    """dataset -> the environments (rifle.env.describe) its runs were measured in, with their counts."""
+    """row label -> the environments (rifle.env.describe) its runs were measured in, with their counts."""
     out = {}
-    for dataset, g in runs.groupby("dataset"):
+    for label, g in _groups(runs):
         lines = g.reindex(columns=list(env.KEYS)).apply(lambda r: env.describe(r.dropna().to_dict()), axis=1)
         counts = lines.value_counts(sort=False)
-        out[dataset] = [line if len(counts) == 1 else f"{line} ({n} runs)" for line, n in counts.items()]
+        out[label] = [line if len(counts) == 1 else f"{line} ({n} runs)" for line, n in counts.items()]
     return out
 
 
@@ -163,11 +206,11 @@ def check_environments(runs, allow_mixed: bool = False) -> None:
     different environments: the same options then give other numbers, so pairs are not like for like."""
     if allow_mixed:
         return
-    for dataset, g in runs.groupby("dataset"):
+    for label, g in _groups(runs):
         for key in env.KEYS:
             values = sorted({"not recorded" if v is None else str(v) for v in g.get(key, [None])})
             if len(values) > 1:
-                raise ValueError(f"{dataset}: runs were measured in different environments ({key}: "
+                raise ValueError(f"{label}: runs were measured in different environments ({key}: "
                                  f"{' vs '.join(values)}), which changes their numbers; rerun them in one, or pass "
                                  "--allow_mixed_env to pair them anyway")
 
@@ -175,12 +218,14 @@ def check_environments(runs, allow_mixed: bool = False) -> None:
 def budget_notes(runs, paired) -> list[str]:
     """A note per compared pair whose runs trained different numbers of epochs or optimizer steps."""
     notes = []
-    for r in paired.itertuples():
-        g = runs[(runs["dataset"] == r.dataset) & runs["method"].isin([r.method, r.versus])]
+    runs = with_protocol(runs)
+    for label, r in zip(row_labels(paired, several_protocols(runs)), paired.itertuples()):
+        g = runs[(runs["dataset"] == r.dataset) & (runs["protocol"] == r.protocol)
+                 & runs["method"].isin([r.method, r.versus])]
         for key in BUDGET_KEYS:
             per = {m: _values(gm, key) for m, gm in g.groupby("method")}
             if len(set(",".join(per.values()).split(",")) - {""}) > 1:
-                notes.append(f"{r.dataset}, {r.method} − {r.versus}: the runs trained different budgets ({key}: "
+                notes.append(f"{label}, {r.method} − {r.versus}: the runs trained different budgets ({key}: "
                              + ", ".join(f"{m} {v}" for m, v in per.items()) + "), so the difference mixes the "
                              "method with the budget")
                 break
@@ -190,7 +235,7 @@ def budget_notes(runs, paired) -> list[str]:
 def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
              allow_mixed_env: bool = False) -> dict:
     """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, the Markdown with notes on
-    runs left out (no value of the metric, repeated (dataset, method, seed)), on settings and budgets that
+    runs left out (no value of the metric, repeated (dataset, protocol, method, seed)), on settings and budgets that
     differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
     metric_note(metric, {})  # an unknown metric or trick fails here, with its message
     method_label(reference)
@@ -200,7 +245,7 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
              f"{', '.join(missing[:5])})"] if missing else []
     dups = runs.attrs.get("duplicates", [])
     if dups:
-        notes.append(f"{len(dups)} older run(s) repeating a (dataset, method, seed) were left out (e.g. "
+        notes.append(f"{len(dups)} older run(s) repeating a (dataset, protocol, method, seed) were left out (e.g. "
                      f"{', '.join(dups[:5])}); sweep trials share an experiment with other runs: report a "
                      "comparison with --parent_run_id")
     for dataset, v in varying_settings(runs).items():
