@@ -140,7 +140,9 @@ def synthetic():
 def test_tables_by_hand():
     runs = synthetic()
     s = tables.summarize(runs).set_index(["dataset", "method"])
-    assert s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71) and s.loc[("cub", "plain"), "n"] == 3
+    # cub: plain's seed 2 has no rifle run, so the means are over seeds 0 and 1 as the paired difference is
+    assert s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71) and s.loc[("cub", "plain"), "n"] == 2
+    assert s.loc[("cub", "plain"), "seeds"] == "0 1"
     assert s.loc[("cub", "rifle"), "std"] == pytest.approx(math.sqrt(0.00005))
     assert s["best"].to_dict() == {("cub", "plain"): False, ("cub", "rifle"): True,
                                    ("dtd", "plain"): True, ("dtd", "rifle"): False}
@@ -150,7 +152,7 @@ def test_tables_by_hand():
     assert p.loc["dtd", "n"] == 1 and math.isnan(p.loc["dtd", "p_value"]) and math.isnan(p.loc["dtd", "p_holm"])
     assert p.loc["cub", "p_holm"] == pytest.approx(p.loc["cub", "p_value"])  # one comparison: nothing to adjust
     md = tables.table_markdown(tables.summarize(runs), tables.paired_differences(runs))
-    assert "| cub | 71.0 ± 1.0 (3) | **72.5 ± 0.7 (2)** |" in md
+    assert "| cub | 71.0 ± 1.4 (2) | **72.5 ± 0.7 (2)** |" in md
     assert "| dtd | **60.0 ± – (1)** | 58.0 ± – (1) |" in md
     assert "| cub | rifle − plain | 2 | +1.50 |" in md
     # Runs without a `selection` param (older ones) selected on validation; both tables say so.
@@ -179,6 +181,33 @@ def test_metric_selection_and_before_reinit_by_hand():
     assert "runs: cub: rifle 1 of 2; dtd: rifle 1 of 1." in md
     with pytest.raises(ValueError, match="metric: expected one of test_acc, test_acc_last"):
         tables.evidence(runs, metric="val_acc")
+
+
+def test_means_and_paired_differences_are_over_the_same_seeds():
+    rows = [("cub", m, seed, acc) for m, accs in (("plain", (0.70, 0.72, 0.71, 0.60)), ("rifle", (0.73, 0.72, 0.75)),
+                                                  ("dropout", (0.69, 0.74, 0.70, 0.65)))
+            for seed, acc in enumerate(accs)]
+    rows += [("dtd", "plain", 0, 0.60), ("dtd", "rifle", 1, 0.58)]  # no seed in common
+    runs = pd.DataFrame(rows, columns=["dataset", "method", "seed", "test_acc"]).assign(
+        run_id=[f"run{i}" for i in range(len(rows))], params=[{} for _ in rows])
+    kept, left = tables.common_seeds(runs)
+    assert sorted(left["run_id"], key=lambda r: int(r[3:])) == ["run3", "run10", "run11", "run12"]
+    assert (kept["dataset"] == "cub").all() and set(kept["seed"]) == {0, 1, 2} and len(kept) == 9
+    built = tables.evidence(runs)
+    s = built["summary"].set_index(["dataset", "method"])
+    assert s.loc[("cub", "plain"), "n"] == 3 and s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71)
+    p = built["paired"].set_index(["dataset", "method", "versus"])
+    for a, b in (("rifle", "plain"), ("rifle", "dropout")):
+        assert s.loc[("cub", a), "mean"] - s.loc[("cub", b), "mean"] == pytest.approx(p.loc[("cub", a, b), "mean_diff"])
+        assert p.loc[("cub", a, b), "seeds"] == s.loc[("cub", a), "seeds"] == "0 1 2"
+    assert (s.loc["dtd", "n"] == 0).all() and "dtd" not in p.index.get_level_values(0)
+    md = built["markdown"]
+    assert "| cub | 71.0 ± 1.0 (3) | **73.3 ± 1.5 (3)** | 71.0 ± 2.6 (3) |" in md
+    assert "| dtd | – ± – (0) | – ± – (0) |  |" in md
+    assert "Note: cub: means and paired differences are over the seeds every method has (0 1 2); left out: plain " \
+           "seed 3 (run3), dropout seed 3 (run10)" in md
+    assert "Note: dtd: means and paired differences are over the seeds every method has: none, so no means or " \
+           "differences; left out: plain seed 0 (run11), rifle seed 1 (run12)" in md
 
 
 def test_varying_settings_are_reported():
@@ -288,8 +317,11 @@ def test_report_names_metric_selection_and_runs_selected_before_reinit(tmp_path,
     assert summary.loc["rifle", "before_reinit"] == 1 and summary.loc["plain", "reinit_tagged"] == 0
     assert report.main(argv + ["--output_dir", str(tmp_path / "b"), "--metric", "test_acc_last"]) == 0
     md = capsys.readouterr().out
-    assert md.startswith("### test_acc_last (%)") and "| digits | 69.0 ± – (1) | **72.0 ± 1.4 (2)** |" in md
+    # plain's seed 1 has no test_acc_last: both means are over seed 0, as the paired difference
+    assert md.startswith("### test_acc_last (%)") and "| digits | 69.0 ± – (1) | **71.0 ± – (1)** |" in md
     assert "| digits | rifle − plain | 1 | +2.00 |" in md and "1 run(s) have no test_acc_last" in md
+    assert "digits: means and paired differences are over the seeds every method has (0); left out: rifle seed 1 (" \
+        in md
     assert "Metric: test_acc_last, test accuracy at the last epoch" in md and "Selected before" not in md
     with pytest.raises(SystemExit):
         report.main(argv + ["--metric", "val_acc"])

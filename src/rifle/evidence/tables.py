@@ -63,22 +63,38 @@ def _groups(runs):
     return [(row_label(d, p, several), g) for (d, p), g in runs.groupby(GROUP, sort=True)]
 
 
+def common_seeds(runs, metric: str = "test_acc") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """(kept, left out) of the runs of `runs` that have `metric`: per dataset and protocol, kept are those on
+    the seeds every method there has, so a difference of two means is the mean of their paired differences."""
+    runs = with_protocol(runs)
+    have = runs[runs[metric].notna()]
+    keep = have["seed"].isin([])
+    for _, g in have.groupby(GROUP):
+        seeds = set.intersection(*(set(gm["seed"]) for _, gm in g.groupby("method")))
+        keep[g.index] = g["seed"].isin(seeds)
+    return have[keep], have[~keep]
+
+
 def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
-    """Per dataset, protocol and method of `runs` (fetch_runs) that have `metric`: n, mean, std, seeds,
-    selection, before_reinit of reinit_tagged (runs tagged selected_before_reinit=true, of those tagged) and
-    best (the best mean of its dataset and protocol)."""
+    """Per dataset, protocol and method of `runs` (fetch_runs) that have `metric`: n, mean, std and seeds over
+    the seeds every method of the dataset and protocol has (`common_seeds`; n 0 when there is none), selection,
+    before_reinit of reinit_tagged (of those runs, tagged selected_before_reinit=true of those tagged) and best
+    (the best mean of its dataset and protocol)."""
     import pandas as pd
 
     rows = []
     runs = with_protocol(runs)
-    for (dataset, protocol, method), g in runs[runs[metric].notna()].groupby([*GROUP, "method"], sort=False):
+    kept = common_seeds(runs, metric)[0].index
+    for (dataset, protocol, method), every in runs[runs[metric].notna()].groupby([*GROUP, "method"], sort=False):
+        g = every[every.index.isin(kept)]
         mean, std, n = mean_std(g[metric])
         tagged = g[BEFORE_REINIT_TAG].dropna() if BEFORE_REINIT_TAG in g else []
         rows.append({"dataset": dataset, "protocol": protocol, "method": method, "n": n, "mean": mean, "std": std,
                      "seeds": " ".join(str(s) for s in sorted(g["seed"])),
-                     "selection": ",".join(sorted(set(g["selection"] if "selection" in g else [DEFAULT_SELECTION]))),
+                     "selection": ",".join(sorted(set(every["selection"] if "selection" in every
+                                                      else [DEFAULT_SELECTION]))),
                      "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged),
-                     "epochs_trained": _values(g, "epochs_trained")})
+                     "epochs_trained": _values(every, "epochs_trained")})
     cols = ["dataset", "protocol", "method", "n", "mean", "std", "seeds", "selection", "before_reinit",
             "reinit_tagged", "epochs_trained"]
     table = pd.DataFrame(rows, columns=cols)
@@ -159,7 +175,7 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
                   f"checkpoint lies on plain fine-tuning's trajectory, so its number is not RIFLE's), runs: {counts}."]
     if paired is not None and len(paired):
         lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
-                  "both share", "", f"| {head} | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
+                  "of the means", "", f"| {head} | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
                   "p (paired t-test) | p (Holm) |", "|---" * 7 + "|"]
         for label, r in zip(row_labels(paired, several), paired.itertuples()):
             ci = f"[{_pct(r.ci_low, 2, '+')}, {_pct(r.ci_high, 2, '+')}]" if math.isfinite(r.ci_low) else "–"
@@ -232,11 +248,30 @@ def budget_notes(runs, paired) -> list[str]:
     return notes
 
 
+def seed_notes(runs, metric: str = "test_acc", shown: int = 10) -> list[str]:
+    """A note per dataset and protocol where runs with `metric` were left out of the means and paired
+    differences because not every method has their seed (`common_seeds`)."""
+    kept, left = common_seeds(runs, metric)
+    several = several_protocols(with_protocol(runs))
+    notes = []
+    for (dataset, protocol), g in left.groupby(GROUP, sort=True):
+        seeds = sorted(set(kept.loc[(kept["dataset"] == dataset) & (kept["protocol"] == protocol), "seed"]))
+        g = g.sort_values(["method", "seed"], key=_method_order, kind="stable")
+        out = [f"{r.method} seed {r.seed}" + (f" ({r.run_id})" if "run_id" in g else "") for r in g.itertuples()]
+        more = f" and {len(out) - shown} more" if len(out) > shown else ""
+        common = f"the seeds every method has ({' '.join(map(str, seeds))})" if seeds else \
+            "the seeds every method has: none, so no means or differences"
+        notes.append(f"{row_label(dataset, protocol, several)}: means and paired differences are over {common}; "
+                     f"left out: {', '.join(out[:shown])}{more}")
+    return notes
+
+
 def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
              allow_mixed_env: bool = False) -> dict:
-    """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, the Markdown with notes on
-    runs left out (no value of the metric, repeated (dataset, protocol, method, seed)), on settings and budgets that
-    differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
+    """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, means and paired
+    differences over the same seeds (`common_seeds`), the Markdown with notes on runs left out (no value of the
+    metric, a seed not every method has, repeated (dataset, protocol, method, seed)), on settings and budgets
+    that differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
     metric_note(metric, {})  # an unknown metric or trick fails here, with its message
     method_label(reference)
     check_environments(runs, allow_mixed_env)
@@ -254,8 +289,10 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
         if v["between"]:
             notes.append(f"{dataset}: settings differ between methods (fine after per-method tuning, not for a "
                          f"same-settings comparison): {', '.join(v['between'])}")
+    notes += seed_notes(runs, metric)
     summary = summarize(runs, metric)
-    paired = paired_differences(runs, reference, confidence, metric)
+    # the summary's seeds: mean(A) − mean(B) is the paired mean difference A − B
+    paired = paired_differences(common_seeds(runs, metric)[0], reference, confidence, metric)
     notes += budget_notes(runs, paired)
     where = sorted({line for lines in environments(runs).values() for line in lines})
     return {"summary": summary, "paired": paired,
