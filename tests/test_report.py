@@ -210,6 +210,22 @@ def test_means_and_paired_differences_are_over_the_same_seeds():
            "differences; left out: plain seed 0 (run11), rifle seed 1 (run12)" in md
 
 
+def test_paired_table_shows_the_sign_flip_p_and_the_smallest_resolvable_difference():
+    plain, rifle = [0.78, 0.86, 0.85, 0.80, 0.84], [0.80, 0.85, 0.90, 0.82, 0.88]  # d = 2, -1, 5, 2, 4 points
+    runs = pd.DataFrame([("cub", m, seed, acc) for m, accs in (("plain", plain), ("rifle", rifle))
+                         for seed, acc in enumerate(accs)], columns=["dataset", "method", "seed", "test_acc"])
+    built = tables.evidence(runs.assign(run_id=[f"r{i}" for i in range(10)], params=[{}] * 10))
+    (row,) = built["paired"].itertuples()
+    d = np.subtract(rifle, plain)
+    assert row.p_signflip == pytest.approx(stats.sign_flip_p(d)) == pytest.approx(0.125)
+    assert row.mde == pytest.approx((2.776445 + 0.940965) * np.std(d, ddof=1) / math.sqrt(5), rel=1e-6)
+    md = built["markdown"]
+    assert "| p (paired t-test) | p (Holm) | p (sign-flip) |" in md
+    assert "| cub | rifle − plain | 5 | +2.40 | [-0.46, +5.26] | 0.080 | 0.080 | 0.125 |" in md
+    assert "which cannot go below 2/2^n with n seeds (0.0625 for n = 5)" in md
+    assert "probability 0.8, from the observed sd of the differences): cub, rifle − plain: 3.83 (n = 5)." in md
+
+
 def test_varying_settings_are_reported():
     runs = synthetic()
     assert tables.varying_settings(runs) == {}
@@ -269,6 +285,9 @@ def test_protocols_in_one_store_are_reported_apart(tmp_path):
     assert list(pd.read_csv(tmp_path / "rep" / "results.csv")["protocol"]) == ["authors"] * 2 + [
         "val_fraction 0.2, selection last"] + ["validated"] * 2
     assert {"dynamics_digits_authors.png", "dynamics_digits_validated.png"} <= {f.name for f in out["files"].values()}
+    csv = pd.read_csv(tmp_path / "rep" / "paired.csv").set_index("protocol")
+    assert csv["p_signflip"].to_dict() == {"authors": 1.0, "validated": 0.5}  # n = 2: one sign, or not
+    assert csv["mde"].to_dict() == pytest.approx({p: stats.mde(csv.loc[p, "sd_diff"], 2) for p in csv.index})
     # One protocol alone reads as before: no protocol in the labels.
     alone = tables.evidence(runs[runs["protocol"] == "authors"])["markdown"]
     assert "| dataset | plain | rifle |" in alone and "| digits | rifle − plain | 2 | +0.50 |" in alone

@@ -14,10 +14,13 @@ from ..methods import method_label, method_sort_key
 from ..track.keys import BEFORE_REINIT_TAG
 from .stats import (
     DEFAULT_SELECTION,
+    MDE_ALPHA,
+    MDE_POWER,
     comparisons,
     holm,
     mean_std,
     metric_note,
+    min_sign_flip_p,
     paired_difference,
 )
 
@@ -113,7 +116,8 @@ def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
                        pairs: list[tuple[str, str]] | None = None) -> "pd.DataFrame":
     """Per dataset, protocol and comparison (`method` with the reference, `versus` without; or the given `pairs`
     of (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
-    seeds both have, p_holm adjusting the p-values for the comparisons of the dataset and protocol. The one
+    seeds both have (paired t: interval and p; p_holm adjusting p for the comparisons of the dataset and
+    protocol; p_signflip, the exact sign-flip test; mde, the smallest difference the seeds resolve). The one
     builder of paired tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
     import pandas as pd
 
@@ -129,7 +133,7 @@ def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95,
                          **paired_difference(both[with_ref], both[without], confidence),
                          "seeds": " ".join(map(str, both.index))})
     cols = ["dataset", "protocol", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value",
-            "p_holm", "seeds"]
+            "p_holm", "p_signflip", "mde", "seeds"]
     table = pd.DataFrame(rows, columns=cols)
     table["p_holm"] = table.groupby(GROUP)["p_value"].transform(holm)
     return table
@@ -176,15 +180,25 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
     if paired is not None and len(paired):
         lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
                   "of the means", "", f"| {head} | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
-                  "p (paired t-test) | p (Holm) |", "|---" * 7 + "|"]
-        for label, r in zip(row_labels(paired, several), paired.itertuples()):
+                  "p (paired t-test) | p (Holm) | p (sign-flip) |", "|---" * 8 + "|"]
+        labels = row_labels(paired, several)
+        for label, r in zip(labels, paired.itertuples()):
             ci = f"[{_pct(r.ci_low, 2, '+')}, {_pct(r.ci_high, 2, '+')}]" if math.isfinite(r.ci_low) else "–"
             lines.append(f"| {label} | {r.method} − {r.versus} | {r.n} | {_pct(r.mean_diff, 2, '+')} | {ci} | "
-                         f"{_p(r.p_value)} | {_p(r.p_holm)} |")
+                         f"{_p(r.p_value)} | {_p(r.p_holm)} | {_p(r.p_signflip)} |")
         family = "dataset and protocol" if several else "dataset"
+        floors = ", ".join(f"{min_sign_flip_p(n):.4g} for n = {n}" for n in sorted(set(paired["n"])) if n >= 2)
         lines += ["", f"Reference − other: the method with the reference minus the same method without it "
                   f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
-                  f"the {family} (Holm-Bonferroni).{where}"]
+                  f"the {family} (Holm-Bonferroni). p (sign-flip): the exact paired permutation test (under no "
+                  f"difference each seed's difference is as likely negated; no normality assumed), which cannot go "
+                  f"below 2/2^n with n seeds{f' ({floors})' if floors else ''}.{where}"]
+        mde = [f"{label}, {r.method} − {r.versus}: {_pct(r.mde, 2)} (n = {r.n})"
+               for label, r in zip(labels, paired.itertuples()) if math.isfinite(r.mde)]
+        if mde:
+            lines += ["", f"Smallest difference these seeds resolve (points; a paired t-test at two-sided "
+                      f"{MDE_ALPHA:g} finds a true difference this large with probability {MDE_POWER:g}, from the "
+                      f"observed sd of the differences): {'; '.join(mde)}."]
     return "\n".join(lines + [f"\nNote: {note}" for note in notes or []]) + "\n"
 
 
