@@ -293,6 +293,45 @@ def test_protocols_in_one_store_are_reported_apart(tmp_path):
     assert "| dataset | plain | rifle |" in alone and "| digits | rifle − plain | 2 | +0.50 |" in alone
 
 
+def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
+    """Runs as the trainer logs them (both protocols, env.* tags, selected_before_reinit, budget params): the
+    report's seeds.csv holds the per-seed numbers as MLflow does, and its tables rebuilt from it alone equal
+    the report's, Markdown included."""
+    from rifle import env
+    where = {k: "1.0" for k in env.KEYS} | {"env.torch": "2.14.1", "env.cuda": "none", "env.threads": "1",
+                                            "env.device": "Intel Xeon (AVX512)", "env.deterministic": "false"}
+    rng = np.random.default_rng(11)
+    logged = []
+    for protocol, options in (("validated", VALIDATED), ("authors", AUTHORS)):
+        for seed in range(3):
+            for tricks in ("none", "rifle"):
+                acc, last = rng.uniform(0.6, 0.9, 2)
+                tags = where | ({"selected_before_reinit": str(seed == 0).lower()} if tricks == "rifle" else {})
+                logged.append(({"dataset": "digits", "tricks": tricks, "seed": seed, "epochs_trained": 30,
+                                "optimizer_steps": 120} | options,
+                               {"test_acc": acc if protocol == "validated" else last, "test_acc_last": last,
+                                "selected_epoch": 17 if protocol == "validated" else 29}, tags))
+    uri = log_runs(tmp_path, "seeds", logged)
+    for metric in ("test_acc", "test_acc_last"):
+        out = build.build_report(uri, "seeds", output_dir=tmp_path / metric, log=False, metric=metric)
+        csv = tmp_path / metric / "seeds.csv"
+        header = csv.read_text().splitlines()[0].split(",")
+        assert header[:7] == ["method", "protocol", "seed", "dataset", "test_acc", "test_acc_last", "selected_epoch"]
+        assert header[7:] == [*env.KEYS, "selected_before_reinit", "epochs_trained", "optimizer_steps"]
+        seeds = pd.read_csv(csv)
+        assert len(seeds) == 12 and sorted(seeds["test_acc"]) == sorted(m["test_acc"] for _, m, _ in logged)
+        rebuilt = tables.from_seeds_csv(csv, metric=metric)
+        assert rebuilt["markdown"] == out["markdown"]
+        pd.testing.assert_frame_equal(rebuilt["summary"], out["summary"])
+        pd.testing.assert_frame_equal(rebuilt["paired"], out["paired"])
+    md = out["markdown"]  # what the rebuild had to carry: protocols, environment, re-init and budget lines
+    assert "| digits · authors |" in md and "Environment: torch 2.14.1, CUDA none, Intel Xeon (AVX512), 1 thread" in md
+    assert "Epochs trained: digits · authors: 30; digits · validated: 30." in md
+    assert "Selected before" not in md  # test_acc_last
+    md = tables.from_seeds_csv(tmp_path / "test_acc" / "seeds.csv")["markdown"]
+    assert "runs: digits · authors: rifle 1 of 3; digits · validated: rifle 1 of 3." in md
+
+
 def test_protocol_of_a_run():
     assert reads.protocol_of({"val_fraction": "0.2", "selection": "best_val"}) == "validated"
     assert reads.protocol_of({"val_fraction": "0.0", "selection": "last"}) == "authors"
@@ -466,6 +505,7 @@ def test_report_from_runs(store):
     assert set(runs["selection"]) == {"best_val"} and "selected by best_val" in md
     assert pd.read_csv(tmp / "rep" / "results.csv")["n"].tolist() == [2, 2]
     assert len(pd.read_csv(tmp / "rep" / "runs.csv")) == 4
+    assert tables.from_seeds_csv(tmp / "rep" / "seeds.csv")["markdown"] == md  # trained runs: rebuilt alike
     label = reads.slug(runs["dataset"].iloc[0])  # imagefolder:<folder name>
     for name, (height, width) in ((f"mechanism_{label}.png", (800, 1400)), (f"dynamics_{label}.png", (450, 1300)),
                                   ("paired.png", (140, 700))):

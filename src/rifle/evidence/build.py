@@ -19,9 +19,10 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
                  output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
                  group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95,
                  metric: str = "test_acc", allow_mixed_env: bool = False) -> dict:
-    """Write the tables (results.md / .csv, paired.csv, runs.csv) and figures (paired.png and per row, a dataset
-    and protocol, dynamics_, mechanism_, gradients_, reinit_gradients_<row>.png: <dataset>, or
-    <dataset>_<protocol> when the runs hold several protocols) into `output_dir`; with `log`, log them."""
+    """Write the tables (results.md / .csv, paired.csv, runs.csv, seeds.csv: tables.seeds_frame, from which
+    tables.from_seeds_csv rebuilds them) and figures (paired.png and per row, a dataset and protocol, dynamics_,
+    mechanism_, gradients_, reinit_gradients_<row>.png: <dataset>, or <dataset>_<protocol> when the runs hold
+    several protocols) into `output_dir`; with `log`, log them."""
     runs = reads.fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
     where = f"parent run {parent_run_id}" if parent_run_id else \
         f"experiment {experiment!r}" if experiment else "any experiment"
@@ -32,11 +33,12 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
         raise ValueError(f"no finished training run in {where} has {metric}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {name: out / name for name in ("results.md", "results.csv", "paired.csv", "runs.csv")}
+    files = {name: out / name for name in ("results.md", "results.csv", "paired.csv", "runs.csv", "seeds.csv")}
     files["results.md"].write_text(built["markdown"])
     built["summary"].to_csv(files["results.csv"], index=False)
     built["paired"].to_csv(files["paired.csv"], index=False)
     runs.drop(columns=["params", "metric_keys"]).to_csv(files["runs.csv"], index=False)
+    tables.seeds_frame(runs).to_csv(files["seeds.csv"], index=False)
     # The figures name a row as the tables do: a (dataset, protocol), "digits · authors" when there are several.
     several, paired = tables.several_protocols(runs), built["paired"]
     figs = {"paired": figures.plot_paired(paired.assign(dataset=tables.row_labels(paired, several)), confidence,

@@ -289,9 +289,10 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
     metric_note(metric, {})  # an unknown metric or trick fails here, with its message
     method_label(reference)
     check_environments(runs, allow_mixed_env)
-    missing = runs.loc[runs[metric].isna(), "run_id"].tolist()
-    notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out (e.g. "
-             f"{', '.join(missing[:5])})"] if missing else []
+    missing = runs[runs[metric].isna()]
+    ids = f" (e.g. {', '.join(missing['run_id'][:5])})" if "run_id" in missing else ""  # none in seeds.csv
+    notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out{ids}"] \
+        if len(missing) else []
     dups = runs.attrs.get("duplicates", [])
     if dups:
         notes.append(f"{len(dups)} older run(s) repeating a (dataset, protocol, method, seed) were left out (e.g. "
@@ -311,3 +312,36 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
     where = sorted({line for lines in environments(runs).values() for line in lines})
     return {"summary": summary, "paired": paired,
             "markdown": table_markdown(summary, paired, confidence, notes, metric, where)}
+
+
+# seeds.csv: one row per run of a report, enough to rebuild its tables without MLflow (`from_seeds_csv`). The
+# named columns, the env.* tags, then what the tables' lines need beyond them: the runs selected before RIFLE's
+# first re-init (counted under the table) and the budget (the epochs line, budget notes).
+SEED_COLUMNS = ("method", "protocol", "seed", "dataset", "test_acc", "test_acc_last", "selected_epoch")
+SEED_EXTRA = (BEFORE_REINIT_TAG, "epochs_trained", "optimizer_steps")
+
+
+def seeds_frame(runs) -> "pd.DataFrame":
+    """The per-seed table of `runs` (fetch_runs): SEED_COLUMNS (accuracies as fractions, as MLflow holds them),
+    every env.* tag, SEED_EXTRA."""
+    return with_protocol(runs).reindex(columns=[*SEED_COLUMNS, *env.KEYS, *SEED_EXTRA])
+
+
+def from_seeds_csv(path, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
+                   allow_mixed_env: bool = False) -> dict:
+    """`evidence` rebuilt from a seeds.csv (`seeds_frame`) without MLflow: the same summary, paired differences
+    and Markdown, but for the notes that need what the file does not hold (a run's id beside a missing metric,
+    its params where settings differ, repeated runs the report left out)."""
+    import pandas as pd
+
+    from ..track.reads import selection_of
+    # Text as written ("false" stays a tag's text, "None" a name); only an empty field is missing.
+    runs = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for c in runs:
+        if c in (*env.KEYS, BEFORE_REINIT_TAG):  # None where the run had no such tag, as fetch_runs reads it
+            runs[c] = [None if v == "" else v == "True" if c == BEFORE_REINIT_TAG else v for v in runs[c]]
+        elif c in (*SEED_COLUMNS[4:], *SEED_EXTRA, "seed"):
+            runs[c] = [float(v) if v else math.nan for v in runs[c]]
+    runs["seed"] = runs["seed"].astype(int)
+    runs["selection"] = runs["protocol"].map(selection_of)
+    return evidence(runs, reference, metric, confidence, allow_mixed_env)
