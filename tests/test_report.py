@@ -298,8 +298,9 @@ def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
     report's seeds.csv holds the per-seed numbers as MLflow does, and its tables rebuilt from it alone equal
     the report's, Markdown included."""
     from rifle import env
-    where = {k: "1.0" for k in env.KEYS} | {"env.torch": "2.14.1", "env.cuda": "none", "env.threads": "1",
-                                            "env.device": "Intel Xeon (AVX512)", "env.deterministic": "false"}
+    where = {k: "1.0" for k in env.KEYS} | {"env.torch": "2.14.1", "env.torchvision": "0.29.1", "env.pillow": "13.0.0",
+                                            "env.cuda": "none", "env.threads": "1", "env.device": "Intel Xeon (AVX512)",
+                                            "env.deterministic": "false"}
     rng = np.random.default_rng(11)
     logged = []
     for protocol, options in (("validated", VALIDATED), ("authors", AUTHORS)):
@@ -325,7 +326,9 @@ def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
         pd.testing.assert_frame_equal(rebuilt["summary"], out["summary"])
         pd.testing.assert_frame_equal(rebuilt["paired"], out["paired"])
     md = out["markdown"]  # what the rebuild had to carry: protocols, environment, re-init and budget lines
-    assert "| digits · authors |" in md and "Environment: torch 2.14.1, CUDA none, Intel Xeon (AVX512), 1 thread" in md
+    assert "| digits · authors |" in md
+    assert "Environment: torch 2.14.1, torchvision 0.29.1, timm 1.0, Pillow 13.0.0, CUDA none, Intel Xeon (AVX512), " \
+           "1 thread, deterministic false." in md
     assert "Epochs trained: digits · authors: 30; digits · validated: 30." in md
     assert "Selected before" not in md  # test_acc_last
     md = tables.from_seeds_csv(tmp_path / "test_acc" / "seeds.csv")["markdown"]

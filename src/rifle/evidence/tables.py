@@ -232,13 +232,15 @@ def environments(runs) -> dict[str, list[str]]:
 
 
 def check_environments(runs, allow_mixed: bool = False) -> None:
-    """ValueError naming the dataset and the first differing env.* tag when its runs were measured in
-    different environments: the same options then give other numbers, so pairs are not like for like."""
+    """ValueError naming the row and the first differing tag of env.COMPARED (those that change a run's numbers)
+    when its runs were measured in different environments: the same options then give other numbers, so pairs
+    are not like for like. The other env.* tags (env.mlflow, ...) are recorded, not compared."""
     if allow_mixed:
         return
     for label, g in _groups(runs):
-        for key in env.KEYS:
-            values = sorted({"not recorded" if v is None else str(v) for v in g.get(key, [None])})
+        for key in env.COMPARED:
+            values = sorted({"not recorded" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                             for v in g.get(key, [None])})  # pandas may hold a missing tag as nan
             if len(values) > 1:
                 raise ValueError(f"{label}: runs were measured in different environments ({key}: "
                                  f"{' vs '.join(values)}), which changes their numbers; rerun them in one, or pass "
