@@ -71,7 +71,7 @@ def common_seeds(runs, metric: str = "test_acc") -> tuple["pd.DataFrame", "pd.Da
     the seeds every method there has, so a difference of two means is the mean of their paired differences."""
     runs = with_protocol(runs)
     have = runs[runs[metric].notna()]
-    keep = have["seed"].isin([])
+    keep = have["seed"].isin([])  # all False, filled per group
     for _, g in have.groupby(GROUP):
         seeds = set.intersection(*(set(gm["seed"]) for _, gm in g.groupby("method")))
         keep[g.index] = g["seed"].isin(seeds)
@@ -292,7 +292,7 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
     method_label(reference)
     check_environments(runs, allow_mixed_env)
     missing = runs[runs[metric].isna()]
-    ids = f" (e.g. {', '.join(missing['run_id'][:5])})" if "run_id" in missing else ""  # none in seeds.csv
+    ids = f" (e.g. {', '.join(missing['run_id'].tolist()[:5])})" if "run_id" in missing else ""  # seeds.csv: none
     notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out{ids}"] \
         if len(missing) else []
     dups = runs.attrs.get("duplicates", [])
