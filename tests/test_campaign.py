@@ -251,6 +251,50 @@ datasets:
     assert len(children(uri)[0]) == 8
 
 
+def test_campaign_summary_gives_p_and_holm_per_dataset_and_across_datasets():
+    """Two datasets x four methods x five seeds (validated) and one dataset (authors'): three comparisons per
+    dataset; Holm per dataset, and over the protocol's six (dataset, comparison) tests, never across protocols."""
+    import numpy as np
+    import pandas as pd
+
+    from rifle import campaign
+    from rifle.evidence import stats
+    rng = np.random.default_rng(5)
+    effect = {"plain": 0.0, "rifle": 0.02, "l2sp": 0.01, "rifle+l2sp": 0.012}
+    frames = {}
+    for protocol, datasets in (("validated", ("cub", "dtd")), ("authors", ("cub",))):
+        rows = [{"dataset": d, "method": m, "seed": s, "test_acc": 0.7 + e + rng.normal(0, 0.01),
+                 "selection": "best_val" if protocol == "validated" else "last"}
+                for d in datasets for m, e in effect.items() for s in range(5)]
+        frames[protocol] = pd.DataFrame(rows).assign(run_id=[f"{protocol}{i}" for i in range(len(rows))],
+                                                     params=[{} for _ in rows])
+    text, summary, tests = campaign.summary_tables(frames, "rifle")
+    assert len(summary) == 12 and (summary["n"] == 5).all()
+    validated = tests[tests["protocol"] == "validated"]
+    assert len(validated) == 6 and len(tests) == 9
+    pairs = {("rifle", "plain"), ("rifle", "l2sp"), ("rifle+l2sp", "l2sp")}
+    assert set(zip(validated["method"], validated["versus"])) == pairs
+    for dataset, g in validated.groupby("dataset"):  # the dataset's family: its three comparisons
+        assert g["p_holm"].tolist() == pytest.approx(stats.holm(g["p_value"]))
+    assert validated["p_holm_protocol"].tolist() == pytest.approx(stats.holm(validated["p_value"]))
+    authors = tests[tests["protocol"] == "authors"]
+    assert authors["p_holm_protocol"].tolist() == pytest.approx(authors["p_holm"].tolist())  # one dataset
+    for r in validated.itertuples():
+        a = frames["validated"].query("dataset == @r.dataset and method == @r.method")["test_acc"]
+        b = frames["validated"].query("dataset == @r.dataset and method == @r.versus")["test_acc"]
+        assert r.p_value == pytest.approx(stats.paired_difference(a, b)["p_value"])
+        assert r.p_signflip == pytest.approx(stats.sign_flip_p(a.to_numpy() - b.to_numpy()))
+    assert "| dataset | comparison | n | p (paired t) | p (Holm, dataset) | p (Holm, all datasets) | p (sign-flip) | " \
+           "MDE (points) |" in text
+    from rifle.evidence.tables import _p
+    for r in tests.itertuples():
+        assert f"| {r.dataset} | {r.method} − {r.versus} | 5 | {_p(r.p_value)} | {_p(r.p_holm)} | " \
+               f"{_p(r.p_holm_protocol)} | {_p(r.p_signflip)} | {100 * r.mde:.2f} |" in text
+    assert "Holm-adjusted over the comparisons of its dataset (cub: 3, dtd: 3)" in text
+    assert "Holm-adjusted over all 6 (dataset, comparison) tests of the validated protocol" in text
+    assert "over all 3 (dataset, comparison) tests of the authors protocol" in text
+
+
 def test_campaign_config_errors_name_the_file_and_key(tmp_path, capsys):
     from rifle import campaign
     bad = tmp_path / "bad.yaml"

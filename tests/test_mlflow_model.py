@@ -196,6 +196,11 @@ def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder)
         assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
         assert not any(k.startswith("system/") for k in run.data.metrics)  # --system_metrics false
     assert by_exp["Default"].data.params["tricks"] == "none" and by_exp["Default"].data.params["epochs"] == "1"
+    # the UI's Source column: what `mlflow run` set stays (the project), a command names its module
+    assert by_exp["Default"].data.tags["mlflow.source.type"] == "PROJECT"
+    source = by_exp["rifle"].data.tags
+    assert (source["mlflow.source.type"], source["mlflow.source.name"]) == ("LOCAL", "rifle.train")
+    assert source["mlflow.source.git.commit"] == source["git_commit"] and source["git_dirty"] in ("true", "false")
 
     report = subprocess.run([sys.executable, "-m", "rifle.report"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)

@@ -185,10 +185,49 @@ def test_the_regime_grid_pairs_every_rifle_variant_with_plain(tmp_path, digits_f
     assert len(mlflow_runs(uri)[1]) == len(runs)
 
 
-def test_regime_verdicts():
+def test_regime_verdicts_rest_on_the_holm_adjusted_p():
     from rifle.regime import verdict
-    assert verdict(0.001, 0.02) == "helps" and verdict(-0.03, -0.001) == "hurts"
-    assert verdict(-0.01, 0.01) == "cannot be told apart"
+    assert verdict(0.004, 0.01) == "helps" and verdict(-0.004, 0.049) == "hurts"
+    # the README's cell: +0.42 points [+0.02, +0.83], p 0.045 before and 0.72 after Holm over 16 cells
+    assert verdict(0.0042, 0.72) == "cannot be told apart"
+    assert verdict(0.01, 0.05) == verdict(0.01, float("nan")) == verdict(0.0, 0.001) == "cannot be told apart"
+
+
+def test_regime_grid_verdicts_from_a_store(tmp_path):
+    """Four RIFLE cells against plain over five seeds, logged as rifle.paired logs them: a cell whose 95%
+    interval misses 0 (p 0.041) but whose Holm-adjusted p does not pass 0.05 cannot be told apart."""
+    import mlflow
+    from scipy import stats
+
+    from rifle import regime
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp_id = client.create_experiment("regime", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp_id).info.run_id
+    plain = [0.90, 0.91, 0.92, 0.93, 0.94]
+    effects = {"plain": [0] * 5, "rifle-K1-follow": [0.010, 0.012, 0.011, 0.013, 0.009],
+               "rifle-K1-cyclic": [0.02, 0.0, 0.05, 0.02, 0.04], "rifle-K2-follow": [-0.010, -0.012, -0.011, -0.013,
+                                                                                      -0.009],
+               "rifle-K2-cyclic": [0.01, -0.02, 0.0, 0.01, -0.01]}
+    shared = {"dataset": "digits", "train_per_class": 30, "epochs": 30, "batch_size": 32}
+    for label, effect in effects.items():
+        for seed, (a, e) in enumerate(zip(plain, effect)):
+            run = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "compare.method": label}).info.run_id
+            for k, v in (shared | regime.variants()[label] | {"seed": seed}).items():
+                client.log_param(run, k, v)
+            client.log_metric(run, "test_acc", a + e)
+            client.set_terminated(run)
+    plan = {regime.group_name("authors", 30): {label: shared | o for label, o in regime.variants().items()}}
+    table = regime.collect(uri, {("authors", 30): parent}, plan).set_index("K head_lr".split())
+    nominal = stats.ttest_rel([a + e for a, e in zip(plain, effects["rifle-K1-cyclic"])], plain)
+    assert nominal.pvalue < 0.05 and nominal.confidence_interval().low > 0
+    assert table.loc[(1, "cyclic"), "p_value"] == pytest.approx(nominal.pvalue)
+    assert table.loc[(1, "cyclic"), "p_holm"] == pytest.approx(2 * nominal.pvalue)  # second largest of 4 tests
+    assert table["verdict"].to_dict() == {(1, "follow"): "helps", (1, "cyclic"): "cannot be told apart",
+                                          (2, "follow"): "hurts", (2, "cyclic"): "cannot be told apart"}
+    md = regime.markdown(table.reset_index())
+    assert "| verdict (Holm p < 0.05) |" in md and "Holm-adjusted over the 4 cells with a test" in md
+    assert "| +2.60 [+0.18, +5.02] | 0.041 | 0.081 | cannot be told apart |" in md
 
 
 @pytest.mark.slow

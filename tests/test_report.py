@@ -69,6 +69,41 @@ def test_holm_by_hand():
     assert stats.holm([0.6, 0.7]) == pytest.approx([1.0, 1.0])  # capped at 1
 
 
+def test_sign_flip_p_is_the_enumeration_of_every_sign_pattern():
+    """The exact two-sided sign-flip p: the share of the 2^n sign patterns whose |mean| reaches the observed one."""
+    import itertools
+    rng = np.random.default_rng(7)
+    cases = [[0.02, -0.01, 0.05, 0.02, 0.04], [0.01, -0.01, 0.02, 0.0], [0.03, 0.03, -0.03], [0.0, 0.0],
+             *(rng.normal(0.01, 0.02, n) for n in (2, 3, 5, 6, 8))]
+    for d in cases:
+        d = np.asarray(d, dtype=float)
+        observed = abs(d.mean())
+        means = [abs(np.mean(np.array(signs) * d)) for signs in itertools.product((1, -1), repeat=d.size)]
+        brute = sum(m >= observed - 1e-12 for m in means) / 2 ** d.size
+        assert stats.sign_flip_p(d) == pytest.approx(brute), d
+    # as observed, with -0.01 flipped, and both negated: 4 of 32
+    assert stats.sign_flip_p([0.02, -0.01, 0.05, 0.02, 0.04]) == pytest.approx(4 / 32)
+    # all of one sign: the smallest p there is, 2/2^n (equal differences too, where t has no p)
+    assert stats.sign_flip_p([0.01] * 5) == stats.min_sign_flip_p(5) == 0.0625
+    assert stats.paired_difference([0.9, 0.8], [0.8, 0.7])["p_signflip"] == pytest.approx(0.5)
+    assert math.isnan(stats.sign_flip_p([0.1])) and math.isnan(stats.paired_difference([0.9], [0.8])["p_signflip"])
+
+
+def test_minimum_detectable_difference_by_hand():
+    # t(0.975, 4) = 2.776445, t(0.8, 4) = 0.940965: (2.776445 + 0.940965) x 0.0230217 / sqrt 5 = 0.038273
+    assert stats.mde(0.0230217, 5) == pytest.approx(0.038273, rel=1e-5)
+    r = stats.paired_difference([0.80, 0.85, 0.90, 0.82, 0.88], [0.78, 0.86, 0.85, 0.80, 0.84])
+    assert r["mde"] == pytest.approx((2.776445 + 0.940965) * r["sd_diff"] / math.sqrt(5), rel=1e-6)
+    # What it means: a true difference of the MDE is found by the two-sided paired t-test at 0.05 about 80%
+    # of the time (the noncentral t, which the formula approximates from below for small n).
+    from scipy.stats import nct, t
+    for n in (5, 10, 30):
+        shift = stats.mde(1.0, n) * math.sqrt(n)
+        crit = t.ppf(0.975, n - 1)
+        assert nct.sf(crit, n - 1, shift) + nct.cdf(-crit, n - 1, shift) == pytest.approx(0.8, abs=0.01)
+    assert math.isnan(stats.mde(0.02, 1)) and math.isnan(stats.mde(math.nan, 5))
+
+
 def test_method_labels_both_ways_and_comparisons():
     assert [method_label(t) for t in ("", "none", None, [], "rifle", "l2sp,rifle", ["l2sp", "rifle"], "rifle+l2sp",
                                       " rifle , rifle ")] == \
@@ -105,7 +140,9 @@ def synthetic():
 def test_tables_by_hand():
     runs = synthetic()
     s = tables.summarize(runs).set_index(["dataset", "method"])
-    assert s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71) and s.loc[("cub", "plain"), "n"] == 3
+    # cub: plain's seed 2 has no rifle run, so the means are over seeds 0 and 1 as the paired difference is
+    assert s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71) and s.loc[("cub", "plain"), "n"] == 2
+    assert s.loc[("cub", "plain"), "seeds"] == "0 1"
     assert s.loc[("cub", "rifle"), "std"] == pytest.approx(math.sqrt(0.00005))
     assert s["best"].to_dict() == {("cub", "plain"): False, ("cub", "rifle"): True,
                                    ("dtd", "plain"): True, ("dtd", "rifle"): False}
@@ -115,7 +152,7 @@ def test_tables_by_hand():
     assert p.loc["dtd", "n"] == 1 and math.isnan(p.loc["dtd", "p_value"]) and math.isnan(p.loc["dtd", "p_holm"])
     assert p.loc["cub", "p_holm"] == pytest.approx(p.loc["cub", "p_value"])  # one comparison: nothing to adjust
     md = tables.table_markdown(tables.summarize(runs), tables.paired_differences(runs))
-    assert "| cub | 71.0 ± 1.0 (3) | **72.5 ± 0.7 (2)** |" in md
+    assert "| cub | 71.0 ± 1.4 (2) | **72.5 ± 0.7 (2)** |" in md
     assert "| dtd | **60.0 ± – (1)** | 58.0 ± – (1) |" in md
     assert "| cub | rifle − plain | 2 | +1.50 |" in md
     # Runs without a `selection` param (older ones) selected on validation; both tables say so.
@@ -146,6 +183,49 @@ def test_metric_selection_and_before_reinit_by_hand():
         tables.evidence(runs, metric="val_acc")
 
 
+def test_means_and_paired_differences_are_over_the_same_seeds():
+    rows = [("cub", m, seed, acc) for m, accs in (("plain", (0.70, 0.72, 0.71, 0.60)), ("rifle", (0.73, 0.72, 0.75)),
+                                                  ("dropout", (0.69, 0.74, 0.70, 0.65)))
+            for seed, acc in enumerate(accs)]
+    rows += [("dtd", "plain", 0, 0.60), ("dtd", "rifle", 1, 0.58)]  # no seed in common
+    runs = pd.DataFrame(rows, columns=["dataset", "method", "seed", "test_acc"]).assign(
+        run_id=[f"run{i}" for i in range(len(rows))], params=[{} for _ in rows])
+    kept, left = tables.common_seeds(runs)
+    assert sorted(left["run_id"], key=lambda r: int(r[3:])) == ["run3", "run10", "run11", "run12"]
+    assert (kept["dataset"] == "cub").all() and set(kept["seed"]) == {0, 1, 2} and len(kept) == 9
+    built = tables.evidence(runs)
+    s = built["summary"].set_index(["dataset", "method"])
+    assert s.loc[("cub", "plain"), "n"] == 3 and s.loc[("cub", "plain"), "mean"] == pytest.approx(0.71)
+    p = built["paired"].set_index(["dataset", "method", "versus"])
+    for a, b in (("rifle", "plain"), ("rifle", "dropout")):
+        assert s.loc[("cub", a), "mean"] - s.loc[("cub", b), "mean"] == pytest.approx(p.loc[("cub", a, b), "mean_diff"])
+        assert p.loc[("cub", a, b), "seeds"] == s.loc[("cub", a), "seeds"] == "0 1 2"
+    assert (s.loc["dtd", "n"] == 0).all() and "dtd" not in p.index.get_level_values(0)
+    md = built["markdown"]
+    assert "| cub | 71.0 ± 1.0 (3) | **73.3 ± 1.5 (3)** | 71.0 ± 2.6 (3) |" in md
+    assert "| dtd | – ± – (0) | – ± – (0) |  |" in md
+    assert "Note: cub: means and paired differences are over the seeds every method has (0 1 2); left out: plain " \
+           "seed 3 (run3), dropout seed 3 (run10)" in md
+    assert "Note: dtd: means and paired differences are over the seeds every method has: none, so no means or " \
+           "differences; left out: plain seed 0 (run11), rifle seed 1 (run12)" in md
+
+
+def test_paired_table_shows_the_sign_flip_p_and_the_smallest_resolvable_difference():
+    plain, rifle = [0.78, 0.86, 0.85, 0.80, 0.84], [0.80, 0.85, 0.90, 0.82, 0.88]  # d = 2, -1, 5, 2, 4 points
+    runs = pd.DataFrame([("cub", m, seed, acc) for m, accs in (("plain", plain), ("rifle", rifle))
+                         for seed, acc in enumerate(accs)], columns=["dataset", "method", "seed", "test_acc"])
+    built = tables.evidence(runs.assign(run_id=[f"r{i}" for i in range(10)], params=[{}] * 10))
+    (row,) = built["paired"].itertuples()
+    d = np.subtract(rifle, plain)
+    assert row.p_signflip == pytest.approx(stats.sign_flip_p(d)) == pytest.approx(0.125)
+    assert row.mde == pytest.approx((2.776445 + 0.940965) * np.std(d, ddof=1) / math.sqrt(5), rel=1e-6)
+    md = built["markdown"]
+    assert "| p (paired t-test) | p (Holm) | p (sign-flip) |" in md
+    assert "| cub | rifle − plain | 5 | +2.40 | [-0.46, +5.26] | 0.080 | 0.080 | 0.125 |" in md
+    assert "which cannot go below 2/2^n with n seeds (0.0625 for n = 5)" in md
+    assert "probability 0.8, from the observed sd of the differences): cub, rifle − plain: 3.83 (n = 5)." in md
+
+
 def test_varying_settings_are_reported():
     runs = synthetic()
     assert tables.varying_settings(runs) == {}
@@ -155,6 +235,115 @@ def test_varying_settings_are_reported():
 
 
 # ------------------------------------------------------------------------- runs logged here with mlflow
+
+def log_runs(tmp_path, experiment: str, runs: list[tuple[dict, dict, dict]]) -> str:
+    """A real sqlite store in tmp_path with one finished run per (params, metrics, tags); returns its URI."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.tracking.MlflowClient(uri)
+    exp_id = client.create_experiment(experiment, artifact_location=str(tmp_path / "artifacts"))
+    for params, metrics, tags in runs:
+        run = client.create_run(exp_id, tags=tags).info.run_id
+        for k, v in params.items():
+            client.log_param(run, k, v)
+        for k, v in metrics.items():
+            client.log_metric(run, k, v)
+        client.set_terminated(run)
+    return uri
+
+
+VALIDATED, AUTHORS = {"val_fraction": 0.2, "selection": "best_val"}, {"val_fraction": 0.0, "selection": "last"}
+
+
+def test_protocols_in_one_store_are_reported_apart(tmp_path):
+    """The same (dataset, method, seed) under both protocols, and a run of neither: three rows, every run kept."""
+    accs = {("validated", "none"): (0.70, 0.72), ("validated", "rifle"): (0.73, 0.74),
+            ("authors", "none"): (0.80, 0.81), ("authors", "rifle"): (0.79, 0.83)}
+    protocols = {"validated": VALIDATED, "authors": AUTHORS}
+    logged = [({"dataset": "digits", "tricks": tricks, "seed": seed} | protocols[protocol], {"test_acc": acc}, {})
+              for (protocol, tricks), pair in accs.items() for seed, acc in enumerate(pair)]
+    logged.append(({"dataset": "digits", "tricks": "none", "seed": 0, "val_fraction": 0.2, "selection": "last"},
+                   {"test_acc": 0.75}, {}))
+    uri = log_runs(tmp_path, "both", logged)
+    out = build.build_report(uri, "both", output_dir=tmp_path / "rep", log=False)
+    runs = out["runs"]
+    assert len(runs) == 9 and runs.attrs["duplicates"] == []
+    assert sorted(set(runs["protocol"])) == ["authors", "val_fraction 0.2, selection last", "validated"]
+    s = out["summary"].set_index(["protocol", "method"])
+    assert s.loc[("validated", "plain"), "mean"] == pytest.approx(0.71)
+    assert s.loc[("authors", "plain"), "mean"] == pytest.approx(0.805) and s.loc[("authors", "plain"), "n"] == 2
+    p = out["paired"].set_index("protocol")
+    assert p["mean_diff"].to_dict() == pytest.approx({"authors": 0.005, "validated": 0.025})
+    assert list(p.index) == ["authors", "validated"] and (p["n"] == 2).all()
+    md = out["markdown"]
+    assert "| dataset · protocol | plain | rifle |" in md
+    assert "| digits · authors | 80.5 ± 0.7 (2) | **81.0 ± 2.8 (2)** |" in md
+    assert "| digits · val_fraction 0.2, selection last | **75.0 ± – (1)** |  |" in md
+    assert "| digits · validated | 71.0 ± 1.4 (2) | **73.5 ± 0.7 (2)** |" in md
+    assert "| digits · authors | rifle − plain | 2 | +0.50 |" in md
+    assert "| digits · validated | rifle − plain | 2 | +2.50 |" in md
+    assert "adjusted for the number of comparisons in the dataset and protocol" in md
+    assert list(pd.read_csv(tmp_path / "rep" / "results.csv")["protocol"]) == ["authors"] * 2 + [
+        "val_fraction 0.2, selection last"] + ["validated"] * 2
+    assert {"dynamics_digits_authors.png", "dynamics_digits_validated.png"} <= {f.name for f in out["files"].values()}
+    csv = pd.read_csv(tmp_path / "rep" / "paired.csv").set_index("protocol")
+    assert csv["p_signflip"].to_dict() == {"authors": 1.0, "validated": 0.5}  # n = 2: one sign, or not
+    assert csv["mde"].to_dict() == pytest.approx({p: stats.mde(csv.loc[p, "sd_diff"], 2) for p in csv.index})
+    # One protocol alone reads as before: no protocol in the labels.
+    alone = tables.evidence(runs[runs["protocol"] == "authors"])["markdown"]
+    assert "| dataset | plain | rifle |" in alone and "| digits | rifle − plain | 2 | +0.50 |" in alone
+
+
+def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
+    """Runs as the trainer logs them (both protocols, env.* tags, selected_before_reinit, budget params): the
+    report's seeds.csv holds the per-seed numbers as MLflow does, and its tables rebuilt from it alone equal
+    the report's, Markdown included."""
+    from rifle import env
+    where = {k: "1.0" for k in env.KEYS} | {"env.torch": "2.14.1", "env.torchvision": "0.29.1", "env.pillow": "13.0.0",
+                                            "env.cuda": "none", "env.threads": "1", "env.device": "Intel Xeon (AVX512)",
+                                            "env.deterministic": "false"}
+    rng = np.random.default_rng(11)
+    logged = []
+    for protocol, options in (("validated", VALIDATED), ("authors", AUTHORS)):
+        for seed in range(3):
+            for tricks in ("none", "rifle"):
+                acc, last = rng.uniform(0.6, 0.9, 2)
+                tags = where | ({"selected_before_reinit": str(seed == 0).lower()} if tricks == "rifle" else {})
+                logged.append(({"dataset": "digits", "tricks": tricks, "seed": seed, "epochs_trained": 30,
+                                "optimizer_steps": 120} | options,
+                               {"test_acc": acc if protocol == "validated" else last, "test_acc_last": last,
+                                "selected_epoch": 17 if protocol == "validated" else 29}, tags))
+    uri = log_runs(tmp_path, "seeds", logged)
+    for metric in ("test_acc", "test_acc_last"):
+        out = build.build_report(uri, "seeds", output_dir=tmp_path / metric, log=False, metric=metric)
+        csv = tmp_path / metric / "seeds.csv"
+        header = csv.read_text().splitlines()[0].split(",")
+        assert header[:7] == ["method", "protocol", "seed", "dataset", "test_acc", "test_acc_last", "selected_epoch"]
+        assert header[7:] == [*env.KEYS, "selected_before_reinit", "epochs_trained", "optimizer_steps"]
+        seeds = pd.read_csv(csv)
+        assert len(seeds) == 12 and sorted(seeds["test_acc"]) == sorted(m["test_acc"] for _, m, _ in logged)
+        rebuilt = tables.from_seeds_csv(csv, metric=metric)
+        assert rebuilt["markdown"] == out["markdown"]
+        pd.testing.assert_frame_equal(rebuilt["summary"], out["summary"])
+        pd.testing.assert_frame_equal(rebuilt["paired"], out["paired"])
+    md = out["markdown"]  # what the rebuild had to carry: protocols, environment, re-init and budget lines
+    assert "| digits · authors |" in md
+    assert "Environment: torch 2.14.1, torchvision 0.29.1, timm 1.0, Pillow 13.0.0, CUDA none, Intel Xeon (AVX512), " \
+           "1 thread, deterministic false." in md
+    assert "Epochs trained: digits · authors: 30; digits · validated: 30." in md
+    assert "Selected before" not in md  # test_acc_last
+    md = tables.from_seeds_csv(tmp_path / "test_acc" / "seeds.csv")["markdown"]
+    assert "runs: digits · authors: rifle 1 of 3; digits · validated: rifle 1 of 3." in md
+
+
+def test_protocol_of_a_run():
+    assert reads.protocol_of({"val_fraction": "0.2", "selection": "best_val"}) == "validated"
+    assert reads.protocol_of({"val_fraction": "0.0", "selection": "last"}) == "authors"
+    assert reads.protocol_of({}) == "validated"  # before both params: selected on validation, so it had some
+    assert reads.protocol_of({"val_fraction": "0.1", "selection": "last"}) == "val_fraction 0.1, selection last"
+    assert reads.protocol_of({"selection": "last"}) == "val_fraction not recorded, selection last"
+    for protocol in ("validated", "authors", "val_fraction 0.1, selection last"):
+        assert reads.selection_of(protocol) == {"validated": "best_val"}.get(protocol, "last")
+
 
 def test_report_names_metric_selection_and_runs_selected_before_reinit(tmp_path, capsys):
     """Runs as the trainer logs them (test_acc, test_acc_last, params selection and reinit_count, tag
@@ -189,8 +378,11 @@ def test_report_names_metric_selection_and_runs_selected_before_reinit(tmp_path,
     assert summary.loc["rifle", "before_reinit"] == 1 and summary.loc["plain", "reinit_tagged"] == 0
     assert report.main(argv + ["--output_dir", str(tmp_path / "b"), "--metric", "test_acc_last"]) == 0
     md = capsys.readouterr().out
-    assert md.startswith("### test_acc_last (%)") and "| digits | 69.0 ± – (1) | **72.0 ± 1.4 (2)** |" in md
+    # plain's seed 1 has no test_acc_last: both means are over seed 0, as the paired difference
+    assert md.startswith("### test_acc_last (%)") and "| digits | 69.0 ± – (1) | **71.0 ± – (1)** |" in md
     assert "| digits | rifle − plain | 1 | +2.00 |" in md and "1 run(s) have no test_acc_last" in md
+    assert "digits: means and paired differences are over the seeds every method has (0); left out: rifle seed 1 (" \
+        in md
     assert "Metric: test_acc_last, test accuracy at the last epoch" in md and "Selected before" not in md
     with pytest.raises(SystemExit):
         report.main(argv + ["--metric", "val_acc"])
@@ -316,6 +508,7 @@ def test_report_from_runs(store):
     assert set(runs["selection"]) == {"best_val"} and "selected by best_val" in md
     assert pd.read_csv(tmp / "rep" / "results.csv")["n"].tolist() == [2, 2]
     assert len(pd.read_csv(tmp / "rep" / "runs.csv")) == 4
+    assert tables.from_seeds_csv(tmp / "rep" / "seeds.csv")["markdown"] == md  # trained runs: rebuilt alike
     label = reads.slug(runs["dataset"].iloc[0])  # imagefolder:<folder name>
     for name, (height, width) in ((f"mechanism_{label}.png", (800, 1400)), (f"dynamics_{label}.png", (450, 1300)),
                                   ("paired.png", (140, 700))):

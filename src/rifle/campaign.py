@@ -9,7 +9,9 @@ trained by the workers started with the same command (rifle.paired: a journal fi
 options (the offline setting of rifle.study without a file), a dataset's own options from the file's
 `datasets`, the protocol's, then the command line's option=value. When every cell is complete, one worker
 writes a report per group and the summary across datasets: methods as rows, datasets as columns (the
-paper's layout), with the paired difference reference − other per dataset.
+paper's layout), with the paired difference reference − other per dataset and its tests: the paired t-test's
+p, Holm-adjusted over the dataset's comparisons and over every (dataset, comparison) of the protocol (the
+family a claim across datasets needs), and the exact sign-flip test.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import yaml
 
 from . import config as C
 from . import paired
-from .evidence.stats import metric_note
+from .evidence.stats import MDE_ALPHA, MDE_POWER, holm, metric_note
 from .methods import method_label, method_sort_key
 
 CONFIG_KEYS = {"fixed", "datasets", "methods", "seeds", "protocol", "name"}
@@ -58,13 +60,16 @@ def slug(spec: str) -> str:
     return slug(dataset_label(spec))
 
 
-def summary_tables(runs_by_protocol: dict, reference: str) -> tuple[str, "pd.DataFrame"]:
-    """Markdown and long-form CSV of the campaign: per protocol, test_acc mean ± std (n) of each method (rows)
-    on each dataset (columns), the best in bold, and the paired difference reference − other per dataset."""
+def summary_tables(runs_by_protocol: dict, reference: str) -> tuple[str, "pd.DataFrame", "pd.DataFrame"]:
+    """Markdown and long-form CSVs (means; paired differences) of the campaign: per protocol, test_acc mean ±
+    std (n) of each method (rows) on each dataset (columns), the best in bold, the paired difference reference −
+    other per dataset, and per (dataset, comparison) its tests: p of the paired t-test, p_holm (the family: the
+    dataset's comparisons), p_holm_protocol (the family: every (dataset, comparison) of the protocol, declared
+    here so that a claim across datasets is corrected for all of them), p_signflip and mde."""
     import pandas as pd
 
     from .evidence import tables as T
-    lines, frames = [], []
+    lines, frames, tests = [], [], []
     for protocol, runs in runs_by_protocol.items():
         built = T.evidence(runs, reference)
         s, p = built["summary"], built["paired"]
@@ -80,23 +85,41 @@ def summary_tables(runs_by_protocol: dict, reference: str) -> tuple[str, "pd.Dat
             pairs = list(dict.fromkeys(zip(p["method"], p["versus"])))
             diff = {(r.dataset, r.method, r.versus): f"{T._pct(r.mean_diff, 2, '+')} "
                     f"[{T._pct(r.ci_low, 2, '+')}, {T._pct(r.ci_high, 2, '+')}]" for r in p.itertuples()}
-            lines += ["Paired difference, reference − other (points, 95% CI over shared seeds):", "",
+            lines += ["Paired difference, reference − other (points, 95% CI, over the seeds of the means):", "",
                       "| comparison | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
                       *(f"| {a} − {b} | " + " | ".join(diff.get((d, a, b), "") for d in datasets) + " |"
                         for a, b in pairs), ""]
+            p = p.assign(p_holm_protocol=holm(p["p_value"]))
+            m, per = int(p["p_value"].notna().sum()), p.groupby("dataset")["p_value"].count()
+            lines += [f"Tests of the paired differences ({protocol}):", "",
+                      "| dataset | comparison | n | p (paired t) | p (Holm, dataset) | p (Holm, all datasets) | "
+                      "p (sign-flip) | MDE (points) |", "|---" * 8 + "|",
+                      *(f"| {r.dataset} | {r.method} − {r.versus} | {r.n} | {T._p(r.p_value)} | {T._p(r.p_holm)} | "
+                        f"{T._p(r.p_holm_protocol)} | {T._p(r.p_signflip)} | {T._pct(r.mde, 2)} |"
+                        for r in p.itertuples()), "",
+                      f"p (Holm, dataset): Holm-adjusted over the comparisons of its dataset ("
+                      + ", ".join(f"{d}: {k}" for d, k in per.items()) + f"). p (Holm, all datasets): Holm-adjusted "
+                      f"over all {m} (dataset, comparison) tests of the {protocol} protocol, the family a claim "
+                      "across datasets needs. p (sign-flip): the exact paired permutation test (no normality "
+                      "assumed; at least 2/2^n with n seeds). MDE: the smallest difference the seeds resolve (a "
+                      f"paired t-test at two-sided {MDE_ALPHA:g} finds it with probability {MDE_POWER:g}, from the "
+                      "observed sd of the differences).", ""]
+            tests.append(p.assign(protocol=protocol))
         selections = {m: set(g["selection"]) for m, g in runs.groupby("method")}
         where = sorted({line for found in T.environments(runs).values() for line in found})
         lines += [f"{metric_note('test_acc', selections)} Environment: {'; '.join(where)}.",
                   *(line for line in built["markdown"].splitlines() if line.startswith("Note: ")), ""]
         frames.append(s.assign(protocol=protocol))
-    return "\n".join(lines), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return "\n".join(lines), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), \
+        pd.concat(tests, ignore_index=True) if tests else pd.DataFrame()
 
 
 def parser(prog: str = "campaign", doc: str = __doc__):
     p = paired.paired_parser("campaign", doc, experiment="rifle-campaign", runs="campaign's", example="epochs=40",
                              prog=prog,
                              output_help="runs go to <root>/<name>-<dataset>-<protocol>/<method>/seed-<s>",
-                             report_help="per group <dir>/<dataset>/<protocol>/, and summary.md / summary.csv")
+                             report_help="per group <dir>/<dataset>/<protocol>/, and summary.md, summary.csv, "
+                             "summary_paired.csv")
     p.add_argument("--config", default="", help="campaign YAML: fixed options, datasets with their own options, "
                    "methods, seeds, protocol, name (see configs/campaign/table1.yaml); the command line wins")
     p.add_argument("--datasets", default="", help="comma-separated datasets (registered names, imagefolder:<root>, "
@@ -179,19 +202,21 @@ def write_reports(args, name: str, groups: dict, parents: dict) -> int:
                                     output_dir=out / slug(dataset) / protocol, reference=args.reference)
         by_protocol.setdefault(protocol, []).append(built["runs"])
         print(f"{dataset}, {protocol}: {out / slug(dataset) / protocol} (also artifacts report/ of run {parent})")
-    text, table = summary_tables({p: pd.concat(r, ignore_index=True) for p, r in by_protocol.items()}, args.reference)
+    text, table, tests = summary_tables({p: pd.concat(r, ignore_index=True) for p, r in by_protocol.items()},
+                                        args.reference)
     (out / "summary.md").write_text(text)
     table.to_csv(out / "summary.csv", index=False)
+    tests.to_csv(out / "summary_paired.csv", index=False)
     from mlflow.tracking import MlflowClient
     client = MlflowClient(args.tracking_uri)
     run = claim_parent(client, {"campaign.summary": name}, "campaign.role", args.experiment, f"{name}-summary",
                        {REPORT_TAG: "true"}, adopt=False)
-    for file in ("summary.md", "summary.csv"):
+    for file in ("summary.md", "summary.csv", "summary_paired.csv"):
         client.log_artifact(run, str(out / file), "report")
     if client.get_run(run).info.status != "FINISHED":
         client.set_terminated(run)
     print(text)
-    print(f"summary: {out / 'summary.md'}, {out / 'summary.csv'} (also artifacts report/ of run {run})")
+    print(f"summary: {out / 'summary.md'}, summary.csv, summary_paired.csv (also artifacts report/ of run {run})")
     return 0
 
 

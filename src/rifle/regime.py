@@ -9,8 +9,10 @@ backbone gets its "meaningful updates" while it does. So the grid varies what se
 rate after a re-init (`follow`: the backbone's decaying cosine; `cyclic`: the official `fc_lr_util=cyclic`,
 a fresh cosine each period), under both evaluation protocols (validated: best-validation checkpoint;
 authors': all of train, last epoch). Every cell is paired with plain fine-tuning on the same seeds and
-data, and each difference gets a 95% t interval: a cell where the interval lies above 0 is "helps",
-below 0 "hurts", otherwise "cannot be told apart"; p-values are also Holm-adjusted over all cells.
+data; each difference gets a 95% t interval and a paired t-test whose p-value is Holm-adjusted over every
+cell of the grid (the family). A cell "helps" or "hurts" (by the sign of the mean difference) only when its
+Holm-adjusted p is below 0.05, otherwise it "cannot be told apart": an interval off 0 before the correction
+is one of 16 chances, not a finding.
 Every (protocol, data size) is one parent run of rifle.paired, so an interrupted grid resumes, and
 `--storage` shares its cells between workers.
 """
@@ -42,7 +44,8 @@ def group_name(protocol: str, per_class: int) -> str:
 
 def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool = False) -> "pd.DataFrame":
     """One row per (protocol, data, K, policy): plain and RIFLE mean test_acc over the shared seeds and the
-    paired difference RIFLE − plain with its 95% t interval, p, Holm-adjusted p and the verdict."""
+    paired difference RIFLE − plain with its 95% t interval, p, p Holm-adjusted over the grid and the verdict
+    on it."""
     import pandas as pd
 
     from .evidence.stats import holm
@@ -63,7 +66,7 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
             # optimizer steps of one epoch: the k-shot train set (CLASSES classes) at the batch size
             spe = math.ceil(CLASSES * cfg.data.train_per_class / cfg.optim.batch_size)
             (stats,) = paired_differences(runs, pairs=[(label, "plain")]).drop(
-                columns=["dataset", "method", "versus", "p_holm", "seeds"]).to_dict("records")
+                columns=["dataset", "protocol", "method", "versus", "p_holm", "seeds"]).to_dict("records")
             rows.append({"protocol": protocol, "images_per_class": per_class, "steps_per_epoch": spe,
                          "K": options["reinit_times"], "head_lr": options["head_lr_policy"],
                          "steps_per_period": spe * cfg.optim.epochs // (options["reinit_times"] + 1),
@@ -72,26 +75,33 @@ def collect(tracking_uri: str, parents: dict, plan: dict, allow_mixed_env: bool 
     table = pd.DataFrame(rows)
     if len(table):
         table["p_holm"] = holm(table["p_value"])
-        table["verdict"] = [verdict(lo, hi) for lo, hi in zip(table["ci_low"], table["ci_high"])]
+        table["verdict"] = [verdict(d, p) for d, p in zip(table["mean_diff"], table["p_holm"])]
     return table
 
 
-def verdict(ci_low: float, ci_high: float) -> str:
-    if ci_low > 0:
-        return "helps"
-    if ci_high < 0:
-        return "hurts"
+ALPHA = 0.05  # on the Holm-adjusted p: the familywise error rate over the grid's cells
+
+
+def verdict(mean_diff: float, p_holm: float, alpha: float = ALPHA) -> str:
+    """helps / hurts (by the sign of RIFLE − plain) when the Holm-adjusted p is below `alpha`, else "cannot be
+    told apart" (also without a test: p nan)."""
+    if math.isfinite(p_holm) and p_holm < alpha and mean_diff != 0:
+        return "helps" if mean_diff > 0 else "hurts"
     return "cannot be told apart"
 
 
 def markdown(table) -> str:
     lines = ["| protocol | images/class | steps/epoch | K | head LR | steps/period | n | plain (%) | RIFLE (%) | "
-             "RIFLE − plain (points) [95% CI] | p | p (Holm) | verdict |", "|---" * 13 + "|"]
+             "RIFLE − plain (points) [95% CI] | p | p (Holm) | verdict (Holm p < 0.05) |", "|---" * 13 + "|"]
     for r in table.itertuples(index=False):
         lines.append(f"| {r.protocol} | {r.images_per_class} | {r.steps_per_epoch} | {r.K} | {r.head_lr} | "
                      f"{r.steps_per_period} | {r.n} | {100 * r.plain:.1f} | {100 * r.rifle:.1f} | "
                      f"{100 * r.mean_diff:+.2f} [{100 * r.ci_low:+.2f}, {100 * r.ci_high:+.2f}] | "
                      f"{r.p_value:.3f} | {r.p_holm:.3f} | {r.verdict} |")
+    m = int(table["p_holm"].notna().sum()) if len(table) else 0
+    lines += ["", f"Verdict: helps / hurts (by the sign of the mean difference) only where p, Holm-adjusted over "
+              f"the {m} cells with a test (the family), is below {ALPHA:g}; otherwise cannot be told apart. The "
+              "95% intervals are per cell, not corrected: one that misses 0 is not a verdict."]
     return "\n".join(lines) + "\n"
 
 

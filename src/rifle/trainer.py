@@ -28,7 +28,7 @@ from .schedules import cosine_lr, period_boundaries
 from .seeds import EpochOrder, seed_process, stream_seed
 from .track import keys as K
 from .network import redact
-from .track.tracker import Tracker, TrackingLost, git_commit
+from .track.tracker import Tracker, TrackingLost
 from .tricks import build_tricks
 from .tricks.base import FitContext
 
@@ -279,12 +279,15 @@ def resume(cfg: Config, out: Path, raw, optimizer, tricks) -> dict:
 
 def start_tracking(cfg: Config, acc: Accelerator, state: dict, mlflow_run_id: str | None) -> Tracker:
     """The run's tracker, started (the resumed run, `mlflow_run_id`, `mlflow run`'s or a new one), with the
-    params, tags and environment every run has, and the checkpointed epochs the run does not have yet."""
+    params, tags, environment (env.*, git_commit and git_dirty) and source (mlflow.source.*) every run has, and
+    the checkpointed epochs the run does not have yet."""
     tracker = Tracker(acc.is_main_process, cfg.run.tracking_uri, cfg.run.experiment, cfg.run.system_metrics)
     state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
     tracker.log_params(run_params(cfg))
-    tracker.set_tags({"git_commit": git_commit(), "tricks": ",".join(cfg.trick_list) or "none",
-                      "num_processes": acc.num_processes} | env.environment(acc.device))
+    git = env.git_state() if acc.is_main_process else {}
+    tracker.set_tags({"tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes}
+                     | git | env.environment(acc.device))
+    tracker.set_source(git.get("git_commit"))
     tracker.sync_history(state["history"])
     return tracker
 

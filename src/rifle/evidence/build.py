@@ -19,8 +19,10 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
                  output_dir: str | Path = "outputs/reports", reference: str = "rifle", baseline: str = PLAIN,
                  group_by: tuple[str, ...] = ("dataset",), log: bool = True, confidence: float = 0.95,
                  metric: str = "test_acc", allow_mixed_env: bool = False) -> dict:
-    """Write the tables (results.md / .csv, paired.csv, runs.csv) and figures (paired.png and per dataset
-    dynamics_, mechanism_, gradients_, reinit_gradients_<dataset>.png) into `output_dir`; with `log`, log them."""
+    """Write the tables (results.md / .csv, paired.csv, runs.csv, seeds.csv: tables.seeds_frame, from which
+    tables.from_seeds_csv rebuilds them) and figures (paired.png and per row, a dataset and protocol, dynamics_,
+    mechanism_, gradients_, reinit_gradients_<row>.png: <dataset>, or <dataset>_<protocol> when the runs hold
+    several protocols) into `output_dir`; with `log`, log them."""
     runs = reads.fetch_runs(tracking_uri, experiment, parent_run_id, group_by)
     where = f"parent run {parent_run_id}" if parent_run_id else \
         f"experiment {experiment!r}" if experiment else "any experiment"
@@ -31,23 +33,29 @@ def build_report(tracking_uri: str | None = None, experiment: str | None = None,
         raise ValueError(f"no finished training run in {where} has {metric}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {name: out / name for name in ("results.md", "results.csv", "paired.csv", "runs.csv")}
+    files = {name: out / name for name in ("results.md", "results.csv", "paired.csv", "runs.csv", "seeds.csv")}
     files["results.md"].write_text(built["markdown"])
     built["summary"].to_csv(files["results.csv"], index=False)
     built["paired"].to_csv(files["paired.csv"], index=False)
     runs.drop(columns=["params", "metric_keys"]).to_csv(files["runs.csv"], index=False)
-    figs = {"paired": figures.plot_paired(built["paired"], confidence, metric)} if len(built["paired"]) else {}
+    tables.seeds_frame(runs).to_csv(files["seeds.csv"], index=False)
+    # The figures name a row as the tables do: a (dataset, protocol), "digits · authors" when there are several.
+    several, paired = tables.several_protocols(runs), built["paired"]
+    figs = {"paired": figures.plot_paired(paired.assign(dataset=tables.row_labels(paired, several)), confidence,
+                                          metric)} if len(paired) else {}
     histories = figure_histories(runs, tracking_uri, reference, baseline)
     ref_name, base_name = method_label(reference), method_label(baseline)
-    for dataset, g in runs.groupby("dataset"):
-        h, model, name = histories[histories["dataset"] == dataset], g["model"].iloc[0], reads.slug(dataset)
-        figs[f"dynamics_{name}"] = figures.plot_dynamics(h, dataset, reference)
+    for (dataset, protocol), g in runs.groupby(tables.GROUP):
+        label = tables.row_label(dataset, protocol, several)
+        h = histories[histories["run_id"].isin(g["run_id"])].assign(dataset=label)
+        model, name = g["model"].iloc[0], reads.slug(label)
+        figs[f"dynamics_{name}"] = figures.plot_dynamics(h, label, reference)
         if not {ref_name, base_name} <= set(g["method"]):
             continue
         if h["key"].str.startswith(figures.WEIGHT).any():
-            figs[f"mechanism_{name}"] = figures.plot_mechanism(h, dataset, reference, baseline, model)
+            figs[f"mechanism_{name}"] = figures.plot_mechanism(h, label, reference, baseline, model)
         if h["key"].str.startswith(figures.GRAD).any():
-            gradients = figures.gradient_figures(h, dataset, ref_name, base_name, model)
+            gradients = figures.gradient_figures(h, label, ref_name, base_name, model)
             figs.update({f"{kind}_{name}": fig for kind, fig in gradients.items()})
     for stem, fig in figs.items():
         files[f"{stem}.png"] = out / f"{stem}.png"

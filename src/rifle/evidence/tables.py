@@ -1,7 +1,9 @@
 """The paper-style table (datasets x methods, mean ± std over seeds) and the paired difference reference −
 other over shared seeds (the method with RIFLE minus the same method without it), each naming its metric,
-selection and environment; the notes on runs left out and settings or budgets that differ. Pure: runs come
-from rifle.track.reads.fetch_runs."""
+selection and environment; the notes on runs left out and settings or budgets that differ. A row is a
+(dataset, protocol): the protocols (validated, authors') measure different things and never share a row or
+a test; the protocol shows in the row label ("digits · authors") when the runs hold more than one. Pure: runs
+come from rifle.track.reads.fetch_runs."""
 from __future__ import annotations
 
 import math
@@ -12,10 +14,13 @@ from ..methods import method_label, method_sort_key
 from ..track.keys import BEFORE_REINIT_TAG
 from .stats import (
     DEFAULT_SELECTION,
+    MDE_ALPHA,
+    MDE_POWER,
     comparisons,
     holm,
     mean_std,
     metric_note,
+    min_sign_flip_p,
     paired_difference,
 )
 
@@ -26,30 +31,78 @@ TRICK_OPTIONS = (*(name for name, (section, _) in all_fields().items() if sectio
 BUDGET_KEYS = ("epochs_trained", "optimizer_steps")
 
 
+GROUP = ["dataset", "protocol"]  # one table row, one family of paired tests
+
+
 def _method_order(column):
     """A sort_values key: methods in the order of rifle.methods."""
     return column.map(method_sort_key) if column.name == "method" else column
 
 
+def with_protocol(runs):
+    """`runs` with a `protocol` column: a frame without one (built by hand, rifle.compare's) is one protocol."""
+    return runs if "protocol" in runs else runs.assign(protocol="")
+
+
+def several_protocols(frame) -> bool:
+    return "protocol" in frame and frame["protocol"].nunique() > 1
+
+
+def row_label(dataset: str, protocol: str, several: bool) -> str:
+    """The row's name: the dataset, with its protocol when the table holds more than one."""
+    return f"{dataset} · {protocol}" if several and protocol else dataset
+
+
+def row_labels(frame, several: bool | None = None) -> list[str]:
+    several = several_protocols(frame) if several is None else several
+    protocols = frame["protocol"] if "protocol" in frame else [""] * len(frame)
+    return [row_label(d, p, several) for d, p in zip(frame["dataset"], protocols)]
+
+
+def _groups(runs):
+    """(label, rows) per (dataset, protocol) of `runs`, in order."""
+    runs = with_protocol(runs)
+    several = several_protocols(runs)
+    return [(row_label(d, p, several), g) for (d, p), g in runs.groupby(GROUP, sort=True)]
+
+
+def common_seeds(runs, metric: str = "test_acc") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+    """(kept, left out) of the runs of `runs` that have `metric`: per dataset and protocol, kept are those on
+    the seeds every method there has, so a difference of two means is the mean of their paired differences."""
+    runs = with_protocol(runs)
+    have = runs[runs[metric].notna()]
+    keep = have["seed"].isin([])  # all False, filled per group
+    for _, g in have.groupby(GROUP):
+        seeds = set.intersection(*(set(gm["seed"]) for _, gm in g.groupby("method")))
+        keep[g.index] = g["seed"].isin(seeds)
+    return have[keep], have[~keep]
+
+
 def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
-    """Per dataset and method of `runs` (fetch_runs) that have `metric`: n, mean, std, seeds, selection,
-    before_reinit of reinit_tagged (runs tagged selected_before_reinit=true, of those tagged) and best."""
+    """Per dataset, protocol and method of `runs` (fetch_runs) that have `metric`: n, mean, std and seeds over
+    the seeds every method of the dataset and protocol has (`common_seeds`; n 0 when there is none), selection,
+    before_reinit of reinit_tagged (of those runs, tagged selected_before_reinit=true of those tagged) and best
+    (the best mean of its dataset and protocol)."""
     import pandas as pd
 
     rows = []
-    for (dataset, method), g in runs[runs[metric].notna()].groupby(["dataset", "method"], sort=False):
+    runs = with_protocol(runs)
+    kept = common_seeds(runs, metric)[0].index
+    for (dataset, protocol, method), every in runs[runs[metric].notna()].groupby([*GROUP, "method"], sort=False):
+        g = every[every.index.isin(kept)]
         mean, std, n = mean_std(g[metric])
         tagged = g[BEFORE_REINIT_TAG].dropna() if BEFORE_REINIT_TAG in g else []
-        rows.append({"dataset": dataset, "method": method, "n": n, "mean": mean, "std": std,
+        rows.append({"dataset": dataset, "protocol": protocol, "method": method, "n": n, "mean": mean, "std": std,
                      "seeds": " ".join(str(s) for s in sorted(g["seed"])),
-                     "selection": ",".join(sorted(set(g["selection"] if "selection" in g else [DEFAULT_SELECTION]))),
+                     "selection": ",".join(sorted(set(every["selection"] if "selection" in every
+                                                      else [DEFAULT_SELECTION]))),
                      "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged),
-                     "epochs_trained": _values(g, "epochs_trained")})
-    cols = ["dataset", "method", "n", "mean", "std", "seeds", "selection", "before_reinit", "reinit_tagged",
-            "epochs_trained"]
+                     "epochs_trained": _values(every, "epochs_trained")})
+    cols = ["dataset", "protocol", "method", "n", "mean", "std", "seeds", "selection", "before_reinit",
+            "reinit_tagged", "epochs_trained"]
     table = pd.DataFrame(rows, columns=cols)
-    table["best"] = table["mean"] == table.groupby("dataset")["mean"].transform("max")
-    return table.sort_values(["dataset", "method"], key=_method_order, kind="stable").reset_index(drop=True)
+    table["best"] = table["mean"] == table.groupby(GROUP)["mean"].transform("max")
+    return table.sort_values([*GROUP, "method"], key=_method_order, kind="stable").reset_index(drop=True)
 
 
 def _values(g, column: str) -> str:
@@ -61,26 +114,28 @@ def _values(g, column: str) -> str:
 
 def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95, metric: str = "test_acc",
                        pairs: list[tuple[str, str]] | None = None) -> "pd.DataFrame":
-    """Per dataset and comparison (`method` with the reference, `versus` without; or the given `pairs` of
-    (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
-    seeds both have, p_holm adjusting the p-values for the dataset's comparisons. The one builder of paired
-    tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
+    """Per dataset, protocol and comparison (`method` with the reference, `versus` without; or the given `pairs`
+    of (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
+    seeds both have (paired t: interval and p; p_holm adjusting p for the comparisons of the dataset and
+    protocol; p_signflip, the exact sign-flip test; mde, the smallest difference the seeds resolve). The one
+    builder of paired tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
     import pandas as pd
 
     rows = []
-    for dataset, g in runs[runs[metric].notna()].groupby("dataset", sort=True):
+    runs = with_protocol(runs)
+    for (dataset, protocol), g in runs[runs[metric].notna()].groupby(GROUP, sort=True):
         by_seed = g.pivot_table(index="seed", columns="method", values=metric, aggfunc="last")
         present = [(a, b) for a, b in pairs if {a, b} <= set(by_seed.columns)] if pairs is not None else \
             comparisons(by_seed.columns, reference)
         for with_ref, without in present:
             both = by_seed[[with_ref, without]].dropna()
-            rows.append({"dataset": dataset, "method": with_ref, "versus": without,
+            rows.append({"dataset": dataset, "protocol": protocol, "method": with_ref, "versus": without,
                          **paired_difference(both[with_ref], both[without], confidence),
                          "seeds": " ".join(map(str, both.index))})
-    cols = ["dataset", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value", "p_holm",
-            "seeds"]
+    cols = ["dataset", "protocol", "method", "versus", "n", "mean_diff", "sd_diff", "ci_low", "ci_high", "p_value",
+            "p_holm", "p_signflip", "mde", "seeds"]
     table = pd.DataFrame(rows, columns=cols)
-    table["p_holm"] = table.groupby("dataset")["p_value"].transform(holm)
+    table["p_holm"] = table.groupby(GROUP)["p_value"].transform(holm)
     return table
 
 
@@ -97,46 +152,64 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
                    metric: str = "test_acc", environments: list[str] | None = None) -> str:
     """The paper-style table (percent) and the paired differences (percentage points) as Markdown, each with
     the line saying what it measures and, given `environments`, where it was measured."""
+    several = several_protocols(summary)
+    summary = summary.assign(row=row_labels(summary, several))
     methods = sorted(summary["method"].unique(), key=method_sort_key)
     selections = {m: set(",".join(g["selection"]).split(",")) for m, g in summary.groupby("method")} \
         if "selection" in summary else {}
     what = metric_note(metric, selections)
     text = [f"{_pct(r.mean)} ± {_pct(r.std)} ({r.n})" for r in summary.itertuples()]
     cells = summary.assign(cell=[f"**{t}**" if best else t for t, best in zip(text, summary["best"])]).pivot(
-        index="dataset", columns="method", values="cell").reindex(columns=methods).fillna("")
+        index="row", columns="method", values="cell").reindex(index=list(dict.fromkeys(summary["row"])),
+                                                               columns=methods).fillna("")
     where = f" Environment: {'; '.join(environments)}." if environments else ""
-    lines = [f"### {metric} (%), mean ± std over seeds (n)", "", "| dataset | " + " | ".join(methods) + " |",
+    head = "dataset · protocol" if several else "dataset"
+    lines = [f"### {metric} (%), mean ± std over seeds (n)", "", f"| {head} | " + " | ".join(methods) + " |",
              "|---" * (len(methods) + 1) + "|", *(f"| {d} | " + " | ".join(row) + " |" for d, row in cells.iterrows()),
-             "", f"Bold: the best mean of the dataset. {what}{where}"]
+             "", f"Bold: the best mean of the {'row' if several else 'dataset'}. {what}{where}"]
     if "epochs_trained" in summary and (summary["epochs_trained"] != "").any():
-        per = summary.groupby("dataset")["epochs_trained"].agg(lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
+        per = summary.groupby("row", sort=False)["epochs_trained"].agg(
+            lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
         lines += ["", "Epochs trained: " + "; ".join(f"{d}: {e}" for d, e in per.items()) + "."]
     tagged = summary[summary["reinit_tagged"] > 0] if "reinit_tagged" in summary else summary.iloc[:0]
     if metric == "test_acc" and len(tagged):  # test_acc_last always follows every re-init
         counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_reinit} of {r.reinit_tagged}"
-                                                for r in g.itertuples()) for d, g in tagged.groupby("dataset"))
+                                                for r in g.itertuples()) for d, g in tagged.groupby("row", sort=False))
         lines += ["", f"Selected before the first head re-initialization (tag {BEFORE_REINIT_TAG}=true: the "
                   f"checkpoint lies on plain fine-tuning's trajectory, so its number is not RIFLE's), runs: {counts}."]
     if paired is not None and len(paired):
         lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
-                  "both share", "", f"| dataset | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
-                  "p (paired t-test) | p (Holm) |", "|---" * 7 + "|"]
-        for r in paired.itertuples():
+                  "of the means", "", f"| {head} | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
+                  "p (paired t-test) | p (Holm) | p (sign-flip) |", "|---" * 8 + "|"]
+        labels = row_labels(paired, several)
+        for label, r in zip(labels, paired.itertuples()):
             ci = f"[{_pct(r.ci_low, 2, '+')}, {_pct(r.ci_high, 2, '+')}]" if math.isfinite(r.ci_low) else "–"
-            lines.append(f"| {r.dataset} | {r.method} − {r.versus} | {r.n} | {_pct(r.mean_diff, 2, '+')} | {ci} | "
-                         f"{_p(r.p_value)} | {_p(r.p_holm)} |")
+            lines.append(f"| {label} | {r.method} − {r.versus} | {r.n} | {_pct(r.mean_diff, 2, '+')} | {ci} | "
+                         f"{_p(r.p_value)} | {_p(r.p_holm)} | {_p(r.p_signflip)} |")
+        family = "dataset and protocol" if several else "dataset"
+        floors = ", ".join(f"{min_sign_flip_p(n):.4g} for n = {n}" for n in sorted(set(paired["n"])) if n >= 2)
         lines += ["", f"Reference − other: the method with the reference minus the same method without it "
                   f"(> 0: the reference is better). {what} p (Holm): adjusted for the number of comparisons in "
-                  f"the dataset (Holm-Bonferroni).{where}"]
+                  f"the {family} (Holm-Bonferroni). p (sign-flip): the exact paired permutation test (under no "
+                  f"difference each seed's difference is as likely negated; no normality assumed), which cannot go "
+                  f"below 2/2^n with n seeds{f' ({floors})' if floors else ''}.{where}"]
+        mde = [f"{label}, {r.method} − {r.versus}: {_pct(r.mde, 2)} (n = {r.n})"
+               for label, r in zip(labels, paired.itertuples()) if math.isfinite(r.mde)]
+        if mde:
+            lines += ["", f"Smallest difference these seeds resolve (points; a paired t-test at two-sided "
+                      f"{MDE_ALPHA:g} finds a true difference this large with probability {MDE_POWER:g}, from the "
+                      f"observed sd of the differences): {'; '.join(mde)}."]
     return "\n".join(lines + [f"\nNote: {note}" for note in notes or []]) + "\n"
 
 
 def varying_settings(runs, ignore=RUN_KEYS) -> dict:
-    """Training params that differ, per dataset: {"within": {method: [keys]}, "between": [keys]}. Within a
-    method they break the pairing of seeds; between methods (but a trick's own options, which every run logs)
+    """Training params that differ, per row (`row_label`): {"within": {method: [keys]}, "between": [keys]}. Within
+    a method they break the pairing of seeds; between methods (but a trick's own options, which every run logs)
     the comparison is not under the same settings (as intended after per-method tuning)."""
     out = {}
-    for dataset, g in runs.groupby("dataset"):
+    if "params" not in runs:  # a frame rebuilt from seeds.csv: no params to compare
+        return out
+    for label, g in _groups(runs):
         keys = [k for k in sorted(set().union(*g["params"]) - set(ignore)) if not k.endswith("_resolved")]
         differs = lambda rows, k: len({p.get(k) for p in rows}) > 1  # noqa: E731
         within = {m: [k for k in keys if differs(gm["params"], k)] for m, gm in g.groupby("method")}
@@ -144,30 +217,32 @@ def varying_settings(runs, ignore=RUN_KEYS) -> dict:
         between = [k for k in keys if differs(g["params"], k) and k not in TRICK_OPTIONS
                    and not any(k in ks for ks in within.values())]
         if within or between:
-            out[dataset] = {"within": within, "between": between}
+            out[label] = {"within": within, "between": between}
     return out
 
 
 def environments(runs) -> dict[str, list[str]]:
-    """dataset -> the environments (rifle.env.describe) its runs were measured in, with their counts."""
+    """row label -> the environments (rifle.env.describe) its runs were measured in, with their counts."""
     out = {}
-    for dataset, g in runs.groupby("dataset"):
+    for label, g in _groups(runs):
         lines = g.reindex(columns=list(env.KEYS)).apply(lambda r: env.describe(r.dropna().to_dict()), axis=1)
         counts = lines.value_counts(sort=False)
-        out[dataset] = [line if len(counts) == 1 else f"{line} ({n} runs)" for line, n in counts.items()]
+        out[label] = [line if len(counts) == 1 else f"{line} ({n} runs)" for line, n in counts.items()]
     return out
 
 
 def check_environments(runs, allow_mixed: bool = False) -> None:
-    """ValueError naming the dataset and the first differing env.* tag when its runs were measured in
-    different environments: the same options then give other numbers, so pairs are not like for like."""
+    """ValueError naming the row and the first differing tag of env.COMPARED (those that change a run's numbers)
+    when its runs were measured in different environments: the same options then give other numbers, so pairs
+    are not like for like. The other env.* tags (env.mlflow, ...) are recorded, not compared."""
     if allow_mixed:
         return
-    for dataset, g in runs.groupby("dataset"):
-        for key in env.KEYS:
-            values = sorted({"not recorded" if v is None else str(v) for v in g.get(key, [None])})
+    for label, g in _groups(runs):
+        for key in env.COMPARED:
+            values = sorted({"not recorded" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
+                             for v in g.get(key, [None])})  # pandas may hold a missing tag as nan
             if len(values) > 1:
-                raise ValueError(f"{dataset}: runs were measured in different environments ({key}: "
+                raise ValueError(f"{label}: runs were measured in different environments ({key}: "
                                  f"{' vs '.join(values)}), which changes their numbers; rerun them in one, or pass "
                                  "--allow_mixed_env to pair them anyway")
 
@@ -175,32 +250,54 @@ def check_environments(runs, allow_mixed: bool = False) -> None:
 def budget_notes(runs, paired) -> list[str]:
     """A note per compared pair whose runs trained different numbers of epochs or optimizer steps."""
     notes = []
-    for r in paired.itertuples():
-        g = runs[(runs["dataset"] == r.dataset) & runs["method"].isin([r.method, r.versus])]
+    runs = with_protocol(runs)
+    for label, r in zip(row_labels(paired, several_protocols(runs)), paired.itertuples()):
+        g = runs[(runs["dataset"] == r.dataset) & (runs["protocol"] == r.protocol)
+                 & runs["method"].isin([r.method, r.versus])]
         for key in BUDGET_KEYS:
             per = {m: _values(gm, key) for m, gm in g.groupby("method")}
             if len(set(",".join(per.values()).split(",")) - {""}) > 1:
-                notes.append(f"{r.dataset}, {r.method} − {r.versus}: the runs trained different budgets ({key}: "
+                notes.append(f"{label}, {r.method} − {r.versus}: the runs trained different budgets ({key}: "
                              + ", ".join(f"{m} {v}" for m, v in per.items()) + "), so the difference mixes the "
                              "method with the budget")
                 break
     return notes
 
 
+def seed_notes(runs, metric: str = "test_acc", shown: int = 10) -> list[str]:
+    """A note per dataset and protocol where runs with `metric` were left out of the means and paired
+    differences because not every method has their seed (`common_seeds`)."""
+    kept, left = common_seeds(runs, metric)
+    several = several_protocols(with_protocol(runs))
+    notes = []
+    for (dataset, protocol), g in left.groupby(GROUP, sort=True):
+        seeds = sorted(set(kept.loc[(kept["dataset"] == dataset) & (kept["protocol"] == protocol), "seed"]))
+        g = g.sort_values(["method", "seed"], key=_method_order, kind="stable")
+        out = [f"{r.method} seed {r.seed}" + (f" ({r.run_id})" if "run_id" in g else "") for r in g.itertuples()]
+        more = f" and {len(out) - shown} more" if len(out) > shown else ""
+        common = f"the seeds every method has ({' '.join(map(str, seeds))})" if seeds else \
+            "the seeds every method has: none, so no means or differences"
+        notes.append(f"{row_label(dataset, protocol, several)}: means and paired differences are over {common}; "
+                     f"left out: {', '.join(out[:shown])}{more}")
+    return notes
+
+
 def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
              allow_mixed_env: bool = False) -> dict:
-    """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, the Markdown with notes on
-    runs left out (no value of the metric, repeated (dataset, method, seed)), on settings and budgets that
-    differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
+    """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, means and paired
+    differences over the same seeds (`common_seeds`), the Markdown with notes on runs left out (no value of the
+    metric, a seed not every method has, repeated (dataset, protocol, method, seed)), on settings and budgets
+    that differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
     metric_note(metric, {})  # an unknown metric or trick fails here, with its message
     method_label(reference)
     check_environments(runs, allow_mixed_env)
-    missing = runs.loc[runs[metric].isna(), "run_id"].tolist()
-    notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out (e.g. "
-             f"{', '.join(missing[:5])})"] if missing else []
+    missing = runs[runs[metric].isna()]
+    ids = f" (e.g. {', '.join(missing['run_id'].tolist()[:5])})" if "run_id" in missing else ""  # seeds.csv: none
+    notes = [f"{len(missing)} run(s) have no {metric} (logged before it existed) and are left out{ids}"] \
+        if len(missing) else []
     dups = runs.attrs.get("duplicates", [])
     if dups:
-        notes.append(f"{len(dups)} older run(s) repeating a (dataset, method, seed) were left out (e.g. "
+        notes.append(f"{len(dups)} older run(s) repeating a (dataset, protocol, method, seed) were left out (e.g. "
                      f"{', '.join(dups[:5])}); sweep trials share an experiment with other runs: report a "
                      "comparison with --parent_run_id")
     for dataset, v in varying_settings(runs).items():
@@ -209,9 +306,44 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
         if v["between"]:
             notes.append(f"{dataset}: settings differ between methods (fine after per-method tuning, not for a "
                          f"same-settings comparison): {', '.join(v['between'])}")
+    notes += seed_notes(runs, metric)
     summary = summarize(runs, metric)
-    paired = paired_differences(runs, reference, confidence, metric)
+    # the summary's seeds: mean(A) − mean(B) is the paired mean difference A − B
+    paired = paired_differences(common_seeds(runs, metric)[0], reference, confidence, metric)
     notes += budget_notes(runs, paired)
     where = sorted({line for lines in environments(runs).values() for line in lines})
     return {"summary": summary, "paired": paired,
             "markdown": table_markdown(summary, paired, confidence, notes, metric, where)}
+
+
+# seeds.csv: one row per run of a report, enough to rebuild its tables without MLflow (`from_seeds_csv`). The
+# named columns, the env.* tags, then what the tables' lines need beyond them: the runs selected before RIFLE's
+# first re-init (counted under the table) and the budget (the epochs line, budget notes).
+SEED_COLUMNS = ("method", "protocol", "seed", "dataset", "test_acc", "test_acc_last", "selected_epoch")
+SEED_EXTRA = (BEFORE_REINIT_TAG, "epochs_trained", "optimizer_steps")
+
+
+def seeds_frame(runs) -> "pd.DataFrame":
+    """The per-seed table of `runs` (fetch_runs): SEED_COLUMNS (accuracies as fractions, as MLflow holds them),
+    every env.* tag, SEED_EXTRA."""
+    return with_protocol(runs).reindex(columns=[*SEED_COLUMNS, *env.KEYS, *SEED_EXTRA])
+
+
+def from_seeds_csv(path, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
+                   allow_mixed_env: bool = False) -> dict:
+    """`evidence` rebuilt from a seeds.csv (`seeds_frame`) without MLflow: the same summary, paired differences
+    and Markdown, but for the notes that need what the file does not hold (a run's id beside a missing metric,
+    its params where settings differ, repeated runs the report left out)."""
+    import pandas as pd
+
+    from ..track.reads import selection_of
+    # Text as written ("false" stays a tag's text, "None" a name); only an empty field is missing.
+    runs = pd.read_csv(path, dtype=str, keep_default_na=False)
+    for c in runs:
+        if c in (*env.KEYS, BEFORE_REINIT_TAG):  # None where the run had no such tag, as fetch_runs reads it
+            runs[c] = [None if v == "" else v == "True" if c == BEFORE_REINIT_TAG else v for v in runs[c]]
+        elif c in (*SEED_COLUMNS[4:], *SEED_EXTRA, "seed"):
+            runs[c] = [float(v) if v else math.nan for v in runs[c]]
+    runs["seed"] = runs["seed"].astype(int)
+    runs["selection"] = runs["protocol"].map(selection_of)
+    return evidence(runs, reference, metric, confidence, allow_mixed_env)

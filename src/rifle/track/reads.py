@@ -161,12 +161,35 @@ def _number(text) -> float:
         return math.nan
 
 
+# The protocols by name (rifle.paired.PROTOCOLS sets them) and the checkpoint each selects on.
+SELECTION_OF = {"validated": "best_val", "authors": "last"}
+
+
+def protocol_of(params: dict) -> str:
+    """A run's evaluation protocol from its params val_fraction and selection: "validated" (validation carved
+    from train, the best-validation checkpoint), "authors" (all of train, the last epoch), else both values as
+    logged ("val_fraction 0.2, selection last"). Runs from before the `selection` param selected on validation."""
+    selection = params.get("selection") or DEFAULT_SELECTION
+    fraction = _number(params.get("val_fraction"))
+    # best_val needs validation (the config refuses it with val_fraction 0), so a run without the param had some
+    if selection == "best_val" and (fraction > 0 or math.isnan(fraction)):
+        return "validated"
+    if selection == "last" and fraction == 0:
+        return "authors"
+    return f"val_fraction {params.get('val_fraction') or 'not recorded'}, selection {selection}"
+
+
+def selection_of(protocol: str) -> str:
+    """The `selection` of a protocol as `protocol_of` names it."""
+    return SELECTION_OF.get(protocol) or protocol.rsplit("selection ", 1)[-1]
+
+
 def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
                group_by: tuple[str, ...] = ("dataset",)) -> "pd.DataFrame":
     """One row per finished run with a test_acc (of `experiment`, of every experiment, or the children of
     `parent_run_id`), read in one paged search (params, tags and final metrics come with it), the row label
-    `dataset` made of the `group_by` params. Of runs sharing (dataset, method, seed) the newest is kept, the
-    others listed in `df.attrs["duplicates"]`."""
+    `dataset` made of the `group_by` params, its `protocol` (`protocol_of`). Of runs sharing (dataset, protocol,
+    method, seed) the newest is kept, the others listed in `df.attrs["duplicates"]`."""
     import pandas as pd
 
     mlflow_client = client(tracking_uri)
@@ -191,8 +214,10 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
         before = tags.get(BEFORE_REINIT_TAG)
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name,
                      "dataset": dataset_label(p.get("dataset", "?")) + (f" ({', '.join(extra)})" if extra else ""),
-                     "method": _method_of(tags, p), "seed": int(float(p["seed"])), "test_acc": m["test_acc"],
-                     **{k: m.get(k, math.nan) for k in ("test_acc_last", "best_val_acc", "best_epoch")},
+                     "protocol": protocol_of(p), "method": _method_of(tags, p), "seed": int(float(p["seed"])),
+                     "test_acc": m["test_acc"],
+                     **{k: m.get(k, math.nan) for k in ("test_acc_last", "selected_epoch", "best_val_acc",
+                                                        "best_epoch")},
                      "selection": p.get("selection") or DEFAULT_SELECTION,
                      BEFORE_REINIT_TAG: None if before is None else before.strip().lower() == "true",
                      "reinit_count": _number(p.get("reinit_count")),
@@ -202,12 +227,12 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
                      **{k: tags.get(k) for k in env.KEYS},
                      "model": p.get("model", ""), "start_time": run.info.start_time, "params": dict(p),
                      "metric_keys": frozenset(m)})
-    cols = ["run_id", "run_name", "dataset", "method", "seed", "test_acc", "test_acc_last", "best_val_acc",
-            "best_epoch", "selection", BEFORE_REINIT_TAG, "reinit_count", "epochs_trained", "optimizer_steps",
-            *env.KEYS, "model", "start_time", "params", "metric_keys"]
+    cols = ["run_id", "run_name", "dataset", "protocol", "method", "seed", "test_acc", "test_acc_last",
+            "selected_epoch", "best_val_acc", "best_epoch", "selection", BEFORE_REINIT_TAG, "reinit_count",
+            "epochs_trained", "optimizer_steps", *env.KEYS, "model", "start_time", "params", "metric_keys"]
     df = pd.DataFrame(rows, columns=cols).sort_values("start_time", ascending=False, kind="stable")
-    dup = df.duplicated(["dataset", "method", "seed"], keep="first")
-    kept = df.loc[~dup].sort_values(["dataset", "method", "seed"], key=lambda c: c.map(method_sort_key)
+    dup = df.duplicated(["dataset", "protocol", "method", "seed"], keep="first")
+    kept = df.loc[~dup].sort_values(["dataset", "protocol", "method", "seed"], key=lambda c: c.map(method_sort_key)
                                     if c.name == "method" else c, kind="stable")
     kept = kept.reset_index(drop=True)
     kept.attrs["duplicates"] = df.loc[dup, "run_id"].tolist()

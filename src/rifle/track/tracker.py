@@ -8,7 +8,6 @@ model training (`mlflow.experimentKind`). While a run is open, SIGTERM and Ctrl-
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,12 +18,17 @@ from .keys import TRAIN_LOSS
 from .signals import SignalGuard, restore_status_after_mlflow_run
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                              text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+# MLflow's source tags: the UI's Source column (name and commit) and how the run was started.
+SOURCE_TYPE, SOURCE_NAME, SOURCE_COMMIT = "mlflow.source.type", "mlflow.source.name", "mlflow.source.git.commit"
+
+
+def entry_point() -> str:
+    """The program this process runs: `python -m rifle.train` -> "rifle.train"; a script or console script ->
+    its file name ("pytest", "train.py")."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return spec.name.removesuffix(".__main__")
+    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
 
 
 def param_text(value) -> str | None:
@@ -148,6 +152,14 @@ class Tracker:
     def set_tags(self, tags: dict) -> None:
         if self.active:
             self.mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+
+    def set_source(self, commit: str | None) -> None:
+        """mlflow.source.* on every run, so the UI's Source column shows them (MLflow sets them only on runs
+        start_run makes: not on a sweep's or campaign's child runs, nor to this package's commit): LOCAL, the
+        entry point and `commit`. What `mlflow run` set (PROJECT: the project and its commit) is kept."""
+        if not self.active or self.mlflow.get_run(self.run_id).data.tags.get(SOURCE_TYPE) == "PROJECT":
+            return
+        self.set_tags({SOURCE_TYPE: "LOCAL", SOURCE_NAME: entry_point(), SOURCE_COMMIT: commit})
 
     def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:
         """`synchronous=False` (the per-epoch metrics): queued and sent by MLflow's logging thread, so training
