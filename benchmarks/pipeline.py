@@ -95,12 +95,12 @@ def model_rate(model_spec: str, num_classes: int, image_size: int, batch_size: i
 
 
 def run(workers: int | None = None) -> dict:
-    from rifle.data import load_data
+    import rifle.data  # its `load`, not common's load average
     tmp = workdir()
     cfg = build({}, tmp, "pipeline")
     workers = cfg.data.num_workers if workers is None else workers
     size, batch = cfg.data.image_size, cfg.optim.batch_size
-    digits = load_data(cfg.data)[0]["train"]
+    digits = rifle.data.load(cfg.data).data["train"]
     mean = std = (0.5, 0.5, 0.5)  # the bundled EfficientNet-Lite0's normalization
     out = {"workers": workers, "image_size": size, "batch_size": batch}
     photos = photo_dataset()
@@ -150,7 +150,9 @@ def per_core(image_size: int, batch_size: int = 32) -> dict:
     from PIL import Image
     from torchvision import transforms as T
 
-    from rifle.data import decode_cache, load_splits
+    import rifle.data  # its `load`, not common's load average
+    from rifle import config as C
+    from rifle.data import decode_cache
     from rifle.data.transforms import build_cached_transform, build_transform, resize_for
     from rifle.models import Classifier
     torch.set_num_threads(1)
@@ -158,8 +160,9 @@ def per_core(image_size: int, batch_size: int = 32) -> dict:
     mean = std = (0.5, 0.5, 0.5)
     model = Classifier(torch.nn.Flatten(), 1, 2, mean, std)  # only its input step: uint8 batch -> normalized
     photos = photo_dataset(n=256)
-    sets = {"photos": photos, "imagefolder": load_splits(f"imagefolder:{folder_of(photos, tmp / 'folder')}",
-                                                          val_fraction=0)["train"]}
+    folder = C.build({"dataset": f"imagefolder:{folder_of(photos, tmp / 'folder')}", "val_fraction": 0,
+                      "selection": "last"}).data
+    sets = {"photos": photos, "imagefolder": rifle.data.load(folder, scan=False).data["train"]}
     pil_tail = T.Compose([T.RandomCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
     def pil_from_cache(batch):  # (b): the cached pixels through the PIL steps after the resize

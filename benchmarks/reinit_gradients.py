@@ -22,13 +22,14 @@ import tempfile
 import torch.nn.functional as F
 
 from rifle import config as C
+from rifle.commands.options import trainer_options
 from rifle.models import block_names
 from rifle.probes import block_of
 from rifle.schedules import rifle_reinit_epochs
-from rifle.seeds import seed_process, stream_seed
-from rifle.study import BASE
+from rifle.seeds import reinit_seed, seed_process, stream_seed
+from rifle.plan import BASE
 from rifle.trainer import setup, train_epoch
-from rifle.tricks.rifle import reinit_linear_, reinit_seed
+from rifle.tricks.rifle import reinit_linear_
 
 
 class _NoBar:
@@ -86,10 +87,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=BASE["epochs"], help="the run's length (RIFLE K=1 re-inits "
                    "at its middle)")
-    p.add_argument("overrides", nargs="*", metavar="option=value", help="trainer options, e.g. lr=0.02")
+    trainer_options(p, skip=("seed", "epochs"), what="for every seed's run, e.g. --lr 0.02")
     args = p.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    overrides = dict(item.split("=", 1) for item in args.overrides)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("seeds", "epochs")}
     results = []
     for seed in range(args.seeds):
         r = probe(seed, args.epochs, overrides)

@@ -1,16 +1,16 @@
-"""How rifle.report scales with the number of runs: the bulk reads against the per-run reads they replaced.
+"""How rifle report scales with the number of runs: the bulk reads against the per-run reads they replaced.
 
     python benchmarks/report_scale.py --runs 2000 --store server     # last line: JSON
     python benchmarks/report_scale.py --runs 500 --store sqlite --legacy_timeout 600
 
-A synthetic store shaped like a campaign's (rifle.paired): two datasets, ten methods (the paper's table),
+A synthetic store shaped like a campaign.s (rifle.plan): two datasets, ten methods (the paper's table),
 N/20 seeds each, 30 epochs; every run with the params, tags and per-epoch metric keys a real run logs
 (losses, accuracies, learning rates, weight_dist/ and grad_norm/ of EfficientNet-Lite0's 11 blocks; RIFLE's
 runs also head_reinit, reinit_weight_spread and the pre/post re-init gradient windows), as child runs of a
 parent per dataset. `sqlite`: a SQLite file; `server`: an `mlflow server` on 127.0.0.1 backed by a fresh
 PostgreSQL database (dropped after), so every call is an HTTP round trip as on a cluster. The full report
 (tables and figures, nothing logged) is timed with the bulk reads (rifle.track.reads) and, unless --legacy_timeout
-0, with the per-run reads rifle.report used before (transliterated below; stopped after the timeout, the
+0, with the per-run reads rifle report used before (transliterated below; stopped after the timeout, the
 rest extrapolated from its rate). Requests: HTTP requests for the server; calls into the tracking store
 (each one SQL round trip or more) for SQLite.
 """
@@ -47,7 +47,7 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
     from rifle.env import environment
     from rifle.methods import method_tricks
     from rifle.models import block_names, build_backbone
-    from rifle.paired import BASE
+    from rifle.plan import BASE
     from rifle.track.tracker import param_text
     from rifle.trainer import run_params
     blocks = block_names(build_backbone("efficientnet_lite0", pretrained=False)[0])
@@ -56,8 +56,8 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
     seeds = max(1, n_runs // (len(DATASETS) * len(METHODS)))
     env = environment()
     cells = [(d, m, s) for d in DATASETS for s in range(seeds) for m in METHODS][:n_runs]
-    parents = {d: client.create_run(exp, run_name=f"scale-{d}", tags={"compare.name": f"scale-{d}",
-                                                                       "compare.role": "parent"}).info.run_id
+    parents = {d: client.create_run(exp, run_name=f"scale-{d}", tags={"cell.group": f"scale-{d}",
+                                                                       "cell.role": "parent"}).info.run_id
                for d in DATASETS}
 
     def one(cell) -> int:
@@ -67,8 +67,8 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
         params = {k: text for k, v in run_params(cfg).items() if (text := param_text(v)) is not None}
         params |= {"dataset": dataset, "optimizer_steps": str(4 * EPOCHS), "experiment": EXPERIMENT}
         rifle = "rifle" in cfg.trick_list
-        tags = {"mlflow.parentRunId": parents[dataset], "compare.name": f"scale-{dataset}", "compare.role": "seed",
-                "compare.method": method, "compare.seed": str(seed), "tricks": params["tricks"], "git_commit": "0" * 40,
+        tags = {"mlflow.parentRunId": parents[dataset], "cell.group": f"scale-{dataset}", "cell.role": "seed",
+                "cell.method": method, "cell.seed": str(seed), "tricks": params["tricks"], "git_commit": "0" * 40,
                 "dataset_fingerprint": "f" * 16, "num_processes": "1", **env} | (
             {"selected_before_reinit": "false"} if rifle else {})
         now, metrics = int(time.time() * 1000), []
@@ -105,9 +105,10 @@ def synthetic_store(uri: str, n_runs: int, threads: int = 1) -> int:
 
 
 def legacy_histories(deadline: float):
-    """rifle.report's history reads before the bulk reads: a get_run per run for its probe keys, then a
+    """rifle report's history reads before the bulk reads: a get_run per run for its probe keys, then a
     get_metric_history per (run, key), every history key and probe of every run; stops at `deadline`."""
-    from rifle.track import keys, reads
+    from rifle import keys
+    from rifle.track import reads
 
     class TimedOut(Exception):
         pass

@@ -26,10 +26,10 @@ def subprocess_env(**extra):
     return env | {"PYTHONUNBUFFERED": "1"} | extra
 
 
-def run_cli(args, cwd, env=None, module="rifle.train", timeout=600):
-    """Run `python -m <module> ...` in a fresh process; returns CompletedProcess (text)."""
+def run_cli(args, cwd, env=None, verb="train", timeout=600):
+    """Run `python -m rifle <verb> ...` in a fresh process; returns CompletedProcess (text)."""
     full_env = subprocess_env(**(env or {}))
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", "rifle", verb, *map(str, args)], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

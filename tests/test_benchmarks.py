@@ -1,4 +1,5 @@
-"""The mechanism probe in benchmarks/: it measures without changing the model, on the real trainer."""
+"""The benchmarks' own code: the mechanism probe measures without changing the model, on the real trainer; the
+preflight benchmark's plan is one that rifle preflight and rifle campaign both take."""
 import sys
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import preflight_estimate  # noqa: E402
 import reinit_gradients as RG  # noqa: E402
 
 from rifle import config as C  # noqa: E402
@@ -36,3 +38,12 @@ def test_gradient_probe_reports_every_block(tmp_path, capsys):
     assert "seed 0: after epoch 1:" in out  # K=1 on 4 epochs: the re-init follows epoch 1
     for block in ("conv_stem", "blocks.0", "blocks.6", "conv_head", "bn2"):
         assert f"{block:>10}:" in out
+
+
+def test_the_preflight_benchmarks_plan_parses_for_both_verbs(tmp_path):
+    from rifle.commands import campaign, preflight
+    argv = preflight_estimate.plan_args(tmp_path, epochs=2, train_per_class=3, image_size=40, seeds=1)
+    for verb in (campaign, preflight):
+        args = verb.parser().parse_args(argv)
+        assert (args.epochs, args.train_per_class, args.seeds, args.methods) == ("2", "3", 1, "plain,rifle")
+    assert campaign.build(campaign.parser().parse_args(argv)).overrides["image_size"] == "40"

@@ -6,7 +6,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from rifle import config as C
-from rifle import train
+from rifle.commands import train
 
 BAD_INPUT = [
     (["--model", "timm:no_such_net"], "--model: timm has no model 'no_such_net'"),
@@ -24,7 +24,7 @@ BAD_INPUT = [
 
 @pytest.mark.parametrize("args,needle", BAD_INPUT)
 def test_bad_input_returns_2_with_one_line(tmp_path, monkeypatch, capsys, args, needle):
-    """rifle.train.main in this process: the exit code and the one line, without starting an interpreter."""
+    """`rifle train` in this process: the exit code and the one line, without starting an interpreter."""
     monkeypatch.chdir(tmp_path)
     assert train.main([*args, "--output_dir", str(tmp_path / "out")]) == 2
     out, err = capsys.readouterr()
@@ -33,18 +33,52 @@ def test_bad_input_returns_2_with_one_line(tmp_path, monkeypatch, capsys, args, 
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()  # nothing was started
 
 
-def test_python_m_rifle_is_the_trainer(monkeypatch, capsys):
+def test_python_m_rifle_runs_a_verb(monkeypatch, capsys):
     import runpy
     import sys
-    monkeypatch.setattr(sys, "argv", ["rifle", "--lr", "fast"])
+    monkeypatch.setattr(sys, "argv", ["rifle", "train", "--lr", "fast"])
     with pytest.raises(SystemExit) as stop:
         runpy.run_module("rifle", run_name="__main__")
     assert stop.value.code == 2 and "--lr: expected a number, got 'fast'" in capsys.readouterr().err
 
+
+def test_rifle_help_lists_every_verb_and_each_verb_has_help(capsys):
+    from rifle.commands import VERBS, main
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: rifle VERB") and all(f"  {verb} " in text for verb in VERBS)
+    assert set(VERBS) == {"train", "sweep", "campaign", "compare", "report", "preflight"}
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as stop:
+            main([verb, "--help"])
+        assert stop.value.code == 0 and capsys.readouterr().out.startswith(f"usage: rifle {verb}")
+    assert main(["trian"]) == 2 and "unknown verb 'trian'" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+@pytest.mark.slow
+def test_the_console_script_and_python_m_rifle_agree(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(sys.executable).with_name("rifle")
+    for cmd in ([str(script), "--help"], [sys.executable, "-m", "rifle", "--help"]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "campaign" in proc.stdout and "preflight" in proc.stdout, proc.stderr
+
+
+def test_the_library_never_imports_the_commands():
+    """The command modules sit apart from the library (as accelerate/commands): no module outside
+    rifle/commands imports from it."""
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "src" / "rifle").rglob("*.py")
+                 if "commands" not in p.parts and p.name != "__main__.py"
+                 and re.search(r"from (rifle|\.+)\.?commands|import rifle\.commands", p.read_text())]
+    assert not offenders
+
 @pytest.mark.slow
 @pytest.mark.parametrize("args,needle", BAD_INPUT)
 def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
-    """The same through `python -m rifle.train`: nothing else (warnings, a traceback) reaches stderr."""
+    """The same through `python -m rifle train`: nothing else (warnings, a traceback) reaches stderr."""
     proc = run_cli([*args, "--output_dir", tmp_path / "out"], cwd=tmp_path, timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -53,7 +87,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
 
 
 def help_entries(monkeypatch, capsys) -> dict[str, str]:
-    """`python -m rifle.train --help`, one entry per flag: {"--lr": "FLOAT <help> (default: 0.01)"}."""
+    """`rifle train --help`, one entry per flag: {"--lr": "FLOAT <help> (default: 0.01)"}."""
     monkeypatch.setenv("COLUMNS", "120")
     with pytest.raises(SystemExit) as stop:
         train.main(["--help"])
@@ -92,11 +126,12 @@ def _default(entry: str) -> str:
     return re.search(r"\(default: ([^()]*)\)", entry).group(1)
 
 
-def test_help_shows_the_defaults_the_readme_states(monkeypatch, capsys):
-    """Defaults written in README.md (its option table and its prose), checked against --help."""
+def test_help_shows_the_defaults_the_docs_state(monkeypatch, capsys):
+    """Defaults written in the docs site (the baselines' option table and the pages' prose), checked against
+    --help."""
     entries = help_entries(monkeypatch, capsys)
-    readme = (ROOT / "README.md").read_text()
-    table = readme.split("| `--tricks` | method | options (default) |", 1)[1].split("\n\n", 1)[0]
+    docs = "\n\n".join(page.read_text() for page in sorted((ROOT / "docs").rglob("*.md")))
+    table = docs.split("| `--tricks` | method | options (default) |", 1)[1].split("\n\n", 1)[0]
     stated = dict(re.findall(r"`(\w+)` \(([\w.\-]+)[,:)]", table))  # `dropout_p` (0.5), `sd_mode` (batch, ...)
     assert {"dropout_p", "dropconnect_p", "disturb_alpha", "l2sp_alpha", "sd_mode", "delta_layers"} <= set(stated)
     for name, value in stated.items():
@@ -111,7 +146,7 @@ def test_help_shows_the_defaults_the_readme_states(monkeypatch, capsys):
     for phrase in ("SGD with momentum 0.9, weight decay 1e-4", "batch 32 per process", "`--tricks rifle` (the default)",
                    "validated (default) | `--val_fraction 0.2 --selection best_val`",
                    "`--probe_reinit_steps` steps, default 5", "(64 px, 200 training images, 20 epochs)"):
-        assert phrase in readme, phrase
+        assert phrase in " ".join(docs.split()), phrase  # the pages' line breaks fall anywhere
     want = {"momentum": "0.9", "weight_decay": "0.0001", "batch_size": "32", "tricks": "'rifle'",
             "reinit_times": "1", "val_fraction": "0.2", "selection": "'best_val'", "probe_reinit_steps": "5",
             "image_size": "64", "epochs": "20", "mixed_precision": "'no'", "model": "'efficientnet_lite0'",
@@ -145,7 +180,7 @@ def test_weights_that_cannot_be_fetched_exit_2_with_one_line(tmp_path, digits_fo
                     f"sqlite:///{tmp_path}/m.db"], tmp_path, env=env)
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
-    assert len(errors) == 1 and errors[0].startswith("rifle.train: error: --model: cannot fetch the ImageNet "
+    assert len(errors) == 1 and errors[0].startswith("rifle train: error: --model: cannot fetch the ImageNet "
                                                      "weights of torchvision:resnet18"), proc.stderr
     assert "Traceback" not in proc.stderr
 

@@ -19,6 +19,7 @@ CONFIGS = ROOT / "configs"
 TRAIN_SCRIPT = CONFIGS / "slurm" / "train_multinode.sbatch"
 SWEEP_SCRIPT = CONFIGS / "slurm" / "sweep_array.sbatch"
 CAMPAIGN_SCRIPT = CONFIGS / "slurm" / "campaign_array.sbatch"
+PREPARE_SCRIPT = CONFIGS / "slurm" / "campaign_prepare.sbatch"
 ONE_PROCESS_WARNING = "warning: accelerate launch started 1 process"
 PASSWORD = "cluster-pw"
 
@@ -41,7 +42,7 @@ echo "accelerate $* OMP_NUM_THREADS=$OMP_NUM_THREADS"
 
 
 def tiny_train(tmp_path, folder, epochs=2, tricks="rifle"):
-    """rifle.train options: the 4-class digits folder at 48 px, 3 images per class, no weights artifact;
+    """rifle train options: the 4-class digits folder at 48 px, 3 images per class, no weights artifact;
     RIFLE's one re-initialization needs two epochs, plain fine-tuning trains one."""
     return ["--dataset", f"imagefolder:{folder}", *TINY, "--epochs", str(epochs), "--tricks", tricks,
             "--log_weights", "false",
@@ -90,7 +91,7 @@ def run_script(script, args, tmp_path, env, timeout=600):
 def test_accelerate_configs_read_as_accelerate_launch_reads_them(name, extra, expect):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     args = launch_command_parser().parse_args(
-        ["--config_file", str(CONFIGS / "accelerate" / f"{name}.yaml"), *extra, "-m", "rifle.train"])
+        ["--config_file", str(CONFIGS / "accelerate" / f"{name}.yaml"), *extra, "-m", "rifle", "train"])
     args, _, _ = _validate_launch_command(args)
     assert {k: getattr(args, k) for k in expect} == expect
     assert (args.mixed_precision, args.dynamo_backend) == ("no", "no")
@@ -99,7 +100,7 @@ def test_accelerate_configs_read_as_accelerate_launch_reads_them(name, extra, ex
 @pytest.mark.slow
 def test_cpu_config_trains_with_two_processes(tmp_path, digits_folder):
     cmd = [ACCELERATE, "launch", "--config_file", str(CONFIGS / "accelerate" / "cpu_2proc.yaml"),
-           "-m", "rifle.train", *tiny_train(tmp_path, digits_folder)]
+           "-m", "rifle", "train", *tiny_train(tmp_path, digits_folder)]
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ONE_PROCESS_WARNING not in proc.stderr
@@ -111,9 +112,9 @@ def test_cpu_config_trains_with_two_processes(tmp_path, digits_folder):
 
 @pytest.mark.slow
 def test_readme_launch_without_multi_gpu_warns_that_one_process_trains(tmp_path, digits_folder):
-    # What the README's `accelerate launch --num_processes 2 -m rifle.train` does without --multi_gpu on a
+    # What the README's `accelerate launch --num_processes 2 -m rifle train` does without --multi_gpu on a
     # machine with fewer than two GPUs: accelerate's simple launcher starts one process.
-    cmd = [ACCELERATE, "launch", "--num_processes", "2", "-m", "rifle.train",
+    cmd = [ACCELERATE, "launch", "--num_processes", "2", "-m", "rifle", "train",
            *tiny_train(tmp_path, digits_folder, epochs=1, tricks="none")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True,
                           text=True, timeout=600)
@@ -125,22 +126,39 @@ def test_readme_launch_without_multi_gpu_warns_that_one_process_trains(tmp_path,
 
 
 def test_one_process_warning_only_under_the_simple_launcher(monkeypatch, capsys):
-    from rifle import trainer
+    from rifle import launch
     for k in ("ACCELERATE_DYNAMO_BACKEND", "MASTER_ADDR", "WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE",
               "MV2_COMM_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setattr(trainer, "_warned_one_process", False)
-    trainer.warn_one_process_launch()                            # plain `python -m rifle.train`
+    monkeypatch.setattr(launch, "_warned_one_process", False)
+    launch.warn_one_process_launch()                            # plain `python -m rifle train`
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
-    trainer.warn_one_process_launch()                            # `accelerate launch`, one process asked
+    launch.warn_one_process_launch()                            # `accelerate launch`, one process asked
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    trainer.warn_one_process_launch()                            # torchrun (--multi_gpu) started them
+    launch.warn_one_process_launch()                            # torchrun (--multi_gpu) started them
     assert capsys.readouterr().err == ""
     monkeypatch.delenv("WORLD_SIZE")
-    trainer.warn_one_process_launch()
-    trainer.warn_one_process_launch()                            # once per process (a sweep's trials)
+    launch.warn_one_process_launch()
+    launch.warn_one_process_launch()                            # once per process (a sweep's trials)
     assert capsys.readouterr().err.count(ONE_PROCESS_WARNING) == 1
+
+
+def test_cpu_processes_rule_is_the_trainers_and_the_workers(monkeypatch):
+    """One rule (rifle.launch) for the trainer's Accelerator and the sweep worker's process state: Accelerate is
+    told cpu=True only for several processes without CUDA."""
+    import torch
+
+    from rifle import launch
+    from rifle.workers import worker
+    assert worker.distributed_state is launch.distributed_state
+    for cuda, world, want in ((False, None, False), (False, "1", False), (False, "2", True), (True, "2", False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        assert launch.cpu_processes() is want, (cuda, world)
 
 
 # -------------------------------------------------------------------------------------- Slurm scripts
@@ -172,7 +190,7 @@ def test_train_script_launch_line(tmp_path, nnodes, scontrol, want):
     line = next(l for l in proc.stdout.splitlines() if l.startswith("accelerate "))
     argv = line.split()[1:]
     assert argv.pop() == "OMP_NUM_THREADS=2"                     # 8 CPUs over 4 processes
-    assert argv[argv.index("-m"):] == ["-m", "rifle.train", "--epochs", "1"]
+    assert argv[argv.index("-m"):] == ["-m", "rifle", "train", "--epochs", "1"]
     args = launch_command_parser().parse_args(argv[1:])
     assert args.config_file == str(CONFIGS / "accelerate" / "multi_node.yaml")
     args, _, _ = _validate_launch_command(args)
@@ -234,9 +252,11 @@ def test_sweep_array_task_runs_a_worker_on_postgres(tmp_path, digits_folder):
 
 
 @pytest.mark.slow
-def test_campaign_array_tasks_share_the_cells_on_postgres(tmp_path, digits_folder):
-    """Two array tasks at once on one PostgreSQL storage: each cell trained once, by one of them; the task
-    that completed the last cell writes the reports."""
+def test_campaign_prepare_job_then_array_tasks_share_the_cells_on_postgres(tmp_path, digits_folder):
+    """The recipe: the prepare job checks and prices the plan (rifle preflight) and makes the campaign (rifle
+    campaign --prepare, training nothing); then two array tasks at once on one PostgreSQL storage: each cell
+    trained once, by one of them, reading the data offline; the task that completed the last cell writes the
+    reports."""
     import mlflow
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.tracking.MlflowClient(uri).search_experiments()  # the store's tables, before any worker opens it
@@ -245,12 +265,23 @@ def test_campaign_array_tasks_share_the_cells_on_postgres(tmp_path, digits_folde
                         f"fixed: {{image_size: 48, batch_size: 16, epochs: 2, log_weights: false}}\n"
                         f"datasets: {{'imagefolder:{digits_folder}': {{}}}}\n")
     with postgres_database("rifle_campaign_array", password=PASSWORD) as url:
+        common = dict(RIFLE_STORAGE=url, MLFLOW_TRACKING_URI=uri, RIFLE_CAMPAIGN=str(campaign),
+                      RIFLE_OUTPUT_ROOT=str(tmp_path / "cells"), SLURM_CPUS_PER_TASK="1")
+        prepare = run_script(PREPARE_SCRIPT, [], tmp_path, slurm_env(tmp_path, fake_bin(tmp_path), RIFLE_WORKERS="2",
+                                                                      **common), timeout=900)
+        assert prepare.returncode == 0, prepare.stdout[-2000:] + prepare.stderr[-3000:]
+        assert "rifle preflight: campaign 'tiny': 4 cells" in prepare.stdout and "estimate:" in prepare.stdout
+        assert "campaign 'tiny' prepared" in prepare.stdout and PASSWORD not in prepare.stdout + prepare.stderr
+        storage = optuna.storages.RDBStorage(url)
+        try:
+            waiting = optuna.load_study(study_name="campaign:tiny", storage=storage).get_trials()
+        finally:
+            storage.engine.dispose()
+        assert [t.state for t in waiting] == [TrialState.WAITING] * 4  # the cells wait; nothing trained
         tasks = []
         for task in ("0", "1"):
-            env = slurm_env(tmp_path, fake_bin(tmp_path), RIFLE_STORAGE=url, MLFLOW_TRACKING_URI=uri,
-                            RIFLE_CAMPAIGN=str(campaign), RIFLE_OUTPUT_ROOT=str(tmp_path / "cells"),
-                            SLURM_ARRAY_JOB_ID="4400", SLURM_ARRAY_TASK_ID=task, SLURM_JOB_ID=f"440{task}",
-                            SLURM_CPUS_PER_TASK="1")
+            env = slurm_env(tmp_path, fake_bin(tmp_path), SLURM_ARRAY_JOB_ID="4400", SLURM_ARRAY_TASK_ID=task,
+                            SLURM_JOB_ID=f"440{task}", **common)
             tasks.append(subprocess.Popen(["bash", str(CAMPAIGN_SCRIPT)], cwd=tmp_path, env=env, text=True,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         outs = [t.communicate(timeout=900) for t in tasks]
@@ -263,13 +294,28 @@ def test_campaign_array_tasks_share_the_cells_on_postgres(tmp_path, digits_folde
             trials = optuna.load_study(study_name="campaign:tiny", storage=storage).get_trials()
         finally:
             storage.engine.dispose()
-    assert sorted(t.params["cell"] for t in trials if t.state == TrialState.COMPLETE) == [0, 1, 2, 3]
+    assert len({t.user_attrs["rifle:cell"] for t in trials if t.state == TrialState.COMPLETE}) == 4
     assert sorted(out.count("summary: ") for out, _ in outs) == [0, 1]  # one task wrote the reports
-    assert (tmp_path / "cells" / "report" / "summary.md").is_file()
+    assert (tmp_path / "cells" / "reports" / "tiny" / "summary.md").is_file()
     _, runs = mlflow_runs(uri)
-    cells = [r for r in runs if r.data.tags.get("compare.role") == "seed"]
+    cells = [r for r in runs if r.data.tags.get("cell.role") == "seed"]
     assert len(cells) == 4 and all(r.info.status == "FINISHED" for r in cells)
     assert not any(PASSWORD in str(v) for r in runs for v in (*r.data.params.values(), *r.data.tags.values()))
+
+
+def test_submit_script_makes_the_array_wait_for_the_prepare_job(tmp_path):
+    """submit_campaign.sh: the prepare job first, the array with afterok on its id and N tasks."""
+    bin_dir = fake_bin(tmp_path)
+    (bin_dir / "sbatch").write_text('#!/usr/bin/env bash\necho "$@" >> "$FAKE_SLURM_LOG"\n'
+                                    'echo $((1000 + $(wc -l < "$FAKE_SLURM_LOG")))\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    proc = run_script(CONFIGS / "slurm" / "submit_campaign.sh", ["16", "--seeds", "3"], tmp_path,
+                      slurm_env(tmp_path, bin_dir), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    first, second = (tmp_path / "srun.log").read_text().splitlines()
+    assert first.endswith("campaign_prepare.sbatch --seeds 3")
+    assert "--dependency=afterok:1001 --array=0-15" in second and second.endswith("campaign_array.sbatch --seeds 3")
+    assert "prepare job 1001, then 16 workers in job 1002" in proc.stdout
 
 
 @pytest.mark.slow

@@ -2,9 +2,10 @@ import io
 
 import numpy as np
 import pytest
+from helpers import data_config
 from PIL import Image
 
-from rifle.data import DataError, fingerprint, load_splits
+from rifle.data import DataError, fingerprint, load
 
 
 def _png(color, size=12, seed=0):
@@ -26,26 +27,27 @@ def imagefolder(tmp_path):
 
 
 def test_digits_splits_are_stratified_and_disjoint():
-    ds = load_splits("digits", val_fraction=0.2, train_per_class=7, split_seed=1)
+    ds = load(data_config("digits", val_fraction=0.2, train_per_class=7, split_seed=1), scan=False).data
     assert set(ds) == {"train", "val", "test"}
     assert np.bincount(ds["train"]["label"]).tolist() == [7] * 10
     val_counts = np.bincount(ds["val"]["label"], minlength=10)
     assert val_counts.min() >= 15 and val_counts.max() - val_counts.min() <= 1  # stratified
     assert len(ds["test"]) == 899 and len(ds["val"]) == 180 and ds["train"][0]["image"].mode == "RGB"
-    other = load_splits("digits", val_fraction=0.2, train_per_class=7, split_seed=2)
+    other = load(data_config("digits", val_fraction=0.2, train_per_class=7, split_seed=2), scan=False).data
     assert fingerprint(other) != fingerprint(ds)
-    assert fingerprint(load_splits("digits", val_fraction=0.2, train_per_class=7, split_seed=1)) == fingerprint(ds)
+    again = load(data_config("digits", val_fraction=0.2, train_per_class=7, split_seed=1), scan=False).data
+    assert fingerprint(again) == fingerprint(ds)
 
 
 def test_digits_test_split_independent_of_split_seed():
-    a = load_splits("digits", split_seed=1)
-    b = load_splits("digits", split_seed=5)
+    a = load(data_config("digits", split_seed=1), scan=False).data
+    b = load(data_config("digits", split_seed=5), scan=False).data
     assert a["test"]["label"] == b["test"]["label"]
     assert [np.asarray(i).sum() for i in a["test"]["image"][:50]] == [np.asarray(i).sum() for i in b["test"]["image"][:50]]
 
 
 def test_imagefolder_official_layout(imagefolder):
-    ds = load_splits(f"imagefolder:{imagefolder}", val_fraction=0.2)
+    ds = load(data_config(f"imagefolder:{imagefolder}", val_fraction=0.2), scan=False).data
     assert ds["train"].features["label"].names == ["blue", "green", "red"]
     assert (len(ds["train"]), len(ds["val"]), len(ds["test"])) == (24, 6, 12)
     assert np.bincount(ds["val"]["label"]).tolist() == [2, 2, 2]
@@ -74,8 +76,9 @@ def test_hub_style_parquet_repo_with_other_column_names(tmp_path):
                 rows["fine_label"].append(name)
         pq.write_table(pa.table(rows), tmp_path / "repo" / "data" / f"{split}-00000-of-00001.parquet")
     with pytest.raises(DataError, match="split train: no label column 'label'.*fine_label"):
-        load_splits(f"hub:{tmp_path / 'repo'}", image_column="img")
-    ds = load_splits(f"hub:{tmp_path / 'repo'}", image_column="img", label_column="fine_label", val_fraction=0.25)
+        load(data_config(f"hub:{tmp_path / 'repo'}", image_column="img"), scan=False)
+    options = data_config(f"hub:{tmp_path / 'repo'}", image_column="img", label_column="fine_label", val_fraction=0.25)
+    ds = load(options, scan=False).data
     assert ds["train"].features["label"].names == names
     assert (len(ds["train"]), len(ds["val"]), len(ds["test"])) == (18, 6, 9)
     assert ds["test"][0]["image"].size == (12, 12)
@@ -87,4 +90,4 @@ def test_single_class_is_refused(tmp_path):
         for i in range(4):
             _png((10, 10, 10)).save(tmp_path / "one" / split / "only" / f"{i}.png")
     with pytest.raises(DataError, match="at least 2 classes"):
-        load_splits(f"imagefolder:{tmp_path / 'one'}", val_fraction=0.25)
+        load(data_config(f"imagefolder:{tmp_path / 'one'}", val_fraction=0.25), scan=False)

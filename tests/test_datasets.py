@@ -7,6 +7,7 @@ import io
 import json
 import re
 import struct
+import sys
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -19,9 +20,10 @@ import pytest
 from PIL import Image
 
 from conftest import TINY, mlflow_runs, run_cli
+from helpers import data_config
 from rifle import config as C
 from rifle.data import registry
-from rifle.data import DataError, load, load_splits
+from rifle.data import DataError, load
 from rifle.data.scan import check_image, scan, to_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,19 +91,19 @@ def test_user_entry_loads_a_sharded_parquet_repo_with_other_column_names(tmp_pat
                   shards={"train": 2})
     reg = _registry_file(tmp_path / "reg.yaml", "birds:\n  hub: ./birds\n  image_column: img\n"
                          "  label_column: fine_label\n  verified: true\n")
-    ds = load_splits("birds", registry_file=reg, val_fraction=0.2)
+    ds = load(data_config("birds", dataset_registry=reg, val_fraction=0.2), scan=False).data
     assert ds["train"].features["label"].names == ["cat", "dog", "owl"]
     assert (len(ds["train"]), len(ds["val"]), len(ds["test"])) == (24, 6, 9)
     assert ds["train"].column_names == ["image", "label"] and ds["test"][0]["image"].size == (16, 16)
     # The same entry through $RIFLE_DATASET_REGISTRY, and `--dataset birds` resolves through it.
     monkeypatch.setenv(registry.ENV_VAR, reg)
-    assert load_splits("birds")["test"]["label"] == ds["test"]["label"]
+    assert load(data_config("birds"), scan=False).data["test"]["label"] == ds["test"]["label"]
     cfg = C.build({"dataset": "birds"})
     assert cfg.data.dataset_registry == str(Path(reg).resolve()) and cfg.data.train_per_class == 0
     # The loaded copy is cached by datasets: the second load reads the same arrow files.
     files = [f["filename"] for f in ds["train"].cache_files]
     assert files and all(str(tmp_path / "hf") in f for f in files)
-    assert {f["filename"] for f in load_splits("birds")["train"].cache_files} == set(files)
+    assert {f["filename"] for f in load(data_config("birds"), scan=False).data["train"].cache_files} == set(files)
 
 
 def test_entry_maps_a_test_set_published_as_validation(tmp_path):
@@ -109,22 +111,22 @@ def test_entry_maps_a_test_set_published_as_validation(tmp_path):
     _parquet_repo(tmp_path / "food", {"train": _rows(["cat", "dog"], 10), "validation": _rows(["cat", "dog"], 4, 1)},
                   image_column="image", label_column="label")
     reg = _registry_file(tmp_path / "reg.yaml", "food:\n  hub: ./food\n  splits: {train: train, test: validation}\n")
-    ds = load_splits("food", registry_file=reg, val_fraction=0.2, num_proc=2)
+    ds = load(data_config("food", dataset_registry=reg, val_fraction=0.2, num_proc=2), scan=False).data
     assert (len(ds["train"]), len(ds["val"]), len(ds["test"])) == (16, 4, 8)
     valid = pq.read_table(tmp_path / "food" / "data" / "validation-00000-of-00001.parquet")
     test_bytes = {c["bytes"] for c in ds["test"].cast_column("image", datasets.Image(decode=False))["image"]}
     assert test_bytes == {c["bytes"] for c in valid.column("image").to_pylist()}
     bad = _registry_file(tmp_path / "bad.yaml", "food:\n  hub: ./food\n  splits: {train: train, test: test}\n")
     with pytest.raises(DataError, match="maps split test to the source's 'test', which does not exist"):
-        load_splits("food", registry_file=bad)
+        load(data_config("food", dataset_registry=bad), scan=False)
 
 
 def test_only_train_holds_out_a_fixed_test_set_then_val(tmp_path):
     _parquet_repo(tmp_path / "c256", {"train": _rows(["cat", "dog", "owl"], 20)})
     reg = _registry_file(tmp_path / "reg.yaml", "c256:\n  hub: ./c256\n  image_column: img\n"
                          "  label_column: fine_label\n  test_fraction: 0.25\n")
-    a = load_splits("c256", registry_file=reg, val_fraction=0.2, split_seed=1)
-    b = load_splits("c256", registry_file=reg, val_fraction=0.2, split_seed=2)
+    a = load(data_config("c256", dataset_registry=reg, val_fraction=0.2, split_seed=1), scan=False).data
+    b = load(data_config("c256", dataset_registry=reg, val_fraction=0.2, split_seed=2), scan=False).data
     assert (len(a["train"]), len(a["val"]), len(a["test"])) == (36, 9, 15)
     assert np.bincount(a["test"]["label"]).tolist() == [5, 5, 5]  # stratified
     assert a["test"]["image"] == b["test"]["image"] and a["val"]["image"] != b["val"]["image"]
@@ -133,7 +135,7 @@ def test_only_train_holds_out_a_fixed_test_set_then_val(tmp_path):
 def test_source_val_split_is_used_as_validation(tmp_path):
     _parquet_repo(tmp_path / "air", {"train": _rows(["cat", "dog"], 6), "val": _rows(["cat", "dog"], 2, 1),
                                      "test": _rows(["cat", "dog"], 3, 2)}, image_column="image", label_column="label")
-    ds = load_splits(f"hub:{tmp_path / 'air'}")
+    ds = load(data_config(f"hub:{tmp_path / 'air'}"), scan=False).data
     assert (len(ds["train"]), len(ds["val"]), len(ds["test"])) == (12, 4, 6)
 
 
@@ -166,27 +168,27 @@ def _raw(part):
 
 
 def test_label_rate_is_stratified_seeded_and_nested():
-    full = load_splits("digits", split_seed=3)
+    def digits(**values):
+        return load(data_config("digits", **{"split_seed": 3} | values), scan=False).data
+
+    full = digits(train_per_class=0)
     per_class = np.bincount(full["train"]["label"])
     subsets = {}
     for rate in (15, 30, 50):
-        ds = load_splits("digits", label_rate=rate, split_seed=3)
+        ds = digits(label_rate=rate)
         counts = np.bincount(ds["train"]["label"], minlength=10)
         assert counts.tolist() == [max(1, int(np.floor(n * rate / 100 + 0.5))) for n in per_class], rate
         assert ds["val"]["label"] == full["val"]["label"] and ds["test"]["label"] == full["test"]["label"]
         subsets[rate] = Counter(_raw(ds["train"]))
     assert not subsets[15] - subsets[30] and not subsets[30] - subsets[50]  # 15% inside 30% inside 50%
-    assert Counter(_raw(load_splits("digits", label_rate=15, split_seed=3)["train"])) == subsets[15]
-    assert Counter(_raw(load_splits("digits", label_rate=15, split_seed=4)["train"])) != subsets[15]
-    assert Counter(_raw(load_splits("digits", train_per_class=3, split_seed=3)["train"])) <= \
-        Counter(_raw(load_splits("digits", train_per_class=6, split_seed=3)["train"]))
+    assert Counter(_raw(digits(label_rate=15)["train"])) == subsets[15]
+    assert Counter(_raw(digits(label_rate=15, split_seed=4)["train"])) != subsets[15]
+    assert Counter(_raw(digits(train_per_class=3)["train"])) <= Counter(_raw(digits(train_per_class=6)["train"]))
 
 
 def test_label_rate_and_k_shot_are_exclusive():
     with pytest.raises(C.ConfigError, match="--label_rate: label_rate=30 and train_per_class=5 both subset train"):
         C.build({"label_rate": 30, "train_per_class": 5})
-    with pytest.raises(DataError, match="set one of them"):
-        load_splits("digits", label_rate=30, train_per_class=5)
     assert C.build({"label_rate": 30}).data.train_per_class == 0  # digits' default k=20 gives way
     assert C.build({}).data.train_per_class == 20 and C.build({"dataset": "cars"}).data.train_per_class == 0
     with pytest.raises(C.ConfigError, match="--label_rate: must be > 0"):
@@ -277,7 +279,7 @@ def test_training_transform_applies_exif_orientation(bad_folder):
 
 
 def test_scan_reports_every_bad_file_by_name_and_converts_the_rest(bad_folder, tmp_path):
-    ds = load_splits(f"imagefolder:{bad_folder}", val_fraction=0.25)  # no scan: the raw split, for counting
+    ds = load(data_config(f"imagefolder:{bad_folder}", val_fraction=0.25), scan=False).data  # the raw split, to count
     source = datasets.load_dataset("imagefolder", data_dir=str(bad_folder))
     report = scan(source, "pets", cache_dir=tmp_path / "scan", progress=False)
     found = {Path(b.file).name: b.reason for b in report.bad}
@@ -292,7 +294,7 @@ def test_scan_reports_every_bad_file_by_name_and_converts_the_rest(bad_folder, t
 
 def test_bad_images_error_names_dataset_files_and_the_way_out(bad_folder):
     with pytest.raises(DataError) as err:
-        load_splits(f"imagefolder:{bad_folder}", bad_images="error", val_fraction=0.25)
+        load(data_config(f"imagefolder:{bad_folder}", bad_images="error", val_fraction=0.25))
     msg = str(err.value)
     assert msg.startswith(f"dataset imagefolder:{bad_folder}, column image: 6 of 35 images cannot be used (")
     assert "and 1 more" in msg and "full list: " in msg and msg.endswith("or pass --bad_images skip")
@@ -302,17 +304,17 @@ def test_bad_images_error_names_dataset_files_and_the_way_out(bad_folder):
 
 
 def test_bad_images_skip_drops_them_and_the_verdict_is_cached(bad_folder, hf_cache):
-    first = load(f"imagefolder:{bad_folder}", bad_images="skip", val_fraction=0.25)
+    first = load(data_config(f"imagefolder:{bad_folder}", bad_images="skip", val_fraction=0.25))
     assert sum(map(len, first.data.values())) == 35 - len(BAD)
     assert not first.scan.cached and len(first.scan.bad) == len(BAD) and first.scan.policy == "skip"
     assert Path(first.scan.cache_file).parent == hf_cache / "rifle_image_scan"
-    again = load(f"imagefolder:{bad_folder}", bad_images="skip", val_fraction=0.25, label_rate=50)
+    again = load(data_config(f"imagefolder:{bad_folder}", bad_images="skip", val_fraction=0.25, label_rate=50))
     assert again.scan.cached and [b.file for b in again.scan.bad] == [b.file for b in first.scan.bad]
     images = again.data["train"]["image"]  # every kept image decodes
     assert all(im.size[0] > 0 for im in images)
     # A repaired file changes the dataset's fingerprint: scanned afresh, one bad file fewer.
     _noise((200, 40, 40), seed=77).save(bad_folder / "train" / "cat" / "broken.png")
-    fixed = load(f"imagefolder:{bad_folder}", bad_images="skip", val_fraction=0.25)
+    fixed = load(data_config(f"imagefolder:{bad_folder}", bad_images="skip", val_fraction=0.25))
     assert not fixed.scan.cached and len(fixed.scan.bad) == len(BAD) - 1
 
 
@@ -324,7 +326,7 @@ def test_split_emptied_by_skipping_is_named(tmp_path):
                 path = tmp_path / "p" / split / c / f"{i}.png"
                 path.write_bytes(b"") if split == "test" else _noise((50, 50, 50), seed=i).save(path)
     with pytest.raises(DataError, match="split 'test' is empty \\(after skipping 8 bad images\\)"):
-        load_splits(f"imagefolder:{tmp_path / 'p'}", bad_images="skip", val_fraction=0.25)
+        load(data_config(f"imagefolder:{tmp_path / 'p'}", bad_images="skip", val_fraction=0.25))
 
 
 def test_check_image_on_raw_bytes():
@@ -344,11 +346,11 @@ def test_label_problems_name_dataset_split_and_column(tmp_path):
     spec = f"hub:{tmp_path / 'r'}"
     _labels_repo(tmp_path, _rows(["cat", "dog"], 4), _rows(["cat", "dog", "owl"], 2, 1))
     with pytest.raises(DataError, match=f"dataset {re.escape(spec)}, split test, column fine_label: class 'owl' has no training image"):
-        load_splits(spec, image_column="img", label_column="fine_label")
+        load(data_config(spec, image_column="img", label_column="fine_label"), scan=False)
     with pytest.raises(DataError, match="split train: no label column 'label' \\(columns: img, fine_label, caption\\); set --label_column"):
-        load_splits(spec, image_column="img")
+        load(data_config(spec, image_column="img"), scan=False)
     with pytest.raises(DataError, match="column caption: a classifier needs at least 2 classes, found 1 \\('a photo'\\) in splits train, test"):
-        load_splits(spec, image_column="img", label_column="caption")
+        load(data_config(spec, image_column="img", label_column="caption"), scan=False)
 
 
 def test_unlabelled_rows_empty_split_and_out_of_range(tmp_path):
@@ -356,18 +358,18 @@ def test_unlabelled_rows_empty_split_and_out_of_range(tmp_path):
     _parquet_repo(tmp_path / "neg", {"train": [(b, i % 2) for i, (b, _) in enumerate(train)],
                                      "test": [(b, -1) for b, _ in train[:3]]})
     with pytest.raises(DataError, match="split test, column fine_label: value -1 is not a class"):
-        load_splits(f"hub:{tmp_path / 'neg'}", image_column="img", label_column="fine_label")
+        load(data_config(f"hub:{tmp_path / 'neg'}", image_column="img", label_column="fine_label"), scan=False)
     _parquet_repo(tmp_path / "empty", {"train": train, "test": train[:1]})
     shard = tmp_path / "empty" / "data" / "test-00000-of-00001.parquet"
     pq.write_table(pq.read_table(shard).slice(0, 0), shard)  # same schema, no rows: datasets 5 cannot read it
     with pytest.raises(DataError, match="dataset hub:.*empty: datasets cannot build .*ArrowInvalid"):
-        load_splits(f"hub:{tmp_path / 'empty'}", image_column="img", label_column="fine_label")
+        load(data_config(f"hub:{tmp_path / 'empty'}", image_column="img", label_column="fine_label"), scan=False)
     saved = datasets.load_dataset(str(tmp_path / "neg"))
     saved["test"] = saved["test"].select([])
     saved.save_to_disk(tmp_path / "saved")
     # datasets 5 writes a 0-row split it cannot read back; the error still names the dataset.
     with pytest.raises(DataError, match=f"dataset disk:{re.escape(str(tmp_path))}/saved: datasets cannot load it"):
-        load_splits(f"disk:{tmp_path / 'saved'}", image_column="img", label_column="fine_label")
+        load(data_config(f"disk:{tmp_path / 'saved'}", image_column="img", label_column="fine_label"), scan=False)
     # ClassLabel metadata with 2 names, and a stored value 5 (written by hand, datasets does not check it).
     feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["cat", "dog"])})
     (tmp_path / "oor" / "data").mkdir(parents=True)
@@ -378,16 +380,17 @@ def test_unlabelled_rows_empty_split_and_out_of_range(tmp_path):
         pq.write_table(table.replace_schema_metadata(part.data.table.schema.metadata),
                        tmp_path / "oor" / "data" / f"{split}-00000-of-00001.parquet")
     with pytest.raises(DataError, match="split test, column label: value 5 outside 0..1 \\(2 classes\\)"):
-        load_splits(f"hub:{tmp_path / 'oor'}", val_fraction=0.5)
+        load(data_config(f"hub:{tmp_path / 'oor'}", val_fraction=0.5), scan=False)
 
 
 def test_single_class_and_too_few_images_to_stratify(tmp_path):
     _labels_repo(tmp_path, _rows(["cat"], 4), _rows(["cat"], 2, 1))
     with pytest.raises(DataError, match="column fine_label: a classifier needs at least 2 classes, found 1"):
-        load_splits(f"hub:{tmp_path / 'r'}", image_column="img", label_column="fine_label")
+        load(data_config(f"hub:{tmp_path / 'r'}", image_column="img", label_column="fine_label"), scan=False)
     _parquet_repo(tmp_path / "tiny", {"train": _rows(["cat", "dog", "owl"], 1), "test": _rows(["cat", "dog", "owl"], 1)})
     with pytest.raises(DataError, match="split train: cannot hold out a validation split"):
-        load_splits(f"hub:{tmp_path / 'tiny'}", image_column="img", label_column="fine_label", val_fraction=0.2)
+        load(data_config(f"hub:{tmp_path / 'tiny'}", image_column="img", label_column="fine_label", val_fraction=0.2),
+             scan=False)
 
 
 # ---------------------------------------------------------------- the command line
@@ -407,7 +410,7 @@ def cli_env(tmp_path):
 def test_cli_bad_images_and_bad_labels_exit_2_with_one_line(tmp_path, bad_folder, cli_env):
     line = _one_line(run_cli(["--dataset", f"imagefolder:{bad_folder}", "--output_dir", tmp_path / "o1"],
                              tmp_path, env=cli_env, timeout=120))
-    assert line.startswith("rifle.train: error: dataset imagefolder:") and "6 of 35 images cannot be used" in line
+    assert line.startswith("rifle train: error: dataset imagefolder:") and "6 of 35 images cannot be used" in line
     _labels_repo(tmp_path, _rows(["cat", "dog"], 4), _rows(["cat", "dog", "owl"], 2, 1))
     reg = _registry_file(tmp_path / "reg.yaml", "zoo:\n  hub: ./r\n  image_column: img\n  label_column: fine_label\n"
                          "  verified: true\n")
@@ -420,11 +423,11 @@ def test_cli_bad_images_and_bad_labels_exit_2_with_one_line(tmp_path, bad_folder
 def test_cli_offline_hub_entry_and_unwritable_output_exit_2_with_one_line(tmp_path, cli_env):
     line = _one_line(run_cli(["--dataset", "cub200", "--output_dir", tmp_path / "o"], tmp_path, env=cli_env,
                              timeout=120))
-    assert line.startswith("rifle.train: error: dataset cub200 (hub:bentrevett/caltech-ucsd-birds-200-2011): ") \
+    assert line.startswith("rifle train: error: dataset cub200 (hub:bentrevett/caltech-ucsd-birds-200-2011): ") \
         and "HF_HUB_OFFLINE" in line
     (tmp_path / "a_file").write_text("x")
     line = _one_line(run_cli(["--output_dir", tmp_path / "a_file" / "out"], tmp_path, env=cli_env, timeout=120))
-    assert line.startswith("rifle.train: error: --output_dir: cannot write to")
+    assert line.startswith("rifle train: error: --output_dir: cannot write to")
 
 
 @pytest.mark.slow
@@ -445,6 +448,31 @@ def test_cli_trains_on_a_registry_entry_skipping_bad_images(tmp_path, bad_folder
 
 
 # ---------------------------------------------------------------- output hygiene
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_data_work_shows_progress_bars_only_on_a_terminal(tmp_path, capsys, monkeypatch, terminal):
+    """One rule (data.hf.quiet_progress) for datasets' bars and ours: the scan's bar and the decode cache's map bars
+    show on a terminal and nowhere else, and datasets' own switch is left as it was found."""
+    from rifle.data import decode_cache, hf
+    datasets.enable_progress_bars()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    ds = datasets.DatasetDict(train=datasets.Dataset.from_dict(
+        {"image": [_noise((90, 90, 90), seed=i) for i in range(4)], "label": [0, 1, 0, 1]}, features=feats))
+    with hf.quiet_progress() as shown:
+        assert shown == terminal and datasets.are_progress_bars_disabled() != terminal
+        with hf.quiet_progress() as inner:  # nested (the scan inside load): the outer rule holds
+            assert inner == terminal
+        assert datasets.are_progress_bars_disabled() != terminal
+    assert not datasets.are_progress_bars_disabled()
+    capsys.readouterr()
+    scan(ds, "tiny", cache_dir=tmp_path / "scan")
+    decode_cache.cached(ds, 16, "raw", cache_dir=tmp_path / "decoded")
+    err = capsys.readouterr().err
+    assert ("checking images of tiny" in err) == terminal and ("decode cache (raw" in err) == terminal
+    assert not datasets.are_progress_bars_disabled()
+
+
 
 def test_free_space_check_refuses_a_run_that_cannot_fit(tmp_path):
     import torch

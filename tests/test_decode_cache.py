@@ -2,16 +2,20 @@
 and flipped as uint8 tensors, normalized by the model on its device; the same pixels and draws as the PIL
 path, so the same training."""
 import io
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import data_config, tiny_config
 from PIL import Image
 
-from conftest import mlflow_runs
-from rifle.data import decode_cache, load_splits
+from conftest import mlflow_runs, subprocess_env
+from rifle.data import decode_cache, load
 from rifle.data.transforms import build_cached_transform, build_transform, resize_for
 from rifle.models import Classifier
 
@@ -85,8 +89,8 @@ def test_the_cache_is_built_once_and_rebuilt_when_an_input_changes(tmp_path, mon
 
     def use(size=48, fmt="raw", **options):
         before = len(calls)
-        out = decode_cache.cached(load_splits(spec, val_fraction=0, **options), resize_for(size), fmt,
-                                  cache_dir=tmp_path / "cache")
+        splits = load(data_config(spec, val_fraction=0, **options), scan=False).data
+        out = decode_cache.cached(splits, resize_for(size), fmt, cache_dir=tmp_path / "cache")
         return out, sum(calls[before:])
 
     first, decoded = use()
@@ -116,3 +120,30 @@ def test_a_run_on_the_cache_trains_exactly_as_one_without(tmp_path, digits_folde
                          result["test_acc"], result["test_acc_last"])
     assert results["raw"] == results["off"]
     assert len(results["jpeg"][0]) == 2 and results["jpeg"][0] != results["off"][0]
+
+
+@pytest.mark.slow
+def test_every_data_cache_lies_under_hf_home(tmp_path, digits_folder):
+    """With only $HF_HOME set, datasets' Arrow files, the image scan's verdict and the decoded images (the trainer's
+    path: load, then cached_data) all land in $HF_HOME/datasets, one root. A fresh process: datasets reads HF_HOME
+    when it is imported."""
+    code = f"""
+import json
+from rifle import config
+from rifle.data import load
+from rifle.trainer import cached_data
+cfg = config.build({{"dataset": "imagefolder:{digits_folder}", "image_size": 48, "val_fraction": 0.25}})
+loaded = load(cfg.data)
+decoded = cached_data(cfg, loaded.data)
+print(json.dumps({{"arrow": [f["filename"] for f in loaded.data["train"].cache_files], "scan": loaded.scan.cache_file,
+                  "decoded": [f["filename"] for part in decoded.values() for f in part.cache_files]}}))
+"""
+    env = {k: v for k, v in subprocess_env(HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1").items()
+           if k != "HF_DATASETS_CACHE"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    files = json.loads(done.stdout.strip().splitlines()[-1])
+    root = tmp_path / "home" / "datasets"
+    assert Path(files["scan"]).parent == root / "rifle_image_scan"
+    assert files["decoded"] and all(Path(f).parent == root / "rifle_decode" for f in files["decoded"])
+    assert files["arrow"] and all(Path(f).is_relative_to(root) for f in files["arrow"])

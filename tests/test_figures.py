@@ -14,3 +14,21 @@ def test_training_figure_marks_the_reinit_between_its_epochs():
     assert ax.get_ylabel() == "val accuracy" and ax.get_title() == "run"
     no_val = [{k: v for k, v in r.items() if k != "val_acc"} | {"train_acc": 0.4} for r in history]
     assert figures.plot_training(no_val).axes[0].get_ylabel() == "train accuracy"  # --val_fraction 0
+
+
+def test_the_logged_block_order_needs_no_network(monkeypatch):
+    """Runs that logged their block order (tag block_order) are ordered by it; only older runs build the model."""
+    import pandas as pd
+    import pytest
+
+    from rifle import models
+
+    def built(*args, **kwargs):
+        pytest.fail("the network was built")
+    monkeypatch.setattr(models, "build_backbone", built)
+    logged = ["conv1", "layer1", "layer2"]
+    assert figures.block_order("timm:resnet50", {"layer2", "conv1", "extra.10", "extra.2"}, logged) == [
+        "conv1", "layer2", "extra.2", "extra.10"]  # what the order lacks: natural order, last
+    runs = pd.DataFrame({"block_order": [None, logged]})
+    assert figures.logged_order(runs) == logged and figures.logged_order(runs.iloc[:1]) is None
+    assert figures.logged_order(pd.DataFrame({"seed": [0]})) is None  # a frame built by hand

@@ -128,7 +128,7 @@ def _stop_after_first_checkpoint(cmd, out, cwd, env, stop):
 @pytest.mark.parametrize("store, how", [("sqlite", "sigterm"), ("sqlite", "ctrl_c_on_mlflow_run"),
                                         ("postgres_server", "sigterm")], indirect=["store"])
 def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_path, store, digits_folder, how):
-    """SIGTERM to `python -m rifle.train`; Ctrl-C in the terminal of `mlflow run .` (SIGINT to its process group,
+    """SIGTERM to `python -m rifle train`; Ctrl-C in the terminal of `mlflow run .` (SIGINT to its process group,
     after which `mlflow run` also sends its child SIGTERM)."""
     from safetensors.torch import load_file
 
@@ -136,17 +136,17 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_pa
     out, experiment = tmp_path / "out", f"kill-{tmp_path.name[-10:]}"
     args = small(digits_folder, out, store, "--epochs", "6", "--experiment", experiment, "--log_weights", "false")
     if how == "sigterm":
-        cmd, env = [sys.executable, "-m", "rifle.train", *args], subprocess_env()
+        cmd, env = [sys.executable, "-m", "rifle", "train", *args], subprocess_env()
         rc, stderr = _stop_after_first_checkpoint(cmd, out, tmp_path, env, lambda p: p.send_signal(signal.SIGTERM))
-        assert rc == 143 and "rifle.train: stopped by SIGTERM" in stderr, stderr[-3000:]
+        assert rc == 143 and "rifle train: stopped by SIGTERM" in stderr, stderr[-3000:]
     else:
         given = dict(zip(args[::2], args[1::2])) | {"--experiment": None}
         cmd = [str(Path(sys.executable).with_name("mlflow")), "run", str(ROOT), "--env-manager", "local",
                "--experiment-name", experiment, *[x for k, v in given.items() if v for x in ("-P", f"{k[2:]}={v}")]]
         env = subprocess_env(MLFLOW_TRACKING_URI=store)
         rc, stderr = _stop_after_first_checkpoint(cmd, out, tmp_path, env, lambda p: os.killpg(p.pid, signal.SIGINT))
-        assert rc != 0 and "rifle.train: stopped by Ctrl-C" in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr.split("rifle.train: stopped by")[0][-3000:]
+        assert rc != 0 and "rifle train: stopped by Ctrl-C" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr.split("rifle train: stopped by")[0][-3000:]
     # under `mlflow run`, RIFLE puts KILLED back once `mlflow run` has marked it FAILED
     wait_for(lambda: mlflow_runs(store, experiment)[1][0].info.status == "KILLED", timeout=30, interval=0.2)
     client, (run,) = mlflow_runs(store, experiment)
@@ -168,7 +168,7 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_pa
 @pytest.mark.slow
 def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder):
     """The README's path with nothing configured: the default store in the working directory, `mlflow run .`
-    (MLflow's Default experiment) and `python -m rifle.train` (experiment rifle), then the report commands
+    (MLflow's Default experiment) and `python -m rifle train` (experiment rifle), then the report commands
     with their defaults find both."""
     import pandas as pd
     env = {k: v for k, v in subprocess_env().items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")}
@@ -182,7 +182,7 @@ def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rifle = options | {"epochs": 2, "output_dir": tmp_path / "rifle"}
     flags = [x for k, v in rifle.items() for x in (f"--{k}", str(v))]
-    train = subprocess.run([sys.executable, "-m", "rifle.train", *flags], cwd=tmp_path, env=env, capture_output=True,
+    train = subprocess.run([sys.executable, "-m", "rifle", "train", *flags], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=600)
     assert train.returncode == 0, train.stderr[-3000:]
 
@@ -199,10 +199,10 @@ def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder)
     # the UI's Source column: what `mlflow run` set stays (the project), a command names its module
     assert by_exp["Default"].data.tags["mlflow.source.type"] == "PROJECT"
     source = by_exp["rifle"].data.tags
-    assert (source["mlflow.source.type"], source["mlflow.source.name"]) == ("LOCAL", "rifle.train")
+    assert (source["mlflow.source.type"], source["mlflow.source.name"]) == ("LOCAL", "rifle train")
     assert source["mlflow.source.git.commit"] == source["git_commit"] and source["git_dirty"] in ("true", "false")
 
-    report = subprocess.run([sys.executable, "-m", "rifle.report"], cwd=tmp_path, env=env, capture_output=True,
+    report = subprocess.run([sys.executable, "-m", "rifle", "report"], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)
     assert report.returncode == 0, report.stderr[-3000:]
     table = pd.read_csv(tmp_path / "outputs" / "reports" / "all" / "runs.csv")

@@ -120,7 +120,7 @@ def test_weights_resolve_to_full_names_from_the_registries_only():
 ])
 def test_bad_weights_fail_in_one_line_before_anything_loads(spec, weights, pretrained, option, words):
     from rifle import config as C
-    from rifle import train
+    from rifle.commands import train
     argv = ["--model", spec, "--pretrained", str(pretrained).lower()] + (["--weights", weights] if weights else [])
     with pytest.raises(C.ConfigError) as err:
         train.parse(argv)
@@ -157,7 +157,8 @@ def test_a_run_trains_from_the_weights_it_names(tmp_path, digits_folder, monkeyp
     from conftest import mlflow_runs
     from helpers import tiny_config
 
-    from rifle import train, trainer
+    from rifle import trainer
+    from rifle.commands import train
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     saved = save_fake_imagenet_weights(tmp_path / "torch", torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                                        torchvision.models.resnet18)

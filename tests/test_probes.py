@@ -63,3 +63,7 @@ def test_every_run_logs_gradient_norms_per_block_and_around_period_boundaries(tm
         assert [m.step for m in client.get_metric_history(run_id, f"grad_norm_pre_reinit/{b}")] == [1]
         assert [m.step for m in client.get_metric_history(run_id, f"grad_norm_post_reinit/{b}")] == [2]
     assert ("head_reinit" in metrics) == (tricks == "rifle")
+    # the backbone's block order, which the report's per-block panels follow without building the network
+    assert runs[0].data.tags["block_order"] == ",".join(blocks)
+    from rifle.track import reads
+    assert reads.fetch_runs(cfg.run.tracking_uri)["block_order"].tolist() == [blocks]

@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from conftest import subprocess_env
-from rifle.data import DataError, load_splits, registry
+from helpers import data_config
+from rifle.data import DataError, load, registry
 
 PNG = io.BytesIO()
 Image.new("RGB", (8, 8), (120, 30, 60)).save(PNG, "PNG")
@@ -77,7 +78,8 @@ def test_builtin_entry_loads_what_it_states_from_a_hub_layout_folder(tmp_path, n
     extra = ("contrast", "gaussian_noise") if name == "cars" else ()
     folder = hub_folder(tmp_path / name, entry, sizes, entry.classes, first_label=first, extra_splits=extra)
     reg = user_registry(tmp_path, name, entry, folder, train_per_class=entry.train_per_class)
-    ds = load_splits(name, registry_file=reg, val_fraction=0.2, train_per_class=entry.train_per_class or 0)
+    ds = load(data_config(name, dataset_registry=reg, val_fraction=0.2, train_per_class=entry.train_per_class or 0),
+              scan=False).data
     assert len(ds["train"].features["label"].names) == entry.classes
     assert sorted(set(ds["test"]["label"]))[:1] == [0]  # 1..257 mapped to 0..256
     assert len(ds["test"]) == sizes["test"]
@@ -98,12 +100,13 @@ def test_a_wrong_label_column_is_refused_in_one_line(tmp_path):
                         sizes, 70, extra_columns={"variation": 100})
     reg = user_registry(tmp_path, "aircraft", entry, folder, label_column="label", sizes=sizes)
     with pytest.raises(DataError) as e:
-        load_splits("aircraft", registry_file=reg)
+        load(data_config("aircraft", dataset_registry=reg), scan=False)
     assert str(e.value).startswith("aircraft: label column 'label' has 70 classes, the entry states 100")
     assert "\n" not in str(e.value)
     # the entry's own column loads
     reg = user_registry(tmp_path, "aircraft", entry, folder, sizes=sizes)
-    assert len(load_splits("aircraft", registry_file=reg)["train"].features["label"].names) == 100
+    ds = load(data_config("aircraft", dataset_registry=reg), scan=False).data
+    assert len(ds["train"].features["label"].names) == 100
 
 
 def test_a_wrong_split_size_is_refused_in_one_line(tmp_path):
@@ -112,11 +115,11 @@ def test_a_wrong_split_size_is_refused_in_one_line(tmp_path):
     folder = hub_folder(tmp_path / "dogs", entry, {"train": 1440, "test": 617}, 120)
     reg = user_registry(tmp_path, "dogs", entry, folder, sizes={"train": 1200, "test": 617})
     with pytest.raises(DataError) as e:
-        load_splits("dogs", registry_file=reg)
+        load(data_config("dogs", dataset_registry=reg), scan=False)
     assert str(e.value).startswith("dogs: split train has 1,440 images, the entry states 1,200")
     reg = user_registry(tmp_path, "dogs", entry, folder, sizes={"train": 1440, "test": 617, "val": 10})
     with pytest.raises(DataError, match="dogs: the entry states 10 images in split val, which the source does not"):
-        load_splits("dogs", registry_file=reg)
+        load(data_config("dogs", dataset_registry=reg), scan=False)
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -136,8 +139,8 @@ def test_an_unpinned_hub_revision_offline_is_refused_in_one_line_at_once(tmp_pat
     """No Hub access: a branch cannot be resolved to a commit, and nothing is retried."""
     reg = tmp_path / "r.yaml"
     reg.write_text("birds:\n  hub: someone/birds\n  revision: main\n  classes: 2\n")
-    code = ("from rifle.data import load_splits\n"
-            f"load_splits('birds', registry_file={str(reg)!r})")
+    code = ("from rifle import config\nfrom rifle.data import load\n"
+            f"load(config.build({{'dataset': 'birds', 'dataset_registry': {str(reg)!r}}}).data, scan=False)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=subprocess_env(HF_HUB_OFFLINE="1"))
     last = done.stderr.strip().splitlines()[-1]

@@ -15,9 +15,10 @@ import pytest
 
 from conftest import ROOT, mlflow_runs, subprocess_env
 from helpers import outputs, text_of
-from rifle import report
+from rifle.commands import report
 from rifle.evidence import build, figures, stats, tables
-from rifle.track import keys, reads
+from rifle import keys
+from rifle.track import reads
 from rifle.methods import method_label, method_sort_key, method_tricks
 from rifle.evidence.notebook import execute_notebook
 
@@ -117,8 +118,9 @@ def test_method_labels_both_ways_and_comparisons():
         method_tricks("l2sp+rifle")
     with pytest.raises(ValueError):
         method_tricks("rifle_l2sp")  # the old sweep name is no label
-    from rifle.study import METHODS  # the study's names are labels whose tricks are what it trains
-    assert "rifle+l2sp" in METHODS and all(method_label(v["tricks"]) == k for k, v in METHODS.items())
+    from rifle import plan  # a plan's method names are labels whose tricks are what it trains
+    study = plan.load(str(ROOT / "configs" / "campaign" / "offline_study.yaml")).methods
+    assert "rifle+l2sp" in study and all(method_label(v["tricks"]) == k for k, v in study.items())
     methods = ["rifle+l2sp", "dropout", "plain", "rifle", "l2sp"]
     assert sorted(methods, key=method_sort_key) == ["plain", "rifle", "dropout", "l2sp", "rifle+l2sp"]
     assert stats.comparisons(methods) == [("rifle", "plain"), ("rifle", "dropout"), ("rifle", "l2sp"),
@@ -179,6 +181,16 @@ def test_metric_selection_and_before_reinit_by_hand():
     md = best["markdown"]
     assert "which differs between runs (best_val: plain, rifle; last: rifle)" in md
     assert "runs: cub: rifle 1 of 2; dtd: rifle 1 of 1." in md
+    assert "Selected before the last" not in md  # no run carries that tag (runs from before it)
+    runs["selected_before_last_reinit"] = [None, None, None, True, True, None, True]  # cub seed 1: K > 1
+    best = tables.evidence(runs)
+    s = best["summary"].set_index(["dataset", "method"])
+    assert s.loc[("cub", "rifle"), ["before_last_reinit", "last_reinit_tagged"]].tolist() == [2, 2]
+    assert "Selected before the last head re-initialization (tag selected_before_last_reinit=true: the last " \
+           "period's fresh head did not give the selected checkpoint), runs: cub: rifle 2 of 2; dtd: rifle 1 of 1." \
+           in best["markdown"]
+    runs["selected_before_last_reinit"] = runs["selected_before_reinit"]  # K = 1: the same, said once
+    assert "Selected before the last" not in tables.evidence(runs)["markdown"]
     with pytest.raises(ValueError, match="metric: expected one of test_acc, test_acc_last"):
         tables.evidence(runs, metric="val_acc")
 
@@ -254,6 +266,35 @@ def log_runs(tmp_path, experiment: str, runs: list[tuple[dict, dict, dict]]) -> 
 VALIDATED, AUTHORS = {"val_fraction": 0.2, "selection": "best_val"}, {"val_fraction": 0.0, "selection": "last"}
 
 
+def test_fetch_runs_keeps_the_original_of_a_copy_and_never_a_run_without_its_environment(tmp_path):
+    """Runs of one (dataset, protocol, method, seed), in order: the original (env.* tags), its copy (the same
+    command again: finished_earlier_in_run), then a newer run without env.* tags; and of seed 1 a copy whose
+    original is not in the store. Kept: the original (the copy is its result, the envless run a duplicate) and
+    seed 1's copy."""
+    from rifle import env
+    where = {k: "1" for k in env.KEYS}
+    base = {"dataset": "digits", "tricks": "rifle"} | VALIDATED
+    uri = log_runs(tmp_path, "copies", [(base | {"seed": 0}, {"test_acc": 0.7}, where),
+                                       (base | {"seed": 1}, {"test_acc": 0.6}, where | {keys.COPY_TAG: "gone"})])
+    client = mlflow.tracking.MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("copies").experiment_id
+    original = next(r.info.run_id for r in client.search_runs([exp_id]) if keys.COPY_TAG not in r.data.tags)
+    later = []
+    for tags in (where | {keys.COPY_TAG: original}, {}):  # the copy, then a newer run without its environment
+        run = client.create_run(exp_id, tags=tags).info.run_id
+        for k, v in (base | {"seed": 0}).items():
+            client.log_param(run, k, v)
+        client.log_metric(run, "test_acc", 0.9)
+        client.set_terminated(run)
+        later.append(run)
+    runs = reads.fetch_runs(uri, "copies")
+    assert runs.set_index("seed")["test_acc"].to_dict() == {0: 0.7, 1: 0.6}
+    assert runs.loc[runs["seed"] == 0, "run_id"].item() == original
+    assert runs.attrs == {"duplicates": [later[1]], "copies": [later[0]]}
+    md = tables.evidence(runs)["markdown"]
+    assert "1 other run(s) repeating" in md and "Environment: torch 1" in md and "not recorded" not in md
+
+
 def test_protocols_in_one_store_are_reported_apart(tmp_path):
     """The same (dataset, method, seed) under both protocols, and a run of neither: three rows, every run kept."""
     accs = {("validated", "none"): (0.70, 0.72), ("validated", "rifle"): (0.73, 0.74),
@@ -307,7 +348,8 @@ def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
         for seed in range(3):
             for tricks in ("none", "rifle"):
                 acc, last = rng.uniform(0.6, 0.9, 2)
-                tags = where | ({"selected_before_reinit": str(seed == 0).lower()} if tricks == "rifle" else {})
+                tags = where | ({"selected_before_reinit": str(seed == 0).lower(),
+                                 "selected_before_last_reinit": str(seed <= 1).lower()} if tricks == "rifle" else {})
                 logged.append(({"dataset": "digits", "tricks": tricks, "seed": seed, "epochs_trained": 30,
                                 "optimizer_steps": 120} | options,
                                {"test_acc": acc if protocol == "validated" else last, "test_acc_last": last,
@@ -318,7 +360,8 @@ def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
         csv = tmp_path / metric / "seeds.csv"
         header = csv.read_text().splitlines()[0].split(",")
         assert header[:7] == ["method", "protocol", "seed", "dataset", "test_acc", "test_acc_last", "selected_epoch"]
-        assert header[7:] == [*env.KEYS, "selected_before_reinit", "epochs_trained", "optimizer_steps"]
+        assert header[7:] == [*env.KEYS, "selected_before_reinit", "epochs_trained", "optimizer_steps",
+                              "selected_before_last_reinit"]
         seeds = pd.read_csv(csv)
         assert len(seeds) == 12 and sorted(seeds["test_acc"]) == sorted(m["test_acc"] for _, m, _ in logged)
         rebuilt = tables.from_seeds_csv(csv, metric=metric)
@@ -333,6 +376,8 @@ def test_seeds_csv_rebuilds_the_report_without_mlflow(tmp_path):
     assert "Selected before" not in md  # test_acc_last
     md = tables.from_seeds_csv(tmp_path / "test_acc" / "seeds.csv")["markdown"]
     assert "runs: digits · authors: rifle 1 of 3; digits · validated: rifle 1 of 3." in md
+    assert "last period's fresh head did not give the selected checkpoint), runs: digits · authors: rifle 2 of 3; " \
+           "digits · validated: rifle 2 of 3." in md
 
 
 def test_protocol_of_a_run():
@@ -399,7 +444,7 @@ def test_sweep_compare_and_report_show_rifle_l2sp_minus_l2sp(tmp_path, digits_fo
     asked. test_acc_last: the last epoch follows the re-init, so the two methods' numbers differ."""
     import mlflow
 
-    from rifle import compare, sweep
+    from rifle.commands import compare, sweep
     from helpers import tiny_space
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = mlflow.tracking.MlflowClient(uri)  # artifacts under tmp_path, not the working directory
@@ -410,24 +455,24 @@ def test_sweep_compare_and_report_show_rifle_l2sp_minus_l2sp(tmp_path, digits_fo
         assert sweep.main(["--space", str(space), "--n_trials", "1", "--storage", storage, "--pruner", "none",
                            "--output_root", str(tmp_path / "sweeps"), "--tracking_uri", uri,
                            "--log_weights", "false"]) == 0
-    assert compare.main(["--studies", "rifle_l2sp,l2sp", "--storage", storage, "--seeds", "0,1", "--name", "e2e",
+    assert compare.main(["--studies", "rifle_l2sp,l2sp", "--storage", storage, "--seeds", "1,2", "--name", "e2e",
                          "--output_root", str(tmp_path / "cmp"), "--tracking_uri", uri, "--log_weights", "false",
                          "--metric", "test_acc_last"]) == 0
     _, runs = mlflow_runs(uri)
     sweeps = sorted(r.data.tags["sweep.method"] for r in runs if r.data.tags.get("sweep.role") == "parent")
     assert sweeps == ["l2sp", "rifle+l2sp"]
-    (parent,) = [r for r in runs if r.data.tags.get("compare.role") == "parent"]
-    seeds = [r for r in runs if r.data.tags.get("compare.role") == "seed"]
-    assert sorted(r.data.tags["compare.method"] for r in seeds) == ["l2sp", "l2sp", "rifle+l2sp", "rifle+l2sp"]
-    last = {(r.data.tags["compare.method"], r.data.params["seed"]): r.data.metrics["test_acc_last"] for r in seeds}
-    diff = np.mean([last[("rifle+l2sp", s)] - last[("l2sp", s)] for s in ("0", "1")])
+    (parent,) = [r for r in runs if r.data.tags.get("cell.role") == "parent"]
+    seeds = [r for r in runs if r.data.tags.get("cell.role") == "seed"]
+    assert sorted(r.data.tags["cell.method"] for r in seeds) == ["l2sp", "l2sp", "rifle+l2sp", "rifle+l2sp"]
+    last = {(r.data.tags["cell.method"], r.data.params["seed"]): r.data.metrics["test_acc_last"] for r in seeds}
+    diff = np.mean([last[("rifle+l2sp", s)] - last[("l2sp", s)] for s in ("1", "2")])
     assert parent.data.metrics["test_acc_last_paired_diff_mean/l2sp"] == pytest.approx(diff)
     assert "test_acc_last_mean/rifle.l2sp" in parent.data.metrics  # MLflow keys may not hold '+'
     assert parent.data.tags["best_trial.rifle.l2sp"].startswith("rifle_l2sp#0 ")
     table = Path(client.download_artifacts(parent.info.run_id, "comparison.md", str(tmp_path))).read_text()
-    assert "| test_acc_last (%) mean ± std | rifle+l2sp − method (pp) [95% CI] |" in table
-    assert f"| l2sp | 2 | {100 * np.mean([last[('l2sp', s)] for s in ('0', '1')]):.2f} ± " in table
-    assert "Reference: rifle+l2sp (the first study listed)" in table and "Metric: test_acc_last, " in table
+    assert "### test_acc_last (%), mean ± std over seeds (n)" in table and "Metric: test_acc_last, " in table
+    assert f"| rifle+l2sp − l2sp | 2 | {100 * diff:+.2f} |" in table  # the report's own table
+    assert "Chosen on validation (each study's best trial): rifle+l2sp (trial 0): lr=" in table
     argv = ["--tracking_uri", uri, "--parent_run_id", parent.info.run_id, "--no_log"]
     capsys.readouterr()
     assert report.main(argv + ["--output_dir", str(tmp_path / "last"), "--metric", "test_acc_last"]) == 0
@@ -437,25 +482,27 @@ def test_sweep_compare_and_report_show_rifle_l2sp_minus_l2sp(tmp_path, digits_fo
     # test_acc (the default): the count of RIFLE runs whose selected checkpoint precedes the re-init
     assert report.main(argv + ["--output_dir", str(tmp_path / "best")]) == 0
     before = sum(r.data.tags["selected_before_reinit"] == "true" for r in seeds  # as the trainer tagged them
-                 if r.data.tags["compare.method"] == "rifle+l2sp")
+                 if r.data.tags["cell.method"] == "rifle+l2sp")
     assert f"rifle+l2sp {before} of 2." in capsys.readouterr().out
 
 
-def test_compare_table_is_reference_minus_method_by_hand():
-    from rifle import compare
-    accs = {("rifle", 1): (0.80, 0.78), ("rifle", 2): (0.84, 0.80), ("plain", 1): (0.77, 0.76),
-            ("plain", 2): (0.83, 0.79), ("dropout", 1): (0.81, math.nan)}  # an older run: no test_acc_last
-    rows = [{"method": m, "study": f"s-{m}", "trial": 0, "seed": s, "test_acc": a, "test_acc_last": b,
-             "selection": "best_val", "best_val_acc": math.nan, "run_id": f"{m}{s}"} for (m, s), (a, b) in accs.items()]
-    metrics, table_csv, md = compare.summarize(rows, ["rifle", "plain", "dropout"])
+def test_compare_metrics_are_reference_minus_method_by_hand():
+    """rifle compare's parent metrics come from the report's own tables (evidence/tables) with its pairs:
+    the first study's method minus each other, over the seeds every method has."""
+    import pandas as pd
+
+    from rifle.commands import compare
+    from rifle.evidence.tables import evidence
+    accs = {("rifle", 1): 0.80, ("rifle", 2): 0.84, ("plain", 1): 0.77, ("plain", 2): 0.83, ("dropout", 1): 0.81,
+            ("dropout", 2): 0.85}
+    runs = pd.DataFrame([{"dataset": "", "method": m, "seed": s, "test_acc": a, "test_acc_last": a,
+                          "selection": "best_val", "run_id": f"{m}{s}", "params": {}} for (m, s), a in accs.items()])
+    built = evidence(runs, "rifle", pairs=[("rifle", "plain"), ("rifle", "dropout")])
+    metrics = compare.parent_metrics(built["summary"], built["paired"], "test_acc")
     assert metrics["test_acc_paired_diff_mean/plain"] == pytest.approx(0.02)  # (0.03 + 0.01) / 2: rifle − plain
-    assert metrics["test_acc_paired_diff_mean/dropout"] == pytest.approx(-0.01) and "| plain | 2 | 80.00 ± " in md
-    metrics, _, md = compare.summarize(rows, ["rifle", "plain", "dropout"], "test_acc_last")
-    assert metrics["test_acc_last_paired_diff_mean/plain"] == pytest.approx(0.015)
-    assert metrics["n_seeds/dropout"] == 0 and "test_acc_last_paired_diff_mean/dropout" not in metrics
-    assert "| dropout | 0 | – |  |  |" in md
-    assert "| rifle − method (pp) [95% CI] |" in md and "Metric: test_acc_last, " in md
-    assert table_csv.splitlines()[0] == "method,study,trial,seed,test_acc,test_acc_last,selection,best_val_acc,run_id"
+    assert metrics["test_acc_paired_diff_mean/dropout"] == pytest.approx(-0.01)
+    assert metrics["test_acc_mean/plain"] == pytest.approx(0.80) and metrics["n_seeds/dropout"] == 2
+    assert "| rifle − plain | 2 | +2.00 |" in built["markdown"]
     assert compare.mlflow_key("rifle+l2sp") == "rifle.l2sp"
 
 
@@ -606,7 +653,7 @@ def test_experiment_report_run_and_cli(store, capsys):
     assert "### test_acc (%)" in printed and "Metric: test_acc, " in printed
     first = printed.rsplit(" ", 1)[-1].strip()
     run = client.get_run(first)
-    assert run.info.run_name == "report" and run.info.status == "FINISHED" and run.data.tags[reads.REPORT_TAG]
+    assert run.info.run_name == "report" and run.info.status == "FINISHED" and run.data.tags[keys.REPORT_TAG]
     # A second report reads the same four runs: the parent (no test_acc) and the report run are not results.
     again = build.build_report(uri, EXPERIMENT, output_dir=tmp / "e2")
     assert len(again["runs"]) == 4 and again["runs"].attrs["duplicates"] == []
@@ -671,9 +718,9 @@ def test_results_and_mechanism_notebooks_run(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store, tmp_path):
-    """From the repository root with the README's exact code, and from notebooks/ (where Jupyter starts a
-    notebook) with the default parameters: both find the mlflow.db the runs went to."""
+def test_docs_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store, tmp_path):
+    """From the repository root with the exact code of the docs' notebooks page, and from notebooks/ (where
+    Jupyter starts a notebook) with the default parameters: both find the mlflow.db the runs went to."""
     import re
     import shutil
     tmp, uri, parent = store
@@ -681,8 +728,8 @@ def test_readme_notebook_snippet_runs_verbatim_and_defaults_find_the_store(store
     root.mkdir()
     shutil.copy(tmp / "mlflow.db", root / "mlflow.db")
     shutil.copytree(NOTEBOOKS, root / "notebooks")
-    snippet = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-                   if "execute_notebook" in b)
+    page = (ROOT / "docs" / "how-to" / "notebooks.md").read_text()
+    snippet = next(b for b in re.findall(r"```python\n(.*?)```", page, re.S) if "execute_notebook" in b)
     proc = subprocess.run([sys.executable, "-c", snippet], cwd=root, env=subprocess_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,7 +46,7 @@ def sigkill_then_resume(tmp_path, digits_folder, cut_uri):
     assert ref.returncode == 0, ref.stderr[-2000:]
 
     out = tmp_path / "cut"
-    cmd = [sys.executable, "-m", "rifle.train", *args(digits_folder, out, cut_uri)]
+    cmd = [sys.executable, "-m", "rifle", "train", *args(digits_folder, out, cut_uri)]
     # Kill as soon as a checkpoint exists, a little later (mid-epoch or mid-write), and later still.
     for wait_epochs, delay in ((1, 0.0), (2, 0.15), (4, 0.4)):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -140,7 +140,7 @@ def test_tracking_server_lost_mid_run_stops_in_one_line_and_resumes_once_it_is_b
     with one line (exit 75), and the same command resumes it into the same MLflow run once the server is back
     on the same store: every epoch logged exactly once."""
     port, backend, out = free_port(), f"sqlite:///{tmp_path}/server.db", tmp_path / "out"
-    cmd = [sys.executable, "-m", "rifle.train", *args(digits_folder, out, f"http://127.0.0.1:{port}"),
+    cmd = [sys.executable, "-m", "rifle", "train", *args(digits_folder, out, f"http://127.0.0.1:{port}"),
            "--epochs", "24", "--network_timeout", "6"]
     with mlflow_server(backend, tmp_path, port=port):
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
@@ -152,10 +152,12 @@ def test_tracking_server_lost_mid_run_stops_in_one_line_and_resumes_once_it_is_b
     assert proc.returncode == 75, stderr[-2000:]
     assert time.monotonic() - started < 40
     line = stderr.strip().splitlines()[-1]
-    assert line.startswith(f"rifle.train: error: the MLflow server http://127.0.0.1:{port} does not answer") and \
+    assert line.startswith(f"rifle train: error: the MLflow server http://127.0.0.1:{port} does not answer") and \
         "checkpointed in" in line and "run the same command again once the server answers" in line
     stopped_at = epochs_saved(out)
     assert 3 <= stopped_at < 24
+    # 0-based, as the checkpoint's name and MLflow's steps: the newest checkpoint is epoch-<stopped_at - 1>
+    assert f"with epoch {stopped_at - 1} (of 0..23) checkpointed in {out}" in line
 
     with mlflow_server(backend, tmp_path, port=port) as uri:
         again = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)

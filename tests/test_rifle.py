@@ -7,9 +7,10 @@ from torch import nn
 
 from rifle import config as C
 from rifle.models import build_model, param_groups
+from rifle.seeds import reinit_seed
 from rifle.tricks import build_tricks
 from rifle.tricks.base import FitContext
-from rifle.tricks.rifle import reinit_linear_, reinit_seed
+from rifle.tricks.rifle import reinit_linear_
 
 
 def test_reinit_is_identical_whatever_the_global_rng():

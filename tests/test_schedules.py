@@ -8,10 +8,14 @@ from rifle.schedules import (
     cosine_lr,
     fitted_triangular_lr,
     period_boundaries,
+    period_steps,
     rifle_cyclic_head_lr,
     rifle_period,
+    rifle_periods,
     rifle_reinit_epochs,
+    shared_epochs,
     triangular_lr,
+    truncated_epochs,
 )
 
 
@@ -35,10 +39,30 @@ def test_reinit_epochs_are_the_official_ones(epochs, k, expected):
 
 
 def test_epochs_truncated_to_a_multiple_of_periods():
-    assert C.build({"epochs": 41, "reinit_times": 2}).optim.epochs == 39
-    assert C.build({"epochs": 40, "reinit_times": 3}).optim.epochs == 40
+    assert C.build({"epochs": 41, "reinit_times": 2}).optim.epochs == 39 == truncated_epochs(41, 2)
+    assert C.build({"epochs": 40, "reinit_times": 3}).optim.epochs == 40 == truncated_epochs(40, 3)
     assert C.build({"epochs": 41, "reinit_times": 2, "tricks": ""}).optim.epochs == 41  # plain: untouched
-    assert rifle_period(39, 2) == 13
+    assert C.build({"epochs": 41, "reinit_times": 2, "tricks": "head_lr_restart"}).optim.epochs == 39  # the control
+    assert rifle_period(39, 2) == rifle_period(41, 2) == 13 and rifle_periods(2) == 3
+    assert truncated_epochs(2, 2) == 0  # no period fits: config refuses it
+    with pytest.raises(C.ConfigError, match="--reinit_times: 2 re-initializations need at least 3 epochs"):
+        C.build({"epochs": 2, "reinit_times": 2})
+
+
+@pytest.mark.parametrize("epochs,k", [(41, 2), (30, 3), (7, 1), (3, 2)])
+def test_reinit_epochs_are_those_of_the_truncated_run(epochs, k):
+    """Asked 41 epochs with K=2, RIFLE trains 39: its re-inits are those of 39 (an untruncated 41 would put a third
+    one after epoch 38)."""
+    assert rifle_reinit_epochs(epochs, k) == rifle_reinit_epochs(truncated_epochs(epochs, k), k)
+    assert len(rifle_reinit_epochs(epochs, k)) == k
+    with pytest.raises(ValueError, match="3 periods need at least as many epochs, got 2"):
+        rifle_reinit_epochs(2, 2)
+
+
+def test_period_steps_and_a_budget_every_k_divides():
+    assert period_steps(7, 12, 2) == 28 and period_steps(7, 13, 2) == 28
+    assert shared_epochs(20, [1, 2]) == 24 and shared_epochs(24, [1, 2]) == 24  # lcm(2, 3) = 6
+    assert shared_epochs(10, [3, 3]) == 12 and shared_epochs(10, []) == 10  # no periodic method: any budget
 
 
 def test_cyclic_head_lr_restarts_every_period():

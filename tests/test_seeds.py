@@ -8,7 +8,18 @@ import pytest
 import torch
 
 from rifle import config as C
-from rifle.seeds import PURPOSES, SHARED, EpochOrder, epoch_order, seed_process, stream_seed
+from rifle.seeds import (
+    PURPOSES,
+    SHARED,
+    TEST_SPLIT_SEED,
+    EpochOrder,
+    attention_seed,
+    epoch_order,
+    reinit_seed,
+    sampler_seed,
+    seed_process,
+    stream_seed,
+)
 
 
 def test_streams_are_distinct_across_seeds_epochs_ranks_and_purposes():
@@ -31,6 +42,36 @@ def test_stream_seed_is_a_pure_function_with_fixed_values():
     # Pinned: changing the hash or a purpose's code silently changes every run's randomness.
     assert stream_seed(0, 0, 0) == 3786653025246517810
     assert stream_seed(0, 0, purpose="order") == 7434755675892716031
+
+
+def test_named_streams_keep_the_formulas_published_numbers_were_drawn_with():
+    """RIFLE's re-init, the sweep's TPE and DELTA's attention seeds and the test hold-out's, each as its caller
+    computed it before it moved here (literal formulas), over a grid and at pinned values: a change here changes
+    published numbers."""
+    for seed, index in itertools.product([0, 1, 2, 7, 41, 2**32 - 1], range(1, 6)):
+        assert reinit_seed(seed, index) == seed * 100_003 + 7919 * index
+    for base, trial in itertools.product([0, 1, 13, 2**31], [0, 1, 2, 99, 10_000]):
+        assert sampler_seed(base, trial) == base * 1_000_003 + trial
+    for split_seed in [0, 1, 2, 3, 17, 2**32 - 1]:
+        assert attention_seed(split_seed) == \
+            int(np.random.SeedSequence([0xDE17A, split_seed]).generate_state(1, np.uint64)[0] >> 1)
+    assert (reinit_seed(0, 1), reinit_seed(3, 2), sampler_seed(5, 4)) == (7919, 315_847, 5_000_019)
+    assert TEST_SPLIT_SEED == 0  # every published test set was held out with it
+    assert attention_seed(0) == 7724076176545322591
+    assert len({attention_seed(s) for s in range(100)}) == 100 and all(0 <= attention_seed(s) < 2**63 for s in range(9))
+
+
+def test_the_sweep_reseeds_its_sampler_with_sampler_seed(monkeypatch):
+    """The worker calls seeds.sampler_seed, not a copy of its formula: replaced here, the TPE sees the replacement."""
+    import optuna
+
+    from rifle.workers import worker
+    seeds = []
+    monkeypatch.setattr(optuna.samplers.TPESampler, "__init__", lambda self, seed=None, **kw: seeds.append(seed))
+    monkeypatch.setattr(optuna.samplers.TPESampler, "before_trial", lambda self, study, trial: None)
+    monkeypatch.setattr(worker, "sampler_seed", lambda base, number: ("sampler_seed", base, number))
+    worker.TrialSeededTPE(5).before_trial(None, type("Trial", (), {"number": 4})())
+    assert seeds == [5, ("sampler_seed", 5, 4)]
 
 
 @pytest.mark.parametrize("args,words", [
@@ -78,12 +119,12 @@ def test_real_training_loader_orders_by_seed_and_epoch_and_shares_the_order_acro
     from accelerate import Accelerator
     from accelerate.data_loader import prepare_data_loader
 
-    from rifle.data import load_data
+    from rifle.data import load
     from rifle.trainer import cached_data, make_loaders
 
     def order(seed, epoch):
         cfg = _loader_config(digits_folder, seed)
-        data = cached_data(cfg, load_data(cfg.data)[0])  # the trainer's path: decoded once, then cropped
+        data = cached_data(cfg, load(cfg.data).data)  # the trainer's path: decoded once, then cropped
         loader = Accelerator(cpu=True).prepare(make_loaders(cfg, data, (0.5,) * 3, (0.5,) * 3)[0])
         loader.set_epoch(epoch)
         indices = [i for batch in loader.batch_sampler for i in batch]

@@ -15,7 +15,7 @@ def test_a_tiny_run_logs_a_model_that_labels_images_as_training_evaluated_them(t
     from torch.utils.data import DataLoader
 
     from rifle import checkpoint
-    from rifle.data import load_data
+    from rifle.data import load
     from rifle.models import build_model
     from rifle.data.scan import to_rgb
     from rifle.trainer import fit
@@ -34,7 +34,7 @@ def test_a_tiny_run_logs_a_model_that_labels_images_as_training_evaluated_them(t
         model = mlflow.pyfunc.load_model(f"runs:/{result['run_id']}/model")
     finally:
         mlflow.set_tracking_uri(None)
-    test = load_data(cfg.data)[0]["test"]
+    test = load(cfg.data).data["test"]
     images = np.stack([np.asarray(to_rgb(im)) for im in test["image"]])
     out = model.predict(images)
     assert list(out.columns) == ["label", "class_name", "probability"] and len(out) == len(test)

@@ -15,10 +15,10 @@ from optuna.trial import TrialState
 
 from conftest import ROOT, mlflow_runs, postgres_database, run_cli, subprocess_env
 from helpers import outputs, text_of, tiny_space
-from rifle import sweep as S
+from rifle.commands import sweep as S
 from rifle.workers.runs import origin
 from rifle.workers.storage import STUDY_ATTR, StaleRetry, open_storage, open_study, resolve_url
-from rifle.workers.worker import OVER_BUDGET_ATTR, TrialLost, TrialReporter, budget_slots, over_budget
+from rifle.workers.worker import OVER_BUDGET_ATTR, SweepPolicy, TrialLost, TrialReporter, budget_slots, over_budget
 
 PASSWORD = "s3cret-pw"
 # Short enough that a killed worker's trial is retried within seconds.
@@ -26,7 +26,7 @@ FAST = ["--heartbeat_interval", "1", "--grace_period", "4"]
 
 
 def sweep_cmd(space, storage, study, out, *extra):
-    return [sys.executable, "-m", "rifle.sweep", "--space", str(space), "--storage", str(storage),
+    return [sys.executable, "-m", "rifle", "sweep", "--space", str(space), "--storage", str(storage),
             "--study_name", study, "--output_root", str(out), *FAST, *map(str, extra)]
 
 
@@ -68,18 +68,18 @@ def test_every_shipped_space_is_valid():
                                             "cyclic_lr", "l2", "l2sp", "delta"} <= set(methods.values())
     rifle = S.load_space(str(ROOT / "sweeps" / "rifle.yaml"))
     # from src/rifle/offline.yaml (via base.yaml), the study's own setting, and rifle.yaml
-    from rifle.study import BASE
+    from rifle.plan import BASE
     assert rifle.fixed["epochs"] == BASE["epochs"] == 30 and rifle.fixed["tricks"] == "rifle"
     assert S.load_space(str(ROOT / "sweeps" / "base.yaml")).fixed == BASE  # one base setting
-    assert rifle.params["reset_head_momentum"].when == {"reinit_times": [2, 3]}
-    # conditional: K=1 never suggests it, K=3 does
+    assert rifle.params["reset_head_momentum"].when == {"reinit_times": [2, 4]}
+    # conditional: K=1 never suggests it, K=4 does
     study = optuna.create_study(direction="maximize")
     seen = {}
-    for k in (1, 3):
+    for k in (1, 4):
         study.enqueue_trial({"reinit_times": k})
         trial = study.ask()
         seen[k] = rifle.suggest(trial)
-    assert "reset_head_momentum" not in seen[1] and seen[3]["reset_head_momentum"] in (False, True)
+    assert "reset_head_momentum" not in seen[1] and seen[4]["reset_head_momentum"] in (False, True)
 
 
 BAD_SPACES = [
@@ -97,7 +97,9 @@ BAD_SPACES = [
     ("fixed:\n  tricks: dropout\nparams:\n  dropout_p: {type: float, low: 0.1, high: 1.5}\n",
      "params.dropout_p.high: must be < 1"),
     ("fixed:\n  epochs: 2\nparams:\n  reinit_times: {type: int, low: 1, high: 3}\n",
-     "params.reinit_times.high: 3 re-initializations need at least 4 epochs"),
+     "params.reinit_times.2: 2 re-initializations need at least 3 epochs"),
+    ("fixed:\n  epochs: 30\n  tricks: rifle\nparams:\n  reinit_times: {type: int, low: 1, high: 3}\n",
+     "params.reinit_times: its values train different numbers of epochs (1: 30, 2: 30, 3: 28)"),
     ("fixed:\n  epochs: -1\n", "fixed.epochs: must be >= 1"),
     ("fixed:\n  output_dir: x\n", "fixed.output_dir: set by the sweep"),
     ("params:\n  reinit_guard_epochs: {type: int, low: 0, high: 4, when: {reinit_times: 2}}\n"
@@ -125,14 +127,14 @@ def test_command_line_errors_are_one_line_and_fast(tmp_path):
     space = tmp_path / "s.yaml"
     space.write_text("fixed:\n  tricks: rifle\nparams:\n  lr: {type: float, low: 0.001, high: 0.1, log: true}\n")
     t = time.time()
-    proc = run_cli(["--space", space, "--n_trials", "2", "--lr", "0.05"], cwd=tmp_path, module="rifle.sweep")
+    proc = run_cli(["--space", space, "--n_trials", "2", "--lr", "0.05"], cwd=tmp_path, verb="sweep")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "--lr: searched in" in proc.stderr and "params.lr" in proc.stderr
-    proc = run_cli(["--space", space, "--n_trials", "2", "--sampler", "grid"], cwd=tmp_path, module="rifle.sweep")
+    proc = run_cli(["--space", space, "--n_trials", "2", "--sampler", "grid"], cwd=tmp_path, verb="sweep")
     assert proc.returncode == 2 and "the grid sampler needs a step" in proc.stderr, proc.stderr
     assert time.time() - t < 60
     # A storage that cannot be opened: one line, exit 2, before MLflow and torch are even imported.
-    code = ("import sys; from rifle.sweep import main; rc = main(['--space', sys.argv[1], '--n_trials', '2', "
+    code = ("import sys; from rifle.commands.sweep import main; rc = main(['--space', sys.argv[1], '--n_trials', '2', "
             "'--storage', 'postgresql://postgres@127.0.0.1:1/x']); print(rc, 'torch' in sys.modules, "
             "'mlflow' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, str(space)], cwd=tmp_path, env=subprocess_env(),
@@ -239,7 +241,8 @@ def test_a_trial_without_heartbeat_is_retried_once_with_its_params(tmp_path, dig
     storage = open_storage(resolve_url(storage_url), heartbeat_interval=1, grace_period=2, max_retry=3)
     space = S.load_space(str(tiny_space(tmp_path, digits_folder)))
     name = f"stale-{uuid.uuid4().hex[:8]}"
-    study = open_study(storage, name, space, optuna.samplers.TPESampler(seed=0), optuna.pruners.NopPruner(), "x")
+    study = open_study(storage, name, SweepPolicy(space), optuna.samplers.TPESampler(seed=0),
+                       optuna.pruners.NopPruner(), "x")
     assert optuna.storages.RetryHeartbeatStaleTrialCallback in type(
         study._storage.get_heartbeat_stale_trial_callback()).__mro__  # Optuna's retry, on every backend
     trial = study.ask()
@@ -266,7 +269,7 @@ def test_a_trial_without_heartbeat_is_retried_once_with_its_params(tmp_path, dig
     # another worker joining with a different space is refused
     other = S.load_space(str(tiny_space(tmp_path, digits_folder, epochs=4)))
     with pytest.raises(S.SweepError, match="created with another search space: fixed.epochs was 2, now 4"):
-        open_study(storage, name, other, None, None, "x")
+        open_study(storage, name, SweepPolicy(other), None, None, "x")
 
 
 def test_budget_counts_retry_chains_once_and_breaks_races_by_trial_number():
@@ -285,7 +288,7 @@ def test_budget_counts_retry_chains_once_and_breaks_races_by_trial_number():
     trials = study.get_trials()
     assert not over_budget(trials, 2, 3)                         # a retry is never over budget
     assert not over_budget(trials, 3, 3) and over_budget(trials, 4, 3)
-    study._storage.set_trial_system_attr(c._trial_id, OVER_BUDGET_ATTR, True)
+    c.set_user_attr(OVER_BUDGET_ATTR, "given back")             # what the worker marks (public API)
     study.tell(c, state=TrialState.FAIL)
     assert budget_slots(study.get_trials()) == {0, 1, 3}        # the given-back trial uses no slot
 
@@ -317,7 +320,7 @@ def test_two_parallel_workers_finish_exactly_n_trials(tmp_path, digits_folder, k
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == n
     # Anything else can only be a trial given back untrained after losing the race for the last slot.
-    assert all(t.system_attrs.get(OVER_BUDGET_ATTR) for t in trials if t not in finished)
+    assert all(t.user_attrs.get(OVER_BUDGET_ATTR) for t in trials if t not in finished)
     for t in finished:
         if t.state == TrialState.PRUNED:  # only before the first re-init or at a period's end (epochs 0, 1)
             assert max(t.intermediate_values) in (0, 1), t.intermediate_values
@@ -471,13 +474,13 @@ def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder
     space_path = tiny_space(tmp_path, digits_folder, epochs=4,
                             lr="{type: float, low: 1.0e-7, high: 1.0e-6, log: true}")
     space = S.load_space(str(space_path))
-    study = open_study(open_storage(storage), "ddp", space, None, None, storage)
+    study = open_study(open_storage(storage), "ddp", SweepPolicy(space), None, None, storage)
     study.add_trial(optuna.trial.create_trial(  # a finished trial at 100% from the first epoch
         params={"lr": 1e-6}, distributions={"lr": optuna.distributions.FloatDistribution(1e-7, 1e-6, log=True)},
         value=1.0, intermediate_values={e: 1.0 for e in range(4)}))
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "-m", "rifle.sweep", "--space", str(space_path), "--storage", storage,
+           "no", "--dynamo_backend", "no", "-m", "rifle", "sweep", "--space", str(space_path), "--storage", storage,
            "--study_name", "ddp", "--output_root", str(tmp_path / "out"), "--n_trials", "3", "--pruner", "median",
            "--pruner_startup_trials", "1", "--pruner_warmup_epochs", "0", "--tracking_uri", uri]
     proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
@@ -500,7 +503,7 @@ def test_two_process_trials_are_pruned_on_both_processes(tmp_path, digits_folder
 def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder):
     import mlflow
 
-    from rifle import compare
+    from rifle.commands import compare
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # in this process, a new experiment would put its artifacts under the working directory
     mlflow.tracking.MlflowClient(uri).create_experiment("rifle", artifact_location=str(tmp_path / "artifacts"))
@@ -508,7 +511,7 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
     handle = open_storage(storage)
     for method, tricks in (("plain", "none"), ("dropout", "dropout")):  # two tuned studies (tuning is tested above)
         space = S.load_space(str(tiny_space(tmp_path, digits_folder, name=f"s-{method}", tricks=tricks)))
-        study = open_study(handle, f"s-{method}", space, None, None, storage)
+        study = open_study(handle, f"s-{method}", SweepPolicy(space), None, None, storage)
         dist = {"lr": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
         for lr, value in ((0.002, 0.5), (0.01, 0.75)):
             study.add_trial(optuna.trial.create_trial(params={"lr": lr}, distributions=dist, value=value))
@@ -516,14 +519,14 @@ def test_compare_retrains_best_params_with_paired_seeds(tmp_path, digits_folder)
             "--output_root", str(tmp_path / "cmp"), "--tracking_uri", uri, "--epochs", "1", "--log_weights", "false"]
     assert compare.main(argv) == 0
     client, runs = mlflow_runs(uri)
-    (parent,) = [r for r in runs if r.data.tags.get("compare.role") == "parent"]
-    seeds = [r for r in runs if r.data.tags.get("compare.role") == "seed"]
+    (parent,) = [r for r in runs if r.data.tags.get("cell.role") == "parent"]
+    seeds = [r for r in runs if r.data.tags.get("cell.role") == "seed"]
     assert len(seeds) == 4 and {r.data.tags["mlflow.parentRunId"] for r in seeds} == {parent.info.run_id}
-    pairs = sorted((r.data.tags["compare.method"], r.data.params["seed"], r.data.params["lr"]) for r in seeds)
+    pairs = sorted((r.data.tags["cell.method"], r.data.params["seed"], r.data.params["lr"]) for r in seeds)
     assert pairs == [("dropout", "3", "0.01"), ("dropout", "4", "0.01"), ("plain", "3", "0.01"), ("plain", "4", "0.01")]
     assert {r.data.params["epochs"] for r in seeds} == {"1"}  # the override applies to every method
     assert all("test_acc" in r.data.metrics and r.info.status == "FINISHED" for r in seeds)
-    accs = {m: {r.data.params["seed"]: r.data.metrics["test_acc"] for r in seeds if r.data.tags["compare.method"] == m}
+    accs = {m: {r.data.params["seed"]: r.data.metrics["test_acc"] for r in seeds if r.data.tags["cell.method"] == m}
             for m in ("plain", "dropout")}
     assert parent.data.metrics["test_acc_mean/dropout"] == pytest.approx(sum(accs["dropout"].values()) / 2)
     paired = [accs["plain"][s] - accs["dropout"][s] for s in ("3", "4")]  # reference (first study) − method
@@ -568,3 +571,28 @@ def test_sweeps_notebook_runs(tmp_path):
     text = text_of(nb)
     assert str(states) in text and "PRUNED" in text and "reinit_times" in text
     assert len(outputs(nb, "image/png")) == 3  # history, importance, intermediate values
+
+
+def test_optuna_plots_leave_the_process_style_alone(tmp_path):
+    """Optuna's matplotlib plots set a global style (ggplot); the sweep's parent-run plots keep it inside, so
+    reports drawn later by the same process (a campaign worker) look the same as anyone's."""
+    import matplotlib
+
+    from rifle.workers.runs import SweepRuns
+    study = optuna.create_study(direction="maximize")
+    for x in (0.1, 0.2, 0.3):
+        study.enqueue_trial({"lr": x})
+        study.optimize(lambda t: t.suggest_float("lr", 0.0, 1.0), n_trials=1)
+    before = dict(matplotlib.rcParams)
+
+    class Tags:  # the parent run's tags and figures, without a store
+        def set_tag(self, *args):
+            pass
+
+        def log_figure(self, *args):
+            pass
+
+    runs = SweepRuns.__new__(SweepRuns)
+    runs.client, runs.parent = Tags(), "p"
+    runs._plots(study)
+    assert dict(matplotlib.rcParams) == before

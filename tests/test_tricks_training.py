@@ -67,7 +67,7 @@ def test_methods_under_two_processes_are_reproducible(tmp_path, digits_folder):
     tricks = "rifle,delta,stochastic_depth,dropout,disturb_label"
     for attempt in ("a", "b"):
         cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rifle.train",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "rifle", "train",
                "--dataset", f"imagefolder:{digits_folder}", "--image_size", "48", "--batch_size", "4",
                "--val_fraction", "0.25", "--train_per_class", "0", "--epochs", "2", "--tricks", tricks,
                "--disturb_alpha", "0.5", "--delta_attention_epochs", "2", "--delta_attention_batches", "1",
@@ -89,12 +89,13 @@ def test_a_trick_registered_from_outside_trains_with_its_own_options(tmp_path, d
     config validates its option, the command line offers it, it trains, logs its metric and is labelled."""
     from toy_trick import Toy, ToyOptions
 
-    from rifle import train, tricks
+    from rifle import catalog
+    from rifle.commands import train
     from rifle.methods import method_label
     from rifle.trainer import fit
-    monkeypatch.setattr(tricks, "TRICKS", dict(tricks.TRICKS))
-    monkeypatch.setattr(tricks, "OPTIONS", dict(tricks.OPTIONS))
-    tricks.register("toy", Toy, ToyOptions)
+    monkeypatch.setattr(catalog, "TRICKS", dict(catalog.TRICKS))
+    monkeypatch.setattr(catalog, "OPTIONS", dict(catalog.OPTIONS))
+    catalog.register("toy", Toy, ToyOptions)
     with pytest.raises(C.ConfigError, match="--toy_shift: must be >= 0"):
         C.build({"tricks": "toy", "toy_shift": -1})
     assert "--toy_shift" in train.parser().format_help() and method_label("toy,rifle") == "rifle+toy"

@@ -18,14 +18,13 @@ from typing import Any
 
 import yaml
 
-from . import tricks
-from .tricks import TRICKS
+from . import catalog, schedules  # the trick table (names, no classes) and pure arithmetic: no torch
+from . import keys as K
+from .data import BAD_IMAGES  # rifle.data itself loads nothing until a source is asked for
 
-# The built-in methods, in the canonical order of method labels (rifle.methods): the table rifle.tricks.TRICKS
+# The built-in methods, in the canonical order of method labels (rifle.methods): the table rifle.catalog.TRICKS
 # (which loads nothing), so a bad name fails before torch loads. `trick_names()` adds registered ones.
-TRICK_NAMES = tuple(TRICKS)
-# What to do with images that cannot be decoded (rifle.data.scan): stop, or skip them.
-BAD_IMAGES = ("error", "skip")
+TRICK_NAMES = tuple(catalog.TRICKS)
 # RIFLE's initializers of the new head (rifle.tricks.rifle.reinit_linear_): the layer's own, or the Paddle port's.
 REINIT_INITS = ("default", "he_normal")
 # Methods that split the run into reinit_times + 1 equal periods, truncating epochs to a multiple of K+1 as the
@@ -43,9 +42,31 @@ class ConfigError(ValueError):
         self.option = option
 
 
+# What an option is to the tools, declared on its field (`opt(roles=...)`) or its section (SECTION_ROLES); every
+# list of options by role comes from `with_role`, so an option's role is said once.
+ROLES = {
+    "data": "an option of the data section",
+    "trick": "an option of a method (the tricks section, a registered trick's options; reinit_count, clr_cycles)",
+    "run_only": "changes how, not what, is trained: outside the digest, free to change on resume, never compared",
+    "pair_free": "may differ between paired runs besides the run-only options (the seed, the method, loader workers)",
+    "budget": "sets a run's budget: one value for every method of a plan's group (rifle.plan.check_budget)",
+    "budget_param": "a param recording the budget the run trained, compared by the report's budget notes",
+    "same_settings": "must agree between the tuned studies rifle compare compares (data, model and these)",
+    "delta_key": "DELTA's measured channel attention depends on it (the key of its cache)",
+    "managed": "a sweep or campaign sets it for each trial: a search space may not",
+    "per_run": "a tool names it for each run it starts: no flag of a tool's parser",
+    "delivery": "changes how an image reaches the model, not which images load (rifle preflight loads data once)",
+    "step_free": "leaves a training step's cost as it is (rifle preflight measures a step once per the rest)",
+}
+
+
 def opt(default: Any, help: str, choices: tuple | None = None, minimum: float | None = None,
-        exclusive_minimum: bool = False) -> Any:
-    meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum": exclusive_minimum}
+        exclusive_minimum: bool = False, roles: tuple[str, ...] = ()) -> Any:
+    unknown = set(roles) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}, known: {', '.join(ROLES)}")
+    meta = {"help": help, "choices": choices, "minimum": minimum, "exclusive_minimum": exclusive_minimum,
+            "roles": tuple(roles)}
     return field(default=default, metadata=meta)
 
 
@@ -54,45 +75,56 @@ class DataConfig:
     dataset: str = opt("digits", "target dataset: a registered name (digits, cub200, cars, aircraft, dogs, "
                        "dtd, food101, caltech256, or an entry of --dataset_registry), 'imagefolder:<root>' "
                        "(root/train/<class>/*, root/test/<class>/*), 'disk:<path>' (datasets.save_to_disk), "
-                       "or a Hugging Face Hub id / local Hub-style folder ('hub:<id or path>')")
+                       "or a Hugging Face Hub id / local Hub-style folder ('hub:<id or path>')",
+                       roles=("budget", "delta_key"))
     dataset_revision: str | None = opt(None, "Hub revision (commit or tag) to pin for a Hub dataset "
-                                       "(default: the registry entry's, else main)")
+                                       "(default: the registry entry's, else main)", roles=("budget", "delta_key"))
     image_column: str | None = opt(None, "name of the image column in the source dataset (default: the "
-                                   "registry entry's, else 'image')")
+                                   "registry entry's, else 'image')", roles=("budget", "delta_key"))
     label_column: str | None = opt(None, "name of the label column in the source dataset (default: the "
-                                   "registry entry's, else 'label')")
-    image_size: int = opt(64, "square input size in pixels (the paper uses 224)", minimum=8)
-    hflip: bool | None = opt(None, "random horizontal flip in training (default: on, off for digits)")
+                                   "registry entry's, else 'label')", roles=("budget", "delta_key"))
+    image_size: int = opt(64, "square input size in pixels (the paper uses 224)", minimum=8,
+                          roles=("budget", "delta_key", "delivery"))
+    hflip: bool | None = opt(None, "random horizontal flip in training (default: on, off for digits)",
+                             roles=("budget", "delta_key", "delivery"))
     val_fraction: float = opt(0.2, "fraction of train carved out (stratified) as validation when the "
                               "source has no validation split; 0: no validation at all, train on the whole "
-                              "train split (the authors' protocol, with --selection last)", minimum=0.0)
+                              "train split (the authors' protocol, with --selection last)", minimum=0.0,
+                              roles=("budget", "delta_key"))
     train_per_class: int | None = opt(None, "k training images per class (k-shot subset of train after the "
-                                      "validation split is carved out); 0 keeps all (default: the registry entry's protocol, "
-                                      "e.g. 20 for digits and 30 for caltech256_30, else all)", minimum=0)
+                                      "validation split is carved out); 0 keeps all (default: the registry entry's "
+                                      "protocol, "
+                                      "e.g. 20 for digits and 30 for caltech256_30, else all)", minimum=0,
+                                      roles=("budget", "delta_key"))
     split_seed: int = opt(0, "seed of the validation carve-out and the k-shot subset (fixed across "
-                          "training seeds so seeds are paired on the same data)", minimum=0)
-    num_workers: int = opt(0, "DataLoader worker processes", minimum=0)
+                          "training seeds so seeds are paired on the same data)", minimum=0,
+                          roles=("budget", "delta_key"))
+    num_workers: int = opt(0, "DataLoader worker processes", minimum=0,
+                           roles=("budget", "delta_key", "pair_free", "delivery"))
     dataset_registry: str | None = opt(None, "YAML file of extra or overriding dataset entries (see "
-                                       "rifle/data/datasets.yaml; default: $RIFLE_DATASET_REGISTRY)")
+                                       "rifle/data/datasets.yaml; default: $RIFLE_DATASET_REGISTRY)", roles=("budget",))
     label_rate: float = opt(100.0, "percent of each class of train kept (stratified, seeded by split_seed, "
                             "after the validation split is carved out), e.g. 15, 30, 50; 100 keeps all",
-                            minimum=0.0, exclusive_minimum=True)
+                            minimum=0.0, exclusive_minimum=True, roles=("budget", "delta_key"))
     bad_images: str = opt("error", "images that cannot be decoded (corrupt, truncated, empty, not an image, "
                           "decompression bomb), found by a scan before training: stop with their names, "
-                          "or skip them and log which", choices=BAD_IMAGES)
+                          "or skip them and log which", choices=BAD_IMAGES, roles=("budget", "delta_key"))
     decode_cache: str = opt("raw", "decode every image once, stored resized to the training resize "
                             "(rifle.data.decode_cache) and cropped and flipped as uint8, normalized on the device: "
                             "raw (uint8, the same pixels as off), jpeg (re-encoded at quality 90: less disk, other "
-                            "pixels) or off (decode and augment with PIL every epoch)", choices=("raw", "jpeg", "off"))
+                            "pixels) or off (decode and augment with PIL every epoch)", choices=("raw", "jpeg", "off"),
+                            roles=("budget", "delivery"))
     num_proc: int = opt(0, "processes datasets uses to prepare a dataset (load_dataset num_proc) and threads "
-                        "of the image scan (0: one process; scan threads = CPU count, at most 8)", minimum=0)
+                        "of the image scan (0: one process; scan threads = CPU count, at most 8)", minimum=0,
+                        roles=("run_only", "delivery"))
 
 
 @dataclass
 class ModelConfig:
     model: str = opt("efficientnet_lite0", "backbone: 'efficientnet_lite0' (bundled ImageNet weights, "
-                     "offline), 'torchvision:<name>' (e.g. torchvision:resnet50) or 'timm:<name>'")
-    pretrained: bool = opt(True, "load ImageNet weights (torchvision/timm download them once)")
+                     "offline), 'torchvision:<name>' (e.g. torchvision:resnet50) or 'timm:<name>'",
+                     roles=("delta_key",))
+    pretrained: bool = opt(True, "load ImageNet weights (torchvision/timm download them once)", roles=("delta_key",))
     weights: str = opt("", "which pretrained weights: '' the library's default (torchvision's DEFAULT, timm's default "
                        "tag; efficientnet_lite0: its bundled file, the only choice), a torchvision weights enum member "
                        "for torchvision:<name> (IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT) or a timm pretrained tag for "
@@ -105,8 +137,8 @@ class ModelConfig:
 @dataclass
 class OptimConfig:
     epochs: int = opt(20, "training epochs (RIFLE and head_lr_restart truncate to a multiple of reinit_times+1, "
-                      "as the official code does)", minimum=1)
-    batch_size: int = opt(32, "batch size per process", minimum=1)
+                      "as the official code does)", minimum=1, roles=("budget", "same_settings", "step_free"))
+    batch_size: int = opt(32, "batch size per process", minimum=1, roles=("budget", "same_settings"))
     sync_bn: bool = opt(False, "synchronize BatchNorm across processes: normalize with the statistics of the "
                         "global batch (batch_size x processes) instead of each process's own (no effect with "
                         "one process)")
@@ -114,17 +146,18 @@ class OptimConfig:
                     exclusive_minimum=True)
     head_lr: float | None = opt(None, "base learning rate of the new classifier head (default: lr)",
                                 minimum=0.0, exclusive_minimum=True)
-    momentum: float = opt(0.9, "SGD momentum", minimum=0.0)
+    momentum: float = opt(0.9, "SGD momentum", minimum=0.0, roles=("same_settings",))
     weight_decay: float = opt(1e-4, "SGD weight decay on all parameters (the official L2 setting)",
                               minimum=0.0)
-    grad_accum_steps: int = opt(1, "gradient accumulation steps", minimum=1)
-    mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"))
+    grad_accum_steps: int = opt(1, "gradient accumulation steps", minimum=1, roles=("budget", "same_settings"))
+    mixed_precision: str = opt("no", "autocast precision", choices=("no", "fp16", "bf16"),
+                               roles=("same_settings", "delta_key"))
 
 
 @dataclass
 class TricksConfig:
     tricks: str = opt("rifle", "comma-separated methods, empty or 'none' for plain fine-tuning: "
-                      + ", ".join(TRICK_NAMES))
+                      + ", ".join(TRICK_NAMES), roles=("pair_free",))
     reinit_times: int = opt(1, "RIFLE: K re-initializations of the head, K+1 equal periods (head_lr_restart: the "
                             "same K+1 periods, no re-init)", minimum=1)
     head_lr_policy: str = opt("follow", "RIFLE: head learning rate follows the backbone's cosine, or "
@@ -173,63 +206,77 @@ class TricksConfig:
                             "compared ('auto': as the authors, the last conv of each ResNet stage, e.g. "
                             "layer1.2.conv3..layer4.2.conv3 of ResNet-50; see rifle/tricks/delta.py for others)")
     delta_attention_epochs: int = opt(10, "delta: epochs of training the linear classifier on frozen "
-                                      "pretrained features before the channel attention is measured", minimum=1)
+                                      "pretrained features before the channel attention is measured", minimum=1,
+                                      roles=("delta_key",))
     delta_attention_batches: int = opt(4, "delta: training batches used to measure each channel's loss "
-                                       "increase when removed (the authors' channel_eval.py: 4)", minimum=1)
+                                       "increase when removed (the authors' channel_eval.py: 4)", minimum=1,
+                                       roles=("delta_key",))
     delta_attention_batch_size: int = opt(32, "delta: batch size of the channel-attention measurement (the "
-                                          "authors' run.sh: 32, while it trains with 64)", minimum=1)
+                                          "authors' run.sh: 32, while it trains with 64)", minimum=1,
+                                          roles=("delta_key",))
     delta_attention_lr: float = opt(0.01, "delta: learning rate of that linear classifier (the authors' "
                                     "channel_eval.py: 0.01; apart from --lr so a sweep shares one measurement)",
-                                    minimum=0.0, exclusive_minimum=True)
+                                    minimum=0.0, exclusive_minimum=True, roles=("delta_key",))
 
 
 @dataclass
 class RunConfig:
-    seed: int = opt(0, "training seed (init of the head, data order, augmentation)", minimum=0)
+    seed: int = opt(0, "training seed (init of the head, data order, augmentation)", minimum=0,
+                    roles=("pair_free", "step_free"))
     selection: str = opt("best_val", "which checkpoint test_acc reports: the best validation epoch "
                          "(best_val) or the last epoch (last, the authors' protocol); test_acc_last is "
-                         "always logged too", choices=("best_val", "last"))
+                         "always logged too", choices=("best_val", "last"), roles=("same_settings", "step_free"))
     output_dir: str = opt("", "checkpoints and best weights; the same dir resumes the run (default: "
-                          "outputs/<hash of the options>, so the same command resumes)")
-    keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk while the run trains", minimum=1)
+                          "outputs/<hash of the options>, so the same command resumes)",
+                          roles=("run_only", "managed", "per_run"))
+    keep_checkpoints: int = opt(2, "epoch checkpoints kept on disk while the run trains", minimum=1,
+                                roles=("run_only",))
     keep_finished_checkpoints: bool = opt(False, "keep the epoch checkpoints once the run has finished (default: "
-                                          "removed; the selected weights, finished.json and the MLflow model stay)")
+                                          "removed; the selected weights, finished.json and the MLflow model stay)",
+                                          roles=("run_only",))
     tracking_uri: str | None = opt(None, "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                                   "sqlite:///mlflow.db)")
+                                   "sqlite:///mlflow.db)", roles=("run_only", "managed"))
     experiment: str | None = opt(None, "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME, else rifle; "
-                                 "under `mlflow run` the run's own, set with its --experiment-name)")
-    run_name: str | None = opt(None, "MLflow run name")
+                                 "under `mlflow run` the run's own, set with its --experiment-name)",
+                                 roles=("run_only", "managed"))
+    run_name: str | None = opt(None, "MLflow run name", roles=("run_only", "managed", "per_run"))
     log_weights: bool = opt(True, "log the selected weights (artifacts weights/, safetensors) and the MLflow "
-                            "model (runs:/<run_id>/model: images in, class labels and names out)")
+                            "model (runs:/<run_id>/model: images in, class labels and names out)", roles=("run_only",))
     register_model: str | None = opt(None, "register the logged MLflow model in the Model Registry under this "
-                                     "name (a new version per run; needs log_weights)")
+                                     "name (a new version per run; needs log_weights)", roles=("run_only",))
     system_metrics: bool = opt(True, "log CPU, memory, disk, network and, on NVIDIA GPUs, GPU use as MLflow "
-                               "system/* metrics (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)")
+                               "system/* metrics (every 10 s; $MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)",
+                               roles=("run_only",))
     probe_reinit_steps: int = opt(5, "gradient probe: optimizer steps before and after each period boundary of "
                                   "(epochs, reinit_times), where RIFLE re-initializes the head (measured for every "
                                   "method), averaged into grad_norm_pre_reinit/<block> and grad_norm_post_reinit/"
-                                  "<block> (0: none; grad_norm/<block> per epoch is always logged)", minimum=0)
+                                  "<block> (0: none; grad_norm/<block> per epoch is always logged)", minimum=0,
+                                  roles=("run_only",))
     network_timeout: int = opt(30, "seconds one contact with the MLflow server, the Optuna storage or the Hugging Face "
                                "Hub may take, retries included, before the command stops with one line naming it "
-                               "(rifle.network; MLFLOW_HTTP_REQUEST_* variables you set win)", minimum=1)
+                               "(rifle.network; MLFLOW_HTTP_REQUEST_* variables you set win)", minimum=1,
+                               roles=("run_only",))
     threads: int = opt(0, "torch intra-op threads (0: torch's default, one per core); results differ at float "
-                       "level between thread counts, so paired tools fix it (tag env.threads)", minimum=0)
+                       "level between thread counts, so paired tools fix it (tag env.threads)", minimum=0,
+                       roles=("run_only",))
     deterministic: bool = opt(False, "torch's deterministic algorithms, cuDNN's deterministic convolutions and a "
-                              "fixed cuBLAS workspace: repeatable GPU runs, slower (tag env.deterministic)")
-    # Speed only (listed in RUN_ONLY: they change how, not what, is trained, so a run may resume with them).
+                              "fixed cuBLAS workspace: repeatable GPU runs, slower (tag env.deterministic)",
+                              roles=("run_only",))
+    # Speed only (run-only: they change how, not what, is trained, so a run may resume with them).
     channels_last: bool = opt(False, "model and input batches in channels-last memory format (faster "
-                              "convolutions on GPUs with tensor cores)")
-    compile: bool = opt(False, "torch.compile the prepared model with --compile_backend")
+                              "convolutions on GPUs with tensor cores)", roles=("run_only",))
+    compile: bool = opt(False, "torch.compile the prepared model with --compile_backend", roles=("run_only",))
     compile_backend: str = opt("inductor", "torch.compile backend: inductor generates fused kernels (on a "
                                "2-core CPU that takes minutes), aot_eager and eager only capture graphs (quick "
-                               "checks), cudagraphs", choices=("inductor", "aot_eager", "eager", "cudagraphs"))
+                               "checks), cudagraphs", choices=("inductor", "aot_eager", "eager", "cudagraphs"),
+                               roles=("run_only",))
     pin_memory: bool = opt(False, "page-locked batches copied to the GPU asynchronously (ignored without a "
                            "GPU); training loader workers (--num_workers > 0) are restarted every epoch with that "
                            "epoch's seed, so a resumed run augments as the uninterrupted one; evaluation workers "
-                           "are kept")
+                           "are kept", roles=("run_only",))
     delta_cache_dir: str = opt("", "delta: folder of the cached channel attention, measured once per source "
                                "network, data and attention options and reused by every run (default: "
-                               "$XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta)")
+                               "$XDG_CACHE_HOME/rifle/delta, else ~/.cache/rifle/delta)", roles=("run_only",))
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "tricks": TricksConfig,
@@ -243,7 +290,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     tricks: TricksConfig = field(default_factory=TricksConfig)
     run: RunConfig = field(default_factory=RunConfig)
-    extra: dict = field(default_factory=dict)  # options of tricks registered from outside (tricks.register)
+    extra: dict = field(default_factory=dict)  # options of tricks registered from outside (catalog.register)
 
     @property
     def trick_list(self) -> list[str]:
@@ -253,18 +300,45 @@ class Config:
         """All options as one flat dict (the MLflow params, the checkpoint's record)."""
         return {f.name: getattr(getattr(self, s), f.name) for s in SECTIONS
                 for f in dataclasses.fields(getattr(self, s))} | {
-            name: self.extra.get(name, f.default) for name, (_, f) in tricks.OPTIONS.items()}
+            name: self.extra.get(name, f.default) for name, (_, f) in catalog.OPTIONS.items()}
 
 
 def trick_names() -> tuple[str, ...]:
-    """Every method: the built-in ones, then those registered (rifle.tricks.register)."""
-    return tuple(tricks.TRICKS)
+    """Every method: the built-in ones, then those registered (rifle.catalog.register)."""
+    return tuple(catalog.TRICKS)
 
 
 def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     """Flat option name -> (section, field); a registered trick's options are in section "extra"."""
     return {f.name: (s, f) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)} | {
-        name: ("extra", f) for name, (_, f) in tricks.OPTIONS.items()}
+        name: ("extra", f) for name, (_, f) in catalog.OPTIONS.items()}
+
+
+# Every option of a section has its section's roles besides its own; a registered trick's options ("extra") are a
+# method's options too.
+SECTION_ROLES = {"data": ("data", "same_settings"), "model": ("same_settings",), "tricks": ("trick",),
+                 "extra": ("trick",)}
+# The params a run logs beyond its options (rifle.keys; rifle.trainer.run_params and setup), with their roles.
+DERIVED_ROLES = {K.REINIT_COUNT: ("trick",), K.CLR_CYCLES: ("trick",), K.EPOCHS_TRAINED: ("budget_param",),
+                 K.OPTIMIZER_STEPS: ("budget_param",), K.WEIGHTS_RESOLVED: ()}
+
+
+def roles_of(name: str) -> tuple[str, ...]:
+    """The roles of an option (its section's, then its own) or of a derived param."""
+    if name in DERIVED_ROLES:
+        return DERIVED_ROLES[name]
+    section, f = all_fields()[name]
+    return (*SECTION_ROLES.get(section, ()), *f.metadata.get("roles", ()))
+
+
+def with_role(*roles: str, without: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The options (in field order, a registered trick's last), then the derived params, holding any of `roles`
+    and none of `without`: the one query behind every list of options by what they are to a tool."""
+    unknown = (set(roles) | set(without)) - set(ROLES)
+    if unknown:
+        raise ValueError(f"unknown role(s) {sorted(unknown)}, known: {', '.join(ROLES)}")
+    names = (*all_fields(), *DERIVED_ROLES)
+    return tuple(n for n in names if set(roles_of(n)) & set(roles) and not set(roles_of(n)) & set(without))
 
 
 def parse_tricks(text: str) -> list[str]:
@@ -272,10 +346,12 @@ def parse_tricks(text: str) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
-def option_type(name: str) -> tuple[type, bool]:
-    """(base type, whether None is allowed) of an option, from its annotation."""
-    section, _ = all_fields()[name]
-    owner = tricks.OPTIONS[name][0] if section == "extra" else SECTIONS[section]
+def option_type(name: str, owner: type | None = None) -> tuple[type, bool]:
+    """(base type, whether None is allowed) of an option (of `owner`, default the trainer's), from its
+    annotation."""
+    if owner is None:
+        section, _ = all_fields()[name]
+        owner = catalog.OPTIONS[name][0] if section == "extra" else SECTIONS[section]
     hint = typing.get_type_hints(owner)[name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return (args[0] if args else hint), type(None) in typing.get_args(hint)
@@ -288,7 +364,20 @@ def convert(name: str, value: Any) -> Any:
         close = [n for n in fields if n.startswith(name[:3])]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ConfigError(name, f"unknown option{hint}")
-    typ, optional = option_type(name)
+    return _convert(name, *option_type(name), value)
+
+
+def convert_field(owner: type, f: dataclasses.Field, value: Any) -> Any:
+    """A raw value of another dataclass's `opt` field (a verb's own options, e.g. the sweep's) converted and
+    bounded exactly as a trainer option is: one converter for every option of every verb."""
+    if f.metadata.get("choices") and value in f.metadata["choices"]:
+        return value  # a choice as named ("none" is the sweep's pruner, not an empty value)
+    converted = _convert(f.name, *option_type(f.name, owner), value)
+    check_bounds(f.name, f, converted)
+    return converted
+
+
+def _convert(name: str, typ: type, optional: bool, value: Any) -> Any:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         if optional:
             return None
@@ -397,21 +486,22 @@ def resolve(cfg: Config) -> Config:
     _check_tricks(cfg)
     if cfg.run.seed >= 2**32:  # rifle.seeds hashes 32-bit words
         raise ConfigError("seed", f"must be below 2**32, got {cfg.run.seed}")
-    if any(t in PERIODIC for t in cfg.trick_list):
-        periods = cfg.tricks.reinit_times + 1
-        if cfg.optim.epochs // periods < 1:
+    if periodic(cfg):
+        trained = schedules.truncated_epochs(cfg.optim.epochs, cfg.tricks.reinit_times)
+        if trained < 1:
+            periods = schedules.rifle_periods(cfg.tricks.reinit_times)
             what = (f"{cfg.tricks.reinit_times} re-initializations" if "rifle" in cfg.trick_list
                     else f"{periods} head learning-rate periods (reinit_times={cfg.tricks.reinit_times})")
             raise ConfigError("reinit_times", f"{what} need at least {periods} epochs (one per period), got "
                               f"epochs={cfg.optim.epochs}")
-        # The official code truncates the run to a whole number of periods.
-        cfg.optim.epochs = periods * (cfg.optim.epochs // periods)
+        cfg.optim.epochs = trained
     if "rifle" in cfg.trick_list:
         last = reinit_epochs(cfg)[-1]
         left = cfg.optim.epochs - 1 - last
         if left < cfg.tricks.reinit_guard_epochs:
             raise ConfigError("reinit_guard_epochs", f"the last of the {cfg.tricks.reinit_times} re-initializations "
-                              f"(after epoch {last} of {cfg.optim.epochs}) leaves {left} epochs of training, fewer "
+                              f"(after epoch {last} of 0..{cfg.optim.epochs - 1}) leaves {left} epochs of training, "
+                              "fewer "
                               f"than {cfg.tricks.reinit_guard_epochs}: lower reinit_guard_epochs or reinit_times, "
                               "or train longer")
     if cfg.model.weights and not cfg.model.pretrained:
@@ -470,13 +560,16 @@ def clr_bounds(cfg: Config) -> tuple[float, float]:
     return (t.clr_base_lr if t.clr_base_lr is not None else top / 4), top
 
 
+def periodic(cfg: Config) -> bool:
+    """Whether a method of the configuration splits the run into K+1 periods (PERIODIC), truncating its epochs."""
+    return any(t in PERIODIC for t in cfg.trick_list)
+
+
 def reinit_epochs(cfg: Config) -> list[int]:
     """Epochs after which the (resolved) configuration really re-initializes the head: none without RIFLE."""
     if "rifle" not in cfg.trick_list:
         return []
-    from .schedules import rifle_reinit_epochs  # pure, no torch
-    t = cfg.tricks
-    return rifle_reinit_epochs(cfg.optim.epochs, t.reinit_times)
+    return schedules.rifle_reinit_epochs(cfg.optim.epochs, cfg.tricks.reinit_times)
 
 
 def reinit_count(cfg: Config) -> int:
@@ -487,8 +580,7 @@ def clr_cycle_count(cfg: Config) -> int:
     """The whole triangular cycles cyclic_lr fits to the run (schedules.clr_cycles); 0 without cyclic_lr."""
     if "cyclic_lr" not in cfg.trick_list:
         return 0
-    from .schedules import clr_cycles  # pure, no torch
-    return clr_cycles(cfg.optim.epochs, cfg.tricks.clr_step_epochs)
+    return schedules.clr_cycles(cfg.optim.epochs, cfg.tricks.clr_step_epochs)
 
 
 def _check_dataset(cfg: Config) -> str:
@@ -526,10 +618,7 @@ def _check_dataset(cfg: Config) -> str:
     return ds
 
 
-RUN_ONLY = ("output_dir", "tracking_uri", "experiment", "run_name", "log_weights", "register_model",
-            "system_metrics", "keep_checkpoints", "keep_finished_checkpoints",
-            "probe_reinit_steps", "channels_last", "compile", "compile_backend", "pin_memory", "num_proc",
-            "delta_cache_dir", "threads", "deterministic", "network_timeout")
+RUN_ONLY = with_role("run_only")
 
 
 def config_digest(cfg: Config) -> str:

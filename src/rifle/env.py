@@ -13,10 +13,12 @@ import platform
 import subprocess
 from pathlib import Path
 
+from . import keys as K
+
 # Versions of the packages a run uses, read from their metadata (nothing imported): tag -> distributions.
-PACKAGES = {"env.torchvision": ("torchvision",), "env.timm": ("timm",), "env.datasets": ("datasets",),
-            "env.numpy": ("numpy",), "env.pillow": ("Pillow",), "env.accelerate": ("accelerate",),
-            "env.mlflow": ("mlflow", "mlflow-skinny"), "env.optuna": ("optuna",)}
+PACKAGES = {K.ENV_TORCHVISION: ("torchvision",), K.ENV_TIMM: ("timm",), K.ENV_DATASETS: ("datasets",),
+            K.ENV_NUMPY: ("numpy",), K.ENV_PILLOW: ("Pillow",), K.ENV_ACCELERATE: ("accelerate",),
+            K.ENV_MLFLOW: ("mlflow", "mlflow-skinny"), K.ENV_OPTUNA: ("optuna",)}
 # The tags that change a run's numbers, compared before runs are paired: torch, CUDA and the device choose
 # the kernels, threads the order of sums, deterministic the algorithms; torchvision's transforms and Pillow's
 # decoding and resizing make the pixels the network sees; timm builds the backbone and its pretrained weights.
@@ -24,8 +26,8 @@ PACKAGES = {"env.torchvision": ("torchvision",), "env.timm": ("timm",), "env.dat
 # dataset_fingerprint tag records; accelerate wraps the loop in what the run's options set (precision,
 # accumulation); mlflow and optuna record and schedule runs. Comparing those would refuse pairs over a
 # logging library's patch release.
-COMPARED = ("env.torch", "env.torchvision", "env.timm", "env.pillow", "env.cuda", "env.device", "env.threads",
-            "env.deterministic")
+COMPARED = (K.ENV_TORCH, K.ENV_TORCHVISION, K.ENV_TIMM, K.ENV_PILLOW, K.ENV_CUDA, K.ENV_DEVICE, K.ENV_THREADS,
+            K.ENV_DETERMINISTIC)
 KEYS = (*COMPARED, *(k for k in PACKAGES if k not in COMPARED))
 
 
@@ -58,10 +60,10 @@ def environment(device=None) -> dict[str, str]:
     import torch
     on_gpu = device is not None and getattr(device, "type", "cpu") == "cuda"
     cpu = f"{cpu_name()} ({torch.backends.cpu.get_cpu_capability()})"
-    return {"env.torch": torch.__version__, "env.cuda": torch.version.cuda or "none",
-            "env.device": torch.cuda.get_device_name(device) if on_gpu else cpu,
-            "env.threads": str(torch.get_num_threads()),
-            "env.deterministic": str(torch.are_deterministic_algorithms_enabled()).lower()} | {
+    return {K.ENV_TORCH: torch.__version__, K.ENV_CUDA: torch.version.cuda or "none",
+            K.ENV_DEVICE: torch.cuda.get_device_name(device) if on_gpu else cpu,
+            K.ENV_THREADS: str(torch.get_num_threads()),
+            K.ENV_DETERMINISTIC: str(torch.are_deterministic_algorithms_enabled()).lower()} | {
         tag: version(*names) for tag, names in PACKAGES.items()}
 
 
@@ -79,7 +81,7 @@ def git_state(folder: Path = Path(__file__).parent) -> dict[str, str]:
         return {}
     if commit.returncode != 0 or status.returncode != 0:
         return {}
-    return {"git_commit": commit.stdout.strip(), "git_dirty": "true" if status.stdout.strip() else "false"}
+    return {K.GIT_COMMIT: commit.stdout.strip(), K.GIT_DIRTY: "true" if status.stdout.strip() else "false"}
 
 
 def apply(threads: int, deterministic: bool) -> None:
@@ -101,9 +103,9 @@ def describe(tags: dict) -> str:
     2.14.1, CUDA none, ...')."""
     if not any(tags.get(k) for k in COMPARED):
         return "environment not recorded (runs made before env.* tags)"
-    threads = tags.get("env.threads", "?")
-    packages = "".join(f", {name} {tags[k]}" for k, name in (("env.torchvision", "torchvision"), ("env.timm", "timm"),
-                                                             ("env.pillow", "Pillow")) if tags.get(k))
-    return (f"torch {tags.get('env.torch', '?')}{packages}, CUDA {tags.get('env.cuda', '?')}, "
-            f"{tags.get('env.device', '?')}, {threads} thread{'' if threads == '1' else 's'}, "
-            f"deterministic {tags.get('env.deterministic', '?')}")
+    threads = tags.get(K.ENV_THREADS, "?")
+    packages = "".join(f", {name} {tags[k]}" for k, name in ((K.ENV_TORCHVISION, "torchvision"), (K.ENV_TIMM, "timm"),
+                                                             (K.ENV_PILLOW, "Pillow")) if tags.get(k))
+    return (f"torch {tags.get(K.ENV_TORCH, '?')}{packages}, CUDA {tags.get(K.ENV_CUDA, '?')}, "
+            f"{tags.get(K.ENV_DEVICE, '?')}, {threads} thread{'' if threads == '1' else 's'}, "
+            f"deterministic {tags.get(K.ENV_DETERMINISTIC, '?')}")

@@ -142,7 +142,8 @@ def bundled_lite0_state_dict() -> "OrderedDict[str, torch.Tensor]":
     out = OrderedDict()
     for (src_key, tensor), (dst_key, ref) in zip(source.items(), target.items()):
         if tensor.shape != ref.shape:
-            raise RuntimeError(f"bundled weight {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
+            raise RuntimeError(f"bundled weight {src_key} {tuple(tensor.shape)} does not fit {dst_key} "
+                               f"{tuple(ref.shape)}")
         out[dst_key] = tensor
     return out
 

@@ -6,7 +6,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .track.keys import GRAD, POST, PRE, WEIGHT
+from .callbacks import Callback
+from .keys import GRAD, POST, PRE, WEIGHT, block_metric
 
 
 def snapshot(backbone: nn.Module) -> dict[str, torch.Tensor]:
@@ -26,10 +27,10 @@ def weight_distances(backbone: nn.Module, reference: dict[str, torch.Tensor], bl
         block = block_of(name, blocks)
         if block is not None:
             sq[block] += float((p.detach().float().cpu() - reference[name].float()).pow(2).sum())
-    return {f"{WEIGHT}{b}": v ** 0.5 for b, v in sq.items()}
+    return {block_metric(WEIGHT, b): v ** 0.5 for b, v in sq.items()}
 
 
-class BlockProbe:
+class BlockProbe(Callback):
     """An observe-only callback of `trainer.fit`. Per epoch: `weight_dist/<block>` (weight_distances) and
     `grad_norm/<block>`, the L2 norm of each backbone block's gradient averaged over the epoch's optimizer
     steps; around each period boundary (after the epochs in `boundaries`: the trainer gives those of (epochs,
@@ -79,5 +80,5 @@ class BlockProbe:
             windows[POST] = steps[:self.window]
         if self.window and epoch in self.boundaries:
             windows[PRE] = steps[-self.window:]
-        return {f"{prefix}{b}": v for prefix, rows in windows.items()
+        return {block_metric(prefix, b): v for prefix, rows in windows.items()
                 for b, v in zip(self.blocks, rows.mean(0).tolist())}

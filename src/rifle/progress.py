@@ -1,5 +1,8 @@
 """Progress a person can follow: a tqdm bar on a terminal, otherwise one line per epoch (under `mlflow run`,
-in sweeps, in cluster logs, whenever stderr is not a terminal). Main process only; the others stay silent."""
+in sweeps, in cluster logs, whenever stderr is not a terminal). Main process only; the others stay silent.
+
+Epochs count from 0 here as everywhere (MLflow's steps, checkpoints epoch-NNNN, selected_epoch, reports, error
+lines), and the line says so with the range: "epoch 2 of 0..19" is MLflow's step 2 of a 20-epoch run."""
 from __future__ import annotations
 
 import os
@@ -7,12 +10,13 @@ import time
 
 from tqdm.auto import tqdm
 
-from .track import keys as K
+from . import keys as K
 
 
 def epoch_line(epoch: int, epochs: int, metrics: dict, seconds: float, left: float) -> str:
-    """'epoch 3/20: train_loss 0.512, val_acc 0.870, lr 0.0090/0.0090 (backbone/head), head re-initialized,
-    2.1 s/epoch, ~34 s left' (val_acc only with validation, the re-init only when one happened)."""
+    """'epoch 2 of 0..19: train_loss 0.512, val_acc 0.870, lr 0.0090/0.0090 (backbone/head), head re-initialized,
+    2.1 s/epoch, ~34 s left' (`epoch` 0-based, as MLflow's step; val_acc only with validation, the re-init only
+    when one happened)."""
     parts = [f"{K.TRAIN_LOSS} {metrics[K.TRAIN_LOSS]:.3f}"]
     if K.VAL_ACC in metrics:
         parts.append(f"{K.VAL_ACC} {metrics[K.VAL_ACC]:.3f}")
@@ -21,7 +25,7 @@ def epoch_line(epoch: int, epochs: int, metrics: dict, seconds: float, left: flo
         parts.append("head re-initialized")
     duration = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
     parts.append(f"{seconds:.1f} s/epoch, ~{duration} left")
-    return f"epoch {epoch + 1}/{epochs}: " + ", ".join(parts)
+    return f"epoch {epoch} of 0..{epochs - 1}: " + ", ".join(parts)
 
 
 class Progress:
@@ -43,5 +47,5 @@ class Progress:
             left = (now - self.start) / (epoch + 1 - self.first) * (self.epochs - epoch - 1)
             print(epoch_line(epoch, self.epochs, metrics, seconds, left), flush=True)
         else:
-            self.bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
-                                 val=f"{metrics.get('val_acc', float('nan')):.3f}")
+            self.bar.set_postfix(loss=f"{metrics[K.TRAIN_LOSS]:.3f}",
+                                 val=f"{metrics.get(K.VAL_ACC, float('nan')):.3f}")

@@ -5,6 +5,7 @@ Epochs are 0-based, as in the official RIFLE code (lixingjian/RIFLE, train.py).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 
 def cosine_lr(epoch: float, total_epochs: int, base_lr: float) -> float:
@@ -12,30 +13,54 @@ def cosine_lr(epoch: float, total_epochs: int, base_lr: float) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * epoch / total_epochs))
 
 
+def rifle_periods(reinit_times: int) -> int:
+    """K re-initializations split a run into K+1 equal periods (RIFLE, and head_lr_restart, its control)."""
+    return reinit_times + 1
+
+
+def truncated_epochs(epochs: int, reinit_times: int) -> int:
+    """The epochs a periodic method trains when `epochs` are asked: the largest multiple of K+1 not above them, as
+    the official code truncates the run to whole periods (0 when epochs < K+1: no period fits)."""
+    periods = rifle_periods(reinit_times)
+    return periods * (epochs // periods)
+
+
 def rifle_period(epochs: int, reinit_times: int) -> int:
-    """Length in epochs of one of the K+1 equal periods (epochs already truncated to a multiple)."""
-    return epochs // (reinit_times + 1)
+    """Length in epochs of one of the K+1 equal periods of a run of `epochs` (the same before and after the
+    truncation)."""
+    return epochs // rifle_periods(reinit_times)
+
+
+def period_steps(steps_per_epoch: int, epochs: int, reinit_times: int) -> int:
+    """Optimizer steps in one period: what sets how long the backbone trains with each fresh head."""
+    return steps_per_epoch * rifle_period(epochs, reinit_times)
 
 
 def rifle_reinit_epochs(epochs: int, reinit_times: int) -> list[int]:
-    """Epochs after whose validation pass the head is re-initialized.
+    """Epochs after whose validation pass the head is re-initialized, in the run truncated to whole periods.
 
     Official rule: after epoch e if (e + 1) % period == 0. The official code also resets after the very
     last epoch, which has no effect on training; we skip it so exactly K re-inits happen.
     """
-    period = rifle_period(epochs, reinit_times)
-    return [e for e in range(epochs - 1) if (e + 1) % period == 0]
+    trained, period = truncated_epochs(epochs, reinit_times), rifle_period(epochs, reinit_times)
+    if period < 1:
+        raise ValueError(f"{rifle_periods(reinit_times)} periods need at least as many epochs, got {epochs}")
+    return [e for e in range(trained - 1) if (e + 1) % period == 0]
 
 
 def period_boundaries(epochs: int, reinit_times: int) -> list[int]:
     """The epochs after which RIFLE with (epochs, reinit_times) re-initializes, whatever the method trained: the K
     boundaries of the K+1 periods of the run truncated to a multiple of K+1, as RIFLE truncates it (none when
-    epochs < K+1). RIFLE's own `rifle_reinit_epochs` on its truncated epochs; the gradient probe measures every
-    method there, so plain's post / pre ratio at RIFLE's boundary exists."""
-    periods = reinit_times + 1
-    if epochs < periods:
-        return []
-    return rifle_reinit_epochs(periods * (epochs // periods), reinit_times)
+    epochs < K+1). RIFLE's own `rifle_reinit_epochs`; the gradient probe measures every method there, so plain's
+    post / pre ratio at RIFLE's boundary exists."""
+    return rifle_reinit_epochs(epochs, reinit_times) if truncated_epochs(epochs, reinit_times) else []
+
+
+def shared_epochs(epochs: int, reinit_times: Iterable[int]) -> int:
+    """The fewest epochs, at least `epochs`, that every K+1 of `reinit_times` divides (a multiple of their lcm):
+    a budget that periodic methods with different K all train whole, so a paired plan can share it."""
+    step = math.lcm(*(rifle_periods(k) for k in reinit_times))  # lcm() of nothing is 1
+    return step * -(-epochs // step)
 
 
 def rifle_cyclic_head_lr(epoch: float, epochs: int, reinit_times: int, base_lr: float) -> float:

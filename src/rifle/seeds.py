@@ -16,6 +16,17 @@ Purposes:
 - workers  the training loader's generator, which seeds its worker processes (augmentation with
            num_workers > 0) each epoch.
 
+Streams derived otherwise, each by a named function here that keeps its formula: changing one would change
+numbers already published (tables, reference cells, tests/test_recorded.py), so they stay as they were.
+- `reinit_seed(run_seed, index)`     RIFLE's new head at its index-th re-init (tricks/rifle.py).
+- `sampler_seed(base, trial_number)` a sweep's TPE sampler, reseeded at every trial (workers/worker.py).
+- `attention_seed(split_seed)`       DELTA's channel-attention measurement (tricks/delta.py): the data's seed,
+                                     not the training seed, so a sweep's seeds share one cached measurement.
+- `TEST_SPLIT_SEED`                  the test set held out of a source without one (data/sources.py).
+Seeds used as they are: `split_seed` draws the validation carve-out and the k-shot and label-rate subsets
+(data/sources.py), the run's seed initializes the model and its head (accelerate's set_seed in
+trainer.make_model), and the sign-flip test's Monte Carlo draws use a fixed 0 (evidence/stats.py).
+
 Imports only NumPy: the configuration layer may use it before torch loads.
 """
 from __future__ import annotations
@@ -39,6 +50,38 @@ def stream_seed(seed: int, epoch: int, rank: int | None = None, purpose: str = "
     if not all(isinstance(w, (int, np.integer)) and 0 <= w < 2**32 for w in words):
         raise ValueError(f"seed, epoch and rank + 1 must be integers in [0, 2**32), got {words[1:]}")
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1, np.uint64)[0])
+
+
+# The held-out test set of a source that ships only train (and the built-in digits' halves): fixed whatever
+# split_seed is, so every split seed is tested on the same images.
+TEST_SPLIT_SEED = 0
+# DELTA's attention stream: (this, split_seed) hashed, apart from every training stream.
+ATTENTION_SALT = 0xDE17A
+
+
+def reinit_seed(run_seed: int, index: int) -> int:
+    """The generator seed of the `index`-th re-init (1-based) of RIFLE's head, the same on every process.
+
+    Arithmetic, not `stream_seed`: the formula predates the streams and every published RIFLE number draws its
+    heads from it (seed 0's first head is seed 7919 of torch), so it stays."""
+    return run_seed * 100_003 + 7919 * index
+
+
+def sampler_seed(base: int, trial_number: int) -> int:
+    """The seed of a sweep's TPE sampler for trial `trial_number` of a study seeded `base`: parallel workers never
+    draw the same random start-up point, and a one-worker study is reproducible.
+
+    Arithmetic, not `stream_seed`: kept, so a study seeded as before proposes the same trials."""
+    return base * 1_000_003 + trial_number
+
+
+def attention_seed(split_seed: int) -> int:
+    """The seed of DELTA's channel-attention measurement (its classifier's init and its passes over the data):
+    63 bits of SeedSequence([ATTENTION_SALT, split_seed]).
+
+    A SeedSequence hash, as `stream_seed`, but of other words: kept, so cached and published attentions (and the
+    runs that used them) stay valid."""
+    return int(np.random.SeedSequence([ATTENTION_SALT, split_seed]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def seed_process(stream: int) -> None:

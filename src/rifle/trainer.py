@@ -18,15 +18,16 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_seed
 from torch.utils.data import DataLoader
 
-from . import checkpoint, env, network, probes
+from . import checkpoint, env, launch, network, probes
+from .callbacks import Callback, as_callback
 from .config import RUN_ONLY, Config, ConfigError, clr_cycle_count, reinit_count, reinit_epochs, to_yaml
-from .data import decode_cache, fingerprint, load_data
+from .data import decode_cache, fingerprint, load
 from .data.transforms import build_cached_transform, build_transform, collate, resize_for
 from .models import block_names, build_model, param_groups
 from .progress import Progress
 from .schedules import cosine_lr, period_boundaries
 from .seeds import EpochOrder, seed_process, stream_seed
-from .track import keys as K
+from . import keys as K
 from .network import redact
 from .track.tracker import Tracker, TrackingLost
 from .tricks import build_tricks
@@ -87,14 +88,10 @@ def evaluate(model, loader, acc: Accelerator) -> float:
     return correct / max(total, 1)
 
 
-def hooks(callbacks, name: str) -> list:
-    """Each callback's method `name`, in order; a plain function counts as an `on_epoch_end`."""
-    return [getattr(c, name, c) for c in callbacks if hasattr(c, name) or (name == "on_epoch_end" and callable(c))]
-
-
-def train_step(s: "Session", images, labels, epoch: int, fraction: float, observers=()) -> tuple:
+def train_step(s: "Session", images, labels, epoch: int, fraction: float, callbacks: tuple = ()) -> tuple:
     """One batch: the tricks' learning rates at epoch + fraction, forward, the tricks' targets and penalties, backward,
-    the observers (the gradient the optimizer is about to use), the optimizer step. (loss, logits, lrs)."""
+    the callbacks' after_backward (the gradient the optimizer is about to use), the optimizer step. (loss, logits,
+    lrs)."""
     cfg, acc, optimizer = s.cfg, s.acc, s.optimizer
     lrs = {"backbone": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.lr),
            "head": cosine_lr(epoch, cfg.optim.epochs, cfg.optim.head_lr)}
@@ -112,21 +109,21 @@ def train_step(s: "Session", images, labels, epoch: int, fraction: float, observ
             extra = t.penalty(s.raw, images)
             loss = loss if extra is None else loss + extra
         acc.backward(loss)
-        if observers and acc.sync_gradients:
-            for observe in observers:
-                observe(acc.scaler.get_scale() if acc.scaler is not None else 1.0)
+        if callbacks and acc.sync_gradients:
+            scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
+            for c in callbacks:
+                c.after_backward(scale)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return loss, logits, lrs
 
 
-def train_epoch(s: "Session", epoch: int, bar, callbacks=()) -> dict[str, float]:
-    observers = hooks(callbacks, "after_backward")
+def train_epoch(s: "Session", epoch: int, bar, callbacks: tuple[Callback, ...] = ()) -> dict[str, float]:
     s.model.train()
     loader, acc = s.loaders[0], s.acc
     losses, correct, seen = [], torch.zeros((), device=acc.device), 0
     for i, (images, labels) in enumerate(loader):
-        loss, logits, lrs = train_step(s, images, labels, epoch, i / len(loader), observers)
+        loss, logits, lrs = train_step(s, images, labels, epoch, i / len(loader), callbacks)
         losses.append(loss.detach().float())
         correct += (logits.argmax(1) == labels).sum()  # against the true labels, whatever a trick did
         seen += labels.numel()
@@ -162,34 +159,13 @@ class Session:
     state: dict                   # what a checkpoint stores: counters, best record, history
 
 
-_warned_one_process = False
-
-
-def warn_one_process_launch() -> None:
-    """Say so (once per process) when `accelerate launch --num_processes N` (N > 1) started one process.
-
-    Without --multi_gpu or a config file, and with fewer than two GPUs, accelerate uses its simple launcher:
-    one process, given MASTER_ADDR/MASTER_PORT (it sets them only when N > 1 or several machines) but no
-    WORLD_SIZE, which torchrun (--multi_gpu) and mpirun would give. That process would train alone."""
-    global _warned_one_process
-    env = os.environ
-    launched_one = "ACCELERATE_DYNAMO_BACKEND" in env and "MASTER_ADDR" in env and not any(
-        k in env for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
-    if launched_one and not _warned_one_process:
-        _warned_one_process = True
-        import sys
-        print("warning: accelerate launch started 1 process although more were asked; it trains alone. "
-              "Add --multi_gpu (also on a CPU) or use --config_file configs/accelerate/cpu_2proc.yaml",
-              file=sys.stderr, flush=True)
-
-
 def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
     """Accelerator, data, model, tricks, optimizer; resumes from the newest checkpoint in output_dir."""
     acc, out, o = make_accelerator(cfg), Path(cfg.run.output_dir), cfg.optim
     if acc.is_main_process:
         checkpoint.check_output_dir(str(out))
     with acc.main_process_first():  # the main process fills the datasets caches, the others read them
-        loaded = load_data(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
+        loaded = load(cfg.data)  # checks every image once (cached): bad files stop here or are skipped
         data, scan = loaded.data, loaded.scan
         decoded = cached_data(cfg, data)
     num_classes = len(data["train"].features["label"].names)
@@ -211,16 +187,19 @@ def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
         t.on_fit_start(ctx)
     state = resume(cfg, out, raw, optimizer, tricks)
     tracker = start_tracking(cfg, acc, state, mlflow_run_id)
-    tracker.log_params({"optimizer_steps": o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps),
-                        "weights_resolved": raw.weights_resolved})  # the weights the backbone loaded
-    tracker.set_tags({"dataset_fingerprint": ctx.data_fingerprint, "dataset_commit": loaded.revision})
+    tracker.log_params({K.OPTIMIZER_STEPS: o.epochs * math.ceil(len(loaders[0]) / o.grad_accum_steps),
+                        K.WEIGHTS_RESOLVED: raw.weights_resolved})  # the weights the backbone loaded
+    tracker.set_tags({K.DATASET_FINGERPRINT: ctx.data_fingerprint, K.DATASET_COMMIT: loaded.revision})
+    tracker.log_data(cfg.data.dataset, cfg.data.dataset_registry, data, loaded.revision, ctx.data_fingerprint)
     tracker.log_classes(data["train"].features["label"].names)  # label index -> name, for the logged model
     if scan is not None:  # which images were checked, their modes, and any skipped (bad_images=skip)
         tracker.log_artifact_text(scan.to_json(), "data/image_scan.json")
-        tracker.set_tags({"images_skipped": len(scan.bad)})
+        tracker.set_tags({K.IMAGES_SKIPPED: len(scan.bad)})
     # every method measured at the period boundaries, where RIFLE (if trained) re-initializes: ratios side by side
-    probe = probes.BlockProbe(raw.backbone, block_names(raw.backbone), pretrained, cfg.run.probe_reinit_steps,
+    blocks = block_names(raw.backbone)
+    probe = probes.BlockProbe(raw.backbone, blocks, pretrained, cfg.run.probe_reinit_steps,
                               period_boundaries(o.epochs, cfg.tricks.reinit_times))
+    tracker.set_tags({K.BLOCK_ORDER: ",".join(blocks)})  # the report orders its per-block panels by it
     return Session(cfg, acc, out, raw, model, optimizer, tuple(loaders), tricks, pretrained, probe, tracker, state)
 
 
@@ -228,17 +207,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """The run's Accelerator, after the threads and deterministic settings (rifle.env) are applied."""
     if cfg.optim.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("mixed_precision", "fp16 needs a CUDA GPU; use bf16 or no on the CPU")
-    warn_one_process_launch()
+    launch.warn_one_process_launch()
     env.apply(cfg.run.threads, cfg.run.deterministic)
-    # Without a GPU, processes started by `accelerate launch` must be told to use the CPU (gloo),
-    # otherwise each one trains alone as rank 0.
-    cpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     from accelerate.state import AcceleratorState
     if AcceleratorState._shared_state and AcceleratorState().mixed_precision != cfg.optim.mixed_precision:
         # The state is process-wide: a second run in this process (a sweep, tests) with another precision
         # needs it rebuilt; the distributed setup (PartialState) is kept.
         AcceleratorState._reset_state()
-    return Accelerator(cpu=cpu_ddp, mixed_precision=cfg.optim.mixed_precision,
+    return Accelerator(cpu=launch.cpu_processes(), mixed_precision=cfg.optim.mixed_precision,
                        gradient_accumulation_steps=cfg.optim.grad_accum_steps,
                        # no seedable sampler: the training sampler is our own EpochOrder
                        dataloader_config=DataLoaderConfiguration(non_blocking=cfg.run.pin_memory))
@@ -285,9 +261,9 @@ def start_tracking(cfg: Config, acc: Accelerator, state: dict, mlflow_run_id: st
     state["run_id"] = tracker.start(state["run_id"], cfg.run.run_name, forced_run_id=mlflow_run_id)
     tracker.log_params(run_params(cfg))
     git = env.git_state() if acc.is_main_process else {}
-    tracker.set_tags({"tricks": ",".join(cfg.trick_list) or "none", "num_processes": acc.num_processes}
+    tracker.set_tags({K.TRICKS_TAG: ",".join(cfg.trick_list) or "none", K.NUM_PROCESSES: acc.num_processes}
                      | git | env.environment(acc.device))
-    tracker.set_source(git.get("git_commit"))
+    tracker.set_source(git.get(K.GIT_COMMIT))
     tracker.sync_history(state["history"])
     return tracker
 
@@ -296,8 +272,8 @@ def run_params(cfg: Config) -> dict:
     """A run's MLflow params: every resolved option (the tracking URI without its password), the number of
     re-inits RIFLE really makes, the whole cycles cyclic_lr fits to the budget (0 without either) and the epochs
     it really trains (after RIFLE's truncation to a multiple of K+1)."""
-    return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), "reinit_count": reinit_count(cfg),
-                         "clr_cycles": clr_cycle_count(cfg), "epochs_trained": cfg.optim.epochs}
+    return cfg.flat() | {"tracking_uri": redact(cfg.run.tracking_uri), K.REINIT_COUNT: reinit_count(cfg),
+                         K.CLR_CYCLES: clr_cycle_count(cfg), K.EPOCHS_TRAINED: cfg.optim.epochs}
 
 
 def check_same_run(cfg: Config, recorded: dict) -> None:
@@ -311,26 +287,31 @@ def check_same_run(cfg: Config, recorded: dict) -> None:
 
 def already_finished(cfg: Config, done: dict, mlflow_run_id: str | None) -> dict:
     """A finished output_dir is not trained again: say so and return its result. A run made for this call
-    (`mlflow run`'s, or a sweep's or study's child run) gets the finished run's history and result."""
+    (`mlflow run`'s, or a sweep's or study's child run) becomes a complete copy of the finished run (its params,
+    tags, dataset inputs and metrics, tagged finished_earlier_in_run; Tracker.copy_finished), which the report
+    counts as the finished run's one result."""
     check_same_run(cfg, done["config"])
     result = done["result"]
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not launch.distributed_state().is_main_process:
         return result
-    print(f"rifle: {cfg.run.output_dir} holds the finished run {result['run_id']} ({result['epochs']} epochs): not "
-          "trained again (another --output_dir or --seed trains anew); its result follows", flush=True)
     target = mlflow_run_id or os.environ.get("MLFLOW_RUN_ID")
-    if target and target != result["run_id"]:
+    copy = bool(target) and target != result["run_id"]
+    where = f"; its result follows, copied into run {target} (tag {K.COPY_TAG})" if copy else "; its result follows"
+    print(f"rifle: {cfg.run.output_dir} holds the finished run {result['run_id']} ({result['epochs']} epochs): not "
+          f"trained again (another --output_dir or --seed trains anew){where}", flush=True)
+    if copy:
         tracker = Tracker(True, cfg.run.tracking_uri, cfg.run.experiment, system_metrics=False)
-        tracker.start(result["run_id"], forced_run_id=mlflow_run_id)
-        tracker.log_params(run_params(cfg))
-        tracker.set_tags({"finished_earlier_in_run": result["run_id"]})
-        tracker.sync_history(done["history"])
-        tracker.log_final({k: v for k, v in result.items() if k not in ("run_id", "epochs")})
+        tracker.start(None, forced_run_id=mlflow_run_id)  # not resumed_from_run: nothing resumes here
+        try:
+            tracker.copy_finished(result["run_id"], done, run_params(cfg))
+        except BaseException as e:
+            tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
         tracker.end()
     return result
 
 
-def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
+def end_epoch(s: Session, epoch: int, metrics: dict, callbacks: tuple[Callback, ...] = ()) -> None:
     """Track the best validation epoch (before any re-init; its weights kept when selection is best_val), run
     the tricks' epoch end and the callbacks' `on_epoch_metrics`, checkpoint, then log (asynchronously: the
     queue is flushed before the next checkpoint, so a kill leaves at most that one epoch to log on resume)."""
@@ -344,8 +325,8 @@ def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
     for t in s.tricks:
         t.on_epoch_end(epoch, metrics)
         metrics |= t.meter.pop(s.acc)
-    for add in hooks(callbacks, "on_epoch_metrics"):
-        add(epoch, metrics)
+    for c in callbacks:
+        c.on_epoch_metrics(epoch, metrics)
     state |= {"epoch": epoch + 1, "history": state["history"] + [{"epoch": epoch, **metrics}],
               "tricks": {t.name: t.state_dict() for t in s.tricks}}
     lost = None
@@ -367,17 +348,15 @@ def end_epoch(s: Session, epoch: int, metrics: dict, callbacks=()) -> None:
 def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
     """Train, then test at the checkpoint `selection` names and at the last epoch. `mlflow_run_id` (main
     process): an existing run to log into (a trial's child run) instead of `mlflow run`'s or a new one.
-    `callbacks` observe; each has any of (a plain function is an on_epoch_end), besides the block probe:
-      on_epoch_start(epoch); after_backward(scale) before each optimizer step (scale: the fp16 loss scale);
-      on_epoch_metrics(epoch, metrics) after validation and the tricks' epoch end, may add metrics to log;
-      on_epoch_end(epoch, metrics) on every process after the checkpoint and logging, may raise to stop
-      (the MLflow run then ends FAILED, KILLED on Ctrl-C)."""
+    `callbacks` observe, after the block probe: `rifle.callbacks.Callback`s (their events and when they fire),
+    or plain functions (epoch, metrics) run as an `on_epoch_end`."""
+    callbacks = (*map(as_callback, callbacks),)  # a bad callback fails before any work
     network.apply(cfg.run.network_timeout)
     done = checkpoint.finished(cfg.run.output_dir)
     if done is not None:
         return already_finished(cfg, done, mlflow_run_id)
     s = setup(cfg, mlflow_run_id)
-    callbacks = [s.probe, *callbacks]
+    callbacks = (s.probe, *callbacks)
     train_loader, val_loader, _ = s.loaders
     bar = Progress(s.acc.is_main_process, s.state["epoch"], cfg.optim.epochs, len(train_loader))
     try:
@@ -390,15 +369,15 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
                 t.on_epoch_start(epoch)
             # After the tricks' epoch start, so DELTA's extra pass over the loader cannot move the workers' seed.
             train_loader.generator.manual_seed(stream_seed(cfg.run.seed, epoch, s.acc.process_index, "workers"))
-            for start in hooks(callbacks, "on_epoch_start"):
-                start(epoch)
+            for c in callbacks:
+                c.on_epoch_start(epoch)
             metrics = train_epoch(s, epoch, bar, callbacks)
             if val_loader is not None:
                 metrics[K.VAL_ACC] = evaluate(s.model, val_loader, s.acc)
             end_epoch(s, epoch, metrics, callbacks)
             bar.epoch_end(epoch, metrics)
-            for end in hooks(callbacks, "on_epoch_end"):
-                end(epoch, metrics)
+            for c in callbacks:
+                c.on_epoch_end(epoch, metrics)
         bar.close()
         final = test_and_log(s)
     except BaseException as e:
@@ -406,15 +385,22 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
         reason = s.tracker.lost(e)
         if reason:  # nothing to end on a server that is gone: the same command resumes the run once it is back
             s.tracker.abandon()
-            raise TrackingLost(f"{reason}; the run stopped with epoch {s.state['epoch'] - 1} checkpointed in "
-                               f"{s.out}: run the same command again once the server answers") from None
+            saved = s.state["epoch"]  # epochs count from 0: the newest checkpoint is epoch saved - 1
+            where = f"with epoch {saved - 1} (of 0..{cfg.optim.epochs - 1}) checkpointed" if saved else \
+                "before its first epoch (0) was checkpointed"
+            raise TrackingLost(f"{reason}; the run stopped {where} in {s.out}: run the same command again once the "
+                               "server answers") from None
         s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
     s.tracker.end()
-    result = final | {"run_id": s.state["run_id"], "epochs": cfg.optim.epochs}
+    # the last epoch's training accuracy (a campaign cell's value without validation) and the images trained
+    result = final | {"run_id": s.state["run_id"], "epochs": cfg.optim.epochs,
+                      K.TRAIN_ACC: s.state["history"][-1][K.TRAIN_ACC] if s.state["history"] else None,
+                      "images": cfg.optim.epochs * len(train_loader.dataset)}
     if s.acc.is_main_process:  # after the run is closed: a kill before this re-runs the final evaluation
         checkpoint.save_finished(s.out, {"config": s.state["config"], "history": s.state["history"],
-                                         "result": result}, cfg.run.keep_finished_checkpoints)
+                                         "result": result, "logged": s.tracker.record},  # for a copy of the run
+                                 cfg.run.keep_finished_checkpoints)
     s.acc.wait_for_everyone()
     return result
 
@@ -435,13 +421,39 @@ def test_and_log(s: Session) -> dict:
     if val_loader is not None:
         final |= {K.BEST_VAL_ACC: s.state["best_val_acc"], K.BEST_EPOCH: s.state["best_epoch"]}
     s.tracker.log_final(final)
-    if reinit_epochs(cfg):  # the "RIFLE" number is plain fine-tuning's trajectory when selected before it
-        s.tracker.set_tags({"selected_before_reinit": str(selected <= reinit_epochs(cfg)[0]).lower()})
+    s.tracker.set_tags(reinit_tags(cfg, selected))
     _log_artifacts(s.tracker, cfg, s.state, s.out)
     for t in s.tricks:  # e.g. DELTA's channel attention
         for name, text in t.artifacts().items():
             s.tracker.log_artifact_text(text, name)
     return final
+
+
+def reinit_tags(cfg: Config, selected: int) -> dict[str, str]:
+    """A RIFLE run's tags saying whether the selected checkpoint (its validation precedes the reset of the same
+    epoch) came before its first re-init (the "RIFLE" number is then plain fine-tuning's trajectory) and before
+    its last (the last period's fresh head did not give it); none without RIFLE."""
+    epochs = reinit_epochs(cfg)
+    if not epochs:
+        return {}
+    return {K.BEFORE_REINIT_TAG: str(selected <= epochs[0]).lower(),
+            K.BEFORE_LAST_REINIT_TAG: str(selected <= epochs[-1]).lower()}
+
+
+def result_line(cfg: Config, result: dict) -> str:
+    """The line `rifle train` ends with: 'run 6e31…: test_acc=0.9612 (selection best_val: checkpoint of epoch 14,
+    best_val_acc=0.9700), test_acc_last=0.9580, epochs=20', saying when the selected checkpoint precedes RIFLE's
+    last head re-init (or every one of them). Epochs count from 0."""
+    epochs, selected = reinit_epochs(cfg), int(result[K.SELECTED_EPOCH])
+    where = f"checkpoint of epoch {selected}"
+    if epochs and selected <= epochs[0]:
+        which = "its head re-init" if len(epochs) == 1 else f"all {len(epochs)} head re-inits"
+        where += f", before {which} (the first after epoch {epochs[0]}): plain fine-tuning's trajectory"
+    elif epochs and selected <= epochs[-1]:
+        where += f", before the last head re-init (after epoch {epochs[-1]})"
+    val = f", best_val_acc={result[K.BEST_VAL_ACC]:.4f}" if K.BEST_VAL_ACC in result else ""
+    return (f"run {result['run_id']}: test_acc={result[K.TEST_ACC]:.4f} (selection {cfg.run.selection}: {where}{val}), "
+            f"test_acc_last={result[K.TEST_ACC_LAST]:.4f}, epochs={result['epochs']}")
 
 
 def _log_artifacts(tracker: Tracker, cfg: Config, state: dict, out: Path) -> None:

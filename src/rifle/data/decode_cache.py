@@ -5,9 +5,10 @@ JPEG again (the recipe of FFCV, DALI and fast ImageNet training, on Hugging Face
 resized so its shorter side is `short_side` (transforms.resize_for: the trainer's own T.Resize, so the same
 pixels), then kept as raw uint8 (`raw`: HWC bytes and shape) or re-encoded as JPEG at `JPEG_QUALITY`
 (`jpeg`: about a twelfth of the disk at 224 px, one cheap decode of the small image per use). The result is
-an Arrow file in `$HF_DATASETS_CACHE/rifle_decode/` named by a hash of what it depends on: the split's datasets
-fingerprint (it changes with any file, the revision, the selection of images or the subset), the size, the format and
-its quality, PIL's version and this module's VERSION; a later run, seed, method or worker reads it ready.
+an Arrow file in `rifle_decode/` of datasets' cache (hf.cache_dir: $HF_DATASETS_CACHE, else $HF_HOME/datasets)
+named by a hash of what it depends on: the split's datasets fingerprint (it changes with any file, the revision,
+the selection of images or the subset), the size, the format and its quality, PIL's version and this module's
+VERSION; a later run, seed, method or worker reads it ready.
 The image scan and the run's dataset fingerprint are computed on the source, before this.
 """
 from __future__ import annotations
@@ -15,21 +16,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 
+from . import hf
+
 FORMATS = ("raw", "jpeg")
 JPEG_QUALITY = 90
 VERSION = 1  # bump when what is stored changes, so old files are not read
-
-
-def default_dir() -> Path:
-    return Path(os.environ.get("HF_DATASETS_CACHE") or Path.home() / ".cache" / "huggingface" / "datasets") / \
-        "rifle_decode"
+CACHE = "rifle_decode"  # the decoded images' folder under datasets' cache (hf.cache_dir)
 
 
 def cache_key(part: datasets.Dataset, short_side: int, fmt: str) -> str:
@@ -65,17 +62,11 @@ def cached(ds: datasets.DatasetDict, short_side: int, fmt: str, cache_dir: str |
     and label."""
     if fmt not in FORMATS:
         raise ValueError(f"decode_cache: one of off, {', '.join(FORMATS)}, got {fmt!r}")
-    root = Path(cache_dir) if cache_dir else default_dir()
+    root = Path(cache_dir) if cache_dir else hf.cache_dir(CACHE)
     root.mkdir(parents=True, exist_ok=True)
-    quiet = not sys.stderr.isatty() and not datasets.utils.are_progress_bars_disabled()
-    if quiet:  # a bar per split would bury the one line per epoch in logs
-        datasets.utils.disable_progress_bars()
-    try:
+    with hf.quiet_progress():  # a bar per split would bury the one line per epoch in logs
         return datasets.DatasetDict({split: _cached_split(part, short_side, fmt, root, num_proc)
                                      for split, part in ds.items()})
-    finally:
-        if quiet:
-            datasets.utils.enable_progress_bars()
 
 
 def _cached_split(part: datasets.Dataset, short_side: int, fmt: str, root: Path, num_proc) -> datasets.Dataset:

@@ -16,7 +16,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -27,8 +26,10 @@ import PIL
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from ..files import write_text
+from . import hf
 
 SCAN_VERSION = 1
+CACHE = "rifle_image_scan"  # the verdicts' folder under datasets' cache (hf.cache_dir)
 WIDE_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
@@ -130,13 +131,11 @@ def _file_name(split: str, index: int, cell: dict) -> str:
 
 def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | None = None,
          progress: bool | None = None, batch_size: int = 256) -> ScanReport:
-    """Decode every image of every split of `ds` (a DatasetDict with an `image` column) once."""
-    import datasets
-    from tqdm.auto import tqdm
-
+    """Decode every image of every split of `ds` (a DatasetDict with an `image` column) once. The verdict is
+    cached in `cache_dir` (default: hf.cache_dir(CACHE)); a bar shows with `progress` (default: hf.quiet_progress's
+    rule, on a terminal)."""
     key = scan_key(ds)
-    default_root = Path(datasets.config.HF_DATASETS_CACHE) / "rifle_image_scan"
-    cache_root = Path(cache_dir) if cache_dir is not None else default_root
+    cache_root = Path(cache_dir) if cache_dir is not None else hf.cache_dir(CACHE)
     cache_file = cache_root / f"{key}.json" if key else None
     if cache_file is not None and cache_file.is_file():
         try:
@@ -146,7 +145,23 @@ def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | N
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable cache entry is rescanned and rewritten
     report = ScanReport(dataset=name, key=key, total=sum(len(part) for part in ds.values()))
-    show = sys.stderr.isatty() if progress is None else progress
+    with hf.quiet_progress() as shown:
+        _decode_all(ds, name, report, threads, shown if progress is None else progress, batch_size)
+    if cache_file is not None:
+        try:
+            cache_root.mkdir(parents=True, exist_ok=True)
+            write_text(cache_file, report.to_json())
+            report.cache_file = str(cache_file)
+        except OSError:
+            pass  # a read-only cache only costs a rescan next time
+    return report
+
+
+def _decode_all(ds, name: str, report: ScanReport, threads: int | None, show: bool, batch_size: int) -> None:
+    """`check_image` on every image of `ds`, recorded in `report`."""
+    import datasets
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=report.total, desc=f"checking images of {name}", unit="img", disable=not show, dynamic_ncols=True)
     # PIL decoders release the GIL, so threads decode in parallel without copying the data to processes.
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool, warnings.catch_warnings(), bar:
@@ -164,14 +179,6 @@ def scan(ds, name: str, *, threads: int | None = None, cache_dir: str | Path | N
                         report.bad.append(BadImage(split, index, _file_name(split, index, cell), reason))
                     index += 1
                 bar.update(len(cells))
-    if cache_file is not None:
-        try:
-            cache_root.mkdir(parents=True, exist_ok=True)
-            write_text(cache_file, report.to_json())
-            report.cache_file = str(cache_file)
-        except OSError:
-            pass  # a read-only cache only costs a rescan next time
-    return report
 
 
 def sample_problems(ds, per_split: int) -> tuple[int, list[str]]:

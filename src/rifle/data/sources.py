@@ -7,15 +7,17 @@ Sources: a registered name (`cub200`, see `registry.py` and `datasets.yaml`), th
 (`owner/name` or `hub:<id>`; `hub:<local folder>` takes the same code path for a folder laid out like a
 Hub repository, e.g. `data/train-00000-of-00001.parquet`).
 
+One entry point, `load(d)`: a run's DataConfig (dataset, revision, columns, val_fraction, the k-shot or label-rate
+subset, split_seed, registry file, bad_images, num_proc) -> `Loaded` (the splits, the scan's report, the Hub commit).
+
 Order: source -> columns renamed to image/label -> label checks -> image scan (bad files stop the run, or
-are dropped with `bad_images="skip"`) -> test carved (seed 0) if missing -> val carved (stratified,
-`split_seed`) if missing, or no val at all with `val_fraction=0` -> k-shot or label-rate subset of what remains of train -> checks. Test images
-never influence training or selection, and subsets are nested: the same split_seed draws the 15% subset
-inside the 30% one, k=5 inside k=10.
+are dropped with `bad_images="skip"`) -> test carved (seeds.TEST_SPLIT_SEED) if missing -> val carved
+(stratified, `split_seed`) if missing, or no val at all with `val_fraction=0` -> k-shot or label-rate subset of
+what remains of train -> checks. Test images never influence training or selection, and subsets are nested: the
+same split_seed draws the 15% subset inside the 30% one, k=5 inside k=10.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -29,9 +31,11 @@ from datasets import ClassLabel, DatasetDict
 from datasets.exceptions import DatasetGenerationError
 
 from .. import network
-from ..config import BAD_IMAGES
+from ..seeds import TEST_SPLIT_SEED
 from . import registry
-from .scan import ScanReport, scan
+from .hf import quiet_progress
+from .scan import ScanReport
+from .scan import scan as scan_images
 
 VAL_NAMES = ("val", "validation", "valid", "dev")
 log = logging.getLogger(__name__)
@@ -41,7 +45,7 @@ class DataError(ValueError):
     """Bad dataset content, named by dataset, split and column."""
 
 
-def digits_source(split_seed: int = 0) -> DatasetDict:
+def digits_source() -> DatasetDict:
     """scikit-learn's 1,797 handwritten 8x8 digits as RGB images; half of each class is the test set."""
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -52,8 +56,8 @@ def digits_source(split_seed: int = 0) -> DatasetDict:
     features = datasets.Features({"image": datasets.Image(),
                                   "label": ClassLabel(names=[str(d) for d in range(10)])})
     full = datasets.Dataset.from_dict({"image": images, "label": bunch.target.tolist()}, features=features)
-    # The train/test division is fixed (seed 0) whatever split_seed is, so test sets are comparable.
-    parts = full.train_test_split(test_size=0.5, stratify_by_column="label", seed=0)
+    # The train/test division is fixed whatever split_seed is, so test sets are comparable.
+    parts = full.train_test_split(test_size=0.5, stratify_by_column="label", seed=TEST_SPLIT_SEED)
     return DatasetDict(train=parts["train"], test=parts["test"])
 
 
@@ -274,76 +278,59 @@ class Loaded(NamedTuple):
     revision: str | None = None  # the Hub commit loaded (a branch or tag resolved); None for other sources
 
 
-def load(spec: str, **options) -> Loaded:
-    """Train/val/test of `spec`, with the image scan's report (None when `bad_images` is None)."""
+def load(d: DataConfig, *, scan: bool = True) -> Loaded:  # noqa: F821  (rifle.config's: data sits below config)
+    """Train/val/test of a run's data options `d` (as config.build resolved them: combinations of options are
+    refused there, not checked again here), with the image scan's report; `scan=False` skips the scan (no report:
+    bad images surface only when read)."""
     with quiet_progress():
-        return _load(spec, **options)
+        spec = d.dataset
+        try:
+            entry = registry.lookup(spec, d.dataset_registry)
+        except registry.RegistryError as e:
+            raise DataError(f"dataset {spec}: {e}") from None
+        name, source_spec, mapping, test_fraction = spec, spec, {}, None
+        revision, image_column, label_column = d.dataset_revision, d.image_column, d.label_column
+        if entry is not None:
+            source_spec, mapping, test_fraction = entry.source, entry.splits, entry.test_fraction
+            revision = revision or entry.revision
+            image_column, label_column = image_column or entry.image_column, label_column or entry.label_column
+            if entry.source != spec:
+                name = f"{spec} ({entry.source})"
+        image_column, label_column = image_column or "image", label_column or "label"
+        hub_id = None if source_spec == "digits" or source_spec.startswith(("imagefolder:", "disk:")) else \
+            source_spec.removeprefix("hub:")
+        if hub_id is not None and not Path(hub_id).expanduser().is_dir():  # on the Hub: a commit, asked once
+            revision = resolve_revision(hub_id, revision, name)
+        else:
+            revision = None
+        try:
+            source = load_source(source_spec, revision, d.num_proc or None, mapping)
+        except DataError as e:
+            raise DataError(str(e).replace(f"dataset {source_spec}", f"dataset {name}", 1)) from None
+        ds = _normalize_columns(_select_splits(source, name, mapping), name, image_column, label_column)
+        _check(ds, name, label_column)
+        if entry is not None:
+            check_entry(ds, entry, name, label_column)
+        report = None
+        if scan:
+            ds, report = _scanned(ds, name, image_column, d.bad_images, d.num_proc)
+        after = f" (after skipping {len(report.bad)} bad images)" if report is not None and report.bad else ""
+        if "test" not in ds:
+            # Some Hub repos ship only train: hold out a fixed test set before anything else.
+            ds["train"], ds["test"] = _carve(ds["train"], test_fraction or d.val_fraction or 0.2, TEST_SPLIT_SEED,
+                                             name, "a test split")
+        if d.val_fraction == 0:
+            ds.pop("val", None)  # no validation (the authors' protocol): a source's val split stays unused
+        elif "val" not in ds:
+            ds["train"], ds["val"] = _carve(ds["train"], d.val_fraction, d.split_seed, name, "a validation split")
+        if d.train_per_class:  # config refuses it with label_rate < 100
+            ds["train"] = per_class_subset(ds["train"], d.train_per_class, d.split_seed)
+        elif d.label_rate < 100:
+            ds["train"] = label_rate_subset(ds["train"], d.label_rate, d.split_seed)
+        ds = DatasetDict({split: ds[split] for split in ("train", "val", "test") if split in ds})
+        _check(ds, name, label_column, after)
+        return Loaded(ds, report, revision)
 
-
-@contextlib.contextmanager
-def quiet_progress():
-    """datasets' progress bars only on a terminal: in logs and CI they bury the one line that matters."""
-    if sys.stderr.isatty() or datasets.are_progress_bars_disabled():
-        yield
-        return
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        datasets.enable_progress_bars()
-
-
-def _load(spec: str, *, val_fraction: float = 0.2, train_per_class: int = 0, label_rate: float = 100.0,
-          split_seed: int = 0, revision: str | None = None, image_column: str | None = None,
-          label_column: str | None = None, registry_file: str | None = None, bad_images: str | None = "error",
-          num_proc: int | None = None, scan_cache_dir: str | None = None) -> Loaded:
-    if train_per_class and label_rate < 100:
-        raise DataError(f"dataset {spec}: train_per_class={train_per_class} and label_rate={label_rate:g} both "
-                        "subset train; set one of them")
-    try:
-        entry = registry.lookup(spec, registry_file)
-    except registry.RegistryError as e:
-        raise DataError(f"dataset {spec}: {e}") from None
-    name, source_spec, mapping, test_fraction = spec, spec, {}, None
-    if entry is not None:
-        source_spec, mapping, test_fraction = entry.source, entry.splits, entry.test_fraction
-        revision = revision or entry.revision
-        image_column, label_column = image_column or entry.image_column, label_column or entry.label_column
-        if entry.source != spec:
-            name = f"{spec} ({entry.source})"
-    image_column, label_column = image_column or "image", label_column or "label"
-    hub_id = None if source_spec == "digits" or source_spec.startswith(("imagefolder:", "disk:")) else \
-        source_spec.removeprefix("hub:")
-    if hub_id is not None and not Path(hub_id).expanduser().is_dir():  # on the Hub: a commit, asked once
-        revision = resolve_revision(hub_id, revision, name)
-    else:
-        revision = None
-    try:
-        source = load_source(source_spec, revision, num_proc or None, mapping)
-    except DataError as e:
-        raise DataError(str(e).replace(f"dataset {source_spec}", f"dataset {name}", 1)) from None
-    ds = _normalize_columns(_select_splits(source, name, mapping), name, image_column, label_column)
-    _check(ds, name, label_column)
-    if entry is not None:
-        check_entry(ds, entry, name, label_column)
-    report = None
-    if bad_images is not None:
-        ds, report = _scanned(ds, name, image_column, bad_images, num_proc, scan_cache_dir)
-    after = f" (after skipping {len(report.bad)} bad images)" if report is not None and report.bad else ""
-    if "test" not in ds:
-        # Some Hub repos ship only train: hold out a fixed test set (seed 0) before anything else.
-        ds["train"], ds["test"] = _carve(ds["train"], test_fraction or val_fraction or 0.2, 0, name, "a test split")
-    if val_fraction == 0:
-        ds.pop("val", None)  # no validation (the authors' protocol): a source's val split stays unused
-    elif "val" not in ds:
-        ds["train"], ds["val"] = _carve(ds["train"], val_fraction, split_seed, name, "a validation split")
-    if train_per_class > 0:
-        ds["train"] = per_class_subset(ds["train"], train_per_class, split_seed)
-    elif label_rate < 100:
-        ds["train"] = label_rate_subset(ds["train"], label_rate, split_seed)
-    ds = DatasetDict({split: ds[split] for split in ("train", "val", "test") if split in ds})
-    _check(ds, name, label_column, after)
-    return Loaded(ds, report, revision)
 
 
 def check_entry(ds: DatasetDict, entry: registry.Entry, name: str, label_column: str) -> None:
@@ -362,11 +349,9 @@ def check_entry(ds: DatasetDict, entry: registry.Entry, name: str, label_column:
                             f"{stated:,} (dataset {name})")
 
 
-def _scanned(ds: DatasetDict, name: str, image_column: str, bad_images: str, num_proc, cache_dir):
+def _scanned(ds: DatasetDict, name: str, image_column: str, bad_images: str, num_proc):
     """(ds, scan report) after the image scan: bad images stop the load (`error`) or are dropped (`skip`)."""
-    if bad_images not in BAD_IMAGES:
-        raise DataError(f"dataset {name}: bad_images must be one of {', '.join(BAD_IMAGES)}")
-    report = scan(ds, name, threads=num_proc or None, cache_dir=cache_dir)
+    report = scan_images(ds, name, threads=num_proc or None)
     report.policy = bad_images
     if report.bad and bad_images == "error":
         raise DataError(f"dataset {name}, column {image_column}: {report.summary()}; fix or remove them, "
@@ -380,19 +365,6 @@ def _scanned(ds: DatasetDict, name: str, image_column: str, bad_images: str, num
         if _is_rank0():
             log.warning("dataset %s: skipped %s (bad_images=skip)", name, report.summary())
     return ds, report
-
-
-def load_splits(spec: str, **options) -> DatasetDict:
-    """The DatasetDict of `load` (no image scan unless `bad_images` is given)."""
-    return load(spec, **{"bad_images": None} | options).data
-
-
-def load_data(d) -> Loaded:
-    """`load` with a run's DataConfig: what the trainer calls."""
-    return load(d.dataset, val_fraction=d.val_fraction, train_per_class=d.train_per_class or 0,
-                label_rate=d.label_rate, split_seed=d.split_seed, revision=d.dataset_revision,
-                image_column=d.image_column, label_column=d.label_column, registry_file=d.dataset_registry,
-                bad_images=d.bad_images, num_proc=d.num_proc)
 
 
 def _is_rank0() -> bool:

@@ -11,17 +11,20 @@ import warnings
 
 import numpy as np
 
-from ..methods import PLAIN, method_label, method_sort_key, method_tricks
-from ..track.keys import (
+from ..keys import (
+    BLOCK_ORDER,
     GRAD,
     HEAD_REINIT,
     LR_HEAD,
     POST,
     PRE,
+    TEST_ACC,
     TRAIN_ACC,
     VAL_ACC,
     WEIGHT,
+    block_metric,
 )
+from ..methods import PLAIN, method_label, method_sort_key, method_tricks
 from .mechanism import boundary_ratios, natural_key
 from .stats import trick_set
 
@@ -76,17 +79,29 @@ def final_weight_dist(histories):
     return last[["run_id", "dataset", "method", "seed", "block", "value"]].reset_index(drop=True)
 
 
-def block_order(model_spec: str, blocks) -> list[str]:
-    """`blocks` from the input side to the head: rifle.models.block_names on the model (built without
-    weights); a natural sort for the blocks it lacks (all of them for an unknown or unavailable model)."""
+def logged_order(runs) -> list[str] | None:
+    """The block order the runs' trainer logged (rifle.track.reads.fetch_runs' `block_order`, tag block_order):
+    the first run's that has one, None when none has (runs from before the tag)."""
+    if BLOCK_ORDER not in runs:
+        return None
+    return next((order for order in runs[BLOCK_ORDER] if order), None)
+
+
+def block_order(model_spec: str, blocks, logged: list[str] | None = None) -> list[str]:
+    """`blocks` from the input side to the head: in the order the trainer `logged` (`logged_order`); for runs from
+    before it, rifle.models.block_names on the model (built without weights: torch and the model's library load,
+    seconds); a natural sort for the blocks neither has (all of them for an unknown or unavailable model)."""
     blocks = set(blocks)
-    try:
-        from ..models import block_names, build_backbone
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            known = [b for b in block_names(build_backbone(model_spec, pretrained=False)[0]) if b in blocks]
-    except Exception:
-        known = []
+    if logged:
+        known = [b for b in logged if b in blocks]
+    else:
+        try:
+            from ..models import block_names, build_backbone
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                known = [b for b in block_names(build_backbone(model_spec, pretrained=False)[0]) if b in blocks]
+        except Exception:
+            known = []
     return known + sorted(blocks - set(known), key=natural_key)
 
 
@@ -106,15 +121,17 @@ def plot_training(history: list[dict], title: str = ""):
     return fig
 
 
-def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: str = PLAIN, model_spec: str = ""):
+def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: str = PLAIN, model_spec: str = "",
+                   logged: list[str] | None = None):
     """Top: each block's final distance to its pretrained weights (mean ± std over seeds) and the ratio
-    reference / baseline per shared seed and mean. Bottom: the distance over epochs of three blocks."""
+    reference / baseline per shared seed and mean. Bottom: the distance over epochs of three blocks. Blocks in
+    `block_order(model_spec, ..., logged)`."""
     reference, baseline = method_label(reference), method_label(baseline)
     h, colors, reinits = _versus(histories, dataset, reference, baseline)
     final = final_weight_dist(h)
     if final.empty or set(final["method"]) != {reference, baseline}:
         raise ValueError(f"{dataset}: the mechanism figure needs weight_dist/* of both {reference} and {baseline}")
-    blocks = block_order(model_spec, final["block"].unique())
+    blocks = block_order(model_spec, final["block"].unique(), logged)
     fig, axd = _figure(14, 8.5, [["bars", "bars", "ratio"], ["e0", "e1", "e2"]])
     x = np.arange(len(blocks))
     for i, (m, color) in enumerate(colors.items()):
@@ -133,16 +150,16 @@ def plot_mechanism(histories, dataset: str, reference: str = "rifle", baseline: 
     for k, block in enumerate([blocks[0], blocks[len(blocks) // 2], blocks[-1]]):
         ax = axd[f"e{k}"]
         for m, color in colors.items():
-            _band(ax, h[(h["key"] == WEIGHT + block) & (h["method"] == m)], color, m)
+            _band(ax, h[(h["key"] == block_metric(WEIGHT, block)) & (h["method"] == m)], color, m)
         _mark_reinits(ax, reinits, label=k == 0)
-        ax.set(title=WEIGHT + block, xlabel="epoch")
+        ax.set(title=block_metric(WEIGHT, block), xlabel="epoch")
         if k == 0:
             ax.set_ylabel("L2 distance (mean ± std over seeds)")
             ax.legend(fontsize=8)
     return fig
 
 
-def plot_paired(paired, confidence: float = 0.95, metric: str = "test_acc"):
+def plot_paired(paired, confidence: float = 0.95, metric: str = TEST_ACC):
     """`report.paired_differences` with their confidence intervals, in percentage points."""
     rows = paired[paired["n"] > 0].reset_index(drop=True)
     fig, ax = _figure(7.5, 0.9 + 0.45 * max(len(rows), 1))
@@ -178,7 +195,7 @@ def plot_dynamics(histories, dataset: str, reference: str = "rifle", methods=Non
     what = "validation" if key == VAL_ACC else "training"
     acc_ax.set(title=f"{dataset}: {what} accuracy (mean ± std over seeds)", xlabel="epoch", ylabel=f"{what} accuracy")
     acc_ax.legend(fontsize=8)
-    lr_ax.set(title="head learning rate (dashed: head re-initialized)", xlabel="epoch", ylabel="lr_head")
+    lr_ax.set(title="head learning rate (dashed: head re-initialized)", xlabel="epoch", ylabel=LR_HEAD)
     return fig
 
 
@@ -199,7 +216,7 @@ def plot_gradient_flow(histories, dataset: str, reference: str, baseline: str, b
     axes = axes.ravel()
     for ax, block in zip(axes, blocks):
         for m, color in colors.items():
-            series = h[(h["key"] == GRAD + block) & (h["method"] == m)]
+            series = h[(h["key"] == block_metric(GRAD, block)) & (h["method"] == m)]
             if len(series):
                 _band(ax, series, color, f"{m} (n={series.groupby('step').size().max()})")
         _mark_reinits(ax, reinits)
@@ -233,10 +250,12 @@ def plot_reinit_ratios(ratios, dataset: str, reference: str, blocks: list[str]):
     return fig
 
 
-def gradient_figures(histories, dataset: str, reference: str, baseline: str, model_spec: str) -> dict:
+def gradient_figures(histories, dataset: str, reference: str, baseline: str, model_spec: str,
+                     logged: list[str] | None = None) -> dict:
     """{"gradients": plot_gradient_flow} and, when the reference re-initialized, {"reinit_gradients":
-    plot_reinit_ratios}."""
-    blocks = block_order(model_spec, {k[len(GRAD):] for k in histories["key"].unique() if k.startswith(GRAD)})
+    plot_reinit_ratios}; blocks in `block_order(model_spec, ..., logged)`."""
+    blocks = block_order(model_spec, {k[len(GRAD):] for k in histories["key"].unique() if k.startswith(GRAD)},
+                         logged)
     out = {"gradients": plot_gradient_flow(histories, dataset, reference, baseline, blocks)}
     ratios = reinit_ratios(histories[histories["dataset"] == dataset], reference)
     if len(ratios):
@@ -249,8 +268,9 @@ def history_keys(runs, reference: str = "rifle", baseline: str = PLAIN) -> dict[
     reads.fetch_runs, whose `metric_keys` say what each run logged). Per dataset: validation accuracy
     (training accuracy where no run has it) and lr_head of every run, head_reinit of the runs with the
     reference's tricks, weight_dist/ and grad_norm/ of the reference's and the baseline's runs, and the
-    re-init windows (pre/post) of the reference's."""
-    ref, ref_name, base_name = set(method_tricks(method_label(reference))), method_label(reference), method_label(baseline)
+    windows around each period boundary (pre/post) of every run (evidence.mechanism compares their ratios)."""
+    ref_name, base_name = method_label(reference), method_label(baseline)
+    ref = set(method_tricks(ref_name))
     wanted: dict[str, list[str]] = {}
 
     def want(rows, keys=(), prefixes=()):
@@ -264,5 +284,5 @@ def history_keys(runs, reference: str = "rifle", baseline: str = PLAIN) -> dict[
         want(g, {accuracy, LR_HEAD})
         want(g[[m != PLAIN and ref <= trick_set(m) for m in g["method"]]], {HEAD_REINIT})
         want(g[g["method"].isin([ref_name, base_name])], prefixes=(WEIGHT, GRAD))
-        want(g[g["method"] == ref_name], prefixes=(PRE, POST))
+        want(g, prefixes=(PRE, POST))  # every method is measured at the period boundaries: ratios side by side
     return wanted

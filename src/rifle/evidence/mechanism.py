@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 
+from ..keys import POST, PRE
 from ..methods import method_sort_key
-from ..track.keys import POST, PRE
 
 
 def natural_key(name: str) -> list:
@@ -30,7 +30,7 @@ def boundary_ratios(histories):
     post = h[h["key"].str.startswith(POST)].assign(  # logged an epoch later
         block=lambda d: d["key"].str.slice(len(POST)), step=lambda d: d["step"] - 1)
     both = pre.merge(post[["run_id", "block", "step", "value"]], on=["run_id", "block", "step"],
-                     suffixes=("_pre", "_post")).sort_values("run_id", kind="stable")
+                     suffixes=("_pre", "_post")).sort_values(["seed", "run_id"], kind="stable")  # sums in seed order
     both["boundary"] = both.groupby("run_id")["step"].rank(method="dense").astype(int)
     both["epoch"] = both["step"].astype(int)
     both["ratio"] = both["value_post"] / both["value_pre"]
@@ -55,3 +55,20 @@ def gradient_ratio_table(histories, blocks: list[str] | None = None):
     table["_method"] = table["method"].map(method_sort_key)
     table = table.sort_values(["dataset", "_method", "epoch", "_block", "block"], kind="stable")
     return pd.DataFrame(table.drop(columns=["_block", "_method"])).reset_index(drop=True)
+
+
+def ratio_markdown(table) -> str:
+    """`gradient_ratio_table` as Markdown: per dataset and boundary epoch, a row per method, a column per block."""
+    lines = []
+    for (dataset, epoch), g in table.groupby(["dataset", "epoch"], sort=False):
+        blocks = list(dict.fromkeys(g["block"]))
+        cells = g.pivot_table(index="method", columns="block", values="ratio_mean", sort=False)
+        n = g.groupby("method", sort=False)["n"].max()
+        lines += [f"### {dataset or 'runs'}: gradient norm after / before the period boundary after epoch {epoch}", "",
+                  "| method | n | " + " | ".join(blocks) + " |", "|---" * (len(blocks) + 2) + "|",
+                  *(f"| {m} | {n[m]} | " + " | ".join(f"{cells.loc[m, b]:.2f}" for b in blocks) + " |"
+                    for m in cells.index), ""]
+    return "\n".join(lines + ["Mean over seeds of each run's post / pre ratio of the block's gradient norm (the first "
+                              "steps after the boundary over the last steps before it; > 1: larger gradients after). "
+                              "RIFLE re-initializes its head there; plain fine-tuning and head_lr_restart do not, so "
+                              "their ratio is what the schedule alone does."]) + "\n"

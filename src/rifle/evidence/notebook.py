@@ -1,15 +1,10 @@
-"""For notebooks/: finding the stores from the folder Jupyter opens them in, and running them headless with
-parameters (the README's recipe; the tests run them so they never rot)."""
+"""For notebooks/: finding the stores from the folder Jupyter opens them in (`nearest`, rifle.track.store's), and
+running them headless with parameters (docs/how-to/notebooks.md; the tests run them so they never rot)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-
-def nearest(name: str) -> Path | None:
-    """`name` in the working directory or the nearest folder above it (a notebook opened in notebooks/ finds
-    the mlflow.db or optuna.journal the quick start wrote in the repository root)."""
-    here = Path.cwd().resolve()
-    return next((d / name for d in (here, *here.parents) if (d / name).is_file()), None)
+from ..track.store import nearest  # noqa: F401  (one rule for the report, the sweep's storage and the notebooks)
 
 
 def execute_notebook(path: str | Path, parameters: dict | None = None, output_path: str | Path | None = None,

@@ -1,4 +1,4 @@
-"""Statistics of rifle.report, rifle.compare and rifle.regime: mean ± std over seeds, paired differences
+"""Statistics of rifle report, rifle compare and the campaigns' views: mean ± std over seeds, paired differences
 (scipy's paired t-test, the exact sign-flip test beside it, the smallest difference the seeds can resolve),
 Holm's adjustment, which methods pair up, the line saying what a table measures."""
 from __future__ import annotations
@@ -7,13 +7,13 @@ import math
 
 import numpy as np
 
+from ..keys import DEFAULT_SELECTION, TEST_ACC, TEST_ACC_LAST
 from ..methods import method_label, method_sort_key, method_tricks
 
 # The numbers a table can show; every run logs both (test_acc_last may be missing in older runs).
-METRICS = {"test_acc": "test accuracy at the checkpoint the run's `selection` chose",
-           "test_acc_last": "test accuracy at the last epoch"}
+METRICS = {TEST_ACC: "test accuracy at the checkpoint the run's `selection` chose",
+           TEST_ACC_LAST: "test accuracy at the last epoch"}
 SELECTIONS = {"best_val": "the epoch with the best validation accuracy", "last": "the last epoch"}
-DEFAULT_SELECTION = "best_val"  # runs from before the `selection` param selected on validation
 
 
 def metric_note(metric: str, selections: dict[str, set[str]]) -> str:
@@ -21,7 +21,7 @@ def metric_note(metric: str, selections: dict[str, set[str]]) -> str:
     `selection` values of its runs)."""
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {', '.join(METRICS)}, got {metric!r}")
-    if metric != "test_acc":
+    if metric != TEST_ACC:
         return f"Metric: {metric}, {METRICS[metric]} (no checkpoint selection)."
     used = sorted(set().union(*selections.values())) if selections else [DEFAULT_SELECTION]
     if len(used) == 1:

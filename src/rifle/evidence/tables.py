@@ -9,11 +9,19 @@ from __future__ import annotations
 import math
 
 from .. import env
-from ..config import RUN_ONLY, all_fields
-from ..methods import method_label, method_sort_key
-from ..track.keys import BEFORE_REINIT_TAG
-from .stats import (
+from ..config import with_role
+from ..keys import (
+    BEFORE_LAST_REINIT_TAG,
+    BEFORE_REINIT_TAG,
     DEFAULT_SELECTION,
+    EPOCHS_TRAINED,
+    OPTIMIZER_STEPS,
+    SELECTED_EPOCH,
+    TEST_ACC,
+    TEST_ACC_LAST,
+)
+from ..methods import method_label, method_sort_key
+from .stats import (
     MDE_ALPHA,
     MDE_POWER,
     comparisons,
@@ -25,10 +33,10 @@ from .stats import (
 )
 
 # Params that may differ between paired runs (storage, speed, seed, method) and a trick's own options.
-RUN_KEYS = (*RUN_ONLY, "seed", "tricks", "num_workers")
-TRICK_OPTIONS = (*(name for name, (section, _) in all_fields().items() if section == "tricks"), "reinit_count")
-# What sets a run's budget (RIFLE truncates epochs to a multiple of K+1): equal within a fair pair.
-BUDGET_KEYS = ("epochs_trained", "optimizer_steps")
+RUN_KEYS = with_role("run_only", "pair_free")
+TRICK_OPTIONS = with_role("trick")
+# What records a run's budget (RIFLE truncates epochs to a multiple of K+1): equal within a fair pair.
+BUDGET_KEYS = with_role("budget_param")
 
 
 GROUP = ["dataset", "protocol"]  # one table row, one family of paired tests
@@ -66,7 +74,7 @@ def _groups(runs):
     return [(row_label(d, p, several), g) for (d, p), g in runs.groupby(GROUP, sort=True)]
 
 
-def common_seeds(runs, metric: str = "test_acc") -> tuple["pd.DataFrame", "pd.DataFrame"]:
+def common_seeds(runs, metric: str = TEST_ACC) -> tuple["pd.DataFrame", "pd.DataFrame"]:
     """(kept, left out) of the runs of `runs` that have `metric`: per dataset and protocol, kept are those on
     the seeds every method there has, so a difference of two means is the mean of their paired differences."""
     runs = with_protocol(runs)
@@ -78,11 +86,12 @@ def common_seeds(runs, metric: str = "test_acc") -> tuple["pd.DataFrame", "pd.Da
     return have[keep], have[~keep]
 
 
-def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
+def summarize(runs, metric: str = TEST_ACC) -> "pd.DataFrame":
     """Per dataset, protocol and method of `runs` (fetch_runs) that have `metric`: n, mean, std and seeds over
     the seeds every method of the dataset and protocol has (`common_seeds`; n 0 when there is none), selection,
-    before_reinit of reinit_tagged (of those runs, tagged selected_before_reinit=true of those tagged) and best
-    (the best mean of its dataset and protocol)."""
+    before_reinit of reinit_tagged (of those runs, tagged selected_before_reinit=true of those tagged), the same
+    for the last re-init (before_last_reinit of last_reinit_tagged: selected_before_last_reinit) and best (the best
+    mean of its dataset and protocol)."""
     import pandas as pd
 
     rows = []
@@ -92,14 +101,16 @@ def summarize(runs, metric: str = "test_acc") -> "pd.DataFrame":
         g = every[every.index.isin(kept)]
         mean, std, n = mean_std(g[metric])
         tagged = g[BEFORE_REINIT_TAG].dropna() if BEFORE_REINIT_TAG in g else []
+        last = g[BEFORE_LAST_REINIT_TAG].dropna() if BEFORE_LAST_REINIT_TAG in g else []  # older runs: none
         rows.append({"dataset": dataset, "protocol": protocol, "method": method, "n": n, "mean": mean, "std": std,
                      "seeds": " ".join(str(s) for s in sorted(g["seed"])),
                      "selection": ",".join(sorted(set(every["selection"] if "selection" in every
                                                       else [DEFAULT_SELECTION]))),
                      "before_reinit": int(sum(bool(t) for t in tagged)), "reinit_tagged": len(tagged),
-                     "epochs_trained": _values(every, "epochs_trained")})
+                     "before_last_reinit": int(sum(bool(t) for t in last)), "last_reinit_tagged": len(last),
+                     EPOCHS_TRAINED: _values(every, EPOCHS_TRAINED)})
     cols = ["dataset", "protocol", "method", "n", "mean", "std", "seeds", "selection", "before_reinit",
-            "reinit_tagged", "epochs_trained"]
+            "reinit_tagged", "before_last_reinit", "last_reinit_tagged", EPOCHS_TRAINED]
     table = pd.DataFrame(rows, columns=cols)
     table["best"] = table["mean"] == table.groupby(GROUP)["mean"].transform("max")
     return table.sort_values([*GROUP, "method"], key=_method_order, kind="stable").reset_index(drop=True)
@@ -112,13 +123,13 @@ def _values(g, column: str) -> str:
     return ",".join(sorted({f"{v:g}" for v in g[column] if isinstance(v, float) and math.isfinite(v)}, key=float))
 
 
-def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95, metric: str = "test_acc",
+def paired_differences(runs, reference: str = "rifle", confidence: float = 0.95, metric: str = TEST_ACC,
                        pairs: list[tuple[str, str]] | None = None) -> "pd.DataFrame":
     """Per dataset, protocol and comparison (`method` with the reference, `versus` without; or the given `pairs`
     of (method, versus), e.g. rifle.compare's reference against each study): the paired difference over the
     seeds both have (paired t: interval and p; p_holm adjusting p for the comparisons of the dataset and
     protocol; p_signflip, the exact sign-flip test; mde, the smallest difference the seeds resolve). The one
-    builder of paired tables: rifle.report, rifle.compare, rifle.regime and the campaign's summary use it."""
+    builder of paired tables: rifle report, rifle compare, the regime view and the campaign's summary use it."""
     import pandas as pd
 
     rows = []
@@ -149,7 +160,7 @@ def _p(p: float) -> str:
 
 
 def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[str] | None = None,
-                   metric: str = "test_acc", environments: list[str] | None = None) -> str:
+                   metric: str = TEST_ACC, environments: list[str] | None = None) -> str:
     """The paper-style table (percent) and the paired differences (percentage points) as Markdown, each with
     the line saying what it measures and, given `environments`, where it was measured."""
     several = several_protocols(summary)
@@ -167,16 +178,24 @@ def table_markdown(summary, paired=None, confidence: float = 0.95, notes: list[s
     lines = [f"### {metric} (%), mean ± std over seeds (n)", "", f"| {head} | " + " | ".join(methods) + " |",
              "|---" * (len(methods) + 1) + "|", *(f"| {d} | " + " | ".join(row) + " |" for d, row in cells.iterrows()),
              "", f"Bold: the best mean of the {'row' if several else 'dataset'}. {what}{where}"]
-    if "epochs_trained" in summary and (summary["epochs_trained"] != "").any():
-        per = summary.groupby("row", sort=False)["epochs_trained"].agg(
+    if EPOCHS_TRAINED in summary and (summary[EPOCHS_TRAINED] != "").any():
+        per = summary.groupby("row", sort=False)[EPOCHS_TRAINED].agg(
             lambda v: ",".join(sorted(set(",".join(v).split(",")) - {""}, key=float)))
         lines += ["", "Epochs trained: " + "; ".join(f"{d}: {e}" for d, e in per.items()) + "."]
     tagged = summary[summary["reinit_tagged"] > 0] if "reinit_tagged" in summary else summary.iloc[:0]
-    if metric == "test_acc" and len(tagged):  # test_acc_last always follows every re-init
+    if metric == TEST_ACC and len(tagged):  # test_acc_last always follows every re-init
         counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_reinit} of {r.reinit_tagged}"
                                                 for r in g.itertuples()) for d, g in tagged.groupby("row", sort=False))
         lines += ["", f"Selected before the first head re-initialization (tag {BEFORE_REINIT_TAG}=true: the "
                   f"checkpoint lies on plain fine-tuning's trajectory, so its number is not RIFLE's), runs: {counts}."]
+        last = tagged[tagged["last_reinit_tagged"] > 0] if "last_reinit_tagged" in tagged else tagged.iloc[:0]
+        # with one re-init (or before the tag) the last is the first: said only where it adds something
+        if len(last) and (last["before_last_reinit"] != last["before_reinit"]).any():
+            counts = "; ".join(f"{d}: " + ", ".join(f"{r.method} {r.before_last_reinit} of {r.last_reinit_tagged}"
+                                                    for r in g.itertuples())
+                               for d, g in last.groupby("row", sort=False))
+            lines += ["", (f"Selected before the last head re-initialization (tag {BEFORE_LAST_REINIT_TAG}=true: the "
+                           f"last period's fresh head did not give the selected checkpoint), runs: {counts}.")]
     if paired is not None and len(paired):
         lines += ["", f"### Paired difference in {metric} (percentage points), reference − other, over the seeds "
                   "of the means", "", f"| {head} | comparison | n | mean diff | {100 * confidence:g}% CI (t) | "
@@ -264,7 +283,7 @@ def budget_notes(runs, paired) -> list[str]:
     return notes
 
 
-def seed_notes(runs, metric: str = "test_acc", shown: int = 10) -> list[str]:
+def seed_notes(runs, metric: str = TEST_ACC, shown: int = 10) -> list[str]:
     """A note per dataset and protocol where runs with `metric` were left out of the means and paired
     differences because not every method has their seed (`common_seeds`)."""
     kept, left = common_seeds(runs, metric)
@@ -282,14 +301,16 @@ def seed_notes(runs, metric: str = "test_acc", shown: int = 10) -> list[str]:
     return notes
 
 
-def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
-             allow_mixed_env: bool = False) -> dict:
+def evidence(runs, reference: str = "rifle", metric: str = TEST_ACC, confidence: float = 0.95,
+             allow_mixed_env: bool = False, pairs: list[tuple[str, str]] | None = None) -> dict:
     """{"summary", "paired", "markdown"} of `runs` (from fetch_runs) for one metric, means and paired
     differences over the same seeds (`common_seeds`), the Markdown with notes on runs left out (no value of the
     metric, a seed not every method has, repeated (dataset, protocol, method, seed)), on settings and budgets
-    that differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`)."""
+    that differ, and the environment the runs were measured in (several refused unless `allow_mixed_env`).
+    `pairs`: the (method, versus) comparisons to make instead of the reference's (rifle compare's)."""
     metric_note(metric, {})  # an unknown metric or trick fails here, with its message
-    method_label(reference)
+    if pairs is None:
+        method_label(reference)
     check_environments(runs, allow_mixed_env)
     missing = runs[runs[metric].isna()]
     ids = f" (e.g. {', '.join(missing['run_id'].tolist()[:5])})" if "run_id" in missing else ""  # seeds.csv: none
@@ -297,9 +318,9 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
         if len(missing) else []
     dups = runs.attrs.get("duplicates", [])
     if dups:
-        notes.append(f"{len(dups)} older run(s) repeating a (dataset, protocol, method, seed) were left out (e.g. "
-                     f"{', '.join(dups[:5])}); sweep trials share an experiment with other runs: report a "
-                     "comparison with --parent_run_id")
+        notes.append(f"{len(dups)} other run(s) repeating a (dataset, protocol, method, seed) were left out (the "
+                     f"newest with its environment recorded is kept; e.g. {', '.join(dups[:5])}); sweep trials share "
+                     "an experiment with other runs: report a comparison with --parent_run_id")
     for dataset, v in varying_settings(runs).items():
         notes += [f"{dataset}, {m}: settings differ between its seeds, so pairs are not like for like: "
                   f"{', '.join(keys)}" for m, keys in v["within"].items()]
@@ -309,7 +330,7 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
     notes += seed_notes(runs, metric)
     summary = summarize(runs, metric)
     # the summary's seeds: mean(A) − mean(B) is the paired mean difference A − B
-    paired = paired_differences(common_seeds(runs, metric)[0], reference, confidence, metric)
+    paired = paired_differences(common_seeds(runs, metric)[0], reference, confidence, metric, pairs)
     notes += budget_notes(runs, paired)
     where = sorted({line for lines in environments(runs).values() for line in lines})
     return {"summary": summary, "paired": paired,
@@ -318,9 +339,9 @@ def evidence(runs, reference: str = "rifle", metric: str = "test_acc", confidenc
 
 # seeds.csv: one row per run of a report, enough to rebuild its tables without MLflow (`from_seeds_csv`). The
 # named columns, the env.* tags, then what the tables' lines need beyond them: the runs selected before RIFLE's
-# first re-init (counted under the table) and the budget (the epochs line, budget notes).
-SEED_COLUMNS = ("method", "protocol", "seed", "dataset", "test_acc", "test_acc_last", "selected_epoch")
-SEED_EXTRA = (BEFORE_REINIT_TAG, "epochs_trained", "optimizer_steps")
+# first and last re-init (counted under the table) and the budget (the epochs line, budget notes).
+SEED_COLUMNS = ("method", "protocol", "seed", "dataset", TEST_ACC, TEST_ACC_LAST, SELECTED_EPOCH)
+SEED_EXTRA = (BEFORE_REINIT_TAG, EPOCHS_TRAINED, OPTIMIZER_STEPS, BEFORE_LAST_REINIT_TAG)  # new ones last
 
 
 def seeds_frame(runs) -> "pd.DataFrame":
@@ -329,7 +350,7 @@ def seeds_frame(runs) -> "pd.DataFrame":
     return with_protocol(runs).reindex(columns=[*SEED_COLUMNS, *env.KEYS, *SEED_EXTRA])
 
 
-def from_seeds_csv(path, reference: str = "rifle", metric: str = "test_acc", confidence: float = 0.95,
+def from_seeds_csv(path, reference: str = "rifle", metric: str = TEST_ACC, confidence: float = 0.95,
                    allow_mixed_env: bool = False) -> dict:
     """`evidence` rebuilt from a seeds.csv (`seeds_frame`) without MLflow: the same summary, paired differences
     and Markdown, but for the notes that need what the file does not hold (a run's id beside a missing metric,
@@ -340,10 +361,92 @@ def from_seeds_csv(path, reference: str = "rifle", metric: str = "test_acc", con
     # Text as written ("false" stays a tag's text, "None" a name); only an empty field is missing.
     runs = pd.read_csv(path, dtype=str, keep_default_na=False)
     for c in runs:
-        if c in (*env.KEYS, BEFORE_REINIT_TAG):  # None where the run had no such tag, as fetch_runs reads it
-            runs[c] = [None if v == "" else v == "True" if c == BEFORE_REINIT_TAG else v for v in runs[c]]
+        if c in (*env.KEYS, BEFORE_REINIT_TAG, BEFORE_LAST_REINIT_TAG):  # None where the run had no such tag
+            runs[c] = [None if v == "" else v == "True" if c in (BEFORE_REINIT_TAG, BEFORE_LAST_REINIT_TAG) else v
+                       for v in runs[c]]
         elif c in (*SEED_COLUMNS[4:], *SEED_EXTRA, "seed"):
             runs[c] = [float(v) if v else math.nan for v in runs[c]]
     runs["seed"] = runs["seed"].astype(int)
     runs["selection"] = runs["protocol"].map(selection_of)
     return evidence(runs, reference, metric, confidence, allow_mixed_env)
+
+
+def campaign_summary(runs_by_protocol: dict, reference: str, references: list | None = None,
+                     failed: dict[str, str] | None = None) -> tuple[str, "pd.DataFrame", "pd.DataFrame"]:
+    """Markdown and long-form CSVs (means; paired differences) of the campaign: per protocol, test_acc mean ±
+    std (n) of each method (rows) on each dataset (columns), the best in bold, the paired difference reference −
+    other per dataset, and per (dataset, comparison) its tests: p of the paired t-test, p_holm (the family: the
+    dataset's comparisons), p_holm_protocol (the family: every (dataset, comparison) of the protocol, declared
+    here so that a claim across datasets is corrected for all of them), p_signflip and mde. `references`
+    (rifle.plan.Reference): published figures printed under the measured means of their protocol; `failed`:
+    groups that did not complete, named with their reason."""
+    import pandas as pd
+
+    lines, frames, tests = [], [], []
+    for protocol, runs in runs_by_protocol.items():
+        built = evidence(runs, reference)
+        s, p = built["summary"], built["paired"]
+        datasets = list(dict.fromkeys(s["dataset"]))
+        methods = sorted(s["method"].unique(), key=method_sort_key)
+        cell = {(r.dataset, r.method): (f"**{_pct(r.mean)} ± {_pct(r.std)} ({r.n})**" if r.best
+                                        else f"{_pct(r.mean)} ± {_pct(r.std)} ({r.n})")
+                for r in s.itertuples()}
+        lines += [f"### {protocol}: test_acc (%), mean ± std over seeds (n)", "",
+                  "| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
+                  *(f"| {m} | " + " | ".join(cell.get((d, m), "") for d in datasets) + " |" for m in methods), ""]
+        lines += published(references or [], protocol, datasets)
+        if len(p):
+            pairs = list(dict.fromkeys(zip(p["method"], p["versus"])))
+            diff = {(r.dataset, r.method, r.versus): f"{_pct(r.mean_diff, 2, '+')} "
+                    f"[{_pct(r.ci_low, 2, '+')}, {_pct(r.ci_high, 2, '+')}]" for r in p.itertuples()}
+            lines += ["Paired difference, reference − other (points, 95% CI, over the seeds of the means):", "",
+                      "| comparison | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|",
+                      *(f"| {a} − {b} | " + " | ".join(diff.get((d, a, b), "") for d in datasets) + " |"
+                        for a, b in pairs), ""]
+            p = p.assign(p_holm_protocol=holm(p["p_value"]))
+            m, per = int(p["p_value"].notna().sum()), p.groupby("dataset")["p_value"].count()
+            lines += [f"Tests of the paired differences ({protocol}):", "",
+                      "| dataset | comparison | n | p (paired t) | p (Holm, dataset) | p (Holm, all datasets) | "
+                      "p (sign-flip) | MDE (points) |", "|---" * 8 + "|",
+                      *(f"| {r.dataset} | {r.method} − {r.versus} | {r.n} | {_p(r.p_value)} | {_p(r.p_holm)} | "
+                        f"{_p(r.p_holm_protocol)} | {_p(r.p_signflip)} | {_pct(r.mde, 2)} |"
+                        for r in p.itertuples()), "",
+                      "p (Holm, dataset): Holm-adjusted over the comparisons of its dataset ("
+                      + ", ".join(f"{d}: {k}" for d, k in per.items()) + f"). p (Holm, all datasets): Holm-adjusted "
+                      f"over all {m} (dataset, comparison) tests of the {protocol} protocol, the family a claim "
+                      "across datasets needs. p (sign-flip): the exact paired permutation test (no normality "
+                      "assumed; at least 2/2^n with n seeds). MDE: the smallest difference the seeds resolve (a "
+                      f"paired t-test at two-sided {MDE_ALPHA:g} finds it with probability {MDE_POWER:g}, from the "
+                      "observed sd of the differences).", ""]
+            tests.append(p.assign(protocol=protocol))
+        selections = {m: set(g["selection"]) for m, g in runs.groupby("method")}
+        where = sorted({line for found in environments(runs).values() for line in found})
+        lines += [f"{metric_note(TEST_ACC, selections)} Environment: {'; '.join(where)}.",
+                  *(line for line in built["markdown"].splitlines() if line.startswith("Note: ")), ""]
+        frames.append(s.assign(protocol=protocol))
+    if failed:
+        lines += ["### Groups that did not complete (no table above counts them)", "",
+                  *(f"- {group}: {why}" for group, why in failed.items()), ""]
+    return "\n".join(lines), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(), \
+        pd.concat(tests, ignore_index=True) if tests else pd.DataFrame()
+
+
+def published(references: list, protocol: str, datasets: list[str]) -> list[str]:
+    """Markdown lines: the published figures of `protocol` on these datasets, with their sources and settings."""
+    rows = [(r, m, vals) for r in references if r.protocol == protocol for m, vals in _by_method(r.values).items()
+            if any(d in vals for d in datasets)]
+    if not rows:
+        return []
+    return ["Published figures (not measured here; test accuracy %, as their sources report it):", "",
+            "| method | " + " | ".join(datasets) + " | source |", "|---" * (len(datasets) + 2) + "|",
+            *(f"| {m} | " + " | ".join(_pct(vals[d]) if d in vals else "" for d in datasets) +
+              f" | {r.source} ({r.settings}) |" for r, m, vals in rows), ""]
+
+
+def _by_method(values: dict) -> dict[str, dict]:
+    """{dataset: {method: acc}} -> {method: {dataset: acc}}, methods in first-seen order."""
+    out: dict[str, dict] = {}
+    for dataset, per in values.items():
+        for method, acc in per.items():
+            out.setdefault(method, {})[dataset] = float(acc)
+    return out

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from .. import keys as K
 from .store import all_experiment_ids, all_pages, experiment_id
 
 
@@ -19,12 +20,12 @@ def claim_parent(client, identity: dict[str, str], role_key: str, experiment: st
     `adopt`) that run claims the role, else a run is created; when another worker's run got there first (the
     oldest wins), the created run is closed and deleted, or the `mlflow run` run becomes a worker run
     pointing to the parent."""
-    query = identity | {role_key: "parent"}
+    query = identity | {role_key: K.Role.PARENT}
     own = os.environ.get("MLFLOW_RUN_ID") if adopt else None
     found = find_runs(client, query)
     if not found:
         if own:
-            for k, v in (query | tags | {"mlflow.runName": run_name}).items():
+            for k, v in (query | tags | {K.RUN_NAME: run_name}).items():
                 client.set_tag(own, k, v)
             mine = own
         else:
@@ -36,6 +37,6 @@ def claim_parent(client, identity: dict[str, str], role_key: str, experiment: st
             client.delete_run(mine)
     winner = found[0].info.run_id
     if own and own != winner:
-        client.set_tag(own, role_key, "worker")
-        client.set_tag(own, f"{role_key.rsplit('.', 1)[0]}.parent_run_id", winner)
+        client.set_tag(own, role_key, K.Role.WORKER)
+        client.set_tag(own, K.parent_link(role_key), winner)
     return winner

@@ -1,4 +1,4 @@
-"""Runs read back in bulk (rifle.report, rifle.compare, rifle.regime, campaigns and the notebooks): one paged
+"""Runs read back in bulk (rifle report, rifle compare, campaigns and their views, the notebooks): one paged
 search for the runs (`fetch_runs`), then their metric histories in a few requests (`fetch_histories`).
 
 MLflow's client reads one (run, metric) history per call: with 20-50 metrics per run that is thousands of
@@ -28,10 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import env
-from ..evidence.stats import DEFAULT_SELECTION
+from .. import keys as K
 from ..methods import method_label, method_sort_key
 from . import store
-from .keys import BEFORE_REINIT_TAG, HISTORY, TEST_ACC
 
 RUNS_PER_REQUEST = 100  # the server's MAX_RUNS_GET_METRIC_HISTORY_BULK
 GRAPHQL_FIELDS = 10     # MLFLOW_SERVER_GRAPHQL_MAX_ROOT_FIELDS and _MAX_ALIASES, default 10
@@ -120,11 +119,6 @@ def _threads(client, wanted: dict[str, list[str]]) -> list[Point]:
         return [(run_id, key, m.step, m.value, m.timestamp) for (run_id, key), ms in zip(pairs, found) for m in ms]
 
 
-REPORT_TAG = "rifle.report"  # on a run the report made: never read back as a result
-# The method label a paired tool (rifle.paired) chose: two settings of one trick list stay apart.
-METHOD_TAG = "compare.method"
-
-
 def client(tracking_uri: str | None = None):
     """An MlflowClient on the store a reader uses (rifle.track.store: the nearest mlflow.db), never the
     process-wide tracking URI."""
@@ -147,7 +141,7 @@ def dataset_label(spec: str) -> str:
 def _method_of(tags: dict, params: dict) -> str:
     """The label a tool tagged, else the label of `tricks`; canonical when it names a trick list, else as
     written (a study name, a trick of another version)."""
-    text = tags.get(METHOD_TAG) or params.get("tricks")
+    text = next((tags[t] for t in K.METHOD_TAGS if tags.get(t)), None) or params.get("tricks")
     try:
         return method_label(text)
     except ValueError:
@@ -161,7 +155,7 @@ def _number(text) -> float:
         return math.nan
 
 
-# The protocols by name (rifle.paired.PROTOCOLS sets them) and the checkpoint each selects on.
+# The protocols by name (rifle.plan.PROTOCOLS sets them) and the checkpoint each selects on.
 SELECTION_OF = {"validated": "best_val", "authors": "last"}
 
 
@@ -169,7 +163,7 @@ def protocol_of(params: dict) -> str:
     """A run's evaluation protocol from its params val_fraction and selection: "validated" (validation carved
     from train, the best-validation checkpoint), "authors" (all of train, the last epoch), else both values as
     logged ("val_fraction 0.2, selection last"). Runs from before the `selection` param selected on validation."""
-    selection = params.get("selection") or DEFAULT_SELECTION
+    selection = params.get("selection") or K.DEFAULT_SELECTION
     fraction = _number(params.get("val_fraction"))
     # best_val needs validation (the config refuses it with val_fraction 0), so a run without the param had some
     if selection == "best_val" and (fraction > 0 or math.isnan(fraction)):
@@ -188,54 +182,66 @@ def fetch_runs(tracking_uri: str | None = None, experiment: str | None = None, p
                group_by: tuple[str, ...] = ("dataset",)) -> "pd.DataFrame":
     """One row per finished run with a test_acc (of `experiment`, of every experiment, or the children of
     `parent_run_id`), read in one paged search (params, tags and final metrics come with it), the row label
-    `dataset` made of the `group_by` params, its `protocol` (`protocol_of`). Of runs sharing (dataset, protocol,
-    method, seed) the newest is kept, the others listed in `df.attrs["duplicates"]`."""
+    `dataset` made of the `group_by` params, its `protocol` (`protocol_of`), its backbone's `block_order` as the
+    trainer logged it (None for runs from before the tag). A copy of a finished run's result
+    (tag finished_earlier_in_run, the same command again) is that run's result: left out beside its original
+    (`df.attrs["copies"]`), kept where the original is not read. Of other runs sharing (dataset, protocol, method,
+    seed) one with its environment recorded (env.* tags) is kept before any without, the newest first; the
+    others are listed in `df.attrs["duplicates"]`."""
     import pandas as pd
 
     mlflow_client = client(tracking_uri)
     filt = "attributes.status = 'FINISHED'"
     if parent_run_id:
         exp_ids = [mlflow_client.get_run(parent_run_id).info.experiment_id]
-        filt = f"tags.`mlflow.parentRunId` = '{parent_run_id}' and {filt}"
+        filt = f"{K.parent_filter(parent_run_id)} and {filt}"
     elif experiment:
         exp = mlflow_client.get_experiment_by_name(experiment)
         if exp is None:
             names = ", ".join(e.name for e in mlflow_client.search_experiments())
             raise ValueError(f"no experiment {experiment!r} in the store (experiments: {names or 'none'})")
         exp_ids = [exp.experiment_id]
-    else:  # every experiment: `mlflow run .` logs into MLflow's Default, `python -m rifle.train` into rifle
+    else:  # every experiment: `mlflow run .` logs into MLflow's Default, `rifle train` into rifle
         exp_ids = store.all_experiment_ids(mlflow_client)
     rows = []
     for run in store.all_pages(mlflow_client.search_runs, experiment_ids=exp_ids, filter_string=filt):
         m, p, tags = run.data.metrics, run.data.params, run.data.tags
-        if TEST_ACC not in m or tags.get(REPORT_TAG) or "seed" not in p:
+        if K.TEST_ACC not in m or tags.get(K.REPORT_TAG) or "seed" not in p:
             continue
         extra = [f"{k}={p.get(k)}" for k in group_by if k != "dataset"]
-        before = tags.get(BEFORE_REINIT_TAG)
         rows.append({"run_id": run.info.run_id, "run_name": run.info.run_name,
                      "dataset": dataset_label(p.get("dataset", "?")) + (f" ({', '.join(extra)})" if extra else ""),
                      "protocol": protocol_of(p), "method": _method_of(tags, p), "seed": int(float(p["seed"])),
-                     "test_acc": m["test_acc"],
-                     **{k: m.get(k, math.nan) for k in ("test_acc_last", "selected_epoch", "best_val_acc",
-                                                        "best_epoch")},
-                     "selection": p.get("selection") or DEFAULT_SELECTION,
-                     BEFORE_REINIT_TAG: None if before is None else before.strip().lower() == "true",
-                     "reinit_count": _number(p.get("reinit_count")),
+                     K.TEST_ACC: m[K.TEST_ACC],
+                     **{k: m.get(k, math.nan) for k in (K.TEST_ACC_LAST, K.SELECTED_EPOCH, K.BEST_VAL_ACC,
+                                                        K.BEST_EPOCH)},
+                     "selection": p.get("selection") or K.DEFAULT_SELECTION,
+                     **{k: None if tags.get(k) is None else tags[k].strip().lower() == "true"
+                        for k in (K.BEFORE_REINIT_TAG, K.BEFORE_LAST_REINIT_TAG)},
+                     K.REINIT_COUNT: _number(p.get(K.REINIT_COUNT)),
                      # runs from before the param: `epochs` is the resolved (truncated) value
-                     "epochs_trained": _number(p.get("epochs_trained") or p.get("epochs_resolved") or p.get("epochs")),
-                     "optimizer_steps": _number(p.get("optimizer_steps")),
+                     K.EPOCHS_TRAINED: _number(p.get(K.EPOCHS_TRAINED) or p.get(K.LEGACY_EPOCHS) or p.get("epochs")),
+                     K.OPTIMIZER_STEPS: _number(p.get(K.OPTIMIZER_STEPS)),
                      **{k: tags.get(k) for k in env.KEYS},
                      "model": p.get("model", ""), "start_time": run.info.start_time, "params": dict(p),
-                     "metric_keys": frozenset(m)})
-    cols = ["run_id", "run_name", "dataset", "protocol", "method", "seed", "test_acc", "test_acc_last",
-            "selected_epoch", "best_val_acc", "best_epoch", "selection", BEFORE_REINIT_TAG, "reinit_count",
-            "epochs_trained", "optimizer_steps", *env.KEYS, "model", "start_time", "params", "metric_keys"]
-    df = pd.DataFrame(rows, columns=cols).sort_values("start_time", ascending=False, kind="stable")
+                     "metric_keys": frozenset(m), "copy_of": tags.get(K.COPY_TAG),
+                     "has_env": any(tags.get(k) for k in env.COMPARED),
+                     K.BLOCK_ORDER: tags[K.BLOCK_ORDER].split(",") if tags.get(K.BLOCK_ORDER) else None})
+    cols = ["run_id", "run_name", "dataset", "protocol", "method", "seed", K.TEST_ACC, K.TEST_ACC_LAST,
+            K.SELECTED_EPOCH, K.BEST_VAL_ACC, K.BEST_EPOCH, "selection", K.BEFORE_REINIT_TAG, K.BEFORE_LAST_REINIT_TAG,
+            K.REINIT_COUNT, K.EPOCHS_TRAINED, K.OPTIMIZER_STEPS, *env.KEYS, "model", "start_time", "params",
+            "metric_keys", K.BLOCK_ORDER]
+    df = pd.DataFrame(rows, columns=[*cols, "copy_of", "has_env"])
+    copies = df["copy_of"].isin(set(df["run_id"]))
+    df, copies = df.loc[~copies], df.loc[copies, "run_id"].tolist()
+    # never a run without its environment before one with it (env.describe would say "not recorded"), then newest
+    df = df.sort_values(["has_env", "start_time"], ascending=False, kind="stable")[cols]
     dup = df.duplicated(["dataset", "protocol", "method", "seed"], keep="first")
     kept = df.loc[~dup].sort_values(["dataset", "protocol", "method", "seed"], key=lambda c: c.map(method_sort_key)
                                     if c.name == "method" else c, kind="stable")
     kept = kept.reset_index(drop=True)
     kept.attrs["duplicates"] = df.loc[dup, "run_id"].tolist()
+    kept.attrs["copies"] = copies
     return kept
 
 
@@ -248,7 +254,7 @@ def fetch_histories(runs, keys: dict[str, list[str]], tracking_uri: str | None =
 
     h = pd.DataFrame(histories(client(tracking_uri), keys), columns=["run_id", "key", "step", "value", "timestamp"])
     position = {run_id: i for i, run_id in enumerate(runs["run_id"])}
-    order = {k: i for i, k in enumerate((*HISTORY, *sorted(set(keys) - set(HISTORY))))}
+    order = {k: i for i, k in enumerate((*K.HISTORY, *sorted(set(keys) - set(K.HISTORY))))}
     # stable: within a (run, key) the history's own order stays
     h = h.assign(pos=h["run_id"].map(position), rank=h["key"].map(order)).sort_values(["pos", "rank"], kind="stable")
     h = h.merge(runs[["run_id", "dataset", "method", "seed"]], on="run_id", how="left")

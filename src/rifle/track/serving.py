@@ -1,5 +1,5 @@
-"""The selected network as the MLflow pyfunc model `model` of its run (README, "The model"): uint8 RGB
-images (N, H, W, 3) of any size in, a DataFrame of label, class_name and probability out.
+"""The selected network as the MLflow pyfunc model `model` of its run (docs/concepts/training.md, "The model"):
+uint8 RGB images (N, H, W, 3) of any size in, a DataFrame of label, class_name and probability out.
 
 A "model from code" (pyfunc_model.py: nothing is unpickled) holding the selected weights (safetensors), the
 resolved options (config.yaml), the class names and a copy of the rifle package. It rebuilds the network as

@@ -11,11 +11,10 @@ import os
 import sys
 from pathlib import Path
 
+from .. import keys as K
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "rifle"
-# The tag MLflow 3's UI reads and writes for an experiment's kind ("Machine learning" vs "GenAI apps &
-# agents"); custom_model_development is its value for model training.
-KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def nearest(name: str) -> Path | None:
@@ -64,8 +63,8 @@ def experiment_id(client, name: str) -> str:
 def mark_training(client, experiment_id: str) -> None:
     """Tag the experiment as model training unless it has a kind (someone chose it). Best effort."""
     try:
-        if KIND_TAG not in client.get_experiment(experiment_id).tags:
-            client.set_experiment_tag(experiment_id, KIND_TAG, TRAINING_KIND)
+        if K.EXPERIMENT_KIND not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, K.EXPERIMENT_KIND, K.TRAINING_KIND)
     except Exception as e:
         print(f"rifle: could not tag experiment {experiment_id} as model training: {e}", file=sys.stderr)
 

@@ -13,22 +13,19 @@ from pathlib import Path
 
 from .. import network
 from ..network import redact
+from .. import keys as K
 from . import store
-from .keys import TRAIN_LOSS
 from .signals import SignalGuard, restore_status_after_mlflow_run
 
 
-# MLflow's source tags: the UI's Source column (name and commit) and how the run was started.
-SOURCE_TYPE, SOURCE_NAME, SOURCE_COMMIT = "mlflow.source.type", "mlflow.source.name", "mlflow.source.git.commit"
-
 
 def entry_point() -> str:
-    """The program this process runs: `python -m rifle.train` -> "rifle.train"; a script or console script ->
-    its file name ("pytest", "train.py")."""
+    """The program this process runs, with its verb: `python -m rifle train` and the console script `rifle
+    train` -> "rifle train"; another module or script -> its name ("pytest", "train.py")."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:
-        return spec.name.removesuffix(".__main__")
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    name = spec.name.removesuffix(".__main__") if spec is not None and spec.name else \
+        Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    return f"{name} {sys.argv[1]}" if name == "rifle" and len(sys.argv) > 1 else name
 
 
 def param_text(value) -> str | None:
@@ -47,6 +44,10 @@ class Tracker:
         self.active, self.system_metrics, self._requested = active, system_metrics, experiment
         self.run_id = self.experiment_name = self.class_names = None
         self.under_mlflow_run = False
+        # What this tracker logged on its run that a copy of the run's result needs (`copy_finished`): params and
+        # tags as given (the run's own experiment and tracking URI aside), dataset inputs as dicts. fit keeps it in
+        # finished.json; tags set only on the process's first session are set again on resume, so it is whole.
+        self.record: dict = {"params": {}, "tags": {}, "inputs": []}
         self._pending: list = []  # RunOperations of metrics logged asynchronously, not yet waited for
         self._signals = SignalGuard()
         if not active:
@@ -113,7 +114,7 @@ class Tracker:
         elif self.under_mlflow_run:
             run = self.mlflow.start_run(**metrics)
             if run_id and run_id != run.info.run_id:
-                self.mlflow.set_tag("resumed_from_run", run_id)
+                self.mlflow.set_tag(K.RESUMED_FROM_RUN, run_id)
         else:
             run = self.mlflow.start_run(run_id=run_id, experiment_id=None if run_id else self.experiment_id,
                                         run_name=None if run_id else run_name, **metrics)
@@ -134,12 +135,13 @@ class Tracker:
         already to another value (`mlflow run -P epochs=7`, truncated to 6) is kept; ours goes to `<name>_resolved`."""
         if not self.active:
             return
+        self.record["params"] |= {k: text for k, v in params.items() if (text := param_text(v)) is not None}
         params = dict(params) | {"experiment": self.experiment_name, "tracking_uri": redact(self.uri)}
         existing = self.mlflow.get_run(self.run_id).data.params
         texts = {key: text for key, value in params.items() if (text := param_text(value)) is not None}
         out = {key: text for key, text in texts.items() if key not in existing}
-        out |= {f"{key}_resolved": text for key, text in texts.items()
-                if key in existing and existing[key] != text and f"{key}_resolved" not in existing}
+        out |= {K.resolved_param(key): text for key, text in texts.items()
+                if key in existing and existing[key] != text and K.resolved_param(key) not in existing}
         if out:
             self.mlflow.log_params(out)
 
@@ -149,17 +151,28 @@ class Tracker:
         if self.active:
             self.mlflow.log_dict(self.class_names, "data/classes.json")
 
-    def set_tags(self, tags: dict) -> None:
+    def log_data(self, spec: str, registry_file: str | None, data, revision: str | None, fingerprint: str) -> None:
+        """Train, val and test as the run's dataset inputs (rifle.track.inputs); a resumed run's are not repeated."""
         if self.active:
-            self.mlflow.set_tags({k: v for k, v in tags.items() if v is not None})
+            from .inputs import dataset_inputs
+            pairs = dataset_inputs(spec, registry_file, data, revision, fingerprint)
+            self.record["inputs"] = [{"dataset": d.to_dict(), "context": c} for d, c in pairs]
+            self.mlflow.log_inputs([d for d, _ in pairs], contexts=[c for _, c in pairs],
+                                   tags_list=[None] * len(pairs))
+
+    def set_tags(self, tags: dict) -> None:
+        tags = {k: v for k, v in tags.items() if v is not None}
+        if self.active and tags:
+            self.mlflow.set_tags(tags)
+            self.record["tags"] |= {k: str(v) for k, v in tags.items()}
 
     def set_source(self, commit: str | None) -> None:
         """mlflow.source.* on every run, so the UI's Source column shows them (MLflow sets them only on runs
         start_run makes: not on a sweep's or campaign's child runs, nor to this package's commit): LOCAL, the
         entry point and `commit`. What `mlflow run` set (PROJECT: the project and its commit) is kept."""
-        if not self.active or self.mlflow.get_run(self.run_id).data.tags.get(SOURCE_TYPE) == "PROJECT":
+        if not self.active or self.mlflow.get_run(self.run_id).data.tags.get(K.SOURCE_TYPE) == "PROJECT":
             return
-        self.set_tags({SOURCE_TYPE: "LOCAL", SOURCE_NAME: entry_point(), SOURCE_COMMIT: commit})
+        self.set_tags({K.SOURCE_TYPE: "LOCAL", K.SOURCE_NAME: entry_point(), K.SOURCE_COMMIT: commit})
 
     def log_metrics(self, metrics: dict, step: int | None = None, synchronous: bool = True) -> None:
         """`synchronous=False` (the per-epoch metrics): queued and sent by MLflow's logging thread, so training
@@ -190,10 +203,34 @@ class Tracker:
         if not self.active or not history:
             return
         # train_loss: every epoch logs it (val_acc is absent without validation, val_fraction=0)
-        logged = {m.step for m in self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, TRAIN_LOSS)}
+        logged = {m.step for m in self.mlflow.tracking.MlflowClient().get_metric_history(self.run_id, K.TRAIN_LOSS)}
         for row in history:
             if row["epoch"] not in logged:
                 self.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+
+    def copy_finished(self, original: str, finished: dict, params: dict) -> None:
+        """Make this run a complete copy of the finished run `original` from its finished.json (`finished`): the
+        params, tags (env.*, git, dataset, tricks, selected_before_*, mlflow.source.* unless `mlflow run` set its
+        own) and dataset inputs the trainer logged on it, every epoch's metrics and the final ones, and the tag
+        COPY_TAG naming it. A finished.json from before the record: `params` (the options') and no other tags (the
+        report still counts the copy as the original). No system metrics: nothing trained here. Nothing is logged
+        twice."""
+        if not self.active:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        record = finished.get("logged") or {"params": params, "tags": {}, "inputs": []}
+        self.log_params(record["params"])
+        tags = record["tags"]
+        if self.mlflow.get_run(self.run_id).data.tags.get(K.SOURCE_TYPE) == "PROJECT":  # `mlflow run`'s own stays
+            tags = {k: v for k, v in tags.items() if not k.startswith(K.SOURCE_PREFIX)}
+        self.set_tags(tags | {K.COPY_TAG: original})
+        if record["inputs"]:
+            self.mlflow.tracking.MlflowClient().log_inputs(self.run_id, [
+                DatasetInput(Dataset(**{k: i["dataset"].get(k) for k in ("name", "digest", "source_type", "source",
+                                                                         "schema", "profile")}),
+                             [InputTag(K.INPUT_CONTEXT, i["context"])]) for i in record["inputs"]])
+        self.sync_history(finished["history"])
+        self.log_final({k: v for k, v in finished["result"].items() if k not in ("run_id", "epochs")})
 
     def log_artifact_text(self, text: str, name: str) -> None:
         if self.active:

@@ -53,14 +53,15 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
+from ..config import ConfigError, with_role
 from ..env import environment
 from ..files import write_text
+from ..keys import ENV_DEVICE, ENV_TORCH
+from ..seeds import attention_seed
 from ._common import disable_weight_decay, squared_norm
 from .base import FitContext, Trick
 
@@ -68,15 +69,11 @@ FORMAT = 2                 # of a cached measurement: bump when the measurement 
 TEMPERATURE = 5.0          # of the attention softmax (train.py: softmax(cw / 5))
 CLASSIFIER_LR_DECAY_EPOCHS = 6  # the classifier's learning rate falls 10x over this many epochs (channel_eval.py)
 CLASSIFIER_MOMENTUM, CLASSIFIER_WEIGHT_DECAY = 0.9, 1e-4
-SEED_SALT = 0xDE17A        # the attention's random stream: (this, split_seed), apart from every training stream
 ARTIFACT = "delta/channel_attention.json"
 # The options the measured attention depends on, besides the source weights, layers, data fingerprint, device
 # and torch version: the cache key (see the module docstring) and the measurement's own settings. num_workers
 # changes which augmentation draws the loader's worker processes make.
-KEY_OPTIONS = ("model", "pretrained", "dataset", "dataset_revision", "image_column", "label_column", "image_size",
-               "hflip", "val_fraction", "train_per_class", "label_rate", "split_seed", "bad_images", "num_workers",
-               "mixed_precision", "delta_attention_batch_size", "delta_attention_epochs", "delta_attention_batches",
-               "delta_attention_lr")
+KEY_OPTIONS = with_role("delta_key")
 PROJECTIONS = ("conv_pwl", "conv3", "conv_pw", "conv2")  # the conv that ends a block, most specific first
 
 
@@ -278,6 +275,8 @@ def state_hash(module: nn.Module) -> str:
 
 
 def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/rifle/delta: not under datasets' cache (rifle.data.hf.cache_dir, where the data's own caches
+    live), as the attention is a measurement of the source network, not a form of the data."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rifle" / "delta"
 
 
@@ -354,7 +353,7 @@ class Delta(Trick):
     def measure(self) -> list[torch.Tensor]:
         """Fit the classifier on the frozen source, then each channel's loss increase (channel_eval.py)."""
         ctx, o, dev = self.ctx, self.options, self.device
-        seed = int(np.random.SeedSequence([SEED_SALT, o["split_seed"]]).generate_state(1, np.uint64)[0] >> 1)
+        seed = attention_seed(o["split_seed"])  # the data's stream, not the training seed's
         passes = attention_passes(ctx.train_loader, o["delta_attention_batch_size"], seed)
 
         def features():
@@ -377,8 +376,8 @@ class Delta(Trick):
         """The record from the cache when it holds this key, else measured (and cached)."""
         where = environment(self.device)  # another device or torch runs other kernels: other numbers
         key = {"format": FORMAT, "source_sha256": state_hash(self.source), "layers": list(self.layers),
-               "data_fingerprint": self.ctx.data_fingerprint, "device": where["env.device"],
-               "torch": where["env.torch"], **self.options} if self.ctx.data_fingerprint else None
+               "data_fingerprint": self.ctx.data_fingerprint, "device": where[ENV_DEVICE],
+               "torch": where[ENV_TORCH], **self.options} if self.ctx.data_fingerprint else None
         if key is not None:
             digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
             self.cache_file = (Path(self.cache_dir) if self.cache_dir else default_cache_dir()) / f"{digest}.json"

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import math
 
+from ..keys import HEAD_REINIT
 from ..schedules import rifle_cyclic_head_lr
-from ..track.keys import HEAD_REINIT
 from .base import Trick
 
 

@@ -32,8 +32,9 @@ import torch
 from torch import nn
 
 from ..config import REINIT_INITS, reinit_epochs
+from ..keys import HEAD_NORM_POST, HEAD_NORM_PRE, HEAD_REINIT, REINIT_WEIGHT_SPREAD
 from ..schedules import rifle_cyclic_head_lr
-from ..track.keys import HEAD_NORM_POST, HEAD_NORM_PRE, HEAD_REINIT
+from ..seeds import reinit_seed
 from .base import Trick
 
 
@@ -56,11 +57,6 @@ def reinit_linear_(head: nn.Linear, seed: int, init: str = "default") -> None:
         head.weight.copy_(weight)
         if head.bias is not None:
             head.bias.copy_(bias)
-
-
-def reinit_seed(run_seed: int, index: int) -> int:
-    """Generator seed of the `index`-th re-init (1-based) of a run: the same on every process."""
-    return run_seed * 100_003 + 7919 * index
 
 
 def params_checksum(module: nn.Module) -> torch.Tensor:
@@ -113,7 +109,7 @@ class Rifle(Trick):
         spread = float((sums - sums[0]).abs().max())
         if spread > 1e-6 * float(sums[0].abs().max().clamp(min=1.0)):
             raise RuntimeError(f"processes hold different weights after re-init {self.done} (epoch {epoch})")
-        metrics["reinit_weight_spread"] = spread
+        metrics[REINIT_WEIGHT_SPREAD] = spread
 
     def state_dict(self):
         return {"done": self.done}

@@ -1,162 +1,306 @@
-"""Paired campaigns on sweep workers: every cell (group, method, seed) of a plan is one Optuna trial.
+"""A campaign's cells on Optuna's own queue, trained by the workers of rifle.workers.worker.
 
-A paired comparison (rifle.study, rifle.regime, rifle.compare, rifle.campaign) is a list of cells: the parent
-run it belongs to (`group`, e.g. offline-study-validated), the method's label, the seed and the trainer
-options. The cells live in an Optuna study named after the campaign, on the sweeps' storages (a journal file,
-PostgreSQL or Redis; `:memory:` for one local worker), and are trained by the sweep's `Worker`: any number of
-workers started with the same command each take the next untrained cell, a killed worker's cell is retried
-from its last checkpoint once its heartbeat is stale, and every cell is trained exactly once (`Budget`: one
-slot per cell). Each cell logs into one MLflow child run of its group's parent run (tags compare.name,
-compare.method, compare.seed, which rifle.report reads), found again by its tags.
+A plan's cells (rifle.plan: group, method, seed) are the trials of an Optuna study `campaign:<name>`: its creator
+enqueues every cell once (`study.enqueue_trial`, the cell's index as the fixed parameter `cell` and its key as a
+user attribute); any number of workers started with the same command each take the next waiting trial; a killed
+worker's cell comes back as a waiting trial (Optuna's stale-trial retry copies its parameters and attributes) and
+resumes from its checkpoint; a trial that is none of the queue's (a worker asked as the queue ran dry) is given
+back untrained. Each cell logs into one MLflow child run of its group's parent run, found again by its tags
+(cell.group, cell.method, cell.seed). A cell that fails with an error of its data or options (a DataError or a
+ConfigError: permanent) fails its whole group once (study attribute `rifle:failed:<group>`), whose waiting cells
+are then skipped, and the workers go on with the other groups; any other error fails only its cell. The trial's
+value is the cell's best validation accuracy, or without validation its last training accuracy: never test.
+The campaign is done when no cell waits or runs; the worker that finished the last cell writes the reports.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import statistics
 import sys
-from dataclasses import dataclass, field
+import time
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
-from ..track.keys import TEST_ACC
+from ..plan import Cell, Plan
+from .. import keys as K
 from ..track.parents import claim_parent, find_runs
-from ..track.signals import Terminated, raise_on_sigterm
 from ..track.store import experiment_id
-from .runs import on_retry, trial_done
-from .storage import MEMORY, open_storage, resolve_url
-from .worker import Worker, budget_slots, distributed_state, follow, origin
+from .outcomes import Outcome as TrialOutcome
+from .outcomes import Status
+from .runs import on_retry, origin, trial_done
+from ..track.signals import Terminated, raise_on_sigterm
+from ..network import redact
+from .storage import HEARTBEAT_ATTR, MEMORY, STUDY_ATTR, SweepError, open_storage, resolve_url
+from .worker import GiveBack, Skip, Worker, WorkerOptions, distributed_state, follow, given_back
+
+CELL = "cell"                    # the fixed parameter of a cell's trial: its index in the plan
+KEY = "rifle:cell"               # a cell's trial's user attribute: its key
+SKIPPED = "rifle:skipped"        # a cell's trial's user attribute: why it was not trained (its group failed)
+FAILED_GROUP = "rifle:failed:"   # + group: a study user attribute, the one-line reason the group failed
 
 
-@dataclass
-class Cell:
-    group: str      # its parent run's name (tag compare.name)
-    method: str     # the method label (rifle.methods)
-    seed: int
-    options: dict   # trainer options but the seed and the output directory
-    tags: dict = field(default_factory=dict)  # more tags of its run (rifle.compare: the study and trial)
-
-    @property
-    def key(self) -> str:
-        return f"{self.group}/{self.method}/seed-{self.seed}"
-
-    def run_tags(self) -> dict[str, str]:
-        """The tags that find the cell's run again (and that rifle.report reads)."""
-        return {"compare.name": self.group, "compare.role": "seed", "compare.method": self.method,
-                "compare.seed": str(self.seed)}
-
-    def digest(self) -> str:
-        """What the cell trains (run-only options aside): workers joining a campaign must agree on it."""
-        core = {k: str(v) for k, v in self.options.items() if k not in C.RUN_ONLY} | {"seed": self.seed}
-        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+def digest(cell: Cell) -> str:
+    """What the cell trains (run-only options aside): workers joining a campaign must agree on it."""
+    core = {k: str(v) for k, v in cell.options.items() if k not in C.RUN_ONLY} | {"seed": cell.seed}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cells_of(plan: dict[str, dict[str, dict]], seeds: list[int], cell_tags: dict | None = None) -> list[Cell]:
-    """A plan's cells in the order group, seed, method: a partial campaign holds complete pairs."""
-    return [Cell(group, label, seed, options, (cell_tags or {}).get(label, {}))
-            for group, methods in plan.items() for seed in seeds for label, options in methods.items()]
+def permanent(error: BaseException) -> bool:
+    """An error of the data or the options: every cell of its group would fail the same way."""
+    from ..data import DataError
+    from ..data.registry import RegistryError
+    return isinstance(error, (DataError, RegistryError, C.ConfigError))
 
 
-class CellSpace:
-    """The plan as a sweep's search space: one integer parameter, the cell's index in the plan."""
+def cell_trials(trials) -> list:
+    """The trials that are cells (the queue's, not given back)."""
+    return [t for t in trials if KEY in t.user_attrs and not given_back(t)]
 
-    method = "campaign"
-    fixed: dict = {}
 
-    def __init__(self, name: str, cells: list[Cell]):
-        self.path, self.cells, self.params = f"campaign:{name}", cells, {"cell": None}
+class CellPolicy:
+    """The policy of rifle.workers.worker.Worker over a plan's cells (module docstring)."""
+    value_name = "best_val_acc (or the last train_acc without validation)"
+    pruner_name = "none"  # a cell is never pruned
 
+    def __init__(self, plan: Plan, cell_tags: dict | None = None, group_tags: dict | None = None):
+        self.plan, self.cells = plan, plan.cells()
+        self.index = {c.key: i for i, c in enumerate(self.cells)}
+        self.cell_tags, self.group_tags = cell_tags or {}, group_tags or {}
+        self.mine: set[int] = set()  # trials this worker finished (the last one writes the reports)
+
+    # ---- the study: made once, joined by the others
     def signature(self) -> dict:
-        return {"method": self.method, "cells": {c.key: c.digest() for c in self.cells}}
+        return {"method": "campaign", "cells": {c.key: digest(c) for c in self.cells}}
 
-    def suggest(self, trial) -> Cell:
-        return self.cells[trial.suggest_int("cell", 0, len(self.cells) - 1)]
+    def study_attrs(self) -> dict:
+        core = {g: {m: {k: C.convert(k, v) for k, v in o.items() if k not in C.RUN_ONLY} for m, o in methods.items()}
+                for g, methods in self.plan.runs().items()}
+        return {"method": "campaign", "plan": core, "seeds": self.plan.seeds, "redraw_subset": self.plan.redraw_subset,
+                "value": self.value_name}
+
+    def created(self, study) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            for i, cell in enumerate(self.cells):
+                study.enqueue_trial({CELL: i}, user_attrs={KEY: cell.key})
+
+    def mismatch(self, info: dict) -> str | None:
+        if info.get("space") == self.signature():
+            return None
+        return differences(info, self.study_attrs()) + ": start this worker with another --name for a new campaign"
+
+    def sampler(self):
+        return optuna.samplers.RandomSampler()  # asked only for a trial none of the queue's, which is given back
+
+    def pruner(self):
+        return optuna.pruners.NopPruner()
+
+    def start(self, worker) -> None:
+        o = worker.o
+        self.out_root = Path(o.output_root).resolve()
+        self.poll = max(1.0, min(float(o.heartbeat_interval), 10.0))
+        self.runs = CellRuns(o.tracking_uri, o.experiment, self.plan.name, self.cells, self.group_tags, self.cell_tags)
+        self.study = worker.study
+        trials = cell_trials(self.study.get_trials(deepcopy=False))
+        self.complete_at_start = bool(trials) and all(t.state in (TrialState.COMPLETE, TrialState.FAIL)
+                                                       for t in trials)
+        print(f"{o.tool}: campaign {self.plan.name!r} in {worker.shown}: {len(self.cells)} cells in "
+              f"{len(self.runs.groups)} group(s), MLflow experiment {o.experiment!r}", flush=True)
+
+    # ---- the queue
+    def work_left(self, study) -> bool:
+        """True while a cell waits; waits while only other workers' cells run (one may go stale and come back)."""
+        while True:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)
+            trials = cell_trials(study.get_trials(deepcopy=False))
+            if any(t.state == TrialState.WAITING for t in trials):
+                return True
+            if not any(t.state == TrialState.RUNNING for t in trials):
+                return False
+            time.sleep(self.poll)
+
+    def claim(self, study, trial) -> None:
+        if self.index.get(trial.user_attrs.get(KEY)) is None:
+            raise GiveBack(f"trial {trial.number} given back untrained: none of the queue's cells")
+        trial.suggest_int(CELL, 0, len(self.cells) - 1)  # the queue's fixed value: recorded as the trial's param
+        group = self.cells[self.index[trial.user_attrs[KEY]]].group
+        reason = study.user_attrs.get(FAILED_GROUP + group)
+        if reason:
+            trial.set_user_attr(SKIPPED, f"group {group} failed: {reason}")
+            raise Skip(f"cell {trial.user_attrs[KEY]} skipped: its group failed ({reason})")
+
+    def cell(self, trial) -> Cell:
+        return self.cells[self.index[trial.user_attrs[KEY]]]
+
+    def options(self, trial, chain: int) -> tuple[dict, Path]:
+        cell = self.cell(trial)
+        return cell.values(), self.out_root / cell.group / cell.method / f"seed-{cell.seed}"
+
+    def describe(self, trial, chain: int) -> str:
+        return f"cell {self.cell(trial).key} (trial {trial.number})"
+
+    def value(self, trial, result: dict) -> float:
+        self.mine.add(trial.number)
+        if result.get("images"):
+            trial.set_user_attr("images", result["images"])
+        return result.get(K.BEST_VAL_ACC, result.get(K.TRAIN_ACC, float("nan")))
+
+    def failed(self, trial, error: Exception, reason: str) -> None:
+        self.mine.add(trial.number)
+        if permanent(error):
+            group = self.cell(trial).group
+            self.study.set_user_attr(FAILED_GROUP + group, " ".join(reason.split())[:500])
+            print(f"rifle campaign: group {group} failed: {reason}; the other groups go on", file=sys.stderr,
+                  flush=True)
+
+    # ---- the end
+    def done(self, study, trials) -> bool:
+        return not any(t.state in (TrialState.WAITING, TrialState.RUNNING) for t in cell_trials(trials))
+
+    def complete_groups(self, trials) -> list[str]:
+        done = {t.user_attrs[KEY] for t in cell_trials(trials) if t.state == TrialState.COMPLETE}
+        return [g for g in self.runs.groups if all(c.key in done for c in self.cells if c.group == g)]
+
+    def failed_groups(self, trials) -> dict[str, str]:
+        """group -> why it is not complete: the reason its data or options failed, else its failed cells."""
+        out = {}
+        complete = set(self.complete_groups(trials))
+        for group in self.runs.groups:
+            if group in complete:
+                continue
+            reason = self.study.user_attrs.get(FAILED_GROUP + group)
+            if reason is None:
+                bad = [t.user_attrs[KEY] for t in cell_trials(trials) if t.state == TrialState.FAIL
+                       and self.cell(t).group == group and not retried(t, trials)]
+                reason = f"cell(s) failed: {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} (their MLflow runs " \
+                         "say why)" if bad else "cells not finished"
+            out[group] = reason
+        return out
+
+    def summary(self, worker, trials) -> Status:
+        complete, failed = self.complete_groups(trials), self.failed_groups(trials)
+        print(f"{worker.o.tool}: campaign {self.plan.name!r}: {len(complete)} of {len(self.runs.groups)} group(s) "
+              "complete" + "".join(f"; {g} failed: {why}" for g, why in failed.items()), flush=True)
+        if not self.done(self.study, trials):
+            return Status.INCOMPLETE
+        finished = [t for t in cell_trials(trials) if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+        last = max(finished, key=lambda t: t.datetime_complete, default=None)
+        writes = self.complete_at_start or (last is not None and last.number in self.mine)
+        return Status.REPORT if writes else Status.COMPLETE
 
 
-class CellSampler(optuna.samplers.BaseSampler):
-    """A new trial takes the cell whose index is its retry chain's rank among the study's chains (the budget
-    slot it holds), so cells go in plan order, one chain each. No lock is needed: the storage numbers trials
-    atomically, which fixes the ranks, and a retry keeps its chain's cell as a fixed parameter (Optuna's
-    RetryHeartbeatStaleTrialCallback copies the params). A rank past the plan is refused by `Budget.check`
-    before anything is sampled."""
+def retried(trial, trials) -> bool:
+    """Whether a failed trial came back as a later attempt of its chain."""
+    return any(origin(t) == origin(trial) and t.number > trial.number for t in trials)
 
-    def infer_relative_search_space(self, study, trial) -> dict:
-        return {}
 
-    def sample_relative(self, study, trial, search_space) -> dict:
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        return len(budget_slots(study.get_trials(deepcopy=False), below=origin(trial)))
+def differences(theirs: dict, mine: dict) -> str:
+    """One line naming each option that differs between a campaign's stored plan and this worker's, with both
+    values (collapsed over the groups and methods where it differs the same way)."""
+    found: dict[tuple, list[str]] = {}
+    a, b = theirs.get("plan", {}), mine["plan"]
+    for group in sorted(set(a) | set(b)):
+        if group not in a or group not in b:
+            found.setdefault(("group", group in b, group in a), []).append(group)
+            continue
+        for method in sorted(set(a[group]) | set(b[group])):
+            x, y = a[group].get(method), b[group].get(method)
+            if x is None or y is None:
+                found.setdefault(("method", y is not None, x is not None), []).append(f"{group}/{method}")
+                continue
+            for option in sorted(set(x) | set(y)):
+                if str(x.get(option)) != str(y.get(option)):
+                    found.setdefault((option, y.get(option), x.get(option)), []).append(f"{group}/{method}")
+    if theirs.get("seeds") is not None and theirs.get("seeds") != mine["seeds"]:
+        found[("seeds", mine["seeds"], theirs["seeds"])] = []
+    if not found:
+        return "its cells differ from this worker's"
+    parts = []
+    for (option, here, there), where in found.items():
+        if option in ("group", "method"):
+            parts.append(f"{option} {where[0]}" + (" only here" if here else " only in the campaign"))
+        else:
+            scope = "" if not where or len(where) > 3 else f" ({', '.join(where)})"
+            parts.append(f"{option} {here!r} here, {there!r} in the campaign{scope}")
+    return "this worker's plan differs from the campaign's: " + "; ".join(parts)
 
 
 class CellRuns:
-    """The campaign's MLflow tree: a parent run per group (claimed once, `tracking.claim_parent`), a child run
+    """The campaign's MLflow tree: a parent run per group (claimed once, `track.parents.claim_parent`), a child run
     per cell, found again by the cell's tags so a retried or re-run cell logs into the same run. After each
     finished cell its group's parent gets `cells_complete` (step: that count, so it only grows) and ends
     FINISHED with its last cell."""
+    tags = K.CELL_RUN  # the tags this tree writes on a cell's run
 
-    prefix = "campaign"
-
-    def __init__(self, uri: str, experiment: str, name: str, cells: list[Cell], group_tags: dict):
+    def __init__(self, uri: str, experiment: str, name: str, cells: list[Cell], group_tags: dict, cell_tags: dict):
         from mlflow.tracking import MlflowClient
-        self.client, self.name, self.cells, self.group_tags = MlflowClient(uri), name, cells, group_tags
+        self.client, self.name, self.cells = MlflowClient(uri), name, {c.key: c for c in cells}
+        self.group_tags, self.cell_tags = group_tags, cell_tags
         self.experiment_name = experiment
         experiment_id(self.client, experiment)  # made once, before any parent
         self.groups = list(dict.fromkeys(c.group for c in cells))
+        self.size = {g: sum(c.group == g for c in cells) for g in self.groups}
+        self.methods = ",".join(dict.fromkeys(c.method for c in cells))  # the plan's order, for views
         self.parents: dict[str, str] = {}
 
     def parent(self, group: str) -> str:
         if group not in self.parents:
-            # `mlflow run`'s own run becomes the parent only of a one-group campaign (rifle.compare)
-            self.parents[group] = claim_parent(self.client, {"compare.name": group}, "compare.role",
-                                               self.experiment_name, group,
-                                               self.group_tags.get(group, {}) | {"campaign.name": self.name},
-                                               adopt=len(self.groups) == 1)
+            # `mlflow run`'s own run becomes the parent only of a one-group campaign (rifle compare)
+            tags = self.group_tags.get(group, {}) | {K.CAMPAIGN_NAME: self.name, K.CAMPAIGN_METHODS: self.methods}
+            self.parents[group] = claim_parent(self.client, {K.CELL_GROUP: group}, K.CELL_ROLE, self.experiment_name,
+                                               group, tags, adopt=len(self.groups) == 1)
         return self.parents[group]
 
     def _runs(self, cell: Cell) -> list:
-        return find_runs(self.client, cell.run_tags())
+        return find_runs(self.client, run_tags(cell))
 
     def child(self, trial, chain: int) -> str:
-        cell = self.cells[trial.params["cell"]]
+        cell = self.cells[trial.user_attrs[KEY]]
         found, numbers = self._runs(cell), str(trial.number)
         if found:
             run = found[0]
-            numbers = f"{run.data.tags.get('campaign.optuna_trials', '')},{trial.number}".strip(",")
-            self.client.set_tag(run.info.run_id, "campaign.optuna_trials", numbers)
+            numbers = f"{run.data.tags.get(self.tags.optuna_trials, '')},{trial.number}".strip(",")
+            self.client.set_tag(run.info.run_id, self.tags.optuna_trials, numbers)
             return run.info.run_id
         parent = self.parent(cell.group)
         exp_id = self.client.get_run(parent).info.experiment_id
         return self.client.create_run(exp_id, run_name=f"{cell.method}-seed-{cell.seed}", tags={
-            "mlflow.parentRunId": parent, **cell.run_tags(), **cell.tags, "campaign.name": self.name,
-            "campaign.cell": cell.key, "campaign.optuna_trials": numbers}).info.run_id
+            K.PARENT_RUN: parent, **run_tags(cell), **self.cell_tags.get(cell.method, {}),
+            K.CAMPAIGN_NAME: self.name, K.CAMPAIGN_CELL: cell.key, self.tags.optuna_trials: numbers}).info.run_id
 
     def finished(self, run_id: str) -> float | None:
-        """The test_acc of a cell whose run finished earlier (e.g. a comparison made without a shared storage)."""
+        """The value of a cell whose run finished earlier (e.g. a comparison made without a shared storage)."""
         run = self.client.get_run(run_id)
-        return run.data.metrics[TEST_ACC] if run.info.status == "FINISHED" and TEST_ACC in run.data.metrics \
-            else None
+        m = run.data.metrics
+        if run.info.status != "FINISHED" or K.TEST_ACC not in m:
+            return None
+        return m.get(K.BEST_VAL_ACC, m.get(K.TRAIN_ACC, float("nan")))
 
-    def trial_done(self, run_id: str, state: str, reason: str | None = None) -> None:
-        trial_done(self.client, self.prefix, run_id, state, reason)
+    def trial_done(self, run_id: str, state: TrialOutcome, reason: str | None = None) -> None:
+        trial_done(self.client, self.tags, run_id, state, reason)
 
     def on_retry(self, trial, retried: bool) -> None:
-        if "cell" in trial.params:  # a worker killed before its trial took a cell left no run
-            on_retry(self, self._runs(self.cells[trial.params["cell"]]), trial, retried)
+        if trial.user_attrs.get(KEY) in self.cells:
+            on_retry(self, self._runs(self.cells[trial.user_attrs[KEY]]), trial, retried)
 
     def after_trial(self, study, trial) -> None:
-        if trial.state != TrialState.COMPLETE:
+        if trial.state != TrialState.COMPLETE or trial.user_attrs.get(KEY) not in self.cells:
             return
-        group = self.cells[trial.params["cell"]].group
-        done = complete_cells(study.get_trials(deepcopy=False))
-        count = sum(self.cells[i].group == group for i in done)
-        self.client.log_metric(self.parent(group), "cells_complete", count, step=count)
-        if count == sum(c.group == group for c in self.cells):
+        group = self.cells[trial.user_attrs[KEY]].group
+        done = {t.user_attrs[KEY] for t in cell_trials(study.get_trials(deepcopy=False))
+                if t.state == TrialState.COMPLETE}
+        count = sum(self.cells[k].group == group for k in done if k in self.cells)
+        self.client.log_metric(self.parent(group), K.CELLS_COMPLETE, count, step=count)
+        if count == self.size[group]:
             self._close(group)
 
     def _close(self, group: str) -> None:
@@ -165,103 +309,118 @@ class CellRuns:
             self.client.set_terminated(parent)
 
     def finish(self, complete: bool) -> None:
-        if complete:
-            for group in self.groups:
-                self._close(group)
+        pass  # each group's parent ends with its last cell (after_trial)
 
 
-def complete_cells(trials) -> set[int]:
-    return {t.params["cell"] for t in trials if t.state == TrialState.COMPLETE and "cell" in t.params}
+def run_tags(cell: Cell) -> dict[str, str]:
+    """The tags that find a cell's run again (and that rifle.report reads)."""
+    return {K.CELL_GROUP: cell.group, K.CELL_ROLE: K.Role.CELL, K.CELL_METHOD: cell.method, K.CELL_SEED: str(cell.seed)}
 
 
-class CellWorker(Worker):
-    """The sweep's worker over a plan's cells: cells in plan order, never pruned, each in its own output
-    directory <output_root>/<group>/<method>/seed-<s>; the trial's value is the cell's test_acc (nothing is
-    selected on it: the sampler follows the plan)."""
-
-    value_name = TEST_ACC
-
-    def __init__(self, o, space: CellSpace, url: str, storage, group_tags: dict):
-        self.group_tags, self.tool = group_tags, o.tool
-        super().__init__(o, space, url, storage)
-        self.completed_by_me: set[int] = set()
-        self.complete_at_start = self.missing() == []
-
-    def make_sampler(self):
-        return CellSampler()
-
-    def make_pruner(self):
-        return optuna.pruners.NopPruner()
-
-    def trial_budget(self) -> int:
-        return len(self.space.cells)
-
-    def make_runs(self):
-        runs = CellRuns(self.uri, self.o.experiment, self.o.study_name, self.space.cells, self.group_tags)
-        print(f"{self.o.tool}: campaign {self.o.study_name!r} in {self.shown}: {len(self.space.cells)} cells in "
-              f"{len(runs.groups)} group(s), MLflow experiment {self.o.experiment!r}", flush=True)
-        return runs
-
-    def trial_options(self, trial, chain: int) -> tuple[dict, Path]:
-        cell = self.space.suggest(trial)
-        return cell.options | {"seed": cell.seed}, Path(self.o.output_root) / cell.group / cell.method / f"seed-{cell.seed}"
-
-    def describe(self, trial, chain: int) -> str:
-        return f"cell {self.space.cells[trial.params['cell']].key} (trial {trial.number})"
-
-    def value(self, result: dict) -> float:
-        return result[TEST_ACC]
-
-    def objective(self, trial) -> float:
-        value = super().objective(trial)
-        self.completed_by_me.add(trial.number)
-        return value
-
-    def missing(self) -> list[Cell]:
-        done = complete_cells(self.study.get_trials(deepcopy=False))
-        return [c for i, c in enumerate(self.space.cells) if i not in done]
-
-    def summary(self, trials) -> None:
-        missing = self.missing()
-        line = f"{self.o.tool}: campaign {self.o.study_name!r}: {len(self.space.cells) - len(missing)} of " \
-               f"{len(self.space.cells)} cells complete"
-        print(line + (f"; not complete: {', '.join(c.key for c in missing[:5])}" if missing else ""), flush=True)
-
-    def reports(self) -> bool:
-        """Whether this worker writes the campaign's reports: it found the campaign complete, or it completed
-        its last cell (so that N workers of an array write them once)."""
-        trials = [t for t in self.study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-        last = max(trials, key=lambda t: t.datetime_complete, default=None)
-        return self.complete_at_start or (last is not None and last.number in self.completed_by_me)
+def status(study, plan: Plan, grace_period: float) -> dict:
+    """What a campaign's storage says now, read only (nothing is failed or retried): per group the cells complete,
+    running, failed and pending; running cells whose heartbeat is older than `grace_period` (their worker is
+    gone: the next worker retries them); images per second and the time left, from the finished cells and how
+    far the running ones have got (their reported epochs)."""
+    cells = plan.cells()
+    index = {c.key: i for i, c in enumerate(cells)}
+    latest = {}  # cell index -> its newest attempt
+    for t in cell_trials(study.get_trials(deepcopy=False)):
+        i = index.get(t.user_attrs[KEY])
+        if i is not None and (i not in latest or t.number > latest[i].number):
+            latest[i] = t
+    names = dict.fromkeys(c.group for c in cells)
+    groups = {g: dict.fromkeys(("complete", "running", "failed", "pending"), 0) for g in names}
+    now, stale, durations, rates, left_running = time.time(), [], [], [], 0.0
+    for i, cell in enumerate(cells):
+        t = latest.get(i)
+        state = "pending" if t is None or t.state == TrialState.WAITING else \
+            "complete" if t.state == TrialState.COMPLETE else "running" if t.state == TrialState.RUNNING else "failed"
+        groups[cell.group][state] += 1
+        if state == "complete" and t.datetime_start and t.datetime_complete:
+            seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+            durations.append(seconds)
+            if t.user_attrs.get("images"):
+                rates.append(t.user_attrs["images"] / max(seconds, 1e-9))
+        if state == "running":
+            beat = max(t.system_attrs.get(HEARTBEAT_ATTR, 0), t.datetime_start.timestamp())
+            if now - beat > grace_period:
+                stale.append({"cell": cell.key, "trial": t.number, "heartbeat_age_s": round(now - beat)})
+            epochs = C.build(cell.values() | {"output_dir": "unused"}).optim.epochs
+            left_running += 1 - len(t.intermediate_values) / max(epochs, 1)
+    pending = sum(g["pending"] for g in groups.values())
+    live = sum(g["running"] for g in groups.values()) - len(stale)
+    mean = statistics.fmean(durations) if durations else None
+    left = None if mean is None else (pending + left_running + len(stale)) * mean / max(live, 1)
+    reasons = {g: r for g in groups if (r := study.user_attrs.get(FAILED_GROUP + g))}
+    return {"campaign": plan.name, "groups": groups, "failed_groups": reasons, "stale": stale, "live_workers": live,
+            "images_per_second": round(statistics.fmean(rates), 1) if rates else None,
+            "seconds_per_cell": round(mean, 1) if mean is not None else None,
+            "hours_left": round(left / 3600, 2) if left is not None else None,
+            "value": study.user_attrs.get(STUDY_ATTR, {}).get("value")}
 
 
-def run_cells(tool: str, name: str, cells: list[Cell], *, tracking_uri: str, experiment: str, output_root: str,
-              storage: str = "", group_tags: dict | None = None, heartbeat_interval: int = 30,
-              grace_period: int = 120, max_retry: int = 3) -> tuple[str, dict[str, str]]:
-    """Train this worker's share of `cells` (all of them without a shared `storage`) until none is left.
-    Returns (status, {group: parent run id}); status is "report" (every cell is complete and this worker
-    writes the reports), "complete" (another worker writes them), "incomplete" (some cell failed),
-    "follower" (a non-main process of `accelerate launch`, which only trains), or "interrupted" /
-    "terminated" (Ctrl-C / SIGTERM: the cell in hand was handed back to the next worker)."""
-    url = resolve_url(storage) if storage else MEMORY
-    o = SimpleNamespace(tool=tool, study_name=f"{tool.removeprefix('rifle.')}:{name}", storage=storage or MEMORY,
-                        heartbeat_interval=heartbeat_interval, output_root=str(Path(output_root).resolve()),
-                        tracking_uri=tracking_uri, experiment=experiment, pruner="none", seed=0, sampler="cells")
+class CampaignError(RuntimeError):
+    """The plan cannot be trained (a dataset that does not load): one line per problem, nothing trained."""
+
+
+def stored(url: str, name: str) -> dict | None:
+    """The campaign's record in its storage (its plan, seeds, signature), or None when there is none yet (a
+    journal file that does not exist stays so)."""
+    if url == MEMORY or ("://" not in url and not Path(url).exists()):
+        return None
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(url)).user_attrs.get(STUDY_ATTR)
+    except KeyError:
+        return None
+
+
+class Result(NamedTuple):
+    status: Status
+    parents: dict     # complete group -> its parent run id
+    failed: dict      # group that did not complete -> why
+
+
+def run_campaign(plan: Plan, o: WorkerOptions, *, cell_tags: dict | None = None, group_tags: dict | None = None,
+                 prepare: bool = False) -> Result:
+    """Train this worker's share of the plan's cells until none is left (all of them without a shared storage).
+    Before any cell: the datasets' commits are frozen (a joiner takes those of the campaign it joins, the first
+    worker resolves branches) and every dataset is loaded and checked (CampaignError naming each that fails).
+    With `prepare`, stop once the campaign exists and its datasets are cached."""
+    url = resolve_url(o.storage) if o.storage else MEMORY
     with raise_on_sigterm():
+        state = distributed_state()
+        if not state.is_main_process:
+            follow("none", state)
+            return Result(Status.FOLLOWER, {}, {})
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        known = stored(url, o.study_name)
+        if known:  # a joiner: the campaign's commits, and its plan or a refusal, before anything loads
+            plan.adopt_revisions(known.get("plan", {}))
+            difference = CellPolicy(plan).mismatch(known)
+            if difference:
+                raise SweepError(f"campaign {plan.name!r} in {redact(url)}: {difference}")
+        else:
+            plan.resolve_revisions()
+        problems = plan.check_datasets()
+        if problems:
+            raise CampaignError("\n".join(problems))
+        storage = open_storage(url, o.heartbeat_interval, o.grace_period, o.max_retry)  # after: nothing made
+        policy, worker = CellPolicy(plan, cell_tags, group_tags), None
         try:
-            state = distributed_state()
-            if not state.is_main_process:
-                follow(o, state)
-                return "follower", {}
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            worker = CellWorker(o, CellSpace(name, cells), url,
-                                open_storage(url, heartbeat_interval, grace_period, max_retry), group_tags or {})
-            complete = worker.run(state) and not worker.missing()
+            worker = Worker(o, policy, url, storage)
+            if prepare:
+                return Result(Status.COMPLETE, {}, {})
+            status = worker.run(state)
         except KeyboardInterrupt as e:
-            print(f"{tool}: interrupted; the next worker resumes the cell from its last checkpoint", file=sys.stderr)
-            return ("terminated" if isinstance(e, Terminated) else "interrupted"), {}
-    parents = {g: worker.runs.parent(g) for g in worker.runs.groups}
-    return ("report" if worker.reports() else "complete") if complete else "incomplete", parents
+            if worker is not None and worker.tracking_lost:
+                print(f"{o.tool}: error: {worker.tracking_lost}", file=sys.stderr, flush=True)
+                return Result(Status.TRACKING_LOST, {}, {})
+            print(f"{o.tool}: interrupted; the next worker resumes the cell from its last checkpoint", file=sys.stderr)
+            return Result(Status.TERMINATED if isinstance(e, Terminated) else Status.INTERRUPTED, {}, {})
+    trials = worker.study.get_trials(deepcopy=False)
+    return Result(status, {g: worker.runs.parent(g) for g in policy.complete_groups(trials)},
+                   policy.failed_groups(trials))
 
 
 def finished_runs(tracking_uri: str, parent: str) -> list:
@@ -272,4 +431,4 @@ def finished_runs(tracking_uri: str, parent: str) -> list:
     client = MlflowClient(tracking_uri)
     exp = client.get_run(parent).info.experiment_id
     return all_pages(client.search_runs, experiment_ids=[exp], filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent}' and attributes.status = 'FINISHED'"))
+        f"{K.parent_filter(parent)} and attributes.status = 'FINISHED'"))

@@ -21,7 +21,7 @@ PARAM_TYPES = ("float", "int", "categorical")
 PARAM_KEYS = {"type", "low", "high", "log", "step", "choices", "when"}
 TOP_KEYS = {"extends", "fixed", "params"}
 # Set by the sweep for each trial; a space may not set them.
-MANAGED = ("output_dir", "run_name", "tracking_uri", "experiment")
+MANAGED = C.with_role("managed")
 
 
 class SpaceError(ValueError):
@@ -268,7 +268,15 @@ def _check_values(space: Space) -> None:
                                  "listed before it")
         ends = p.choices if p.kind == "categorical" else [p.low, p.high]
         context = {k: v[0] for k, v in p.when.items() if k in seen}  # values that make the parameter active
-        for value in ends:
-            key = "choices" if p.kind == "categorical" else ("low" if value == p.low else "high")
-            build(space.fixed | context | {p.name: value}, p.name, f"params.{p.name}.{key}")
+        epochs = {}  # epochs each value trains (RIFLE truncates to a multiple of K+1)
+        small = p.kind == "int" and not p.log and (p.high - p.low) // (p.step or 1) < 50  # every value, not the ends
+        for value in p.grid_values() if small else ends:
+            key = "choices" if p.kind == "categorical" else "low" if value == p.low else "high" if value == p.high \
+                else f"{value}"
+            cfg = build(space.fixed | context | {p.name: value}, p.name, f"params.{p.name}.{key}")
+            epochs[value] = cfg.optim.epochs
+        if len(set(epochs.values())) > 1:  # trials would compare different budgets
+            raise SpaceError(f"{p.source}: params.{p.name}: its values train different numbers of epochs ("
+                             + ", ".join(f"{v}: {e}" for v, e in epochs.items()) + "): choose values whose K+1 divides "
+                             f"epochs={space.fixed.get('epochs', C.OptimConfig.epochs)}, so every trial has one budget")
         seen[p.name] = ends

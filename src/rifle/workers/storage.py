@@ -98,9 +98,11 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         try:
             self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
         except optuna.exceptions.UpdateFinishedTrialError:
-            pass  # another worker retried it; the trial's next report finds out (rifle.sweep.TrialLost)
+            pass  # another worker retried it; the trial's next report finds out (workers.worker.TrialLost)
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # Optuna's heartbeat protocol (fail_stale_trials calls it), as RDBStorage implements it: storages address
+        # trials by id, which a FrozenTrial keeps in `_trial_id` (no public accessor exists).
         now = time.time()
         return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
                 # a retry inherits its original's last beat: its own start counts too
@@ -150,6 +152,18 @@ def _redis_deadline(url: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query)))
 
 
+class HeartbeatRDBStorage(RDBStorage):
+    """RDBStorage whose heartbeat is also a trial system attribute, as on the journal storages: a status view then
+    reads every backend's heartbeat ages alike, through the public trial API."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        super().record_heartbeat(trial_id)
+        try:
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+
 def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStorage:
     import sqlalchemy.exc
     if url.startswith("postgresql://"):  # psycopg 3, installed with the project (SQLAlchemy's default is 2)
@@ -159,7 +173,7 @@ def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStor
         engine["connect_args"] = {"connect_timeout": network.timeout()}
     for attempt in range(10):
         try:
-            return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
+            return HeartbeatRDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat_interval,
                               grace_period=grace_period, heartbeat_stale_trial_callback=retry)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
             # Workers started together on a fresh database race to create Optuna's tables; the loser finds
@@ -170,9 +184,9 @@ def _rdb(url: str, heartbeat_interval: int, grace_period: int, retry) -> RDBStor
 
 
 def load_study(storage: str = "", study_name: str = ""):
-    """A study as `python -m rifle.sweep` wrote it, for notebooks: `storage` as its --storage (a journal file,
+    """A study as `rifle sweep` wrote it, for notebooks: `storage` as its --storage (a journal file,
     redis://..., an RDB URL or env:NAME); "" is the nearest optuna.journal above the working directory."""
-    from ..evidence.notebook import nearest
+    from ..track.store import nearest
     if not storage:
         found = nearest("optuna.journal")
         if found is None:
@@ -184,43 +198,45 @@ def load_study(storage: str = "", study_name: str = ""):
     return optuna.load_study(study_name=study_name, storage=open_storage(url))
 
 
-def open_study(storage, name: str, space, sampler, pruner, shown: str, wait_s: float = 30.0):
-    """Create the study, or join it; the creator records a uuid and the space, and joiners must match."""
+def open_study(storage, name: str, policy, sampler, pruner, shown: str, wait_s: float = 30.0):
+    """Create the study, or join it. The creator records a uuid and the policy's signature (what defines the
+    study's trials) and runs `policy.created(study)` (a campaign enqueues its cells); a joiner waits until the
+    creator is done, then must match the signature (`policy.mismatch` says how it differs, in one line)."""
     try:
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
                                     pruner=pruner)
-        study.set_user_attr(STUDY_ATTR, {"uuid": uuid.uuid4().hex, "method": space.method,
-                                         "space_file": space.path, "space": space.signature()})
+        info = {"uuid": uuid.uuid4().hex, "space": policy.signature()} | policy.study_attrs()
+        policy.created(study)
+        study.set_user_attr(STUDY_ATTR, info)  # last: joiners wait for it
     except optuna.exceptions.DuplicatedStudyError:
         study = optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner)
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise SweepError(f"study {name!r} in {shown} minimizes; a sweep maximizes validation accuracy")
     deadline = time.time() + wait_s
-    while STUDY_ATTR not in study.user_attrs:  # the creator writes it right after creating the study
+    while STUDY_ATTR not in study.user_attrs:  # the creator writes it once the study is ready
         if time.time() > deadline:
-            raise SweepError(f"study {name!r} in {shown} was not made by rifle.sweep (no {STUDY_ATTR} "
-                             "attribute); choose another --study_name")
+            raise SweepError(f"study {name!r} in {shown} was not made by rifle (no {STUDY_ATTR} attribute); "
+                             "choose another name")
         time.sleep(0.5)
-    mine, theirs = space.signature(), study.user_attrs[STUDY_ATTR]["space"]
-    if mine != theirs:
-        raise SweepError(f"study {name!r} was created with another search space: {_first_difference(theirs, mine)}; "
-                         "use another --study_name or the same space and options")
+    difference = policy.mismatch(study.user_attrs[STUDY_ATTR])
+    if difference:
+        raise SweepError(f"study {name!r} in {shown}: {difference}")
     return study
 
 
-def _first_difference(theirs: dict, mine: dict, prefix: str = "") -> str:
+def first_difference(theirs: dict, mine: dict, prefix: str = "") -> str:
     key = min(k for k in set(theirs) | set(mine) if theirs.get(k, "<absent>") != mine.get(k, "<absent>"))
     a, b = theirs.get(key, "<absent>"), mine.get(key, "<absent>")
     if isinstance(a, dict) and isinstance(b, dict):
-        return _first_difference(a, b, f"{prefix}{key}.")
+        return first_difference(a, b, f"{prefix}{key}.")
     return f"{prefix}{key} was {a!r}, now {b!r}"
 
 
-def check_storage(url: str, study_name: str, signature: dict | None = None) -> str:
-    """What rifle.preflight asks of a campaign's storage, leaving nothing behind: it opens within the network
+def check_storage(url: str, study_name: str, policy=None) -> str:
+    """What rifle preflight asks of a campaign's storage, leaving nothing behind: it opens within the network
     deadline, takes a study (a throwaway one, deleted again; a journal file made for it is removed), and holds
-    no study `study_name` made for other cells than `signature` describes. A line of what was found; SweepError
-    (one line) otherwise."""
+    no study `study_name` made for other trials than `policy`'s (rifle.workers.cells.CellPolicy: its mismatch
+    names each option that differs). A line of what was found; SweepError (one line) otherwise."""
     fresh_file = "://" not in url and url != MEMORY and not Path(url).exists()
     storage = open_storage(url)
     probe = f"rifle-preflight-{uuid.uuid4().hex[:8]}"
@@ -240,9 +256,9 @@ def check_storage(url: str, study_name: str, signature: dict | None = None) -> s
         found = optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
         return f"{redact(url)}: writable; no study {study_name!r} yet"
-    theirs = found.user_attrs.get(STUDY_ATTR, {}).get("space")
-    if signature is not None and theirs is not None and theirs != signature:
-        raise SweepError(f"the storage {redact(url)} holds a study {study_name!r} made for other cells "
-                         f"({_first_difference(theirs, signature)}): choose another --name")
+    info = found.user_attrs.get(STUDY_ATTR)
+    difference = policy.mismatch(info) if policy is not None and info else None
+    if difference:
+        raise SweepError(f"the storage {redact(url)} holds a study {study_name!r}: {difference}")
     done = sum(t.state == TrialState.COMPLETE for t in found.get_trials(deepcopy=False))
     return f"{redact(url)}: writable; study {study_name!r} exists with the same cells ({done} trial(s) complete)"

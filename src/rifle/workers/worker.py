@@ -1,12 +1,15 @@
-"""One sweep worker: Optuna's `study.optimize` over an objective that trains one trial with `fit`.
+"""One worker on a shared Optuna study: `study.optimize` over an objective that trains one trial with `fit`.
 
-Optuna's heartbeat, stale-trial retries (rifle.sweep.storage), samplers, pruners and plots are used as is.
-What it lacks lives here: the pruning rule fair to RIFLE (`TrialReporter`); the exact study-wide `n_trials`
-(`Budget`: one slot per retry chain, a lost race for the last slot gives its trial back untrained, a worker
-waits while another's trial may still need a retry); a retry resumes in its chain's output directory and
-MLflow run; a trial taken over by another worker stops at its next report without touching either
-(`TrialLost`); multi-process trials, where the main process broadcasts each trial's options and every
-pruning decision so all processes train the same trial and stop at the same epoch.
+The worker is the same for a sweep and a campaign; what differs is handed to it as a policy: the sampler and
+pruner, which trial may be trained (`claim`), when work is left, a trial's options and output directory, and
+the trial's value (`SweepPolicy` here: a search space, an exact study-wide `n_trials`; `cells.CellPolicy`: the
+cells Optuna's queue holds). Optuna's heartbeat, stale-trial retries (rifle.workers.storage), samplers,
+pruners and plots are used as is. What it lacks lives here: the pruning rule fair to RIFLE (`TrialReporter`);
+the exact `n_trials` (`Budget`: one slot per retry chain, a lost race for the last slot gives its trial back
+untrained, a worker waits while another's trial may still need a retry); a retry resumes in its chain's
+output directory and MLflow run; a trial taken over by another worker stops at its next report without
+touching either (`TrialLost`); multi-process trials, where the main process broadcasts each trial's options
+and every pruning decision so all processes train the same trial and stop at the same epoch.
 """
 from __future__ import annotations
 
@@ -18,29 +21,53 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
-from ..track import keys as K
+from ..callbacks import Callback
+from ..launch import distributed_state  # noqa: F401  (one rule with the trainer; sweep.py and cells.py import it here)
+from .. import keys as K
 from ..network import redact
+from ..seeds import sampler_seed
+from .outcomes import Outcome, Status
 from .runs import SweepRuns, origin
-from .storage import MEMORY, STUDY_ATTR, open_study, scrub
+from .storage import MEMORY, STUDY_ATTR, first_difference, open_study, scrub
 
-OVER_BUDGET_ATTR = "rifle:over_budget"
+OVER_BUDGET_ATTR = "rifle:over_budget"  # a trial given back untrained (a user attr; older studies: a system attr)
+
+
+@dataclass
+class WorkerOptions:
+    """What a sweep's and a campaign's workers share (their commands fill it)."""
+    tool: str                 # the prefix of its lines, e.g. "rifle sweep"
+    study_name: str
+    storage: str              # as given (env:VAR stays: the URL is `url`)
+    output_root: str
+    tracking_uri: str
+    experiment: str
+    heartbeat_interval: int = 30
+    grace_period: int = 120
+    max_retry: int = 3
 
 
 class TrialLost(RuntimeError):
     """Another worker declared this trial stale and retries it in the same directory and MLflow run."""
 
 
-class OverBudget(RuntimeError):
-    """Another worker took the study's last trial a moment before this one."""
+class GiveBack(RuntimeError):
+    """The trial must not be trained here (another worker took the study's last slot, it is none of the queue's
+    cells): it ends FAIL, marked, and counts for nothing."""
 
 
-class TrialReporter:
+class Skip(RuntimeError):
+    """The trial is not trained and ends FAIL with this reason, counted (a campaign cell whose group failed)."""
+
+
+class TrialReporter(Callback):
     """The trainer callback that reports a trial to Optuna and prunes it, fairly to RIFLE.
 
     Reported value: the best validation accuracy so far (monotone, so the dip after a head re-initialization
@@ -57,7 +84,7 @@ class TrialReporter:
         self.num_processes, self.process_index = num_processes, process_index
         self.best, self.reinits = -math.inf, 0
         if trial is not None:
-            reported = set(trial.study._storage.get_trial(trial._trial_id).intermediate_values)
+            reported = set(frozen(trial.study, trial).intermediate_values)
             for row in history:  # epochs the checkpoint holds (a kill can fall before their report)
                 self.best = max(self.best, row[key])
                 self.reinits += int(row.get(K.HEAD_REINIT, 0) == 1)
@@ -79,7 +106,8 @@ class TrialReporter:
                   if t.number != self.trial.number and epoch in t.intermediate_values]
         context = f"; other trials at that epoch: median {statistics.median(others):.4f} of {len(others)}" \
             if others else ""
-        return f"pruned at epoch {epoch} by the {self.pruner_name} pruner: best {self.key} so far {self.best:.4f}{context}"
+        return (f"pruned at epoch {epoch} by the {self.pruner_name} pruner: best {self.key} so far {self.best:.4f}"
+                f"{context}")
 
     def on_epoch_end(self, epoch: int, metrics: dict) -> None:
         decision = None
@@ -95,15 +123,23 @@ class TrialReporter:
             decision = broadcast_object_list([decision], from_process=0)[0]
         if decision:
             kind, reason = decision
-            print(f"rifle.sweep: [process {self.process_index}] {reason}", flush=True)
+            print(f"rifle: [process {self.process_index}] {reason}", flush=True)
             raise optuna.TrialPruned(reason) if kind == "pruned" else TrialLost(reason)
+
+
+def frozen(study, trial):
+    """The FrozenTrial of a running `trial` (its reported values, attributes and retry chain)."""
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+
+
+def given_back(trial) -> bool:
+    return bool(trial.user_attrs.get(OVER_BUDGET_ATTR) or trial.system_attrs.get(OVER_BUDGET_ATTR))
 
 
 def budget_slots(trials, below: int | None = None) -> set[int]:
     """Budget slots used: one per retry chain, trials given back over budget excluded; with `below`, only
     chains that started before trial number `below`."""
-    return {origin(t) for t in trials if not t.system_attrs.get(OVER_BUDGET_ATTR)
-            and (below is None or origin(t) < below)}
+    return {origin(t) for t in trials if not given_back(t) and (below is None or origin(t) < below)}
 
 
 def over_budget(trials, number: int, n_trials: int) -> bool:
@@ -134,14 +170,9 @@ class Budget:
                 return False
             time.sleep(self.poll)
 
-    def __call__(self, study, trial) -> None:  # a study.optimize callback
-        if not self.work_left(study):
-            study.stop()
-
     def check(self, study, trial) -> None:
         if over_budget(study.get_trials(deepcopy=False), trial.number, self.n_trials):
-            study._storage.set_trial_system_attr(trial._trial_id, OVER_BUDGET_ATTR, True)
-            raise OverBudget(f"trial {trial.number} given back untrained: another worker took the last trial")
+            raise GiveBack(f"trial {trial.number} given back untrained: another worker took the last trial")
 
 
 class TrialSeededTPE(optuna.samplers.TPESampler):
@@ -154,13 +185,8 @@ class TrialSeededTPE(optuna.samplers.TPESampler):
 
     def before_trial(self, study, trial) -> None:
         # Made afresh with the trial's seed: TPE keeps no state between trials but its random streams.
-        super().__init__(seed=self.base_seed * 1_000_003 + trial.number)
+        super().__init__(seed=sampler_seed(self.base_seed, trial.number))
         super().before_trial(study, trial)
-
-
-def make_sampler(kind: str, space, seed: int):
-    # The grid sampler gives each trial a grid point not yet taken, and stops the study when all are done.
-    return optuna.samplers.GridSampler(space.grid(), seed=seed) if kind == "grid" else TrialSeededTPE(seed)
 
 
 def make_pruner(kind: str, startup_trials: int, warmup_epochs: int, epochs: int):
@@ -185,162 +211,195 @@ def _fmt(params: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
-class Worker:
-    """The main process's side: the study, the budget, the MLflow tree, and the objective. A campaign
-    (`rifle.sweep.cells`) is this worker with the cells of a plan as its trials: it overrides the hooks
-    `make_sampler`, `make_pruner`, `trial_budget`, `make_runs`, `trial_options`, `describe` and `value`."""
+class SweepPolicy:
+    """A sweep: trials sampled from a search space (TPE or grid), pruned fairly to RIFLE, exactly `n_trials` in
+    the study across workers and restarts (`Budget`), each in <root>/<study>-<id>/trial-<n>; the value is the
+    trial's best validation accuracy, never test."""
+    value_name = K.BEST_VAL_ACC
 
-    value_name = K.VAL_ACC  # what the objective returns (`value`)
-    tool = "rifle.sweep"    # the prefix of its lines
+    def __init__(self, space, sampler: str = "tpe", pruner: str = "median", seed: int = 0, n_trials: int = 20,
+                 pruner_startup_trials: int = 5, pruner_warmup_epochs: int = 2, space_file: str = ""):
+        self.space, self.sampler_kind, self.pruner_name, self.seed = space, sampler, pruner, seed
+        self.startup, self.warmup, self.space_file = pruner_startup_trials, pruner_warmup_epochs, space_file
+        self.n_trials = n_trials
+        if sampler == "grid" and (points := math.prod(len(v) for v in space.grid().values())) < n_trials:
+            print(f"rifle sweep: the grid has {points} points: n_trials {n_trials} -> {points}", flush=True)
+            self.n_trials = points
 
-    def __init__(self, o, space, url: str, storage):
-        self.o, self.space, self.url, self.storage = o, space, url, storage
-        self.shown = redact(url) if "://" in url else url if url == MEMORY else str(Path(url).resolve())
-        if os.environ.get("MLFLOW_RUN_ID") and not o.storage.startswith("env:") and redact(url) != url:
-            print("rifle.sweep: warning: `mlflow run` records its -P parameters, so the run's 'storage' param holds "
-                  "the password; pass -P storage=env:VAR (the URL in an environment variable) instead",
-                  file=sys.stderr, flush=True)
-        self.study = open_study(self.storage, o.study_name, space, self.make_sampler(), self.make_pruner(),
-                                self.shown)
-        self.budget = Budget(self.trial_budget(), poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
-        study_uuid = self.study.user_attrs[STUDY_ATTR]["uuid"]
-        self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{study_uuid[:8]}"
-        self.uri = o.tracking_uri
-        self.runs = self.make_runs()
-        self.storage.get_heartbeat_stale_trial_callback().on_retry = self.runs.on_retry
-        self.lost = False
+    def signature(self) -> dict:
+        return self.space.signature()
 
-    # ---- hooks (a sweep's; rifle.sweep.cells.CellWorker overrides them)
-    def make_sampler(self):
-        return make_sampler(self.o.sampler, self.space, self.o.seed)
+    def study_attrs(self) -> dict:
+        return {"method": self.space.method, "space_file": self.space.path}
 
-    def make_pruner(self):
+    def created(self, study) -> None:
+        pass
+
+    def mismatch(self, info: dict) -> str | None:
+        mine, theirs = self.signature(), info["space"]
+        return None if mine == theirs else (f"created with another search space: {first_difference(theirs, mine)}; "
+                                            "use another --study_name or the same space and options")
+
+    def sampler(self):
+        # The grid sampler gives each trial a grid point not yet taken, and stops the study when all are done.
+        return optuna.samplers.GridSampler(self.space.grid(), seed=self.seed) if self.sampler_kind == "grid" \
+            else TrialSeededTPE(self.seed)
+
+    def pruner(self):
         epochs = C.build(self.space.fixed | {"output_dir": "unused"}).optim.epochs
-        return make_pruner(self.o.pruner, self.o.pruner_startup_trials, self.o.pruner_warmup_epochs, epochs)
+        return make_pruner(self.pruner_name, self.startup, self.warmup, epochs)
 
-    def trial_budget(self) -> int:
-        n_trials = self.o.n_trials
-        if self.o.sampler == "grid" and (points := math.prod(len(v) for v in self.space.grid().values())) < n_trials:
-            print(f"rifle.sweep: the grid has {points} points: n_trials {n_trials} -> {points}", flush=True)
-            n_trials = points
-        return n_trials
-
-    def make_runs(self):
-        o, space = self.o, self.space
-        params = {"space": o.space, "method": space.method, "study_name": o.study_name, "storage": self.shown,
-                  "sampler": o.sampler, "pruner": o.pruner, "seed": o.seed,
+    def start(self, worker) -> None:
+        o, space = worker.o, self.space
+        self.budget = Budget(self.n_trials, poll=max(1.0, min(float(o.heartbeat_interval), 10.0)))
+        uuid = worker.study.user_attrs[STUDY_ATTR]["uuid"]
+        self.out_root = Path(o.output_root).resolve() / f"{o.study_name}-{uuid[:8]}"
+        params = {"space": self.space_file, "method": space.method, "study_name": o.study_name,
+                  "storage": worker.shown, "sampler": self.sampler_kind, "pruner": self.pruner_name, "seed": self.seed,
                   "searched": ",".join(space.params) or "none",
-                  **{f"fixed.{k}": v for k, v in space.fixed.items() if k not in C.RUN_ONLY}}
-        runs = SweepRuns(self.uri, o.experiment, self.study, self.shown, params, self.budget.n_trials)
-        print(f"rifle.sweep: study {o.study_name!r} in {self.shown}, {self.budget.n_trials} trials in total, MLflow "
-              f"parent run {runs.parent} ({redact(self.uri)})", flush=True)
-        return runs
+                  **{K.fixed_param(k): v for k, v in space.fixed.items() if k not in C.RUN_ONLY}}
+        self.runs = SweepRuns(o.tracking_uri, o.experiment, worker.study, worker.shown, params, self.n_trials)
+        print(f"{o.tool}: study {o.study_name!r} in {worker.shown}, {self.n_trials} trials in total, MLflow parent "
+              f"run {self.runs.parent} ({redact(o.tracking_uri)})", flush=True)
 
-    def trial_options(self, trial, chain: int) -> tuple[dict, Path]:
+    def work_left(self, study) -> bool:
+        return self.budget.work_left(study)
+
+    def claim(self, study, trial) -> None:
+        self.budget.check(study, trial)
+
+    def options(self, trial, chain: int) -> tuple[dict, Path]:
         """(trainer options, output directory) of a trial; a retry trains (resumes) in its chain's directory."""
         return {"log_weights": False} | self.space.suggest(trial), self.out_root / f"trial-{chain}"
 
     def describe(self, trial, chain: int) -> str:
         return f"trial {trial.number} ({_fmt(trial.params)})"
 
-    def value(self, result: dict) -> float:
-        return result[K.BEST_VAL_ACC]  # the objective: validation, never test
+    def value(self, trial, result: dict) -> float:
+        return result[K.BEST_VAL_ACC]
 
-    # ---- the objective and the loop
+    def failed(self, trial, error: Exception, reason: str) -> None:
+        pass  # a sweep's failed trial is its own; the study goes on
+
+    def done(self, study, trials) -> bool:
+        return len(budget_slots(trials)) >= self.n_trials and not any(
+            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+
+    def summary(self, worker, trials) -> Status:
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        line = f"{worker.o.tool}: study {worker.o.study_name!r}: {len(finished)} trials finished"
+        if any(t.state == TrialState.COMPLETE for t in trials):
+            best = worker.study.best_trial
+            line += f"; best trial {best.number}: val_acc {best.value:.4f} ({_fmt(best.params)})"
+        print(line + f"; MLflow parent run {self.runs.parent}", flush=True)
+        return Status.COMPLETE
+
+
+class Worker:
+    """The main process's side of a study: opens it, then trains trials as its policy says until none is left.
+    `run(state)` returns the policy's Status."""
+
+    def __init__(self, o: WorkerOptions, policy, url: str, storage):
+        self.o, self.policy, self.url, self.storage = o, policy, url, storage
+        self.shown = redact(url) if "://" in url else url if url == MEMORY else str(Path(url).resolve())
+        if os.environ.get("MLFLOW_RUN_ID") and not o.storage.startswith("env:") and redact(url) != url:
+            print(f"{o.tool}: warning: `mlflow run` records its -P parameters, so the run's 'storage' param holds the "
+                  "password; pass -P storage=env:VAR (the URL in an environment variable) instead",
+                  file=sys.stderr, flush=True)
+        self.study = open_study(storage, o.study_name, policy, policy.sampler(), policy.pruner(), self.shown)
+        policy.start(self)
+        self.runs = policy.runs
+        self.storage.get_heartbeat_stale_trial_callback().on_retry = self.runs.on_retry
+        self.lost, self.tracking_lost = False, ""
+
     def objective(self, trial) -> float:
         from ..trainer import fit
-        chain = origin(self.study._storage.get_trial(trial._trial_id))
+        from ..track.tracker import TrackingLost
+        chain = origin(frozen(self.study, trial))
         retry = self.storage.get_heartbeat_stale_trial_callback()
         try:
-            self.budget.check(self.study, trial)
-            values, out = self.trial_options(trial, chain)
-        except OverBudget:
+            self.policy.claim(self.study, trial)
+            values, out = self.policy.options(trial, chain)
+        except GiveBack as e:
+            trial.set_user_attr(OVER_BUDGET_ATTR, str(e))
+            raise
+        except Skip as e:
+            print(f"{self.o.tool}: {e}", flush=True)
             raise
         except Exception:  # the storage failed before the trial knew its options: retried as the same trial
-            retry(self.study, self.study._storage.get_trial(trial._trial_id))
+            retry(self.study, frozen(self.study, trial))
             raise
-        values |= {"output_dir": str(out), "tracking_uri": self.uri, "experiment": self.runs.experiment_name,
-                   "run_name": None}
+        values |= {"output_dir": str(out), "tracking_uri": self.o.tracking_uri,
+                   "experiment": self.runs.experiment_name, "run_name": None}
         run_id = self.runs.child(trial, chain)
         start, history = resume_point(out)
         trial.set_user_attr("output_dir", str(out))
         trial.set_user_attr("mlflow_run_id", run_id)
+        what = self.policy.describe(trial, chain)
         if start:
             trial.set_user_attr("resumed_from_epoch", start)
-            self.runs.client.set_tag(run_id, f"{self.runs.prefix}.resumed_from_epoch", str(start))
-        print(f"{self.tool}: {self.describe(trial, chain)}"
-              + (f", a retry of trial {chain} resuming at epoch {start}" if start else ""), flush=True)
+            self.runs.client.set_tag(run_id, self.runs.tags.resumed_from_epoch, str(start))
+        print(f"{self.o.tool}: {what}" + (f", a retry of trial {chain} resuming at epoch {start}" if start else ""),
+              flush=True)
         finished = self.runs.finished(run_id)
         if finished is not None:  # trained earlier (e.g. without a shared storage): read back
-            print(f"{self.tool}: {self.describe(trial, chain)}: finished earlier in run {run_id}", flush=True)
-            self.runs.trial_done(run_id, "complete")
+            print(f"{self.o.tool}: {what}: finished earlier in run {run_id}", flush=True)
+            self.runs.trial_done(run_id, Outcome.COMPLETE)
             return finished
         broadcast(values, self.state)
-        outcome, reason = "failed", None
+        outcome, reason = Outcome.FAILED, None
         try:
             cfg = C.build(values)
-            reporter = TrialReporter(trial, cfg.optim.epochs, history, self.o.pruner, self.state.num_processes,
-                                     key=K.VAL_ACC if cfg.data.val_fraction > 0 else K.TRAIN_ACC)
-            value = self.value(fit(cfg, callbacks=[reporter], mlflow_run_id=run_id))
-            outcome = "complete"
-            print(f"{self.tool}: trial {trial.number} complete: {self.value_name} {value:.4f}", flush=True)
+            key = K.VAL_ACC if cfg.data.val_fraction > 0 else K.TRAIN_ACC  # without validation: train_acc
+            reporter = TrialReporter(trial, cfg.optim.epochs, history, self.policy.pruner_name,
+                                     self.state.num_processes, key=key)
+            value = self.policy.value(trial, fit(cfg, callbacks=[reporter], mlflow_run_id=run_id))
+            outcome = Outcome.COMPLETE
+            print(f"{self.o.tool}: trial {trial.number} complete: {self.policy.value_name} {value:.4f}", flush=True)
             return value
         except optuna.TrialPruned as e:
-            outcome, reason = "pruned", str(e)
-            print(f"{self.tool}: trial {trial.number} pruned: {reason}", flush=True)
+            outcome, reason = Outcome.PRUNED, str(e)
+            print(f"{self.o.tool}: trial {trial.number} pruned: {reason}", flush=True)
             raise
         except TrialLost as e:
-            outcome, self.lost = "lost", True
-            print(f"{self.tool}: {e}; moving on", flush=True)
+            outcome, self.lost = Outcome.LOST, True
+            print(f"{self.o.tool}: {e}; moving on", flush=True)
             raise
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (tracking.Terminated)
+        except (KeyboardInterrupt, TrackingLost) as e:  # Ctrl-C, SIGTERM (signals.Terminated), a lost server
             # Retried at once by the next worker, from the last checkpoint (this trial is told FAIL).
-            outcome, reason = "interrupted", "the worker was interrupted; the next worker resumes the trial"
-            retry(self.study, self.study._storage.get_trial(trial._trial_id))
+            outcome, reason = Outcome.INTERRUPTED, "the worker stopped; the next worker resumes the trial"
+            retry(self.study, frozen(self.study, trial))
+            if isinstance(e, TrackingLost):  # every trial would need the server: the worker stops (exit 75)
+                outcome, self.tracking_lost = Outcome.LOST, str(e)  # nothing to tell MLflow
+                raise KeyboardInterrupt(str(e)) from None
             raise
         except Exception as e:
             reason = scrub(f"{type(e).__name__}: {e}", self.url)
-            print(f"{self.tool}: trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
+            self.policy.failed(trial, e, reason)
+            print(f"{self.o.tool}: trial {trial.number} failed: {reason}", file=sys.stderr, flush=True)
             raise
         finally:
-            if outcome not in ("lost", "interrupted"):  # otherwise the retry owns the directory and the run
+            if outcome not in (Outcome.LOST, Outcome.INTERRUPTED):  # otherwise the retry owns directory and run
                 shutil.rmtree(out / "checkpoints", ignore_errors=True)
-            if outcome != "lost":
+            if outcome != Outcome.LOST:
                 self.runs.trial_done(run_id, outcome, reason)
 
-    def run(self, state) -> bool:
-        """Train trials until the study's budget is used and no trial may need a retry; True when complete."""
+    def run(self, state) -> Status:
+        """Train trials until the policy has no work left and no trial may need a retry."""
         self.state = state
-        while self.budget.work_left(self.study):
+        while self.policy.work_left(self.study):
             self.lost = False
             try:
-                self.study.optimize(self.objective, callbacks=[self.runs.after_trial, self.budget], catch=(Exception,))
+                self.study.optimize(self.objective, n_trials=1, callbacks=[self.runs.after_trial],
+                                    catch=(Exception,))
             except ValueError:  # Optuna cannot tell a trial another worker has already failed and retried
                 if not self.lost:
                     raise
         broadcast(None, self.state)  # the other processes stop
         trials = self.study.get_trials(deepcopy=False)
-        complete = len(budget_slots(trials)) >= self.budget.n_trials and not any(
-            t.state in (TrialState.RUNNING, TrialState.WAITING) for t in trials)
+        complete = self.policy.done(self.study, trials)
         self.runs.finish(complete)
-        self.summary(trials)
-        return complete
-
-    def summary(self, trials) -> None:
-        done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        line = f"rifle.sweep: study {self.o.study_name!r}: {len(done)} trials finished"
-        if any(t.state == TrialState.COMPLETE for t in trials):
-            best = self.study.best_trial
-            line += f"; best trial {best.number}: val_acc {best.value:.4f} ({_fmt(best.params)})"
-        print(line + f"; MLflow parent run {self.runs.parent}", flush=True)
-
-
-def distributed_state():
-    """Accelerate's process state, made as the trainer's Accelerator will be (CPU processes need cpu=True for
-    gloo); a process-wide singleton, so the trainer then reuses it."""
-    import torch
-    from accelerate import PartialState
-    return PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+        return self.policy.summary(self, trials)
 
 
 def broadcast(obj, state):
@@ -350,16 +409,16 @@ def broadcast(obj, state):
     return broadcast_object_list([obj], from_process=0)[0]
 
 
-def follow(o, state) -> None:
+def follow(pruner: str, state) -> None:
     """A non-main process: train each trial the main process broadcasts, until it sends None."""
     from ..trainer import fit
     while (values := broadcast(None, state)) is not None:
         cfg = C.build(values)
         try:
-            fit(cfg, callbacks=[TrialReporter(None, cfg.optim.epochs, [], o.pruner, state.num_processes,
+            fit(cfg, callbacks=[TrialReporter(None, cfg.optim.epochs, [], pruner, state.num_processes,
                                               state.process_index)])
         except (optuna.TrialPruned, TrialLost):
             pass
         except Exception as e:
-            print(f"rifle.sweep: [process {state.process_index}] trial failed: {type(e).__name__}: {e}",
+            print(f"rifle: [process {state.process_index}] trial failed: {type(e).__name__}: {e}",
                   file=sys.stderr, flush=True)
