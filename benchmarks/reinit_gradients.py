@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from rifle import config as C
 from rifle.commands.options import trainer_options
 from rifle.models import block_names
+from rifle.plan import BASE
 from rifle.probes import block_of
 from rifle.schedules import rifle_reinit_epochs
 from rifle.seeds import reinit_seed, seed_process, stream_seed
-from rifle.plan import BASE
 from rifle.trainer import setup, train_epoch
 from rifle.tricks.rifle import reinit_linear_
 

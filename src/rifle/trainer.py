@@ -19,16 +19,16 @@ from accelerate.utils import DataLoaderConfiguration, is_compiled_module, set_se
 from torch.utils.data import DataLoader
 
 from . import checkpoint, env, launch, network, probes
+from . import keys as K
 from .callbacks import Callback, as_callback
 from .config import RUN_ONLY, Config, ConfigError, clr_cycle_count, reinit_count, reinit_epochs, to_yaml
 from .data import decode_cache, fingerprint, load
 from .data.transforms import build_cached_transform, build_transform, collate, resize_for
 from .models import block_names, build_model, param_groups
+from .network import redact
 from .progress import Progress
 from .schedules import cosine_lr, period_boundaries
 from .seeds import EpochOrder, seed_process, stream_seed
-from . import keys as K
-from .network import redact
 from .track.tracker import Tracker, TrackingLost
 from .tricks import build_tricks
 from .tricks.base import FitContext

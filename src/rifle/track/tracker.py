@@ -11,12 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from .. import keys as K
 from .. import network
 from ..network import redact
-from .. import keys as K
 from . import store
 from .signals import SignalGuard, restore_status_after_mlflow_run
-
 
 
 def entry_point() -> str:

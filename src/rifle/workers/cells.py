@@ -28,15 +28,15 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
-from ..plan import Cell, Plan
 from .. import keys as K
+from ..network import redact
+from ..plan import Cell, Plan
 from ..track.parents import claim_parent, find_runs
+from ..track.signals import Terminated, raise_on_sigterm
 from ..track.store import experiment_id
 from .outcomes import Outcome as TrialOutcome
 from .outcomes import Status
 from .runs import on_retry, origin, trial_done
-from ..track.signals import Terminated, raise_on_sigterm
-from ..network import redact
 from .storage import HEARTBEAT_ATTR, MEMORY, STUDY_ATTR, SweepError, open_storage, resolve_url
 from .worker import GiveBack, Skip, Worker, WorkerOptions, distributed_state, follow, given_back
 

@@ -28,9 +28,9 @@ import optuna
 from optuna.trial import TrialState
 
 from .. import config as C
+from .. import keys as K
 from ..callbacks import Callback
 from ..launch import distributed_state  # noqa: F401  (one rule with the trainer; sweep.py and cells.py import it here)
-from .. import keys as K
 from ..network import redact
 from ..seeds import sampler_seed
 from .outcomes import Outcome, Status
@@ -313,8 +313,8 @@ class Worker:
         self.lost, self.tracking_lost = False, ""
 
     def objective(self, trial) -> float:
-        from ..trainer import fit
         from ..track.tracker import TrackingLost
+        from ..trainer import fit
         chain = origin(frozen(self.study, trial))
         retry = self.storage.get_heartbeat_stale_trial_callback()
         try:
