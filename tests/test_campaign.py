@@ -411,6 +411,27 @@ def test_campaign_summary_gives_p_and_holm_per_dataset_and_across_datasets():
     assert "- x-dtd-authors: DataError: no images" in text
 
 
+def test_groups_on_one_dataset_keep_their_own_columns_in_the_summary():
+    """The regime grid's groups (10 and 30 images per class) are both digits: each is its own column, no mean pools
+    the two groups' runs, and a group whose dataset is its own keeps the plain dataset name."""
+    import pandas as pd
+
+    from rifle.evidence.tables import by_group, campaign_summary
+
+    def runs(dataset, acc):
+        rows = [{"dataset": dataset, "method": m, "seed": s, "test_acc": acc + 0.01 * (m == "rifle") + 0.001 * s,
+                 "selection": "best_val"} for m in ("plain", "rifle") for s in range(3)]
+        return pd.DataFrame(rows).assign(run_id=[f"{dataset}{acc}{i}" for i in range(6)], params=[{}] * 6)
+
+    merged = by_group({"10pc": runs("digits", 0.90), "30pc": runs("digits", 0.97), "x": runs("cub", 0.5)})
+    assert list(dict.fromkeys(merged["dataset"])) == ["digits · 10pc", "digits · 30pc", "cub"]
+    text, summary, _ = campaign_summary({"validated": merged}, "rifle")
+    assert "| method | cub | digits · 10pc | digits · 30pc |" in text
+    assert (summary["n"] == 3).all() and "settings differ" not in text
+    plain = summary.set_index(["dataset", "method"])["mean"]
+    assert plain["digits · 10pc", "plain"] == pytest.approx(0.901) and plain["digits · 30pc", "plain"] == pytest.approx(0.971)
+
+
 @pytest.mark.slow
 def test_under_accelerate_launch_every_process_trains_each_cell(tmp_path, digits_folder):
     """Two gloo processes of one worker: the main one takes the cells and tracks, both train each (one MLflow

@@ -154,23 +154,22 @@ def status(plan: P.Plan, args) -> int:
 
 def write_reports(plan: P.Plan, args, parents: dict[str, str], failed: dict[str, str]) -> int:
     """A report per complete group, the summary across groups (naming the failed ones) and the plan's views."""
-    import pandas as pd
     from mlflow.tracking import MlflowClient
 
     from ..evidence import regime
     from ..evidence.build import build_report
-    from ..evidence.tables import campaign_summary
+    from ..evidence.tables import by_group, campaign_summary
     from ..track.parents import claim_parent
     out = Path(args.report_dir or Path(args.output_root) / "reports" / plan.name)
-    by_protocol: dict[str, list] = {}
+    by_protocol: dict[str, dict] = {}
     for group, parent in parents.items():
         key, protocol = plan.group_of(group)
         built = build_report(args.tracking_uri, args.experiment, parent_run_id=parent,
                              output_dir=out / key / protocol, reference=plan.reference,
                              allow_mixed_env=args.allow_mixed_env)
-        by_protocol.setdefault(protocol, []).append(built["runs"])
+        by_protocol.setdefault(protocol, {})[key] = built["runs"]
         print(f"{key}, {protocol}: {out / key / protocol} (also artifacts report/ of run {parent})")
-    text, table, tests = campaign_summary({p: pd.concat(r, ignore_index=True) for p, r in by_protocol.items()},
+    text, table, tests = campaign_summary({p: by_group(groups) for p, groups in by_protocol.items()},
                                           plan.reference, plan.references, failed)
     out.mkdir(parents=True, exist_ok=True)
     files = {"summary.md": text}

@@ -371,6 +371,20 @@ def from_seeds_csv(path, reference: str = "rifle", metric: str = TEST_ACC, confi
     return evidence(runs, reference, metric, confidence, allow_mixed_env)
 
 
+def by_group(runs_by_group: dict) -> "pd.DataFrame":
+    """The runs of a protocol's groups (group key -> runs) as one frame for `campaign_summary`, one column per
+    group: where groups share a dataset (a regime grid's data sizes), its column is "<dataset> · <group key>", so
+    that no mean or pair pools two groups' runs."""
+    import pandas as pd
+
+    frames = [runs.assign(dataset=runs["dataset"].astype(str)) for runs in runs_by_group.values()]
+    datasets = [d for f in frames for d in dict.fromkeys(f["dataset"])]
+    shared = {d for d in datasets if datasets.count(d) > 1}
+    frames = [f.assign(dataset=[f"{d} · {key}" if d in shared else d for d in f["dataset"]])
+              for key, f in zip(runs_by_group, frames)]
+    return pd.concat(frames, ignore_index=True)
+
+
 def campaign_summary(runs_by_protocol: dict, reference: str, references: list | None = None,
                      failed: dict[str, str] | None = None) -> tuple[str, "pd.DataFrame", "pd.DataFrame"]:
     """Markdown and long-form CSVs (means; paired differences) of the campaign: per protocol, test_acc mean ±
