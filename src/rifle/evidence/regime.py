@@ -24,26 +24,29 @@ from .stats import MDE_ALPHA, MDE_POWER
 BASELINE = "plain"
 
 
-# What a regime row needs of each run beyond the seeds.csv columns: its group and what sets its steps per period.
-COLUMNS = ("group", "method", "protocol", "seed", TEST_ACC, "train_per_class", "reinit_times", "head_lr_policy",
-           "tricks", EPOCHS_TRAINED, OPTIMIZER_STEPS)
+# What a regime row needs of each run: its group, the seeds.csv columns, and what sets its steps per period.
+PARAMS = ("train_per_class", "reinit_times", "head_lr_policy", "tricks")
+COLUMNS = ("group", "method", "protocol", "seed", TEST_ACC, *PARAMS, EPOCHS_TRAINED, OPTIMIZER_STEPS)
 
 
 def seeds(tracking_uri: str | None, parents: list[str], allow_mixed_env: bool = False) -> "pd.DataFrame":
-    """The grid's runs, one row per (group, method, seed) with COLUMNS, read from the groups' parent runs (in the
-    order given): what `table` needs, and what docs/ publishes so that anyone can rebuild the grid's table."""
+    """The grid's runs, one row per (group, method, seed), read from the groups' parent runs (in the order given):
+    the group's index, a report's seeds.csv columns (tables.seeds_frame: accuracies, selected epoch, env.* tags,
+    budget) and PARAMS. What `table` needs (COLUMNS), and what docs/ publishes so that anyone can rebuild it."""
     import pandas as pd
 
+    from .. import env
     from ..track.reads import fetch_runs
-    from .tables import check_environments
+    from .tables import SEED_COLUMNS, SEED_EXTRA, check_environments, seeds_frame
 
+    columns = ["group", *SEED_COLUMNS, *env.KEYS, *SEED_EXTRA, *PARAMS]
     frames = []
     for i, parent in enumerate(parents):
         runs = fetch_runs(tracking_uri, parent_run_id=parent)
         check_environments(runs, allow_mixed_env)
         params = pd.DataFrame(list(runs["params"]), index=runs.index)
-        frames.append(runs.assign(group=i, **{k: params.get(k) for k in COLUMNS if k not in runs and k != "group"}))
-    return pd.concat(frames, ignore_index=True)[list(COLUMNS)] if frames else pd.DataFrame(columns=COLUMNS)
+        frames.append(seeds_frame(runs).assign(group=i, **{k: params.get(k) for k in PARAMS}))
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def collect(tracking_uri: str | None, parents: list[str], methods: list[str], allow_mixed_env: bool = False,
