@@ -33,7 +33,7 @@ def test_gradient_probe_changes_nothing(tmp_path):
 
 
 def test_gradient_probe_reports_every_block(tmp_path, capsys):
-    assert RG.main(["--seeds", "1", "--epochs", "4", "train_per_class=3"]) == 0
+    assert RG.main(["--seeds", "1", "--epochs", "4", "--train_per_class", "3"]) == 0
     out = capsys.readouterr().out
     assert "seed 0: after epoch 1:" in out  # K=1 on 4 epochs: the re-init follows epoch 1
     for block in ("conv_stem", "blocks.0", "blocks.6", "conv_head", "bn2"):

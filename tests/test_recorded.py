@@ -1,11 +1,12 @@
 """Refactoring changes no number: plain fine-tuning, RIFLE and DELTA train to the per-epoch metrics recorded from the
-code before the refactors (tests/data/recorded_metrics.json, written by this file with RIFLE_RECORD=1).
+code before the refactors (tests/data/recorded_metrics.json: per machine kind, written by this file with
+RIFLE_RECORD=1; the Intel Xeon and AMD EPYC entries were both recorded at commit 3620c01).
 
-Float results depend on the CPU's vector unit (rifle.env): on the machine kind that recorded them the numbers must
-match to the last bit; on another the losses must agree to 1e-3 (relative) and the schedule exactly, which is all a
-different kernel choice leaves the same."""
+Float results depend on the CPU's vector unit (rifle.env): on a machine kind with a record every number must match to
+the last bit. On another only the schedule is compared (learning rates and re-inits, which no kernel choice moves):
+these runs are so small that a different kernel moves their losses by 0.4% in the first epoch and their
+validation accuracy, hence the selected epoch, by whole images (the Xeon and EPYC records differ so)."""
 import json
-import math
 import os
 from pathlib import Path
 
@@ -20,7 +21,7 @@ RUNS = {  # one re-init after epoch 1 of 3 for RIFLE; DELTA's attention measured
     "rifle": {"tricks": "rifle", "epochs": 4, "reinit_times": 1, "head_lr_policy": "cyclic"},
     "delta": {"tricks": "delta", "epochs": 2, "delta_attention_epochs": 2, "delta_attention_batches": 1},
 }
-EXACT_ONLY = ("lr_backbone", "lr_head", "head_reinit", "selected_epoch")
+SCHEDULE = ("lr_backbone", "lr_head", "head_reinit")  # the same on every machine
 
 
 def train(tmp_path, folder, name, values):
@@ -41,17 +42,21 @@ def train(tmp_path, folder, name, values):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_training_metrics_match_the_recorded_ones(tmp_path, digits_folder, name):
     got = train(tmp_path, digits_folder, name, RUNS[name])
+    record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
     if os.environ.get("RIFLE_RECORD"):
-        record = json.loads(RECORD.read_text()) if RECORD.exists() else {}
-        record[name] = got
+        record.setdefault(name, {})[got["device"]] = {"torch": got["torch"], "history": got["history"]}
         RECORD.parent.mkdir(exist_ok=True)
         RECORD.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         pytest.skip("recorded")
-    want = json.loads(RECORD.read_text())[name]
-    assert set(want["history"]) <= set(got["history"])  # new metrics may join; none may go
-    same_machine = (got["device"], got["torch"]) == (want["device"], want["torch"])
-    for key, values in want["history"].items():
-        if same_machine or key in EXACT_ONLY:
+    here = record[name].get(got["device"])
+    if here is not None and here["torch"] == got["torch"]:
+        assert set(here["history"]) <= set(got["history"])  # new metrics may join; none may go
+        for key, values in here["history"].items():
             assert got["history"][key] == values, key
-        elif "loss" in key or key.startswith("penalty/"):
-            assert all(math.isclose(a, b, rel_tol=1e-3) for a, b in zip(got["history"][key], values)), key
+        return
+    for device, want in record[name].items():
+        for key in SCHEDULE:
+            if key in want["history"]:
+                assert got["history"][key] == want["history"][key], (key, device)
+    pytest.skip(f"no record for {got['device']} with torch {got['torch']}: only the schedule was compared "
+                f"(recorded: {', '.join(record[name])})")
