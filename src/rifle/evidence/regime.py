@@ -24,15 +24,14 @@ from .stats import MDE_ALPHA, MDE_POWER
 BASELINE = "plain"
 
 
-# What a regime row needs of each run: its group, the seeds.csv columns, and what sets its steps per period.
+# What sets a regime row's steps per period, beside a report's seeds.csv columns.
 PARAMS = ("train_per_class", "reinit_times", "head_lr_policy", "tricks")
-COLUMNS = ("group", "method", "protocol", "seed", TEST_ACC, *PARAMS, EPOCHS_TRAINED, OPTIMIZER_STEPS)
 
 
 def seeds(tracking_uri: str | None, parents: list[str], allow_mixed_env: bool = False) -> "pd.DataFrame":
     """The grid's runs, one row per (group, method, seed), read from the groups' parent runs (in the order given):
     the group's index, a report's seeds.csv columns (tables.seeds_frame: accuracies, selected epoch, env.* tags,
-    budget) and PARAMS. What `table` needs (COLUMNS), and what docs/ publishes so that anyone can rebuild it."""
+    budget) and PARAMS: what `table` needs, and what docs/ publishes so that anyone can rebuild it."""
     import pandas as pd
 
     from .. import env
@@ -76,7 +75,7 @@ FILES = ("regime_seeds.csv", "regime.csv", "regime.md", "regime.png")
 def table(runs, methods: list[str], baseline: str = BASELINE) -> "pd.DataFrame":
     """One row per group (a protocol and a data size, in the order of `runs`) and method other than `baseline`, in
     the order given: plain and RIFLE mean test_acc over the shared seeds and the paired difference RIFLE − plain
-    with its 95% t interval, p, p Holm-adjusted over the grid and the verdict on it. Pure: `runs` has COLUMNS."""
+    with its 95% t interval, p, p Holm-adjusted over the grid and the verdict on it. Pure: `runs` has `seeds`' columns."""
     import pandas as pd
 
     from .stats import holm
