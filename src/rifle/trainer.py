@@ -108,13 +108,17 @@ def train_step(s: "Session", images, labels, epoch: int, fraction: float, callba
         for t in s.tricks:
             extra = t.penalty(s.raw, images)
             loss = loss if extra is None else loss + extra
+        if s.grads_spent:  # the last optimizer step used them. Freed here, while the forward's activations hold
+            # the heap: freed right after the step, glibc returns their pages and the next forward faults them
+            # in again, 9% of a CPU step (docs/results/performance.md). Same values: backward starts from None.
+            optimizer.optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         if callbacks and acc.sync_gradients:
             scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
             for c in callbacks:
                 c.after_backward(scale)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.step()  # Accelerate steps only at the end of an accumulation window
+        s.grads_spent = acc.sync_gradients
     return loss, logits, lrs
 
 
@@ -157,6 +161,7 @@ class Session:
     probe: probes.BlockProbe      # weight distances and gradient flow per block, a callback of every run
     tracker: Tracker
     state: dict                   # what a checkpoint stores: counters, best record, history
+    grads_spent: bool = True      # the parameters' gradients were used by an optimizer step (train_step)
 
 
 def setup(cfg: Config, mlflow_run_id: str | None = None) -> Session:
