@@ -1,7 +1,7 @@
 """Refactoring changes no number: plain fine-tuning, RIFLE and DELTA train to the per-epoch metrics recorded from the
 code before the refactors (tests/data/recorded_metrics.json: per machine kind, written by this file with
 RIFLE_RECORD=1; the Intel Xeon and AMD EPYC (AVX512) entries were recorded at commit 3620c01, the AMD EPYC (AVX2)
-one at a2afe09, whose code matched both of them bit for bit).
+one at a2afe09, whose code still matched the AVX512 EPYC record bit for bit in CI).
 
 Float results depend on the CPU's vector unit (rifle.env): on a machine kind with a record every number must match to
 the last bit. On another only the schedule is compared (learning rates and re-inits, which no kernel choice moves):
