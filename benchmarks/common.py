@@ -93,6 +93,15 @@ def median(values) -> float:
     return statistics.median(values)
 
 
+def median_ci(values, level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics the binomial(n, 1/2) law puts
+    around it (coverage >= level; the whole range when n is too small for that)."""
+    from scipy.stats import binom
+    x, n = sorted(values), len(values)
+    j = int(binom.ppf((1 - level) / 2, n, 0.5))  # P(Bin <= j - 1) < (1 - level) / 2
+    return (x[j - 1], x[n - j]) if j >= 1 else (x[0], x[-1])
+
+
 class Clock:
     """Wall time of a block: `with Clock() as c: ...; c.seconds`."""
 

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     if "a" in chosen:
         import throughput
         print("(a) trainer vs bare loop", flush=True)
-        results["a"] = throughput.run(runs=1 if args.quick else 3, epochs=3 if args.quick else 6)
+        results["a"] = throughput.run(runs=1 if args.quick else 5, epochs=3 if args.quick else 7)
     if "b" in chosen:
         import pipeline
         print("(b) input pipeline", flush=True)
@@ -103,6 +103,7 @@ def summary(r: dict) -> list[str]:
         extra = f", {len(a['discarded'])} pair(s) of busy runs discarded" if a["discarded"] else ""
         lines.append(f"| (a) trainer / bare PyTorch loop throughput (median of {len(a['ratios'])} interleaved epoch pairs{extra}; "
                      f"{a['trainer_img_s']:.1f} vs {a['bare_img_s']:.1f} train img/s) | {a['ratio']:.3f} "
+                     f"(95% CI of the median {a['ci'][0]:.3f}-{a['ci'][1]:.3f}) "
                      f"| >= 0.97, {ok(a['ratio'] >= 0.97)} |")
     if "b" in r:
         b = r["b"]

@@ -16,7 +16,7 @@ import argparse
 import math
 import time
 
-from common import BASE, Others, build, median, wait_until_idle, workdir
+from common import BASE, Others, build, median, median_ci, wait_until_idle, workdir
 
 
 def bare_loop(cfg):
@@ -84,7 +84,7 @@ def interleaved(cfg) -> tuple[list[float], list[float], int, int]:
     return [e - s for s, e in zip(starts, ends[1:])], bare_s[1:], images, val_images
 
 
-def run(runs: int = 3, epochs: int = 6, values: dict | None = None, max_others: float = 0.10) -> dict:
+def run(runs: int = 5, epochs: int = 7, values: dict | None = None, max_others: float = 0.10) -> dict:
     """`runs` runs of `epochs` epochs each (epochs - 1 pairs a run); a run during which other processes took
     more than `max_others` of the CPU is measured again (at most `runs` extra attempts) and its pairs are
     reported as discarded."""
@@ -112,18 +112,20 @@ def run(runs: int = 3, epochs: int = 6, values: dict | None = None, max_others: 
         ratios += pairs
     if not ratios:
         raise RuntimeError(f"other processes kept more than {100 * max_others:.0f}% of the CPU busy in every run")
-    return {"ratio": median(ratios), "ratios": ratios, "discarded": discarded, "trainer_epoch_s": median(trainer_s),
-            "bare_epoch_s": median(bare_s), "train_images": images, "val_images": val_images,
+    return {"ratio": median(ratios), "ci": median_ci(ratios), "ratios": ratios, "discarded": discarded,
+            "trainer_epoch_s": median(trainer_s), "bare_epoch_s": median(bare_s), "train_images": images,
+            "val_images": val_images,
             "trainer_img_s": images / median(trainer_s), "bare_img_s": images / median(bare_s)}
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--epochs", type=int, default=6, help="per run; the first is not timed")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=7, help="per run; the first is not timed")
     args = p.parse_args(argv)
     r = run(args.runs, args.epochs)
-    print(f"(a) trainer / bare loop throughput: median ratio {r['ratio']:.3f} over {len(r['ratios'])} epoch pairs "
+    print(f"(a) trainer / bare loop throughput: median ratio {r['ratio']:.3f} (95% CI {r['ci'][0]:.3f}-{r['ci'][1]:.3f}) "
+          f"over {len(r['ratios'])} epoch pairs "
           f"(trainer {r['trainer_img_s']:.1f} img/s, bare {r['bare_img_s']:.1f} img/s, {r['train_images']} "
           f"training + {r['val_images']} validation images per epoch, {BASE['image_size']} px, batch {BASE['batch_size']}); target >= 0.97")
     return r

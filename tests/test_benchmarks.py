@@ -8,6 +8,7 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import median_ci  # noqa: E402
 import preflight_estimate  # noqa: E402
 import reinit_gradients as RG  # noqa: E402
 
@@ -47,3 +48,11 @@ def test_the_preflight_benchmarks_plan_parses_for_both_verbs(tmp_path):
         args = verb.parser().parse_args(argv)
         assert (args.epochs, args.train_per_class, args.seeds, args.methods) == ("2", "3", 1, "plain,rifle")
     assert campaign.build(campaign.parser().parse_args(argv)).overrides["image_size"] == "40"
+
+
+def test_the_median_ci_is_the_binomial_order_statistics():
+    """(a)'s interval: for 15 pairs the 4th and 12th smallest (coverage 96.5%), for 30 the 10th and 21st; too few
+    values for 95% give the whole range."""
+    assert median_ci(list(range(15, 0, -1))) == (4, 12)
+    assert median_ci([float(v) for v in range(1, 31)]) == (10.0, 21.0)
+    assert median_ci([3, 1, 2]) == (1, 3)
