@@ -1,10 +1,10 @@
-"""Every benchmark, one after the other, then a summary: `python benchmarks/run.py` (about 6 minutes on 2 idle
-CPU cores). Each figure is measured here; nothing is a timed test. Other processes on the machine slow every
-figure down and add noise: before each measurement the benchmark waits (up to 90 s) for the CPU to be idle,
-and it reports how much CPU other processes took during the measurements.
+"""Every benchmark, one after the other, then a summary: `python benchmarks/run.py` (about 15 minutes on 2 idle
+CPU cores, 9 of them (a)). Each figure is measured here; nothing is a timed test. Other processes on the machine
+slow every figure down and add noise: before each measurement the benchmark waits (up to 90 s) for the CPU to be
+idle, and it reports how much CPU other processes took during the measurements.
 
     python benchmarks/run.py                  # all, default sizes
-    python benchmarks/run.py --quick          # a smoke run (1 pair, fewer repeats): checks, not figures
+    python benchmarks/run.py --quick          # a smoke run (2 epoch pairs, fewer repeats): checks, not figures
     python benchmarks/run.py --only a,c --json out.json
 """
 from __future__ import annotations
