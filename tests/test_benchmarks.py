@@ -8,9 +8,9 @@ import torch
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import median_ci  # noqa: E402
 import preflight_estimate  # noqa: E402
 import reinit_gradients as RG  # noqa: E402
+from common import median_ci  # noqa: E402
 
 from rifle import config as C  # noqa: E402
 from rifle.models import block_names  # noqa: E402
