@@ -101,8 +101,8 @@ def summary(r: dict) -> list[str]:
     if "a" in r:
         a = r["a"]
         extra = f", {len(a['discarded'])} pair(s) of busy runs discarded" if a["discarded"] else ""
-        lines.append(f"| (a) trainer / bare PyTorch loop throughput (median of {len(a['ratios'])} interleaved epoch pairs{extra}; "
-                     f"{a['trainer_img_s']:.1f} vs {a['bare_img_s']:.1f} train img/s) | {a['ratio']:.3f} "
+        lines.append(f"| (a) trainer / bare PyTorch loop throughput (median of {len(a['ratios'])} interleaved epoch "
+                     f"pairs{extra}; {a['trainer_img_s']:.1f} vs {a['bare_img_s']:.1f} train img/s) | {a['ratio']:.3f} "
                      f"(95% CI of the median {a['ci'][0]:.3f}-{a['ci'][1]:.3f}) "
                      f"| >= 0.97, {ok(a['ratio'] >= 0.97)} |")
     if "b" in r:
