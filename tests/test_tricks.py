@@ -80,7 +80,8 @@ def run_steps(tricks, ctx, cfg, epochs=1):
             t.meter.reset()
             t.on_epoch_start(epoch)
         session = SimpleNamespace(cfg=cfg, acc=ctx.accelerator, model=ctx.model, raw=ctx.model,
-                                  optimizer=ctx.optimizer, tricks=tricks, loaders=(ctx.train_loader,))
+                                  optimizer=ctx.optimizer, tricks=tricks, loaders=(ctx.train_loader,),
+                                  grads_spent=True)
         metrics = train_epoch(session, epoch, tqdm(disable=True))
         losses.append(metrics["train_loss"])
         all_metrics.append(epoch_end(tricks, epoch, metrics, ctx.accelerator))

@@ -111,7 +111,7 @@ def train_step(s: "Session", images, labels, epoch: int, fraction: float, callba
         if s.grads_spent:  # the last optimizer step used them. Freed here, while the forward's activations hold
             # the heap: freed right after the step, glibc returns their pages and the next forward faults them
             # in again, 9% of a CPU step (docs/results/performance.md). Same values: backward starts from None.
-            optimizer.optimizer.zero_grad(set_to_none=True)
+            s.model.zero_grad(set_to_none=True)
         acc.backward(loss)
         if callbacks and acc.sync_gradients:
             scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0
