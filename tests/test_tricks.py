@@ -3,7 +3,7 @@ tiny models (32x32 inputs, batch 4, no downloads), deterministic evaluation, and
 import copy
 import json
 import math
-from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,15 +73,14 @@ def run_steps(tricks, ctx, cfg, epochs=1):
     """The trainer's own batch loop (trainer.train_epoch) and the tricks' epoch end, for a few steps."""
     from tqdm import tqdm
 
-    from rifle.trainer import train_epoch
+    from rifle.trainer import Session, train_epoch
     losses, all_metrics = [], []
     for epoch in range(epochs):
         for t in tricks:
             t.meter.reset()
             t.on_epoch_start(epoch)
-        session = SimpleNamespace(cfg=cfg, acc=ctx.accelerator, model=ctx.model, raw=ctx.model,
-                                  optimizer=ctx.optimizer, tricks=tricks, loaders=(ctx.train_loader,),
-                                  grads_spent=True)
+        session = Session(cfg, ctx.accelerator, Path("."), ctx.model, ctx.model, ctx.optimizer, (ctx.train_loader,),
+                          tricks, {}, None, None, {})  # what train_epoch reads; no probe, tracker or checkpoint
         metrics = train_epoch(session, epoch, tqdm(disable=True))
         losses.append(metrics["train_loss"])
         all_metrics.append(epoch_end(tricks, epoch, metrics, ctx.accelerator))
