@@ -166,6 +166,44 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_pa
 # --------------------------------------------------------------------------- one path from first run to report
 
 @pytest.mark.slow
+def test_an_interrupt_hidden_by_a_cleanup_error_still_ends_the_run_killed(tmp_path, digits_folder):
+    """A signal can land in a library's cleanup: after the unlink of Optuna's journal lock release, whose
+    `except BaseException` unlinks again, so a FileNotFoundError replaces the Ctrl-C (a sweep worker then
+    exited 0 without handing its trial back). fit ends the run KILLED and raises the interrupt itself."""
+    from mlflow.tracking import MlflowClient
+
+    from helpers import tiny_config
+    from rifle.trainer import fit
+
+    def release(epoch, metrics):  # the journal lock's release, interrupted just after its unlink
+        try:
+            raise KeyboardInterrupt
+        except BaseException:
+            raise FileNotFoundError("optuna.journal.lock.rename") from None  # `from None` hides, not removes
+
+    def statuses(cfg):
+        client = MlflowClient(cfg.run.tracking_uri)
+        return [r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+
+    cfg = tiny_config(tmp_path, digits_folder, epochs=2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg, callbacks=[release])
+    assert statuses(cfg) == ["KILLED"]
+
+    def failure(epoch, metrics):  # an error of its own, after handling a different one: still FAILED
+        try:
+            raise ValueError("handled")
+        except ValueError:
+            raise FileNotFoundError("missing") from None
+
+    (tmp_path / "other").mkdir()
+    other = tiny_config(tmp_path / "other", digits_folder, epochs=2)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        fit(other, callbacks=[failure])
+    assert statuses(other) == ["FAILED"]
+
+
+@pytest.mark.slow
 def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder):
     """The README's path with nothing configured: the default store in the working directory, `mlflow run .`
     (MLflow's Default experiment) and `python -m rifle train` (experiment rifle), then the report commands

@@ -29,6 +29,7 @@ from .network import redact
 from .progress import Progress
 from .schedules import cosine_lr, period_boundaries
 from .seeds import EpochOrder, seed_process, stream_seed
+from .track.signals import unmasked
 from .track.tracker import Tracker, TrackingLost
 from .tricks import build_tricks
 from .tricks.base import FitContext
@@ -385,7 +386,8 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
                 c.on_epoch_end(epoch, metrics)
         bar.close()
         final = test_and_log(s)
-    except BaseException as e:
+    except BaseException as error:
+        e = unmasked(error)  # an interrupt stays an interrupt (KILLED, 130/143, the trial handed back)
         bar.close()
         reason = s.tracker.lost(e)
         if reason:  # nothing to end on a server that is gone: the same command resumes the run once it is back
@@ -396,6 +398,8 @@ def fit(cfg: Config, callbacks=(), mlflow_run_id: str | None = None) -> dict:
             raise TrackingLost(f"{reason}; the run stopped {where} in {s.out}: run the same command again once the "
                                "server answers") from None
         s.tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if e is not error:
+            raise e from None
         raise
     s.tracker.end()
     # the last epoch's training accuracy (a campaign cell's value without validation) and the images trained

@@ -80,6 +80,20 @@ class SignalGuard:
             self.previous = {}
 
 
+def unmasked(error: BaseException) -> BaseException:
+    """The Ctrl-C or SIGTERM that cleanup code replaced with its own error while handling it, else `error`.
+    A signal raises wherever it lands: between the unlink and the return of Optuna's journal lock release, the
+    lock's `except BaseException` unlinks again and its FileNotFoundError hides the interrupt, so the run would
+    end FAILED, the worker exit 0 and its trial not be handed back."""
+    seen, e = set(), error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return error
+
+
 _WATCH = """
 import sys, psutil
 try:
