@@ -163,8 +163,6 @@ def test_sigterm_and_ctrl_c_end_the_run_killed_with_the_checkpoint_intact(tmp_pa
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == list(range(6))
 
 
-# --------------------------------------------------------------------------- one path from first run to report
-
 @pytest.mark.slow
 def test_an_interrupt_hidden_by_a_cleanup_error_still_ends_the_run_killed(tmp_path, digits_folder):
     """A signal can land in a library's cleanup: after the unlink of Optuna's journal lock release, whose
@@ -202,6 +200,8 @@ def test_an_interrupt_hidden_by_a_cleanup_error_still_ends_the_run_killed(tmp_pa
         fit(other, callbacks=[failure])
     assert statuses(other) == ["FAILED"]
 
+
+# --------------------------------------------------------------------------- one path from first run to report
 
 @pytest.mark.slow
 def test_mlflow_run_and_train_then_report_with_defaults(tmp_path, digits_folder):
